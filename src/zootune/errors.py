@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (a missing or corrupt file, a mismatched zoo, an empty
+dataset, labels out of range, a non-finite loss, ...) is raised as a :class:`ZootuneError` with a
+message that says what is wrong and, where possible, what to do. The CLI prints such an error as one
+line on stderr and exits non-zero; any other exception is a bug in zootune.
+"""
+
+
+class ZootuneError(Exception):
+    """An error caused by the user's input or environment, reported without a traceback."""
+
+
+class CheckpointError(ZootuneError):
+    """A checkpoint file is missing, truncated, unsafe to unpickle or of the wrong layout."""
+
+
+class ZooMismatchError(ZootuneError):
+    """The members of a zoo do not share one architecture."""
+
+
+class DataError(ZootuneError):
+    """A dataset is empty, malformed, unreadable or has labels out of range."""
+
+
+class NonFiniteLossError(ZootuneError):
+    """Training produced a NaN or infinite loss."""
