@@ -1,0 +1,14 @@
+"""Layers of the zoo methods, one concept per file.
+
+- :mod:`~zootune.layers.gate`: the per-sample gate a(h) of Zoo-Tuning;
+- :mod:`~zootune.layers.align`: channel alignment T_i of the source kernels;
+- :mod:`~zootune.layers.aggregate`: the aggregation layer (sum_i a_i T_i W_i) * h and its exact
+  formulations (grouped conv, batched matmul, stacked input, mixed outputs, shared kernel);
+- :mod:`~zootune.layers.autotune`: the measured choice of formulation per layer shape.
+"""
+
+from zootune.layers.aggregate import FORMULATIONS, AggregatedLayer, is_aggregatable
+from zootune.layers.align import ChannelAlign
+from zootune.layers.gate import Gate
+
+__all__ = ["FORMULATIONS", "AggregatedLayer", "ChannelAlign", "Gate", "is_aggregatable"]

@@ -1,0 +1,46 @@
+"""Per-sample gate of a Zoo-Tuning layer (Shu et al., ICML 2021, Sec. 3.2).
+
+For a layer input ``h`` of shape (B, C, *spatial) (or (B, *, C) for a Linear layer), the gate is
+
+    a(h) = act(V · relu(U · pool(h)) + c),      U: C -> C//4 + 1 (no bias),  V: C//4 + 1 -> m
+
+where ``pool`` averages over the spatial (or token) dimensions and ``act`` is a sigmoid (independent
+gates, the paper's choice) or a softmax over the m sources. ``U`` and ``V`` are the reference's 1x1
+convolutions on the pooled vector, i.e. Linear maps; kaiming-normal (fan_out) init, bias 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GATE_ACTIVATIONS = ("sigmoid", "softmax")
+
+
+class Gate(nn.Module):
+    """``a(h)`` in R^m per sample: pool -> Linear(C, C//4+1, no bias) -> ReLU -> Linear(., m) -> act."""
+
+    def __init__(self, in_channels: int, num_sources: int, activation: str = "sigmoid",
+                 channels_last: bool = False):
+        super().__init__()
+        if activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"gate activation must be one of {GATE_ACTIVATIONS}, got {activation!r}")
+        hidden = in_channels // 4 + 1
+        self.activation = activation
+        # Linear layers keep channels last ((B, *, C)); convolutions keep them in dim 1.
+        self.channels_last = channels_last
+        self.reduce = nn.Linear(in_channels, hidden, bias=False)
+        self.expand = nn.Linear(hidden, num_sources)
+        for linear in (self.reduce, self.expand):
+            nn.init.kaiming_normal_(linear.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.expand.bias)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """Global average over everything but the batch and channel dimensions -> (B, C)."""
+        if self.channels_last:
+            return h.flatten(1, -2).mean(1) if h.dim() > 2 else h
+        return h.flatten(2).mean(2) if h.dim() > 2 else h
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.expand(torch.relu(self.reduce(self.pool(h))))
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)

@@ -1,0 +1,163 @@
+"""Saving and loading Zoo-Tuning models and folded Lite models.
+
+A directory holds ``model.safetensors`` (the state_dict, buffers included: BatchNorm running
+statistics and Lite's ā) and ``config.json`` (zootune version, method, options, architecture).
+Files are written atomically (temporary file in the same directory, then ``os.replace``), and
+loading never unpickles anything (safetensors only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from zootune.errors import CheckpointError, ZooMismatchError
+from zootune.models.heads import find_head_name, set_submodule
+from zootune.version import __version__
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _head_spec(model: nn.Module, head_name: str | None) -> dict | None:
+    if head_name is None:
+        return None
+    head = model.get_submodule(head_name)
+    if isinstance(head, nn.Linear):
+        return {"type": "Linear", "in_features": head.in_features, "out_features": head.out_features,
+                "bias": head.bias is not None}
+    return {"type": type(head).__name__}
+
+
+def _make_head(spec: dict | None, head: nn.Module | None) -> nn.Module | None:
+    if head is not None or spec is None:
+        return head
+    if spec["type"] != "Linear":
+        raise CheckpointError(f"the saved head is a {spec['type']}; pass head=... (a module of that shape) to load it")
+    return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+
+
+def _write(directory, module: nn.Module, config: dict) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, save_safetensors_bytes(tensors))
+    _atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+
+
+def _read(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        tensors = load_safetensors_bytes((directory / WEIGHTS_NAME).read_bytes())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{directory} is not a saved zootune model: missing {Path(err.filename).name}") from None
+    except (json.JSONDecodeError, SafetensorError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{directory}: corrupt saved model ({err})") from None
+    return config, tensors
+
+
+def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()
+        raise CheckpointError(f"{directory}: saved weights do not fit the model: "
+                              f"{' '.join(line.strip() for line in first_line[:3])}") from None
+
+
+def _architecture(model: nn.Module) -> dict:
+    return {"class": type(model).__name__, "module": type(model).__module__}
+
+
+def save_pretrained(zoo_tuning, directory) -> None:
+    """Save a :class:`ZooTuning` model (all sources, gates, alignment, BN buffers, ā)."""
+    config = {
+        "zootune_version": __version__,
+        "method": "lite" if zoo_tuning.config.lite else "zoo-tuning",
+        "format": "zoo-tuning",
+        "options": zoo_tuning.config.to_dict(),
+        "architecture": _architecture(zoo_tuning.model),
+        "head": _head_spec(zoo_tuning.model, zoo_tuning.config.head_name),
+    }
+    _write(directory, zoo_tuning, config)
+
+
+def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[], nn.Module],
+                    head: nn.Module | None = None):
+    """Rebuild a :class:`ZooTuning` saved by :func:`save_pretrained` and load its weights."""
+    from zootune.methods.zoo_tuning.model import ZooTuning
+
+    config, tensors = _read(directory)
+    if config.get("format") != "zoo-tuning":
+        raise CheckpointError(f"{directory} holds a {config.get('format')!r} model, not a Zoo-Tuning one")
+    options = dict(config["options"])
+    num_sources = options.pop("num_sources")
+    options.pop("aggregated_layers")
+    target_types = tuple(getattr(nn, name) for name in options.pop("target_types"))
+    if callable(zoo_or_builder) and not isinstance(zoo_or_builder, nn.Module):
+        template = zoo_or_builder()
+        members = [template] * num_sources  # weights are overwritten by the saved bank
+    else:
+        members = list(zoo_or_builder)
+        if len(members) != num_sources:
+            raise ZooMismatchError(f"the saved model aggregates {num_sources} sources; the zoo has {len(members)}")
+    model = ZooTuning(members, head=_make_head(config.get("head"), head), target_types=target_types, **options)
+    _load_state(model, tensors, directory)
+    return model
+
+
+def save_folded(model: nn.Module, directory, head_name: str | None = None, source: str = "lite") -> None:
+    """Save a folded (plain) model: its full state_dict, BatchNorm buffers included."""
+    head_name = head_name or find_head_name(model)
+    config = {
+        "zootune_version": __version__,
+        "method": source,
+        "format": "plain",
+        "architecture": _architecture(model),
+        "head_name": head_name,
+        "head": _head_spec(model, head_name),
+    }
+    _write(directory, model, config)
+
+
+def load_folded(directory, model_or_builder: nn.Module | Callable[[], nn.Module],
+                head: nn.Module | None = None) -> nn.Module:
+    """Load a folded model saved by :func:`save_folded` into a fresh model of the zoo's
+    architecture (``zoo.new_model()`` or a builder); its head is replaced by the saved head."""
+    config, tensors = _read(directory)
+    if config.get("format") != "plain":
+        raise CheckpointError(f"{directory} holds a {config.get('format')!r} model, not a folded plain one")
+    model = model_or_builder if isinstance(model_or_builder, nn.Module) else model_or_builder()
+    new_head = _make_head(config.get("head"), head)
+    if new_head is not None:
+        set_submodule(model, config["head_name"], new_head)
+    _load_state(model, tensors, directory)
+    return model

@@ -1,0 +1,244 @@
+"""Zoo-Tuning and Lite Zoo-Tuning as one ``nn.Module`` built from a zoo of same-architecture models.
+
+Shu, Kou, Cao, Wang, Long. "Zoo-Tuning: Adaptive Transfer from a Zoo of Models", ICML 2021.
+Every targeted layer l of a copy of member 0 is replaced in place (PEFT-style) by an
+:class:`~zootune.layers.AggregatedLayer` computing, per sample b,
+
+    y_b = (sum_i a_i^l(h_b) T_i^l W_i^l) * h_b,
+
+with all m source kernels W_i^l trainable, channel alignment T_i^l and a gate a^l on the layer's own
+input. Norm layers are not aggregated: their affine parameters are the mean over the sources and
+their running statistics are reset (0 mean, unit variance) to be re-estimated on the target data.
+Every other parameter that is not targeted (and not the head) is the mean over the sources too.
+The head is replaced by the new target head. Lite Zoo-Tuning (``lite=True``) shares one gate per
+batch in training and folds into a plain model of the zoo's architecture (``merge_and_unload``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from zootune.errors import ZootuneError, ZooMismatchError
+from zootune.layers import FORMULATIONS, AggregatedLayer, is_aggregatable
+from zootune.layers.gate import GATE_ACTIVATIONS
+from zootune.models.heads import find_head_name, head_in_features, new_linear_head, set_submodule
+
+ALIGN_CHOICES = ("kernel>1", "all", "none")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class ZooTuningConfig:
+    """The options of a :class:`ZooTuning` model (saved as config.json by ``save_pretrained``)."""
+
+    num_sources: int
+    lite: bool = False
+    align: str = "kernel>1"
+    gate: str = "sigmoid"
+    keep_bn_stats: bool = False
+    lite_momentum: float = 0.9
+    formulation: str = "auto"
+    target_types: list[str] = field(default_factory=lambda: ["Conv1d", "Conv2d"])
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    head_name: str | None = None
+    aggregated_layers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _patterns(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _matches(name: str, patterns: list[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
+
+
+def _check_same_architecture(members: Sequence[nn.Module]) -> None:
+    reference = {name: tuple(t.shape) for name, t in members[0].state_dict().items()}
+    reference_types = [type(m) for _, m in members[0].named_modules()]
+    for index, member in enumerate(members[1:], start=1):
+        shapes = {name: tuple(t.shape) for name, t in member.state_dict().items()}
+        if shapes != reference or [type(m) for _, m in member.named_modules()] != reference_types:
+            differing = sorted(set(shapes) ^ set(reference)) or sorted(
+                k for k in shapes if shapes[k] != reference.get(k))
+            detail = f" (first difference: {differing[0]})" if differing else ""
+            raise ZooMismatchError(f"zoo member {index} does not have member 0's architecture{detail}")
+
+
+class ZooTuning(nn.Module):
+    """Adaptive aggregation of a zoo of pretrained models (Zoo-Tuning, and Lite with ``lite=True``).
+
+    Args:
+        zoo: m >= 1 models of one architecture (a :class:`zootune.Zoo` or any sequence of modules).
+        head: the new task head put in place of the members' head; or ``num_outputs`` for a fresh
+            Linear head (N(0, 0.01) weights); with neither, the members' head is kept (and
+            aggregated or averaged like any other layer).
+        head_name: dotted name of the head (found automatically when omitted).
+        target_types: layer types to aggregate (Conv1d/2d/3d, Linear).
+        include / exclude: glob patterns on dotted layer names (``"layer4.*"``) restricting targets.
+        align: channel alignment on ``"kernel>1"`` layers (the reference), ``"all"`` or ``"none"``.
+        gate: ``"sigmoid"`` (paper) or ``"softmax"``.
+        lite: Lite Zoo-Tuning (batch-shared gate, temporal ensemble, foldable).
+        keep_bn_stats: keep the mean of the sources' running statistics instead of resetting them.
+        lite_momentum: α of Lite's temporal ensemble ā <- α ā + (1 - α) ā_batch.
+        formulation: ``"auto"`` (measured fastest per layer shape) or one of
+            :data:`zootune.layers.FORMULATIONS` for every layer (where it applies).
+    """
+
+    def __init__(self, zoo: Sequence[nn.Module], head: nn.Module | None = None, *,
+                 num_outputs: int | None = None, head_name: str | None = None,
+                 target_types: Sequence[type] = (nn.Conv1d, nn.Conv2d),
+                 include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                 align: str = "kernel>1", gate: str = "sigmoid", lite: bool = False,
+                 keep_bn_stats: bool = False, lite_momentum: float = 0.9, formulation: str = "auto"):
+        super().__init__()
+        members = list(zoo)
+        if not members:
+            raise ZootuneError("Zoo-Tuning needs a zoo of at least one model; got an empty zoo")
+        if align not in ALIGN_CHOICES:
+            raise ZootuneError(f"align must be one of {ALIGN_CHOICES}, got {align!r}")
+        if gate not in GATE_ACTIVATIONS:
+            raise ZootuneError(f"gate must be one of {GATE_ACTIVATIONS}, got {gate!r}")
+        if formulation != "auto" and formulation not in FORMULATIONS:
+            raise ZootuneError(f"formulation must be 'auto' or one of {FORMULATIONS}, got {formulation!r}")
+        if not 0.0 <= lite_momentum < 1.0:
+            raise ZootuneError(f"lite_momentum must be in [0, 1), got {lite_momentum}")
+        _check_same_architecture(members)
+        target_types = tuple(target_types)
+        model = copy.deepcopy(members[0])
+
+        new_head = head
+        if new_head is None and num_outputs is not None:
+            new_head = new_linear_head(head_in_features(model, head_name), num_outputs)
+        resolved_head = find_head_name(model, head_name) if new_head is not None else None
+
+        def is_head(name: str) -> bool:
+            return resolved_head is not None and (name == resolved_head or name.startswith(resolved_head + "."))
+
+        include, exclude = _patterns(include), _patterns(exclude)
+        targets = [
+            name for name, module in members[0].named_modules()
+            if name and not is_head(name) and isinstance(module, target_types) and is_aggregatable(module)
+            and (include is None or _matches(name, include)) and not _matches(name, exclude)
+        ]
+        if not targets:
+            raise ZootuneError(
+                "no layer to aggregate: no module matches target_types="
+                f"{[t.__name__ for t in target_types]}, include={include}, exclude={exclude}")
+
+        self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
+        if new_head is not None:
+            set_submodule(model, resolved_head, new_head)
+        for name in targets:
+            sources = [member.get_submodule(name) for member in members]
+            kernel = sources[0].weight.shape[2:]
+            aligned = align == "all" or (align == "kernel>1" and any(k > 1 for k in kernel))
+            layer = AggregatedLayer(sources, align=aligned, gate=gate, lite=lite,
+                                    lite_momentum=lite_momentum, formulation=formulation)
+            set_submodule(model, name, layer)
+        self.model = model
+        self.config = ZooTuningConfig(
+            num_sources=len(members), lite=lite, align=align, gate=gate, keep_bn_stats=keep_bn_stats,
+            lite_momentum=lite_momentum, formulation=formulation,
+            target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
+            head_name=resolved_head, aggregated_layers=targets,
+        )
+
+    @staticmethod
+    @torch.no_grad()
+    def _average_untargeted(model, members, targets, is_head, keep_bn_stats) -> None:
+        """Untargeted parameters and float buffers := mean over the sources; norm stats reset."""
+        member_modules = [dict(member.named_modules()) for member in members]
+
+        def inside(name: str, roots: list[str]) -> bool:
+            return any(name == root or name.startswith(root + ".") for root in roots)
+
+        for name, module in model.named_modules():
+            if inside(name, targets) or is_head(name):
+                continue
+            counterparts = [modules[name] for modules in member_modules]
+            for pname, param in module.named_parameters(recurse=False):
+                param.copy_(torch.stack([getattr(c, pname).detach() for c in counterparts]).mean(0))
+            for bname, buffer in module.named_buffers(recurse=False):
+                if buffer is None or not buffer.is_floating_point():
+                    continue
+                buffer.copy_(torch.stack([getattr(c, bname) for c in counterparts]).mean(0))
+            if isinstance(module, _NORM_TYPES) and getattr(module, "track_running_stats", False):
+                if not keep_bn_stats:
+                    module.reset_running_stats()  # running mean 0, var 1, num_batches_tracked 0
+                elif module.num_batches_tracked is not None:
+                    module.num_batches_tracked.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # ------------------------------------------------------------------ inspection
+    def aggregated_layers(self) -> dict[str, AggregatedLayer]:
+        """The aggregation layers by dotted name (relative to the wrapped model)."""
+        return {name: module for name, module in self.model.named_modules() if isinstance(module, AggregatedLayer)}
+
+    @contextlib.contextmanager
+    def record_gates(self) -> Iterator[None]:
+        """Within the block, every forward adds its per-sample gates to per-layer running sums;
+        read them with :meth:`gate_statistics` (the sums restart when the block is entered)."""
+        layers = list(self.aggregated_layers().values())
+        for layer in layers:
+            layer.reset_recording()
+            layer.recording = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.recording = False
+
+    def gate_statistics(self) -> dict[str, torch.Tensor]:
+        """Mean gate weights (m,) per layer over the samples seen in the last :meth:`record_gates`
+        block (Lite in training: the batch means; Lite in eval: the per-sample gates it would have)."""
+        stats = {}
+        for name, layer in self.aggregated_layers().items():
+            mean = layer.recorded_gate_mean()
+            if mean is not None:
+                stats[name] = mean
+        return stats
+
+    def lite_gates(self) -> dict[str, torch.Tensor]:
+        """Lite's temporal ensembles ā (m,) per layer: the gates the folded model uses."""
+        return {name: layer.gate_ema.detach().clone() for name, layer in self.aggregated_layers().items()}
+
+    # ------------------------------------------------------------------ engine contract
+    def merge_and_unload(self) -> nn.Module:
+        """Lite only: the plain model of the zoo's architecture with ā and T folded into each layer."""
+        from zootune.methods.zoo_tuning.fold import merge_and_unload
+
+        return merge_and_unload(self)
+
+    def finalize(self) -> nn.Module:
+        """What the engine evaluates and exports: the folded plain model for Lite, else ``self``."""
+        return self.merge_and_unload() if self.config.lite else self
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory) -> None:
+        """Write ``model.safetensors`` and ``config.json`` (see :mod:`zootune.methods.zoo_tuning.io`)."""
+        from zootune.methods.zoo_tuning.io import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def load_pretrained(cls, directory, zoo_or_builder, head: nn.Module | None = None) -> "ZooTuning":
+        """Rebuild a saved model; ``zoo_or_builder`` is the zoo or a callable returning one fresh
+        model of the zoo's architecture (its weights are overwritten by the saved ones)."""
+        from zootune.methods.zoo_tuning.io import load_pretrained
+
+        return load_pretrained(directory, zoo_or_builder, head=head)

@@ -1,0 +1,173 @@
+"""ZooTuning on tiny zoos: targeting, norm handling, one-hot gates reproduce a source, registry, I/O."""
+
+import pytest
+import torch
+from torch import nn
+
+from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
+from zootune.layers import AggregatedLayer
+from zootune.methods.registry import get_method
+from zootune.methods.zoo_tuning import ZooTuning
+from zootune.models import resnet_small
+from zootune.tasks import ClassificationTask
+
+
+def tiny_zoo(m=3, dtype=torch.float32):
+    zoo = []
+    for seed in range(m):
+        torch.manual_seed(100 + seed)
+        model = resnet_small(num_classes=7, depth=10, width=4).to(dtype)
+        with torch.no_grad():  # distinct, non-trivial norm parameters and statistics per member
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.normal_(0, 0.1)
+                    module.running_mean.normal_(0, 0.1)
+                    module.running_var.uniform_(0.5, 2.0)
+                    module.num_batches_tracked.fill_(7)
+        zoo.append(model.eval())
+    return zoo
+
+
+def test_only_targeted_layers_are_replaced():
+    zoo = tiny_zoo()
+    model = ZooTuning(zoo, num_outputs=3, exclude=["layer2.*"])
+    original = dict(zoo[0].named_modules())
+    replaced = set(model.aggregated_layers())
+    expected = {name for name, module in original.items()
+                if isinstance(module, nn.Conv2d) and not name.startswith("layer2.")}
+    assert replaced == expected
+    for name, module in model.model.named_modules():
+        if name in replaced or any(name.startswith(r + ".") for r in replaced):
+            continue
+        if name == "fc":
+            assert isinstance(module, nn.Linear) and module.out_features == 3
+        else:
+            assert type(module) is type(original[name]), name
+    only = ZooTuning(zoo, num_outputs=3, include="layer1.*")
+    assert set(only.aggregated_layers()) == {n for n in expected if n.startswith("layer1.")}
+
+
+def test_linear_targeting_and_alignment_choice():
+    zoo = tiny_zoo(2)
+    model = ZooTuning(zoo, target_types=(nn.Conv2d, nn.Linear), align="kernel>1")
+    layers = model.aggregated_layers()
+    assert isinstance(model.model.fc, AggregatedLayer)  # no new head: the members' head is aggregated
+    for name, layer in layers.items():
+        kernel = zoo[0].get_submodule(name).weight.shape[2:]
+        assert (layer.align is not None) == any(k > 1 for k in kernel), name
+    assert all(layer.align is None for layer in ZooTuning(zoo, align="none").aggregated_layers().values())
+    assert all(layer.align is not None for layer in ZooTuning(zoo, align="all").aggregated_layers().values())
+
+
+def test_bank_holds_every_source_and_everything_trains():
+    zoo = tiny_zoo()
+    model = ZooTuning(zoo, num_outputs=3)
+    layer = model.aggregated_layers()["layer1.0.conv1"]
+    for i, member in enumerate(zoo):
+        assert torch.equal(layer.bank[i], member.layer1[0].conv1.weight)
+    assert all(p.requires_grad for p in model.parameters())
+    assert layer.bank.data_ptr() != zoo[0].layer1[0].conv1.weight.data_ptr()  # a copy: the zoo is untouched
+
+
+@pytest.mark.parametrize("keep_bn_stats", [False, True])
+def test_norm_layers_get_mean_affine_and_reset_or_mean_stats(keep_bn_stats):
+    zoo = tiny_zoo()
+    model = ZooTuning(zoo, num_outputs=3, keep_bn_stats=keep_bn_stats)
+    for name, bn in model.model.named_modules():
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        sources = [member.get_submodule(name) for member in zoo]
+        torch.testing.assert_close(bn.weight, sum(s.weight for s in sources) / len(sources))
+        torch.testing.assert_close(bn.bias, sum(s.bias for s in sources) / len(sources))
+        if keep_bn_stats:
+            torch.testing.assert_close(bn.running_mean, sum(s.running_mean for s in sources) / len(sources))
+            torch.testing.assert_close(bn.running_var, sum(s.running_var for s in sources) / len(sources))
+        else:
+            assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)
+        assert int(bn.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("source", [0, 2])
+def test_one_hot_gate_with_identity_alignment_reproduces_that_source(source):
+    zoo = tiny_zoo(3, torch.float64)
+    model = ZooTuning(zoo, target_types=(nn.Conv2d, nn.Linear), formulation="grouped").double().eval()
+    with torch.no_grad():
+        for name, module in model.model.named_modules():
+            if isinstance(module, AggregatedLayer):
+                # sigmoid(+-1000) is exactly 1 / 0 in float64: the gate is one-hot(source)
+                module.gate.expand.weight.zero_()
+                module.gate.expand.bias.fill_(-1000.0)
+                module.gate.expand.bias[source] = 1000.0
+            elif isinstance(module, nn.BatchNorm2d):  # norms are shared: give them the source's
+                module.load_state_dict(zoo[source].get_submodule(name).state_dict())
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+        torch.testing.assert_close(model(x), zoo[source](x), rtol=1e-12, atol=1e-12)
+        other = (source + 1) % 3
+        assert not torch.allclose(model(x), zoo[other](x), atol=1e-3)
+
+
+def test_gate_statistics_are_mean_gates_over_the_pass():
+    zoo = tiny_zoo()
+    model = ZooTuning(zoo, num_outputs=3, formulation="bmm").eval()
+    layer = model.aggregated_layers()["layer1.0.conv2"]
+    inputs = []
+    layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    batches = [torch.randn(3, 3, 32, 32), torch.randn(5, 3, 32, 32)]
+    with torch.no_grad(), model.record_gates():
+        for batch in batches:
+            model(batch)
+    expected = torch.cat([layer.gate(h) for h in inputs]).mean(0)
+    stats = model.gate_statistics()
+    assert set(stats) == set(model.aggregated_layers())
+    torch.testing.assert_close(stats["layer1.0.conv2"], expected.detach())
+    with torch.no_grad():
+        model(batches[0])  # outside the block: not recorded
+    torch.testing.assert_close(model.gate_statistics()["layer1.0.conv2"], expected.detach())
+
+
+def test_registry_builds_both_methods_with_task_head():
+    zoo = tiny_zoo(2)
+    task = ClassificationTask(5)
+    full = get_method("zoo-tuning").build(zoo, task, formulation="grouped")
+    lite = get_method("lite").build(zoo, task, formulation="stacked")
+    assert not full.config.lite and lite.config.lite
+    assert full(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    assert all(layer.formulation == "stacked" for layer in lite.aggregated_layers().values())
+    assert full.finalize() is full
+    with pytest.raises(ZootuneError):
+        full.merge_and_unload()
+
+
+def test_user_errors_are_zootune_errors():
+    zoo = tiny_zoo(2)
+    with pytest.raises(ZootuneError):
+        ZooTuning([], num_outputs=2)
+    with pytest.raises(ZooMismatchError):
+        ZooTuning([zoo[0], resnet_small(num_classes=7, depth=10, width=8)], num_outputs=2)
+    with pytest.raises(ZootuneError):
+        ZooTuning(zoo, num_outputs=2, include="no.such.layer")
+    with pytest.raises(ZootuneError):
+        ZooTuning(zoo, num_outputs=2, align="sometimes")
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    zoo = tiny_zoo()
+    model = ZooTuning(zoo, num_outputs=3, formulation="stacked")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):  # move weights, alignment, gates and BN statistics off their initial values
+        optimizer.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "saved").iterdir()} == {"model.safetensors", "config.json"}
+    loaded = ZooTuning.load_pretrained(tmp_path / "saved", lambda: resnet_small(num_classes=7, depth=10, width=4))
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointError):
+        ZooTuning.load_pretrained(tmp_path / "missing", zoo)
+    with pytest.raises(ZooMismatchError):
+        ZooTuning.load_pretrained(tmp_path / "saved", zoo[:2])
