@@ -1,0 +1,118 @@
+"""The training configuration: one small dataclass, saved as JSON in every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from zootune.errors import ZootuneError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """How the engine trains a model; every method uses the same fields.
+
+    ``batch_size`` is the *global* batch: under ``torchrun`` each of ``W`` processes gets a slice of
+    every global batch, so the gradient and the learning rate mean the same whatever ``W`` is.
+
+    The learning rate is set every step to ``lr_g * f(step)`` for each parameter group ``g``
+    (``lr_g`` is the group's own rate, e.g. a lower backbone rate from ``param_groups``):
+
+    - warm-up (``warmup_epochs`` > 0): ``f = (step + 1) / warmup_steps`` for the first steps;
+    - ``cosine``: ``f = (1 + cos(pi * t)) / 2`` with ``t`` the fraction of the post-warm-up steps done;
+    - ``step``: ``f = gamma ** (epoch // step_size)`` (``step_size`` defaults to a third of the epochs);
+    - ``constant``: ``f = 1``.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only (ignored when momentum is 0)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam / AdamW only
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int | None = None  # epochs between decays of the "step" schedule
+    gamma: float = 0.1  # decay factor of the "step" schedule
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+    eval_every: int = 1  # validate every N epochs (and always after the last one)
+    max_steps_per_epoch: int | None = None  # cap on optimisation steps per epoch (quick runs)
+    drop_last: bool = False  # skip each epoch's final partial batch
+    progress: bool = True  # tqdm bar on rank 0 when stderr is a terminal
+    grad_clip: float | None = None  # max global gradient norm
+    eval_batch_size: int | None = None  # defaults to batch_size
+    device: str | None = None  # None: "cuda" (the local rank's GPU) when available, else "cpu"
+    # DDP must know when some parameters get no gradient in a step (Hub-Pathway's top-k pathways do);
+    # the extra graph walk is cheap next to a forward pass.
+    find_unused_parameters: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives a list back
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay})")
+        if self.step_size is not None and self.step_size < 1:
+            problems.append(f"step_size must be >= 1 (got {self.step_size})")
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be >= 0 (got {self.warmup_epochs})")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.eval_every < 1:
+            problems.append(f"eval_every must be >= 1 (got {self.eval_every})")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            problems.append(f"max_steps_per_epoch must be >= 1 (got {self.max_steps_per_epoch})")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 (got {self.grad_clip})")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            problems.append(f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
+        if len(self.betas) != 2:
+            problems.append(f"betas must be two numbers (got {self.betas})")
+        if problems:
+            raise ZootuneError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ZootuneError(
+                f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ZootuneError(f"training config is not valid JSON: {err}") from None
+        if not isinstance(values, dict):
+            raise ZootuneError("training config JSON must be an object of option: value")
+        return cls.from_dict(values)

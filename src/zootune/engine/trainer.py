@@ -1,0 +1,434 @@
+"""The one training loop every method goes through.
+
+Per step (the contract in :mod:`zootune.methods.base`)::
+
+    module.set_training_progress(step / total_steps)          # if defined
+    outputs = model(inputs)                                    # DistributedDataParallel when W > 1
+    loss = task.loss(outputs, targets) + module.auxiliary_loss(outputs, targets)   # if defined
+    (w_r * loss).backward()                                    # w_r = n_r W / N, 1 for one process
+    optimizer.step(); module.after_optimizer_step()            # if defined
+
+After each epoch: validation (metric sums over all processes), best-on-validation state kept, an
+atomic checkpoint with every RNG state, ``metrics.jsonl`` / ``metrics.csv``. At the end the best state
+is loaded and ``module.finalize()`` (if defined) gives the model that is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from zootune.engine import distributed
+from zootune.engine.checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    seed_everything,
+)
+from zootune.engine.config import TrainConfig
+from zootune.engine.evaluation import evaluation_sums, sums_to_metrics
+from zootune.engine.metric_log import MetricLog
+from zootune.engine.optim import LRSchedule, build_optimizer
+from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
+from zootune.errors import CheckpointError, DataError, NonFiniteLossError, ZootuneError
+from zootune.methods.base import unwrap
+from zootune.tasks import Task
+
+log = logging.getLogger(__name__)
+
+# Config fields that may change between a run and its resumption without changing its numbers.
+_RESUME_FREE_FIELDS = {"epochs", "progress", "num_workers", "eval_every", "device", "eval_batch_size"}
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    ``model`` is the finalized best-on-validation model (the last epoch's without validation data);
+    ``final_metrics`` are its validation metrics (``val_loss``, ``val_<metric>``), or the last
+    epoch's training metrics without validation data.
+    """
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_metric: float | None
+    final_metrics: dict[str, float]
+    checkpoint_path: Path | None
+    seconds: float
+
+
+def _hook(module: nn.Module, name: str):
+    fn = getattr(module, name, None)
+    return fn if callable(fn) else None
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best
+
+
+class Trainer:
+    """Train ``model`` for ``task`` on ``train_dataset``; validate on ``val_dataset`` each epoch.
+
+    Datasets yield ``(input tensor, target)`` pairs. ``out_dir`` (optional) receives
+    ``checkpoint.pt`` every epoch plus ``metrics.jsonl``/``metrics.csv``; ``resume=True`` continues
+    from its checkpoint to the same numbers an uninterrupted run gives. ``callbacks``: objects with
+    optional ``on_epoch_end(trainer, record)`` and ``on_fit_end(trainer, result)``, called on every
+    process (``trainer.dist.is_main`` tells rank 0).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train_dataset: Dataset,
+        val_dataset: Dataset | None = None,
+        config: TrainConfig | dict | None = None,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        callbacks: Sequence[Any] | None = None,
+    ):
+        if config is None:
+            config = TrainConfig()
+        elif isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        if resume and out_dir is None:
+            raise ZootuneError("resume=True needs out_dir (the folder holding checkpoint.pt)")
+        self.module = unwrap(model)
+        self.task = task
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.resume = resume
+        self.callbacks = list(callbacks or [])
+        self.dist = distributed.DistInfo()
+        self.history: list[dict[str, float]] = []
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self.best_epoch = 0
+        self.best_val_metric: float | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+
+    # ------------------------------------------------------------------ set-up
+    def _device(self) -> torch.device:
+        if self.config.device is not None:
+            return torch.device(self.config.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.dist.local_rank)
+        return torch.device("cpu")
+
+    def _check_datasets(self) -> None:
+        if len(self.train_dataset) == 0:
+            raise DataError("the training dataset is empty")
+        if self.val_dataset is not None and len(self.val_dataset) == 0:
+            raise DataError("the validation dataset is empty (pass val_dataset=None to train without one)")
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
+        path = self.checkpoint_path
+        if not path.is_file():
+            log.warning("resume: no checkpoint at %s, starting from scratch", path)
+            return
+        ckpt = load_checkpoint(path)
+        try:
+            self.module.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{path} does not fit this model ({str(err).splitlines()[0]}); was it written by another method "
+                "or architecture?"
+            ) from None
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: optimizer state does not fit this model's parameters ({err})") from None
+        changed = sorted(
+            k
+            for k, v in self.config.to_dict().items()
+            if k not in _RESUME_FREE_FIELDS and ckpt["config"].get(k) != v
+        )
+        if changed:
+            warnings.warn(
+                f"resuming {path} with changed training options ({', '.join(changed)}); the run will not "
+                "match an uninterrupted one",
+                stacklevel=3,
+            )
+        if ckpt["config"].get("epochs") != self.config.epochs:
+            log.warning(
+                "resume: epochs changed from %s to %s; a schedule that depends on the total changes",
+                ckpt["config"].get("epochs"),
+                self.config.epochs,
+            )
+        self.epoch = int(ckpt["epoch"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt["history"])
+        self.best_epoch = int(ckpt["best_epoch"])
+        self.best_val_metric = ckpt["best_val_metric"]
+        self._best_state = ckpt["best_state"]
+        rng_states = ckpt["rng"]
+        if self.dist.rank < len(rng_states):
+            restore_rng_state(rng_states[self.dist.rank])
+        else:  # more processes than when it was written: fresh, distinct streams for the new ranks
+            seed_everything(epoch_seed(self.config.seed, self.epoch, stream=1000 + self.dist.rank))
+        log.info("resumed from %s after epoch %d", path, self.epoch)
+
+    def _save_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
+        # Every rank's RNG state (all must call the gather), written by rank 0.
+        rng_states = distributed.all_gather_objects(capture_rng_state())
+        if not self.dist.is_main or self.out_dir is None:
+            return
+        atomic_torch_save(
+            {
+                "format_version": FORMAT_VERSION,
+                "model": self.module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "best_epoch": self.best_epoch,
+                "best_val_metric": self.best_val_metric,
+                "best_state": self._best_state,
+                "history": self.history,
+                "config": self.config.to_dict(),
+                "rng": rng_states,
+                "sampler": {"seed": self.config.seed, "epoch": self.epoch},
+            },
+            self.checkpoint_path,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> FitResult:
+        started = time.perf_counter()
+        cfg = self.config
+        # A CPU run uses gloo even on a machine with GPUs (NCCL only reduces GPU tensors).
+        on_cpu = cfg.device is not None and torch.device(cfg.device).type == "cpu"
+        self.dist = distributed.init_from_env(backend="gloo" if on_cpu else None)
+        self._check_datasets()
+        device = self._device()
+        module = self.module.to(device)
+        # Distinct streams per rank (dropout, augmentation), the same streams on every run.
+        seed_everything(cfg.seed + self.dist.rank)
+
+        sampler = GlobalBatchSampler(
+            len(self.train_dataset),
+            cfg.batch_size,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            max_batches=cfg.max_steps_per_epoch,
+            # BatchNorm cannot normalise one sample in training mode: drop a final batch that would
+            # leave a process a single sample rather than crash at the end of the epoch.
+            min_per_rank=2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else 1,
+            drop_last=cfg.drop_last,
+        )
+        steps_per_epoch = len(sampler)
+        if steps_per_epoch == 0:
+            raise DataError(
+                f"the training dataset ({len(self.train_dataset)} samples) gives no batch to train on with "
+                f"batch_size={cfg.batch_size}, drop_last={cfg.drop_last} and {self.dist.world_size} process(es)"
+            )
+        optimizer = build_optimizer(module, cfg)
+        schedule = LRSchedule(cfg, steps_per_epoch)
+        if self.resume:
+            self._restore(optimizer)
+
+        model: nn.Module = module
+        if self.dist.enabled:
+            model = nn.parallel.DistributedDataParallel(
+                module,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
+        metric_log = MetricLog(self.out_dir) if self.out_dir is not None and self.dist.is_main else None
+        try:
+            while self.epoch < cfg.epochs:
+                record = self._train_epoch(model, module, optimizer, schedule, sampler, device)
+                self._after_epoch(module, optimizer, record)
+                if metric_log is not None:
+                    metric_log.write(self.history)
+                for cb in self.callbacks:
+                    if _hook(cb, "on_epoch_end"):
+                        cb.on_epoch_end(self, record)
+            result = self._finish(module, started)
+        finally:
+            if metric_log is not None:
+                metric_log.close()
+        for cb in self.callbacks:
+            if _hook(cb, "on_fit_end"):
+                cb.on_fit_end(self, result)
+        return result
+
+    def _train_epoch(self, model, module, optimizer, schedule: LRSchedule, sampler: GlobalBatchSampler, device):
+        cfg, task, world = self.config, self.task, self.dist.world_size
+        epoch = self.epoch
+        sampler.set_epoch(epoch)
+        global_sizes = [len(b) for b in sampler.global_batches()]
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            num_workers=cfg.num_workers,
+            # Worker seeds come from this generator: fixed per (seed, epoch, rank), so resuming needs
+            # no loader state and workers draw the same augmentations every run.
+            generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, stream=1 + self.dist.rank)),
+        )
+        set_progress = _hook(module, "set_training_progress")
+        auxiliary_loss = _hook(module, "auxiliary_loss")
+        after_step = _hook(module, "after_optimizer_step")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        show = cfg.progress and self.dist.is_main and sys.stderr.isatty()
+        bar = tqdm(total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss * n, metric sum, metric count, n (this rank)
+        model.train()
+        t0 = time.perf_counter()
+        for i, (inputs, targets) in enumerate(loader):
+            self._check_targets(targets)
+            if set_progress is not None:
+                set_progress(self.step / schedule.total_steps)
+            schedule.apply(optimizer, self.step)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            outputs = model(inputs)
+            loss = task.loss(outputs, targets)
+            if auxiliary_loss is not None:
+                loss = loss + auxiliary_loss(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            n = targets.shape[0]
+            weight = rank_loss_weight(n, global_sizes[i], world) if world > 1 else 1.0
+            (loss * weight if weight != 1.0 else loss).backward()
+            loss_value = float(loss.detach())
+            self._check_finite(loss_value, epoch, i)  # before the step: the weights stay good
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            self.step += 1
+            metric_sum, metric_count = task.metric_sums(outputs.detach(), targets)
+            sums += torch.tensor([loss_value * n, metric_sum, metric_count, n], dtype=torch.float64)
+            if show:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{sums[0] / sums[3]:.4f}",
+                    **{task.metric_name: f"{sums[1] / max(sums[2], 1):.2f}"},
+                    img_s=f"{world * sums[3] / (time.perf_counter() - t0):.0f}",
+                )
+        bar.close()
+        seconds = time.perf_counter() - t0
+        sums = distributed.all_reduce_sum(sums)
+        record = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": sums[0].item() / sums[3].item(),
+            f"train_{task.metric_name}": sums[1].item() / max(sums[2].item(), 1),
+            "seconds": seconds,
+            "images_per_s": sums[3].item() / max(seconds, 1e-9),
+        }
+        return record
+
+    def _check_targets(self, targets: torch.Tensor) -> None:
+        """``task.check_targets`` on every batch; with several processes a bad batch on one rank stops
+        all of them (a rank that raised alone would leave the others waiting in a collective)."""
+        problem = None
+        try:
+            self.task.check_targets(targets)
+        except DataError as err:
+            problem = err
+        if self.dist.enabled:
+            flags = distributed.all_reduce_sum(torch.tensor([float(problem is not None)]))
+            if problem is None and flags.item() > 0:
+                raise DataError("bad targets in a batch of another process (see that rank's error)")
+        if problem is not None:
+            raise DataError(f"epoch {self.epoch + 1}: {problem}") from None
+
+    def _check_finite(self, loss_value: float, epoch: int, batch_index: int) -> None:
+        bad = not math.isfinite(loss_value)
+        if self.dist.enabled:  # every rank must agree before any of them steps
+            bad = distributed.all_reduce_sum(torch.tensor([float(bad)])).item() > 0
+        if not bad:
+            return
+        kept = (
+            f"the last good checkpoint ({self.checkpoint_path}, after epoch {self.epoch}) is kept"
+            if self.checkpoint_path is not None and self.checkpoint_path.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {batch_index + 1} "
+            f"(optimizer step {self.step + 1}); training stopped and {kept}. Try a lower learning rate "
+            f"(lr={self.config.lr:g}), warmup_epochs or grad_clip"
+        )
+
+    def _after_epoch(self, module: nn.Module, optimizer, record: dict) -> None:
+        cfg = self.config
+        self.epoch += 1
+        last = self.epoch == cfg.epochs
+        if self.val_dataset is not None and (self.epoch % cfg.eval_every == 0 or last):
+            val = sums_to_metrics(self._val_sums(module), self.task)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            metric = val[self.task.metric_name]
+            if _is_better(metric, self.best_val_metric, self.task.higher_is_better):
+                self.best_val_metric, self.best_epoch = metric, self.epoch
+                self._best_state = _cpu_state(module)
+        elif self.val_dataset is None:
+            self.best_epoch = self.epoch
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise NonFiniteLossError(
+                    f"{name} became non-finite in epoch {self.epoch}; training stopped before saving. "
+                    f"Try a lower learning rate (lr={cfg.lr:g}) or grad_clip"
+                )
+        self.history.append(record)
+        log.info("epoch %d/%d %s", self.epoch, cfg.epochs, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
+        self._save_checkpoint(optimizer)
+
+    def _val_sums(self, module: nn.Module) -> torch.Tensor:
+        cfg = self.config
+        return evaluation_sums(
+            module,
+            self.task,
+            self.val_dataset,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            num_workers=cfg.num_workers,
+            shard=True,
+        )
+
+    def _finish(self, module: nn.Module, started: float) -> FitResult:
+        if self._best_state is not None:
+            module.load_state_dict(self._best_state)
+        finalize = _hook(module, "finalize")
+        final_model = finalize() if finalize is not None else module
+        if self.val_dataset is not None:
+            final = sums_to_metrics(self._val_sums(final_model), self.task)
+            final_metrics = {f"val_{k}": v for k, v in final.items()}
+        else:
+            last = self.history[-1] if self.history else {}
+            final_metrics = {k: v for k, v in last.items() if k.startswith("train_")}
+        return FitResult(
+            model=final_model,
+            history=list(self.history),
+            best_epoch=self.best_epoch,
+            best_val_metric=self.best_val_metric,
+            final_metrics=final_metrics,
+            checkpoint_path=self.checkpoint_path if self.out_dir is not None and self.dist.is_main else None,
+            seconds=time.perf_counter() - started,
+        )
