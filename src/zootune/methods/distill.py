@@ -1,0 +1,153 @@
+"""Multi-teacher knowledge distillation into one model (Zoo-Tuning paper, Table 1 "Distill").
+
+Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015), with the teacher
+distribution averaged over the zoo. Teachers are the zoo members fine-tuned on the target (the
+ensemble's members), frozen and in eval mode; the student has the zoo's architecture. With teacher
+logits t_i (i = 1..m), student logits s and temperature T::
+
+    p_T(x)  = (1/m) * sum_i softmax(t_i(x) / T)                     averaged teacher distribution
+    q_T(x)  = softmax(s(x) / T)
+    L       = (1 - alpha) * L_task(s, y) + alpha * T^2 * KL(p_T || q_T)
+
+T^2 keeps the soft term's gradient on the scale of the task term (Hinton et al., Sec. 2). Defaults
+T = 4, alpha = 0.5 (the usual choices; the Zoo-Tuning paper does not state its own).
+
+Choices the paper leaves open (ours):
+
+- Student initialisation: the *pretrained* zoo member (with a new head) whose fine-tuned copy had the
+  best validation metric when ``val_metrics`` is given, else ``student_member`` (default 0). Starting
+  from pretrained weights matches the other rows of Table 1, which all start from the zoo.
+- The engine adds ``auxiliary_loss`` to the task loss, so that hook returns
+  ``alpha * (T^2 * KL - L_task)``, making the total exactly L above.
+
+Cost: in training mode ``forward`` runs every teacher and the student (paper: 24.72 = 6 x 4.12 GFLOPs
+for five teachers); in eval mode and after :meth:`Distill.finalize` only the student runs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zootune.errors import ZootuneError
+from zootune.methods.finetune import check_member_index, copy_with_new_head
+from zootune.methods.registry import MethodSpec, register_method
+from zootune.tasks import Task
+
+
+def averaged_teacher_probs(teacher_logits: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
+    """p_T = (1/m) sum_i softmax(t_i / T), shape (B, C)."""
+    return torch.stack([F.softmax(t / temperature, dim=1) for t in teacher_logits]).mean(dim=0)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p_T || softmax(s / T)), averaged over the batch.
+
+    Zero exactly when the student's tempered distribution equals ``teacher_probs``.
+    """
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    # kl_div(input=log q, target=p) = sum p (log p - log q); p = 0 terms contribute 0.
+    kl = F.kl_div(log_q, teacher_probs, reduction="batchmean")
+    return temperature**2 * kl
+
+
+class Distill(nn.Module):
+    """Student trained against the averaged, tempered predictions of frozen ``teachers``."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module],
+        task: Task,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+    ):
+        super().__init__()
+        if len(teachers) == 0:
+            raise ZootuneError("distillation needs at least one teacher (fine-tuned member)")
+        if temperature <= 0:
+            raise ZootuneError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ZootuneError(f"alpha must be in [0, 1], got {alpha}")
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        for p in self.teachers.parameters():
+            p.requires_grad_(False)
+        self.teachers.eval()
+        self.task = task
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self._teacher_probs: torch.Tensor | None = None
+
+    def train(self, mode: bool = True) -> "Distill":
+        super().train(mode)
+        self.teachers.eval()  # frozen teachers: their BN statistics stay the fine-tuned ones
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self._teacher_probs = averaged_teacher_probs([t(x) for t in self.teachers], self.temperature)
+        return self.student(x)
+
+    def auxiliary_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self._teacher_probs is None:
+            raise RuntimeError("Distill.auxiliary_loss called without a training-mode forward first")
+        teacher_probs, self._teacher_probs = self._teacher_probs, None
+        kd = distillation_loss(outputs, teacher_probs, self.temperature)
+        return self.alpha * (kd - self.task.loss(outputs, targets))
+
+    def finalize(self) -> nn.Module:
+        return self.student
+
+
+def pick_student_member(
+    num_members: int, val_metrics: Sequence[float] | None, higher_is_better: bool, student_member: int | None
+) -> int:
+    """Index of the member the student starts from (see the module docstring)."""
+    if student_member is not None:
+        return int(student_member)
+    if val_metrics is None:
+        return 0
+    if len(val_metrics) != num_members:
+        raise ZootuneError(f"val_metrics has {len(val_metrics)} values for a zoo of {num_members} members")
+    values = list(val_metrics)
+    best = max(values) if higher_is_better else min(values)
+    return values.index(best)
+
+
+def build(
+    zoo: Sequence[nn.Module],
+    task: Task,
+    *,
+    member=None,
+    fitted=None,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    student_member: int | None = None,
+    val_metrics: Sequence[float] | None = None,
+    head_name: str | None = None,
+) -> Distill:
+    """Distil ``fitted["finetune"]`` into a copy of a pretrained zoo member with a new head."""
+    if not fitted or "finetune" not in fitted:
+        raise ZootuneError("distillation needs the fine-tuned members as teachers: run method 'finetune' first")
+    index = pick_student_member(len(zoo), val_metrics, task.higher_is_better, student_member)
+    index = check_member_index(zoo, index)
+    student, _ = copy_with_new_head(zoo[index], task, head_name)
+    # The fitted members are used as they are (not copied): they are finished models, and five
+    # ResNet-50 copies would double the memory.
+    teachers = list(fitted["finetune"])
+    return Distill(student, teachers, task, temperature=temperature, alpha=alpha)
+
+
+register_method(
+    MethodSpec(
+        name="distill",
+        help="distil the fine-tuned members (averaged soft predictions) into one model",
+        build=build,
+        requires=("finetune",),
+    )
+)

@@ -1,0 +1,352 @@
+"""Baselines: fine-tune, ensemble, distillation, Knowledge Flow, uniform soup.
+
+Every test builds a tiny zoo on the fly and compares against a plain computation written here.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zootune.errors import ZooMismatchError, ZootuneError
+from zootune.methods import distill, ensemble, finetune, knowledge_flow, soup
+from zootune.methods.registry import get_method
+from zootune.models import resnet_small
+from zootune.tasks import ClassificationTask
+
+
+def tiny_zoo(m=3, num_classes=(10, 5, 7), width=4):
+    zoo = []
+    for i in range(m):
+        torch.manual_seed(100 + i)
+        model = resnet_small(num_classes=num_classes[i % len(num_classes)], width=width)
+        # Non-trivial BN statistics, different per member.
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 1.5)
+        zoo.append(model)
+    return zoo
+
+
+class MLP(nn.Module):
+    """A BN-free model: the same function in train and eval mode."""
+
+    def __init__(self, d_in=6, hidden=8, classes=3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh())
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+# ---------------------------------------------------------------- fine-tune
+
+
+def test_finetune_new_head_and_zoo_untouched():
+    zoo = tiny_zoo()
+    before = {k: v.clone() for k, v in zoo[1].state_dict().items()}
+    task = ClassificationTask(4)
+    model = finetune.build(zoo, task, member=1)
+    plain = model.finalize()
+    assert plain.fc.out_features == 4
+    # Backbone starts from member 1 exactly; the member itself is not modified.
+    for key, value in zoo[1].state_dict().items():
+        assert torch.equal(value, before[key])
+        if not key.startswith("fc."):
+            assert torch.equal(plain.state_dict()[key], value)
+    with pytest.raises(ZootuneError):
+        finetune.build(zoo, task, member=3)
+
+
+def test_finetune_param_groups_apply_backbone_multiplier():
+    zoo = tiny_zoo()
+    model = finetune.build(zoo, ClassificationTask(4), member=0, backbone_lr_mult=0.1)
+    groups = model.param_groups(0.5)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["head"]["lr"] == pytest.approx(0.5)
+    assert by_name["backbone"]["lr"] == pytest.approx(0.05)
+    head_ids = {id(p) for p in model.model.fc.parameters()}
+    assert {id(p) for p in by_name["head"]["params"]} == head_ids
+    # Every trainable parameter in exactly one group.
+    listed = [id(p) for g in groups for p in g["params"]]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters())
+
+    # One SGD step: each parameter moves by exactly lr_group * grad.
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(groups, lr=0.5)
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+    for p, p0, g in zip(model.parameters(), start, grads):
+        lr = 0.5 if id(p) in head_ids else 0.05
+        torch.testing.assert_close(p.detach(), p0 - lr * g)
+
+
+def test_finetune_zero_multiplier_freezes_backbone():
+    model = finetune.build(tiny_zoo(), ClassificationTask(3), backbone_lr_mult=0.0)
+    groups = model.param_groups(0.1)
+    assert [g["name"] for g in groups] == ["head"]
+
+
+# ---------------------------------------------------------------- ensemble
+
+
+def test_ensemble_probability_average_equals_plain_mean():
+    task = ClassificationTask(4)
+    members = [finetune.build(tiny_zoo(), task, member=i).finalize() for i in range(3)]
+    model = get_method("ensemble").build(None, task, fitted={"finetune": members})
+    model.train()  # members must still run in eval mode
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        out = model(x)
+        for m in members:
+            m.eval()
+        expected = sum(torch.softmax(m(x), dim=1) for m in members) / len(members)
+    torch.testing.assert_close(out.exp(), expected)
+    assert all(not m.training for m in members)
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_ensemble_logit_average_and_errors():
+    members = [MLP() for _ in range(3)]
+    model = ensemble.Ensemble(members, combine="logit")
+    x = torch.randn(7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), sum(m(x) for m in members) / 3)
+    with pytest.raises(ZootuneError):
+        ensemble.Ensemble(members, combine="median")
+    with pytest.raises(ZootuneError):
+        ensemble.build(None, ClassificationTask(3), fitted=None)
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_distill_kd_term_zero_when_student_equals_single_teacher():
+    task = ClassificationTask(3)
+    teacher = MLP()
+    model = distill.Distill(copy.deepcopy(teacher), [teacher], task, temperature=4.0, alpha=0.5)
+    model.train()
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    out = model(x)
+    aux = model.auxiliary_loss(out, y)
+    # aux = alpha * (T^2 KL - task): with KL = 0 the total (task + aux) is (1 - alpha) * task.
+    torch.testing.assert_close(task.loss(out, y) + aux, 0.5 * task.loss(out, y))
+
+
+def test_distill_loss_matches_plain_formula():
+    task = ClassificationTask(3)
+    teachers = [MLP(), MLP()]
+    student = MLP()
+    model = distill.Distill(student, teachers, task, temperature=2.0, alpha=0.3)
+    model.train()
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    out = model(x)
+    total = task.loss(out, y) + model.auxiliary_loss(out, y)
+    with torch.no_grad():
+        T = 2.0
+        p = sum(torch.softmax(t(x) / T, dim=1) for t in teachers) / 2
+        q = torch.softmax(student(x) / T, dim=1)
+        kl = (p * (p.log() - q.log())).sum(dim=1).mean()
+        expected = 0.7 * F.cross_entropy(student(x), y) + 0.3 * T * T * kl
+    assert kl > 0
+    torch.testing.assert_close(total.detach(), expected)
+
+
+def test_distill_teachers_run_only_in_training_and_are_dropped():
+    task = ClassificationTask(4)
+    zoo = tiny_zoo()
+    fitted = [finetune.build(zoo, task, member=i).finalize() for i in range(3)]
+    model = distill.build(zoo, task, fitted={"finetune": fitted}, val_metrics=[50.0, 80.0, 60.0])
+    calls = []
+    for t in model.teachers:
+        t.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 16, 16)
+    model.train()
+    model(x)
+    assert len(calls) == 3 and all(not t.training for t in model.teachers)
+    model.eval()
+    model(x)
+    assert len(calls) == 3  # evaluation runs the student alone
+    student = model.finalize()
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in fitted[0].parameters())
+    # The student starts from the pretrained member whose fine-tune validated best (member 1).
+    torch.testing.assert_close(student.conv1.weight, zoo[1].conv1.weight)
+    assert distill.pick_student_member(3, [0.3, 0.1, 0.2], higher_is_better=False, student_member=None) == 1
+
+
+# ---------------------------------------------------------------- soup
+
+
+def test_soup_weights_equal_elementwise_mean():
+    zoo = tiny_zoo()
+    task = ClassificationTask(4)
+    model = soup.build(zoo, task).finalize()
+    state = model.state_dict()
+    for key in zoo[0].state_dict():
+        if key.startswith("fc."):
+            continue
+        values = [m.state_dict()[key] for m in zoo]
+        if not values[0].is_floating_point():
+            continue
+        expected = values[0].clone()
+        for v in values[1:]:
+            expected = expected + v
+        torch.testing.assert_close(state[key], expected / len(values))
+    assert model.fc.out_features == 4  # heads (of different sizes) are not averaged
+
+
+def test_soup_bn_reset_and_mismatch():
+    zoo = tiny_zoo()
+    model = soup.uniform_soup(zoo, bn_stats="reset")
+    assert torch.equal(model.bn1.running_mean, torch.zeros_like(model.bn1.running_mean))
+    assert torch.equal(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+    with pytest.raises(ZooMismatchError):
+        soup.uniform_soup([resnet_small(width=4), resnet_small(width=8)])
+
+
+# ---------------------------------------------------------------- Knowledge Flow
+
+
+def kf_model(m=2, **kw):
+    zoo = tiny_zoo(m)
+    task = ClassificationTask(4)
+    return zoo, knowledge_flow.build(zoo, task, **kw)
+
+
+def test_kf_flow_point_matches_plain_mixture():
+    zoo, model = kf_model(flow_points=["layer4"])
+    fp = model.student.layer4
+    with torch.no_grad():
+        fp.mix_logits.copy_(torch.tensor([0.3, -0.2, 0.5]))
+        for q in fp.transforms:
+            q.weight.add_(0.1 * torch.randn_like(q.weight))
+            q.bias.normal_()
+    model.train()
+    x = torch.randn(3, 3, 16, 16)
+    out = model(x)
+
+    s = model.student
+    with torch.no_grad():
+        w = torch.softmax(torch.tensor([0.3, -0.2, 0.5]), dim=0)
+
+        def trunk(net, x):
+            h = net.relu(net.bn1(net.conv1(x)))
+            return net.layer3(net.layer2(net.layer1(h)))
+
+        assert all(not t.training for t in model.teachers)  # frozen teachers run in eval mode
+        teachers_h = [t.layer4(trunk(t, x)) for t in model.teachers]
+        mixed = w[0] * fp.base_layer(trunk(s, x))
+        for j, h_t in enumerate(teachers_h):
+            q = fp.transforms[j]
+            mixed = mixed + w[j + 1] * (torch.einsum("oc,bchw->bohw", q.weight, h_t) + q.bias[None, :, None, None])
+        expected = s.fc(torch.flatten(s.avgpool(mixed), 1))
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kf_finalized_student_equals_kf_with_teacher_weights_zero():
+    zoo, model = kf_model()
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    model.set_training_progress(0.2)
+    assert model.teachers_active()
+    with torch.no_grad():
+        for fp in model.flow_modules():
+            fp.mix_logits.copy_(torch.tensor([0.0, float("-inf"), float("-inf")]))
+        out_zero = model(x)
+        for fp in model.flow_modules():
+            fp.mix_logits.copy_(torch.tensor([0.0, 1.0, 1.0]))
+        out_flow = model(x)
+    student = model.finalize()
+    student.train()
+    with torch.no_grad():
+        out_student = student(x)
+    torch.testing.assert_close(out_student, out_zero)
+    assert not torch.allclose(out_student, out_flow)  # the teachers do flow in when weighted
+
+    # No teacher parameters, transforms or mixing weights left: exactly the architecture's state.
+    reference = resnet_small(num_classes=4, width=4)
+    assert list(student.state_dict()) == list(reference.state_dict())
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert not any(isinstance(m, knowledge_flow.FlowPoint) for m in student.modules())
+    # The zoo the user passed is not frozen by the method.
+    assert all(p.requires_grad for m in zoo for p in m.parameters())
+
+
+def test_kf_teachers_only_run_in_training_phase():
+    _, model = kf_model(flow_points=["layer1", "layer2"])
+    calls, late = [], []
+    for t in model.teachers:
+        t.register_forward_pre_hook(lambda *_: calls.append(1))
+        t.layer3.register_forward_pre_hook(lambda *_: late.append(1))
+    x = torch.randn(2, 3, 16, 16)
+    model.train()
+    model.set_training_progress(0.5)
+    model(x)
+    assert len(calls) == 2
+    model.set_training_progress(0.95)  # teacher-free final phase
+    model(x)
+    model.eval()
+    model(x)
+    assert len(calls) == 2
+    assert not late  # teachers stop after the last flow point
+
+
+def train_kf(lambda1, steps=15):
+    torch.manual_seed(0)
+    _, model = kf_model(lambda1=lambda1, student_only_from=1.0)
+    task = ClassificationTask(4)
+    optimizer = torch.optim.SGD(model.param_groups(0.05), lr=0.05, momentum=0.9)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    model.train()
+    for step in range(steps):
+        # The engine's per-step contract (zootune.methods.base).
+        model.set_training_progress(step / steps)
+        out = model(x)
+        loss = task.loss(out, y) + model.auxiliary_loss(out, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float(sum(fp.mix_weights()[1:].sum() for fp in model.flow_modules()))
+
+
+def test_kf_lambda1_grows_and_pushes_teacher_weights_down():
+    _, model = kf_model(lambda1=3.0)
+    lambdas = [model.lambda1_at(t) for t in (0.0, 0.25, 0.5, 1.0)]
+    assert lambdas == sorted(lambdas) and lambdas[0] < lambdas[-1] == pytest.approx(3.0)
+    # The auxiliary loss is lambda1(t) * sum w_j^2: larger later in training for the same weights.
+    model.set_training_progress(0.1)
+    early = model.auxiliary_loss(None, None)
+    model.set_training_progress(0.9)
+    late = model.auxiliary_loss(None, None)
+    torch.testing.assert_close(late, 9 * early)
+
+    initial = 4 * 2 / 3  # 4 flow points, 2 teachers with weight 1/3 each
+    with_penalty = train_kf(lambda1=20.0)
+    without = train_kf(lambda1=0.0)
+    assert with_penalty < initial - 0.1
+    assert with_penalty < without - 0.1
+
+
+def test_kf_errors_for_unknown_flow_point():
+    with pytest.raises(ZootuneError):
+        kf_model(flow_points=["layer9"])
+    with pytest.raises(ZootuneError):
+        knowledge_flow.KnowledgeFlow(MLP(), [MLP()])  # no layer1..4: flow points must be named
+
+
+def test_kf_generic_model_with_named_flow_point():
+    teachers = [MLP(), MLP()]
+    student = MLP()
+    model = knowledge_flow.KnowledgeFlow(student, teachers, flow_points=["body"], example_input=torch.randn(1, 6))
+    model.train()
+    out = model(torch.randn(5, 6))
+    assert out.shape == (5, 3) and math.isfinite(float(out.detach().sum()))
+    assert isinstance(model.finalize().body, nn.Sequential)
