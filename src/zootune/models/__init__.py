@@ -9,8 +9,11 @@ from torch import nn
 from zootune.errors import ZootuneError
 from zootune.models.resnet import ARCHITECTURES as _RESNETS
 from zootune.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet_small
+from zootune.models.mixer import MLPMixer, mixer_tiny32
+from zootune.models.vit import VisionTransformer, vit_tiny32
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = dict(_RESNETS)
+ARCHITECTURES.update(vit_tiny32=vit_tiny32, mixer_tiny32=mixer_tiny32)
 
 
 def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -32,4 +35,5 @@ def build_model(name: str, **kwargs) -> nn.Module:
 __all__ = [
     "ARCHITECTURES", "ResNet", "build_model", "register_architecture",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet_small",
+    "VisionTransformer", "vit_tiny32", "MLPMixer", "mixer_tiny32",
 ]

@@ -1,0 +1,447 @@
+"""Hub-Pathway: transfer from a hub of pretrained models of *different* architectures.
+
+Shu, Cao, Zhang, Wang, Long, "Hub-Pathway: Transfer Learning from A Hub of Pre-trained Models",
+NeurIPS 2022 (arXiv 2206.03726). No public code is known; the paper's text fixes the structure
+(data-dependent pathway weights, input-level routing, output-level aggregation, a noisy generator,
+an exploration loss, exploitation by the data that activate each model) and leaves the details
+open. What we chose is marked **Choice** below.
+
+With a hub of m models f_1..f_m (any architectures and feature sizes), per input x::
+
+    g(x)      = W_g φ(x)                                     pathway logits, φ = small conv net on x
+    h(x)      = g(x) + ε ⊙ softplus(W_noise φ(x)),  ε~N(0,I)  in training; h = g at inference
+    S(x)      = topk(h(x), k)                                the models x is routed to
+    w_i(x)    = softmax_{j∈S(x)}(h_j(x))_i  for i∈S(x), else 0
+    ŷ(x)      = Σ_{i∈S(x)} w_i(x) · head_i(f_i(x))            output-level aggregation
+
+    L = L_task(ŷ, y) + λ_explore · (CV²(Importance) + CV²(Load)) + λ_exploit · L_exploit
+
+    Importance_i = Σ_b w_i(x_b)                              (over the batch)
+    Load_i       = Σ_b P(i ∈ S(x_b))                          smooth, differentiable estimate
+    L_exploit    = mean over routed pairs (b, i) of L_task(head_i(f_i(x_b)), y_b)
+    CV²(v)       = Var(v) / (Mean(v)² + 1e-10)                (population variance; 0 iff uniform)
+
+**Routing is executed, not masked**: for each model the samples routed to it are gathered, the model
+runs once on them, and the weighted outputs are scattered back (``index_add``). A model that no
+sample selects does not run, so FLOPs are those of the selected models plus the generator: at
+inference about k/m of an ensemble of the same hub.
+
+Choices (the paper's text leaves them open):
+
+- **Generator** φ: conv3x3(C→w, stride 2)-BN-ReLU-conv3x3(w→2w, stride 2)-BN-ReLU-global average
+  pool, on the input average-pooled down to at most ``generator_input_size`` pixels a side (so its
+  cost does not grow with the resolution). ``W_g`` and ``W_noise`` are zero-initialised, so every
+  model starts equally likely (Shazeer et al. 2017 do the same).
+- **Noise**: noisy top-k gating of Shazeer et al., "Outrageously Large Neural Networks", ICLR 2017;
+  the softmax is over the kept *noisy* logits, as there. Off in ``eval()``.
+- **k** = 2 by default; any 1 ≤ k ≤ m.
+- **Load** in training is Shazeer's smooth estimate P(i∈S(x)) = Φ((g_i(x) − θ_i(x)) / σ_i(x)), where
+  σ_i = softplus(W_noise φ(x))_i and θ_i is the k-th largest noisy logit among the *other* models;
+  it gives gradient to the generator. Without noise (eval, or ``noisy=False``) Load is the
+  non-differentiable count of routed samples.
+- **Heads**: each model gets its own new head ``task.make_head(d_i)`` on its own features, so feature
+  sizes may differ; the members' original heads are not used (their parameters are frozen, see
+  below).
+- **Exploitation**: each routed (sample, model) pair adds the task loss of that model's own head
+  on that sample. ``exploit_weighting="none"`` (default) counts every routed pair equally;
+  ``"gate"`` weights pair (b, i) by the detached gate w_i(x_b) (so that exploitation never moves
+  the router) and averages over samples. Measured in docs/hub-pathway.md.
+- **Defaults**: λ_explore = 0.01 per term (after Shazeer's 0.1 with their much larger batches, scaled
+  down because at small batches CV² is noisy), λ_exploit = 1.
+- Members are **deep-copied** by default (``copy_members=True``) so one hub can seed several runs.
+- Member parameters that do not influence the features (an original head, layers after a
+  module-input entry point) are set to ``requires_grad=False`` at construction, found by one
+  probe forward/backward on a dummy input of ``input_shape``.
+- Under DistributedDataParallel some members receive no samples in a step: wrap with
+  ``find_unused_parameters=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zootune.errors import ZootuneError
+from zootune.methods.registry import MethodSpec, register_method
+from zootune.models.features import FeatureEntry, FeatureFn, feature_extractor
+from zootune.tasks import ClassificationTask, Task
+
+
+def _per_member(value, names: list[str], what: str) -> list:
+    """Expand ``value`` (None, one entry for all, a sequence per member, or a dict by name)."""
+    m = len(names)
+    if value is None or isinstance(value, str) or callable(value):
+        return [value] * m
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(names)
+        if unknown:
+            raise ZootuneError(f"{what} names unknown hub members {sorted(unknown)}; members: {names}")
+        return [value.get(name) for name in names]
+    value = list(value)
+    if len(value) != m:
+        raise ZootuneError(f"{what} has {len(value)} entries but the hub has {m} models")
+    return value
+
+
+class Hub(Sequence[nn.Module]):
+    """A named ordered collection of pretrained models of any architectures and feature sizes.
+
+    Args:
+        models: the pretrained models (any ``nn.Module``), or a :class:`zootune.Zoo`.
+        names: one name per model (default: the zoo's names, else ``"<index>_<class name>"``).
+        feature_fns: where to read each model's features: a method name (``"forward_features"``)
+            or a callable ``fn(model, x)``. One value for all models, a list per model, or a dict
+            by name; ``None`` entries use the default.
+        feature_names: names of submodules whose *input* is the feature (e.g. ``"fc"``); the forward
+            stops there. Same forms as ``feature_fns``; give at most one of the two per model.
+
+    Default entry point: ``forward_features`` when the model has one, else the input of its head
+    (see :mod:`zootune.models.features`).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        names: Sequence[str] | None = None,
+        feature_fns: FeatureEntry | Sequence[FeatureEntry] | Mapping[str, FeatureEntry] = None,
+        feature_names: str | Sequence[str | None] | Mapping[str, str] | None = None,
+    ):
+        if names is None:
+            names = getattr(models, "names", None)
+        models = list(models)
+        if not models:
+            raise ZootuneError("a hub needs at least one model")
+        for i, model in enumerate(models):
+            if not isinstance(model, nn.Module):
+                raise ZootuneError(f"hub member {i} is a {type(model).__name__}, not an nn.Module")
+        names = [f"{i}_{type(m).__name__}" for i, m in enumerate(models)] if names is None else list(names)
+        if len(names) != len(models):
+            raise ZootuneError(f"{len(names)} names given for {len(models)} hub models")
+        if len(set(names)) != len(names):
+            raise ZootuneError(f"hub member names must be unique, got {names}")
+        self.models = models
+        self.names = names
+        fns = _per_member(feature_fns, names, "feature_fns")
+        modules = _per_member(feature_names, names, "feature_names")
+        self.extractors: list[FeatureFn] = [
+            feature_extractor(model, method=fn, module_input=module)
+            for model, fn, module in zip(models, fns, modules)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, index):
+        return self.models[index]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.models)
+
+    def features(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, d_index) of model ``index`` on ``x``."""
+        return self.extractors[index](self.models[index], x)
+
+    def __repr__(self) -> str:
+        members = ", ".join(f"{n}: {type(m).__name__}" for n, m in zip(self.names, self.models))
+        return f"Hub({members})"
+
+
+def as_hub(models) -> Hub:
+    """``models`` if it is a Hub, else a Hub of it with default entry points."""
+    return models if isinstance(models, Hub) else Hub(models)
+
+
+def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation Var(v) / (Mean(v)² + eps); 0 exactly when v is uniform."""
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.var(unbiased=False) / (values.mean() ** 2 + eps)
+
+
+def balance_loss(importance: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """Exploration loss CV²(Importance) + CV²(Load) over the hub's models (minimal, 0, when uniform)."""
+    return cv_squared(importance) + cv_squared(load)
+
+
+def smooth_load(
+    clean_logits: torch.Tensor, noisy_logits: torch.Tensor, noise_std: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Σ_b P(i ∈ topk(noisy logits of x_b)) under fresh noise on logit i alone (Shazeer et al. 2017).
+
+    P = Φ((g_i − θ_i) / σ_i), θ_i the k-th largest noisy logit among the other models: the (k+1)-th
+    largest overall if i is currently in the top k, else the k-th.
+    """
+    m = clean_logits.shape[1]
+    if k >= m:  # every model is always selected
+        return clean_logits.new_full((m,), float(clean_logits.shape[0]))
+    top_values = noisy_logits.topk(k + 1, dim=1).values  # (B, k+1)
+    kth, kth_plus_one = top_values[:, k - 1 : k], top_values[:, k : k + 1]
+    in_top = noisy_logits >= kth
+    threshold = torch.where(in_top, kth_plus_one, kth)
+    normal = torch.distributions.Normal(clean_logits.new_zeros(()), clean_logits.new_ones(()))
+    return normal.cdf((clean_logits - threshold) / noise_std).sum(dim=0)
+
+
+class PathwayGenerator(nn.Module):
+    """Pathway logits g(x) = W_g φ(x) and noise scale σ(x) = softplus(W_noise φ(x)).
+
+    φ = conv3x3(stride 2)-BN-ReLU-conv3x3(stride 2)-BN-ReLU-global average pool on ``x``
+    average-pooled to at most ``input_size`` pixels a side.
+    """
+
+    def __init__(self, in_chans: int, num_paths: int, width: int = 16, input_size: int = 32):
+        super().__init__()
+        self.input_size = input_size
+        self.body = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.gate = nn.Linear(2 * width, num_paths)
+        self.noise = nn.Linear(2 * width, num_paths)
+        for linear in (self.gate, self.noise):  # equal logits at the start: no model is favoured
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] > self.input_size or x.shape[-2] > self.input_size:
+            x = F.adaptive_avg_pool2d(x, (min(x.shape[-2], self.input_size), min(x.shape[-1], self.input_size)))
+        h = self.body(x)
+        return self.gate(h), F.softplus(self.noise(h))
+
+
+@dataclass
+class Route:
+    """The samples ``rows`` routed to model ``index`` (in top-k slot ``slots``) and its head's outputs."""
+
+    index: int
+    rows: torch.Tensor
+    slots: torch.Tensor
+    outputs: torch.Tensor
+
+
+def _per_sample_losses(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if isinstance(task, ClassificationTask):
+        return F.cross_entropy(outputs, targets, reduction="none")
+    # Task only promises a batch mean; one call per sample is exact for any task.
+    return torch.stack([task.loss(outputs[j : j + 1], targets[j : j + 1]) for j in range(len(targets))])
+
+
+class HubPathway(nn.Module):
+    """Hub-Pathway on a :class:`Hub` (or any sequence of models); see the module docstring.
+
+    Args:
+        hub: the pretrained models (a :class:`Hub` for custom feature entry points).
+        task_or_num_outputs: a :class:`zootune.tasks.Task`, or a number of classes.
+        k: models activated per input (1 ≤ k ≤ m).
+        explore_weight: λ_explore, weight of CV²(Importance) + CV²(Load).
+        exploit_weight: λ_exploit, weight of the per-model exploitation loss.
+        exploit_weighting: ``"none"`` (every routed pair counts equally) or ``"gate"`` (weighted by
+            the detached pathway weight).
+        noisy: add the learned Gaussian noise to the logits in training.
+        generator_width: channels of the generator's first conv (the second has twice as many).
+        generator_input_size: the generator sees the input average-pooled to at most this side.
+        input_shape: (C, H, W) of one input, for the construction-time probe that finds feature
+            sizes and unused member parameters (any size the members accept).
+        backbone_lr_mult: the members' learning rate is ``base_lr * backbone_lr_mult`` in
+            :meth:`param_groups`; heads and the generator use ``base_lr``.
+        copy_members: deep-copy the hub's models instead of training them in place.
+    """
+
+    def __init__(
+        self,
+        hub: Hub | Sequence[nn.Module],
+        task_or_num_outputs: Task | int,
+        k: int = 2,
+        *,
+        explore_weight: float = 0.01,
+        exploit_weight: float = 1.0,
+        exploit_weighting: str = "none",
+        noisy: bool = True,
+        generator_width: int = 16,
+        generator_input_size: int = 32,
+        input_shape: Sequence[int] = (3, 32, 32),
+        backbone_lr_mult: float = 1.0,
+        copy_members: bool = True,
+    ):
+        super().__init__()
+        hub = as_hub(hub)
+        m = len(hub)
+        if not 1 <= k <= m:
+            raise ZootuneError(f"k must be between 1 and the hub size {m}, got {k}")
+        if exploit_weighting not in ("none", "gate"):
+            raise ZootuneError(f"exploit_weighting must be 'none' or 'gate', got {exploit_weighting!r}")
+        task = ClassificationTask(task_or_num_outputs) if isinstance(task_or_num_outputs, int) else task_or_num_outputs
+        self.task = task
+        self.k = k
+        self.explore_weight = explore_weight
+        self.exploit_weight = exploit_weight
+        self.exploit_weighting = exploit_weighting
+        self.noisy = noisy
+        self.backbone_lr_mult = backbone_lr_mult
+        self.names = list(hub.names)
+        self.extractors = list(hub.extractors)
+        self.members = nn.ModuleList(copy.deepcopy(model) if copy_members else model for model in hub)
+        dims = [self._probe_member(i, tuple(input_shape)) for i in range(m)]
+        self.feature_dims = dims
+        self.heads = nn.ModuleList(task.make_head(d) for d in dims)
+        self.generator = PathwayGenerator(input_shape[0], m, generator_width, generator_input_size)
+        self._last: dict | None = None
+
+    def _probe_member(self, index: int, input_shape: tuple[int, ...]) -> int:
+        """Feature size of member ``index``; freezes its parameters that do not reach the features."""
+        member = self.members[index]
+        was_training = member.training
+        member.eval()  # batch statistics of a dummy input must not touch BN running stats
+        try:
+            first = next(member.parameters(), None)
+            device = first.device if first is not None else None
+            features = self.extractors[index](member, torch.zeros(2, *input_shape, device=device))
+        except ZootuneError:
+            raise
+        except Exception as error:  # a wrong input_shape or entry point: say which member failed
+            raise ZootuneError(
+                f"hub member {self.names[index]!r} failed on a probe input of shape {input_shape} "
+                f"({type(error).__name__}: {error}); pass input_shape=... or fix its feature entry point"
+            ) from error
+        finally:
+            member.train(was_training)
+        params = [p for p in member.parameters() if p.requires_grad]
+        if features.requires_grad and params:
+            grads = torch.autograd.grad(features.sum(), params, allow_unused=True)
+            for param, grad in zip(params, grads):
+                if grad is None:
+                    param.requires_grad_(False)
+        return features.shape[1]
+
+    def routing(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pathway of each input: ``clean`` and ``noisy`` logits and ``noise_std`` (B, m), the
+        selected models ``top_index`` (B, k) and their weights ``top_weight`` (B, k)."""
+        clean, noise_std = self.generator(x)
+        noisy = clean + torch.randn_like(clean) * noise_std if (self.training and self.noisy) else clean
+        top_logits, top_index = noisy.topk(self.k, dim=1)
+        return {
+            "clean": clean, "noise_std": noise_std, "noisy": noisy,
+            "top_index": top_index, "top_weight": top_logits.softmax(dim=1),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pathway = self.routing(x)
+        top_index, top_weight = pathway["top_index"], pathway["top_weight"]
+        outputs: torch.Tensor | None = None
+        routes: list[Route] = []
+        for i, (member, extractor, head) in enumerate(zip(self.members, self.extractors, self.heads)):
+            rows, slots = (top_index == i).nonzero(as_tuple=True)  # top-k indices are distinct per row
+            if rows.numel() == 0:
+                continue  # nobody chose model i: it does not run
+            member_outputs = head(extractor(member, x[rows]))
+            weight = top_weight[rows, slots].view(-1, *([1] * (member_outputs.dim() - 1)))
+            if outputs is None:
+                outputs = member_outputs.new_zeros((x.shape[0], *member_outputs.shape[1:]))
+            outputs = outputs.index_add(0, rows, weight * member_outputs)
+            routes.append(Route(i, rows, slots, member_outputs))
+        if outputs is None:
+            raise ZootuneError("Hub-Pathway got an empty batch")
+        self._last = {**pathway, "routes": routes}  # for auxiliary_loss, called after this forward
+        return outputs
+
+    # -- losses -----------------------------------------------------------------------------------
+
+    def importance_and_load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Importance (Σ_b w_i) and Load (smooth in noisy training, else counts) of the last forward."""
+        last = self._require_last()
+        m = len(self.members)
+        gates = torch.zeros_like(last["clean"]).scatter(1, last["top_index"], last["top_weight"])
+        importance = gates.sum(dim=0)
+        if self.training and self.noisy:
+            load = smooth_load(last["clean"], last["noisy"], last["noise_std"], self.k)
+        else:
+            load = torch.bincount(last["top_index"].flatten(), minlength=m).to(gates.dtype)
+        return importance, load
+
+    def exploration_loss(self) -> torch.Tensor:
+        return balance_loss(*self.importance_and_load())
+
+    def exploitation_loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """Task loss of each routed model's own head on the samples routed to it."""
+        last = self._require_last()
+        total = None
+        for route in last["routes"]:
+            route_targets = targets[route.rows]
+            if self.exploit_weighting == "none":
+                # loss is a batch mean: times n gives the sum over the routed samples
+                term = self.task.loss(route.outputs, route_targets) * route.rows.numel()
+            else:
+                weight = last["top_weight"][route.rows, route.slots].detach()
+                term = (weight * _per_sample_losses(self.task, route.outputs, route_targets)).sum()
+            total = term if total is None else total + term
+        batch = last["top_index"].shape[0]
+        denominator = batch * self.k if self.exploit_weighting == "none" else batch
+        return total / denominator
+
+    def auxiliary_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """λ_explore · (CV²(Importance) + CV²(Load)) + λ_exploit · L_exploit (engine hook)."""
+        loss = outputs.new_zeros(())
+        if self.explore_weight:
+            loss = loss + self.explore_weight * self.exploration_loss()
+        if self.exploit_weight:
+            loss = loss + self.exploit_weight * self.exploitation_loss(targets)
+        return loss
+
+    def _require_last(self) -> dict:
+        if self._last is None:
+            raise ZootuneError("Hub-Pathway losses need a forward pass first")
+        return self._last
+
+    # -- engine hooks and diagnostics -------------------------------------------------------------
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        members = [p for p in self.members.parameters() if p.requires_grad]
+        rest = [p for p in [*self.heads.parameters(), *self.generator.parameters()] if p.requires_grad]
+        groups = [{"params": rest, "lr": base_lr}]
+        if members:
+            groups.append({"params": members, "lr": base_lr * self.backbone_lr_mult})
+        return groups
+
+    def finalize(self) -> nn.Module:
+        return self
+
+    @torch.no_grad()
+    def route_counts(self, x: torch.Tensor) -> torch.Tensor:
+        """How many samples of ``x`` each model receives (deterministic routing, no model runs)."""
+        was_training = self.training
+        self.eval()
+        try:
+            top_index = self.routing(x)["top_index"]
+        finally:
+            self.train(was_training)
+        return torch.bincount(top_index.flatten(), minlength=len(self.members))
+
+
+def _build(zoo, task, *, member=None, fitted=None, **options) -> nn.Module:
+    return HubPathway(as_hub(zoo), task, **options)
+
+
+register_method(
+    MethodSpec(
+        name="hub-pathway",
+        help="Hub-Pathway (NeurIPS 2022): route each input to k of a hub's models of any architectures",
+        build=_build,
+        hub=True,
+    )
+)
+
+__all__ = [
+    "Hub", "HubPathway", "PathwayGenerator", "Route", "as_hub", "balance_loss", "cv_squared",
+    "smooth_load",
+]
