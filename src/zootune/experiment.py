@@ -1,0 +1,504 @@
+"""The comparison run behind ``zootune run``: every method on every target and seed, one table.
+
+For each target task and seed, each selected method is built from the zoo
+(:func:`zootune.methods.registry.get_method`), trained with the shared engine
+(:class:`zootune.engine.Trainer`, model selection on the validation split), finalized, and
+evaluated once on the test split. Methods that need other methods' trained models (the ensemble and
+distillation need the fine-tuned members: ``MethodSpec.requires``) receive those of the same target
+and seed. Costs per sample come from :func:`zootune.cost.measure_cost` on the training-time module
+and the finalized inference module, never from hand-typed numbers. For Zoo-Tuning the mean gate
+weight of every aggregated layer over the validation split is recorded for the heatmap.
+
+The result is one JSON-serialisable dictionary (``results.json``)::
+
+    {"zootune_version", "config", "metric", "higher_is_better", "targets", "seeds",
+     "zoo": {"names", "checksums", "manifest"},
+     "methods": [{"id", "label", "method", "member",
+                  "targets": {target: {"test": [per seed], "test_mean", "test_std",
+                                       "val": [per seed], "val_mean", "seconds": [per seed],
+                                       "cost": {...}}},
+                  "mean", "mean_std", "cost": {...}}],
+     "gates": {method: {target: {layer: [one mean gate weight per member]}}},
+     "seconds"}
+
+``mean`` is the mean over targets of the per-target test mean; ``mean_std`` the standard deviation
+over seeds of the per-seed mean over targets. The row "finetune (best on val)" picks, per target and
+seed, the fine-tuned member with the best validation metric: the honest single-model baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from zootune.errors import ZootuneError
+from zootune.methods.registry import MethodSpec, available_methods, get_method
+from zootune.report import atomic_write_json, atomic_write_text, mean_std, results_markdown, results_table
+from zootune.tasks import ClassificationTask
+from zootune.version import __version__
+
+# Registered methods that ``zootune run`` leaves out unless named with --methods, and why.
+DEFAULT_EXCLUDED = {
+    # PAC-Net transfers ONE source model and needs that model's source data for its Allocate step;
+    # the MiniZoo run has no per-member source data to hand, so it would run a degraded variant.
+    "pac-net": "single-source method that needs source data (name it with --methods to run it)",
+}
+
+BEST_SINGLE_ID = "finetune:best-on-val"
+
+
+@dataclass
+class RunConfig:
+    """What ``zootune run`` compares and how long it trains.
+
+    ``targets=None`` means every target of the suite; ``methods=None`` every registered method that
+    applies (hub methods only with ``hub=True``; see ``DEFAULT_EXCLUDED``). Every training uses the
+    same optimiser settings (as the paper's Table 1 does); ``method_options`` passes keyword options
+    to a method's ``build`` (``{"zoo-tuning": {"align": "all"}}``).
+    """
+
+    # Budget of the full default (4 targets x 3 seeds x 11 trainings, <= 30 min on 2 CPU cores),
+    # measured on this 2-core machine when quiet: all 11 trainings on `count` (the largest train
+    # set, 720) for 3 epochs, with costs, took 46 s, i.e. ~15 s per epoch of everything on one
+    # (target, seed); 12 pairs x 6 epochs x 15 s is ~19 min, leaving room for a busier machine.
+    targets: list[str] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] | None = None
+    hub: bool = False
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.02
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    max_steps_per_epoch: int | None = None
+    eval_batch_size: int = 256
+    data_seed: int = 0  # the target splits are fixed; seeds vary initialisation, order, augmentation
+    cache_dir: str | None = None
+    plots: bool = True
+    progress: bool = False
+    method_options: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls, **overrides) -> "RunConfig":
+        """The ``--quick`` preset: the default target, one seed, short trainings (≤3 min on 2 cores
+        with the MiniZoo already built)."""
+        values = dict(targets=["default"], seeds=[0], epochs=3, max_steps_per_epoch=8)  # 117 s measured at load 2
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small pieces
+
+
+class RunLog:
+    """Lines to the terminal (or a given callable) and to ``log.txt`` in the run folder."""
+
+    def __init__(self, path: Path | None = None, echo: Callable[[str], None] | None = print):
+        self.path = path
+        self.echo = echo
+        self._file = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+        if self.echo is not None:
+            self.echo(message)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def state_dict_checksum(module: nn.Module) -> str:
+    """sha256 over a module's state_dict (names, dtypes, shapes and values, in key order)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def member_names(zoo: Sequence[nn.Module]) -> list[str]:
+    """``zoo.names`` for a :class:`zootune.Zoo`, else ``member0, member1, ...`` for a plain list."""
+    names = getattr(zoo, "names", None)
+    return list(names) if names is not None else [f"member{i}" for i in range(len(zoo))]
+
+
+def select_methods(names: Sequence[str] | None = None, hub: bool = False) -> list[MethodSpec]:
+    """The methods to run, in registry order, with every method a selected one ``requires`` added
+    before it. Unknown names raise :class:`ZootuneError` listing the known ones."""
+    registered = available_methods()
+    if names is None:
+        wanted = [n for n, s in registered.items() if (hub or not s.hub) and n not in DEFAULT_EXCLUDED]
+    else:
+        wanted = [get_method(n).name for n in names]
+    ordered: list[str] = []
+
+    def add(name: str, chain: tuple[str, ...] = ()) -> None:
+        if name in ordered:
+            return
+        if name in chain:
+            raise ZootuneError(f"methods require each other in a cycle: {' -> '.join(chain + (name,))}")
+        for required in get_method(name).requires:
+            add(required, chain + (name,))
+        ordered.append(name)
+
+    for name in sorted(wanted, key=list(registered).index):
+        add(name)
+    return [registered[n] for n in ordered]
+
+
+def resolve_targets(names: Sequence[str] | None) -> list[str]:
+    """Target names: ``None``/``["all"]`` = the whole suite; ``"default"`` = the suite's default."""
+    from zootune.data import targets as suite
+
+    known = list(suite.TARGETS)
+    if names is None or list(names) == ["all"]:
+        return known
+    resolved = []
+    for name in names:
+        name = suite.DEFAULT_TARGET if name == "default" else name
+        if name not in suite.TARGETS:
+            raise ZootuneError(f"unknown target {name!r}; choose from: {', '.join(known)} (or 'all')")
+        resolved.append(name)
+    return resolved
+
+
+def _train_config(config: RunConfig, seed: int):
+    from zootune.engine import TrainConfig
+
+    return TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        schedule=config.schedule,
+        seed=seed,
+        max_steps_per_epoch=config.max_steps_per_epoch,
+        progress=config.progress,
+    )
+
+
+def _example_input(dataset, n: int = 16) -> torch.Tensor:
+    # A batch, not one sample: BatchNorm in train mode needs more than one value per channel, and
+    # per-batch work (Zoo-Tuning's kernel aggregation, the formulation its autotuner picks for the
+    # shape) should be shared per sample as in training. Costs are reported per sample.
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
+def _measure_cost(train_model: nn.Module, infer_model: nn.Module, example: torch.Tensor) -> dict:
+    """:func:`zootune.cost.measure_cost` as a dict.
+
+    Zoo-Tuning's layers time their candidate formulations the first time they meet a new input
+    shape (:mod:`zootune.layers.autotune`); if that happens inside the FLOP counter, the trial runs
+    are counted too. So when the measurement taught the autotuner anything new, measure again.
+    """
+    from zootune.cost import measure_cost
+
+    try:
+        from zootune.layers import autotune
+    except ImportError:  # no Zoo-Tuning layers in this installation
+        autotune = None
+    known = len(autotune.measured_choices()) if autotune else 0
+    cost = measure_cost(train_model, infer_model, example)
+    if autotune and len(autotune.measured_choices()) != known:
+        cost = measure_cost(train_model, infer_model, example)
+    return cost.to_dict()
+
+
+def _record_gates(module: nn.Module, task, dataset, batch_size: int) -> dict[str, list[float]] | None:
+    """Mean gate weight per aggregated layer over ``dataset`` (Zoo-Tuning's gate statistics API)."""
+    if not (hasattr(module, "record_gates") and hasattr(module, "gate_statistics")):
+        return None
+    from zootune.engine import evaluate
+
+    with module.record_gates():
+        evaluate(module, task, dataset, batch_size=batch_size)
+    return {name: [float(v) for v in torch.as_tensor(g).flatten()] for name, g in module.gate_statistics().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# One method on one target and seed
+
+
+@dataclass
+class Fitted:
+    """A trained method: the built (training-time) module and the finalized model to evaluate."""
+
+    built: nn.Module
+    model: nn.Module
+    val_metric: float
+    seconds: float
+    cost: dict | None = None
+
+
+def fit_method(
+    spec: MethodSpec,
+    zoo,
+    task,
+    splits,
+    train_config,
+    *,
+    member: int | None = None,
+    fitted: dict | None = None,
+    options: dict | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    eval_batch_size: int = 256,
+    cost_input: torch.Tensor | None = None,
+) -> Fitted:
+    """Build ``spec`` on ``zoo`` for ``task``, train it on ``splits.train`` (selection on
+    ``splits.val``) unless ``spec.trains`` is False, and finalize it.
+
+    With ``cost_input`` the costs are measured (:func:`zootune.cost.measure_cost`): the training
+    columns on the module as built, before training (what training runs: e.g. Knowledge Flow's
+    teachers, whose weights training drives to zero), the inference columns on the finalized model.
+    The measuring time is not counted in ``seconds``.
+    """
+    from zootune.engine import Trainer, evaluate
+
+    torch.manual_seed(train_config.seed)  # the new heads and gates are initialised from this seed
+    requires = {name: (fitted or {})[name] for name in spec.requires}
+    built = spec.build(zoo, task, member=member, fitted=requires, **(options or {}))
+    train_cost = None
+    if cost_input is not None:
+        # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
+        train_cost = _measure_cost(built, built, cost_input)
+    start = time.perf_counter()
+    if spec.trains:
+        result = Trainer(
+            built, task, splits.train, splits.val, config=train_config, out_dir=out_dir, resume=resume
+        ).fit()
+        model = result.model
+        val_metric = result.best_val_metric
+    else:
+        model = built.finalize() if hasattr(built, "finalize") else built
+        val_metric = None
+    model.eval()
+    if val_metric is None:
+        val_metric = evaluate(model, task, splits.val, batch_size=eval_batch_size)[task.metric_name]
+    seconds = time.perf_counter() - start
+    cost = None
+    if cost_input is not None:
+        infer_cost = _measure_cost(model, model, cost_input)
+        cost = {k: (train_cost[k] if k.startswith("train") else v) for k, v in infer_cost.items()}
+    return Fitted(built, model, float(val_metric), seconds, cost)
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _new_row(row_id: str, label: str, method: str, member: str | None) -> dict:
+    return {"id": row_id, "label": label, "method": method, "member": member, "targets": {}, "cost": None}
+
+
+def _summarise(rows: list[dict], targets: list[str], seeds: list[int]) -> None:
+    for row in rows:
+        per_seed_means = []
+        for target, cell in row["targets"].items():
+            cell["test_mean"], cell["test_std"] = mean_std(cell["test"])
+            cell["val_mean"], cell["val_std"] = mean_std(cell["val"])
+        if all(t in row["targets"] for t in targets):
+            for k in range(len(seeds)):
+                per_seed_means.append(sum(row["targets"][t]["test"][k] for t in targets) / len(targets))
+            row["mean"] = sum(row["targets"][t]["test_mean"] for t in targets) / len(targets)
+            row["mean_std"] = mean_std(per_seed_means)[1]
+        else:
+            row["mean"], row["mean_std"] = None, None
+        if row["cost"] is None and row["targets"]:
+            row["cost"] = next(iter(row["targets"].values())).get("cost")
+
+
+def run_experiment(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    zoo=None,
+    load_target: Callable | None = None,
+    target_names: Sequence[str] | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> dict:
+    """Run the comparison and write ``results.json``, ``results.md``, ``log.txt`` and the plots
+    into ``out_dir``; returns the results dictionary.
+
+    ``zoo`` defaults to the MiniZoo (:func:`zootune.minizoo.load_minizoo`, built if missing) and
+    ``load_target(name, seed) -> DatasetSplits`` to :func:`zootune.data.targets.get_target`; tests
+    pass tiny ones. ``target_names`` then overrides the suite's names.
+    """
+    from zootune.engine import evaluate
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out_dir / "log.txt", echo)
+    started = time.perf_counter()
+    try:
+        specs = select_methods(config.methods, hub=config.hub)
+        if load_target is None:
+            from functools import partial
+
+            from zootune.data.targets import get_target
+
+            load_target = partial(get_target, cache_dir=config.cache_dir)
+            targets = resolve_targets(config.targets)
+        else:
+            targets = list(target_names or config.targets or [])
+            if not targets:
+                raise ZootuneError("no targets given")
+        manifest, build_seconds = None, 0.0
+        if zoo is None:
+            from zootune.minizoo import build_minizoo, list_minizoo, load_minizoo
+
+            missing = [r["name"] for r in list_minizoo(cache_dir=config.cache_dir)
+                       if not (r["built"] and r["checksum_ok"])]
+            if missing:
+                # Pretraining is a one-time cost (cached): timed and reported apart from the run.
+                log(f"building MiniZoo members {', '.join(missing)} (once; cached for later runs)")
+                build_start = time.perf_counter()
+                build_minizoo(cache_dir=config.cache_dir, progress=config.progress)
+                build_seconds = time.perf_counter() - build_start
+                log(f"MiniZoo built in {build_seconds:.0f} s (not counted in the run's time)")
+            zoo = load_minizoo(cache_dir=config.cache_dir, build_if_missing=False)
+            manifest = list_minizoo(cache_dir=config.cache_dir)
+        hub = None
+        if any(spec.hub for spec in specs):
+            from zootune.minizoo.hub import load_hub
+
+            hub = load_hub(cache_dir=config.cache_dir)
+        names = member_names(zoo)
+        log(
+            f"zootune {__version__}: {len(specs)} methods ({', '.join(s.name for s in specs)}) on "
+            f"{len(targets)} targets ({', '.join(targets)}) x {len(config.seeds)} seeds; zoo: {', '.join(names)}"
+        )
+
+        rows: dict[str, dict] = {}
+        gates: dict[str, dict] = {}
+        metric_name, higher_is_better = "metric", True
+        for target in targets:
+            splits = load_target(target, seed=config.data_seed)
+            task = getattr(splits, "task", None) or ClassificationTask(splits.num_classes)
+            metric_name, higher_is_better = task.metric_name, task.higher_is_better
+            example = _example_input(splits.train)
+            log(f"target {target}: {len(splits.train)} train / {len(splits.val)} val / "
+                f"{len(splits.test)} test, {splits.num_classes} classes")
+            for seed_index, seed in enumerate(config.seeds):
+                train_config = _train_config(config, seed)
+                fitted: dict[str, object] = {}
+                best_single = None
+                for spec in specs:
+                    source = hub if spec.hub else zoo
+                    members = range(len(source)) if spec.per_member else [None]
+                    per_member_models = []
+                    for member in members:
+                        if member is None:
+                            row_id, label, member_name = spec.name, spec.name, None
+                        else:
+                            member_name = member_names(source)[member]
+                            row_id, label = f"{spec.name}:{member_name}", f"{spec.name} [{member_name}]"
+                        result = fit_method(
+                            spec, source, task, splits, train_config, member=member, fitted=fitted,
+                            options=config.method_options.get(spec.name), eval_batch_size=config.eval_batch_size,
+                            # the architecture is the same for every seed: measure once per target
+                            cost_input=example if seed_index == 0 else None,
+                        )
+                        test = evaluate(result.model, task, splits.test, batch_size=config.eval_batch_size)
+                        test_metric = float(test[metric_name])
+                        row = rows.setdefault(row_id, _new_row(row_id, label, spec.name, member_name))
+                        cell = row["targets"].setdefault(target, {"test": [], "val": [], "seconds": []})
+                        cell["test"].append(test_metric)
+                        cell["val"].append(result.val_metric)
+                        cell["seconds"].append(round(result.seconds, 2))
+                        if seed_index == 0:
+                            cell["cost"] = result.cost
+                            if spec.name in ("zoo-tuning", "lite"):
+                                stats = _record_gates(result.built, task, splits.val, config.eval_batch_size)
+                                if stats:
+                                    gates.setdefault(spec.name, {})[target] = stats
+                                elif stats is None:
+                                    log(f"{spec.name}: no gate statistics API; gate heatmap skipped")
+                        log(f"{target} seed {seed} {label}: val {result.val_metric:.2f} test {test_metric:.2f} "
+                            f"{metric_name} ({result.seconds:.1f} s)")
+                        per_member_models.append(result.model)
+                        if spec.name == "finetune":
+                            if best_single is None or (
+                                result.val_metric > best_single[0] if higher_is_better
+                                else result.val_metric < best_single[0]
+                            ):
+                                best_single = (result.val_metric, test_metric, row_id)
+                    fitted[spec.name] = per_member_models if spec.per_member else per_member_models[0]
+                if best_single is not None:
+                    row = rows.setdefault(BEST_SINGLE_ID, _new_row(BEST_SINGLE_ID, "finetune (best on val)", "finetune", None))
+                    cell = row["targets"].setdefault(target, {"test": [], "val": [], "seconds": [], "chosen": []})
+                    cell["test"].append(best_single[1])
+                    cell["val"].append(best_single[0])
+                    cell["seconds"].append(0.0)
+                    cell["chosen"].append(best_single[2])
+                    if seed_index == 0:
+                        cell["cost"] = rows[best_single[2]]["targets"][target]["cost"]
+
+        ordered = [r for r in rows.values() if r["id"] != BEST_SINGLE_ID]
+        if BEST_SINGLE_ID in rows:  # right after the single fine-tunes
+            position = max(i for i, r in enumerate(ordered) if r["method"] == "finetune") + 1
+            ordered.insert(position, rows[BEST_SINGLE_ID])
+        _summarise(ordered, targets, list(config.seeds))
+        results = {
+            "zootune_version": __version__,
+            "config": config.to_dict(),
+            "metric": metric_name,
+            "higher_is_better": higher_is_better,
+            "targets": targets,
+            "seeds": list(config.seeds),
+            "zoo": {
+                "names": names,
+                "checksums": {n: state_dict_checksum(m) for n, m in zip(names, zoo)},
+                "manifest": manifest,
+            },
+            "methods": ordered,
+            "gates": gates,
+            "seconds": round(time.perf_counter() - started - build_seconds, 1),
+            "zoo_build_seconds": round(build_seconds, 1),
+            "log": "log.txt",
+        }
+        if config.plots:
+            from zootune.report import write_plots
+
+            results["plots"] = write_plots(results, out_dir, log=log)
+        atomic_write_json(out_dir / "results.json", results)
+        atomic_write_text(out_dir / "results.md", results_markdown(results))
+        log("\n" + results_table(results))
+        log(f"results written to {out_dir} ({results['seconds']:.0f} s)")
+        return results
+    finally:
+        log.close()
+
+
+def load_results(path: str | Path) -> dict:
+    """Read a ``results.json`` (or the folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise ZootuneError(f"no results.json at {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+__all__ = ["RunConfig", "Fitted", "fit_method", "run_experiment", "select_methods", "load_results",
+           "state_dict_checksum", "DEFAULT_EXCLUDED"]

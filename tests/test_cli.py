@@ -1,0 +1,237 @@
+"""The zootune command: one-line errors for bad input, a fit -> export -> evaluate round trip on an
+image folder and a tiny zoo written here, and the run options reaching the Python API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zootune.cli.main as cli
+from zootune.errors import NonFiniteLossError
+from zootune.methods.registry import available_methods
+from zootune.models import resnet_small
+from zootune.version import __version__
+
+pytest.importorskip("zootune.engine")
+from zootune.zoo import save_state_dict  # noqa: E402
+
+ARCH = ["--arch", "zootune.models:resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4"]
+FAST = ["--epochs", "1", "--batch-size", "8", "--image-size", "16", "--max-steps-per-epoch", "2", "--no-progress"]
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+
+
+def write_images(folder, classes: int, per_class: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = rng.uniform(0, 120, (16, 16, 3)) + np.array(COLORS[c]) * 0.5
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"class{c}" / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        write_images(root / "data" / split, classes=3, per_class=n, seed=len(split))
+    torch.manual_seed(0)
+    for i in range(2):
+        save_state_dict(root / f"m{i}.safetensors", resnet_small(depth=10, width=4).state_dict())
+    save_state_dict(root / "wide.safetensors", resnet_small(depth=10, width=8).state_dict())
+    return root
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("zootune: error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_version_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "zootune", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"zootune {__version__}"
+
+
+def test_error_from_a_real_process_is_one_line_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "zootune", "evaluate", str(tmp_path), "--data", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert_one_line_error(done.returncode, done.stderr, "not an exported zootune model")
+
+
+@pytest.fixture(scope="module")
+def fitted_run(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    argv = ["fit", *ARCH, "--zoo", workspace / "m0.safetensors", workspace / "m1.safetensors",
+            "--data", workspace / "data", "--method", "finetune", "--member", "1", *FAST, "--out", out]
+    code = cli.main([str(a) for a in argv])
+    assert code == 0
+    return out
+
+
+def _bad_folders(root):
+    (root / "empty").mkdir()
+    (root / "files_only").mkdir()
+    (root / "files_only" / "a.png").write_bytes(b"x")
+    write_images(root / "no_images", 2, 3)
+    for f in (root / "no_images" / "class1").iterdir():
+        f.unlink()
+    write_images(root / "corrupt", 2, 3)
+    (root / "corrupt" / "class0" / "0.png").write_bytes(b"\x89PNG truncated")
+    write_images(root / "five", 5, 2)
+
+
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("missing_zoo_file", ["does not exist"]),
+        ("missing_data", ["does not exist"]),
+        ("empty_dataset", ["empty"]),
+        ("wrong_layout", ["not a folder of class folders"]),
+        ("class_without_images", ["contains no images"]),
+        ("unreadable_image", ["cannot read image", "0.png"]),
+        ("zoo_mismatch", ["wide"]),
+        ("unknown_method", ["unknown method"]),
+        ("unknown_arch", ["unknown architecture"]),
+        ("bad_option", ["key=value"]),
+        ("bad_seeds", ["seeds"]),
+        ("labels_out_of_range", ["3 classes", "5 class folders"]),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(case, fragments, workspace, fitted_run, tmp_path, capsys):
+    _bad_folders(tmp_path)
+    zoo = ["--zoo", workspace / "m0.safetensors"]
+    data = workspace / "data"
+
+    def fit(*extra, zoo=zoo, data=data):
+        return ["fit", *ARCH, *zoo, "--data", data, *FAST, "--out", tmp_path / "out", *extra]
+
+    argv = {
+        "missing_zoo_file": fit(zoo=["--zoo", tmp_path / "nope.pth"]),
+        "missing_data": fit(data=tmp_path / "nope"),
+        "empty_dataset": fit(data=tmp_path / "empty"),
+        "wrong_layout": fit(data=tmp_path / "files_only"),
+        "class_without_images": fit(data=tmp_path / "no_images"),
+        "unreadable_image": fit(data=tmp_path / "corrupt"),
+        "zoo_mismatch": fit(zoo=["--zoo", workspace / "m0.safetensors", workspace / "wide.safetensors"]),
+        "unknown_method": fit("--method", "no-such-method"),
+        "unknown_arch": ["fit", "--arch", "no_such_arch", *zoo, "--data", data, "--out", tmp_path / "o"],
+        "bad_option": fit("--option", "novalue"),
+        "bad_seeds": ["run", "--seeds", "0,x"],
+        "labels_out_of_range": ["evaluate", fitted_run / "model", "--data", tmp_path / "five"],
+    }[case]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "out" / "model").exists()  # nothing exported for a failed fit
+
+
+def test_unknown_target_is_reported_before_any_work(tmp_path, capsys):
+    pytest.importorskip("zootune.data.targets")
+    code, _, err = run_cli(["run", "--targets", "no-such-target", "--out", tmp_path, "--cache-dir", tmp_path], capsys)
+    assert_one_line_error(code, err, "unknown target")
+    assert not (tmp_path / "minizoo").exists()  # the zoo was not built for a run that cannot start
+
+
+def test_non_finite_loss_and_interrupt_messages(workspace, tmp_path, capsys, monkeypatch):
+    import zootune.engine
+
+    def nan_fit(self):
+        raise NonFiniteLossError("loss is nan at epoch 2, step 5")
+
+    monkeypatch.setattr(zootune.engine.Trainer, "fit", nan_fit)
+    argv = ["fit", *ARCH, "--zoo", workspace / "m0.safetensors", "--data", workspace / "data", *FAST,
+            "--out", tmp_path]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "loss is nan", "last good checkpoint", "--resume")
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zootune.engine.Trainer, "fit", interrupted)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 130 and "--resume" in err and "Traceback" not in err
+
+
+def test_fit_export_evaluate_round_trip(fitted_run, workspace, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    info = json.loads((fitted_run / "model" / "config.json").read_text())
+    assert info["kind"] == "plain" and info["method"] == "finetune" and info["member"] == 1
+    assert info["class_names"] == ["class0", "class1", "class2"] and info["zootune_version"] == __version__
+    code, out, _ = run_cli(["export", fitted_run, "--out", tmp_path / "exported"], capsys)
+    assert code == 0
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    trained = load_file(fitted_run / "model" / "model.safetensors")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert any("running_mean" in k for k in exported)  # BatchNorm statistics travel with the weights
+    # a plain export loads strictly into the architecture with a 3-way head
+    plain = resnet_small(num_classes=3, depth=10, width=4)
+    plain.load_state_dict(exported, strict=True)
+
+    code, out, _ = run_cli(["evaluate", tmp_path / "exported", "--data", workspace / "data"], capsys)
+    assert code == 0
+    test = json.loads((fitted_run / "metrics.json").read_text())["test"]
+    assert f"loss {test['loss']:.4f} acc {test['acc']:.2f}" in out and "9 images" in out
+
+
+@pytest.mark.parametrize("method, kind", [("lite", "plain"), ("zoo-tuning", "method")])
+def test_zoo_tuning_fit_exports_a_model_that_evaluates_the_same(method, kind, workspace, tmp_path, capsys):
+    if method not in available_methods():
+        pytest.skip(f"{method} not registered")
+    out = tmp_path / method
+    code, printed, _ = run_cli(["fit", *ARCH, "--zoo", workspace / "m0.safetensors", workspace / "m1.safetensors",
+                                "--data", workspace / "data", "--method", method, *FAST, "--out", out], capsys)
+    assert code == 0
+    # Lite folds into the plain architecture; full Zoo-Tuning is rebuilt from the zoo, then loaded
+    assert json.loads((out / "model" / "config.json").read_text())["kind"] == kind
+    code, printed, _ = run_cli(["evaluate", out / "model", "--data", workspace / "data"], capsys)
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert code == 0 and f"loss {test['loss']:.4f} acc {test['acc']:.2f}" in printed
+
+
+def test_run_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
+    import zootune.experiment
+
+    seen = {}
+    monkeypatch.setattr(zootune.experiment, "run_experiment", lambda config, out: seen.update(config=config, out=out))
+    code, _, _ = run_cli(["run", "--seeds", "3", "--targets", "a,b", "--methods", "finetune,lite", "--epochs", "4",
+                          "--no-plots", "--out", tmp_path], capsys)
+    config = seen["config"]
+    assert code == 0 and seen["out"] == tmp_path
+    assert config.seeds == [0, 1, 2] and config.targets == ["a", "b"] and config.methods == ["finetune", "lite"]
+    assert config.epochs == 4 and config.plots is False
+    code, printed, _ = run_cli(["run", "--quick", "--seeds", "5,7", "--out", tmp_path], capsys)
+    quick = seen["config"]
+    assert quick.seeds == [5, 7] and quick.targets == ["default"] and quick.max_steps_per_epoch and "3 min" in printed
+    run_cli(["run", "--targets", "all", "--out", tmp_path], capsys)
+    assert seen["config"].targets is None
+
+
+def test_rank_prints_rank_zoo_order(workspace, capsys):
+    logme = pytest.importorskip("zootune.methods.logme")
+    from zootune.data.image_folder import load_image_folder
+    from zootune.zoo import Zoo
+
+    paths = [workspace / "m0.safetensors", workspace / "m1.safetensors"]
+    code, out, _ = run_cli(["rank", *ARCH, "--zoo", *paths, "--data", workspace / "data", "--image-size", "16"], capsys)
+    assert code == 0
+    printed = [line.split()[1:3] for line in out.splitlines()[3:]]
+    zoo = Zoo.from_checkpoints(paths, arch=resnet_small, arch_kwargs={"depth": 10, "width": 4})
+    dataset = load_image_folder(workspace / "data", image_size=16).train.with_transform(None)
+    expected = [[name, f"{score:.4f}"] for name, score in logme.rank_zoo(zoo, dataset)]
+    assert printed == expected

@@ -1,0 +1,131 @@
+"""The comparison run (zootune.experiment) on a tiny zoo and tiny targets built here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from zootune.errors import ZootuneError
+from zootune.experiment import DEFAULT_EXCLUDED, RunConfig, run_experiment, select_methods, state_dict_checksum
+from zootune.methods.registry import available_methods
+from zootune.models import resnet_small
+
+pytest.importorskip("zootune.engine")
+pytest.importorskip("zootune.cost")
+from zootune.data.datasets import DatasetSplits, ImageDataset  # noqa: E402
+from zootune.zoo import Zoo  # noqa: E402
+
+
+def tiny_zoo(m: int = 2) -> Zoo:
+    torch.manual_seed(123)
+    return Zoo.from_modules([resnet_small(num_classes=3, depth=10, width=4) for _ in range(m)],
+                            names=[f"src{i}" for i in range(m)])
+
+
+def tiny_target(name: str, seed: int = 0) -> DatasetSplits:
+    # Two classes told apart by the mean of the red channel: learnable, deterministic per name.
+    g = torch.Generator().manual_seed(sum(map(ord, name)) + seed)
+
+    def split(n):
+        y = torch.arange(n) % 2
+        x = torch.randn(n, 3, 16, 16, generator=g) + (2 * y - 1).view(-1, 1, 1, 1) * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
+        return ImageDataset(x, y)
+
+    return DatasetSplits(split(24), split(12), split(12), 2, name)
+
+
+def test_select_methods_puts_requirements_first_and_rejects_unknown():
+    specs = select_methods(["ensemble"])
+    names = [s.name for s in specs]
+    assert names[-1] == "ensemble"
+    for required in specs[-1].requires:
+        assert names.index(required) < names.index("ensemble")
+    default = [s.name for s in select_methods()]
+    registered = available_methods()
+    assert not any(registered[n].hub for n in default)
+    assert not set(default) & set(DEFAULT_EXCLUDED)
+    assert any(registered[n].hub for n in (s.name for s in select_methods(hub=True))) == any(
+        s.hub for s in registered.values())
+    with pytest.raises(ZootuneError, match="unknown method"):
+        select_methods(["no-such-method"])
+
+
+def test_state_dict_checksum_sees_every_value():
+    model = resnet_small(depth=10, width=4)
+    before = state_dict_checksum(model)
+    assert before == state_dict_checksum(model)
+    model.bn1.num_batches_tracked += 1  # a 0-dim integer buffer
+    assert state_dict_checksum(model) != before
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = RunConfig(targets=["red", "blue"], seeds=[0, 1], methods=["ensemble"], epochs=1, batch_size=8,
+                       max_steps_per_epoch=2, eval_batch_size=16, plots=False)
+    results = run_experiment(config, out, zoo=tiny_zoo(), load_target=tiny_target, echo=None)
+    return out, results, config
+
+
+def test_run_writes_results_with_the_required_fields(tiny_run):
+    out, results, config = tiny_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["zoo"]["names"] == ["src0", "src1"]
+    assert on_disk["zoo"]["checksums"]["src1"] == state_dict_checksum(tiny_zoo()[1])
+    assert on_disk["config"]["seeds"] == [0, 1] and on_disk["targets"] == ["red", "blue"]
+    assert on_disk["zootune_version"] and on_disk["metric"] == "acc"
+    ids = [row["id"] for row in on_disk["methods"]]
+    assert ids == ["finetune:src0", "finetune:src1", "finetune:best-on-val", "ensemble"]
+    for row in on_disk["methods"]:
+        per_seed_means = []
+        for target in ("red", "blue"):
+            cell = row["targets"][target]
+            assert len(cell["test"]) == len(cell["val"]) == 2
+            assert cell["test_mean"] == pytest.approx(statistics.mean(cell["test"]))
+            assert cell["test_std"] == pytest.approx(statistics.stdev(cell["test"]))
+            assert all(0 <= v <= 100 for v in cell["test"] + cell["val"])
+        for k in range(2):
+            per_seed_means.append(statistics.mean(row["targets"][t]["test"][k] for t in ("red", "blue")))
+        assert row["mean"] == pytest.approx(statistics.mean(per_seed_means))
+        assert row["mean_std"] == pytest.approx(statistics.stdev(per_seed_means))
+        for key in ("train_gflops", "train_params", "infer_gflops", "infer_params"):
+            assert row["cost"][key] > 0
+    text = (out / "results.md").read_text()
+    assert "| ensemble |" in text
+    assert (out / "log.txt").read_text().count("test") >= 8
+
+
+def test_costs_and_best_single_follow_from_the_trained_members(tiny_run):
+    _, results, _ = tiny_run
+    rows = {row["id"]: row for row in results["methods"]}
+    single, ensemble = rows["finetune:src0"]["cost"], rows["ensemble"]["cost"]
+    # the ensemble runs both fine-tuned members: twice one member's parameters and FLOPs
+    assert ensemble["infer_params"] == 2 * single["infer_params"]
+    assert ensemble["infer_gflops"] == pytest.approx(2 * single["infer_gflops"], rel=1e-6)
+    for target in ("red", "blue"):
+        best = rows["finetune:best-on-val"]["targets"][target]
+        for k in range(2):
+            vals = {m: rows[f"finetune:{m}"]["targets"][target]["val"][k] for m in ("src0", "src1")}
+            chosen = best["chosen"][k].split(":")[1]
+            assert vals[chosen] == max(vals.values())
+            assert best["test"][k] == rows[f"finetune:{chosen}"]["targets"][target]["test"][k]
+
+
+def test_same_config_gives_the_same_numbers(tiny_run, tmp_path):
+    _, results, config = tiny_run
+    config = RunConfig(**{**config.to_dict(), "targets": ["red"], "seeds": [1], "methods": ["finetune"]})
+    again = run_experiment(config, tmp_path, zoo=tiny_zoo(), load_target=tiny_target, echo=None)
+    first = {row["id"]: row for row in results["methods"]}
+    for row in again["methods"]:
+        if row["id"].startswith("finetune:src"):
+            assert row["targets"]["red"]["test"] == [first[row["id"]]["targets"]["red"]["test"][1]]
+            assert row["targets"]["red"]["val"] == [first[row["id"]]["targets"]["red"]["val"][1]]
+
+
+def test_unknown_target_is_a_user_error(tmp_path):
+    pytest.importorskip("zootune.data.targets")
+    with pytest.raises(ZootuneError, match="unknown target"):
+        run_experiment(RunConfig(targets=["no-such-target"], plots=False), tmp_path, zoo=tiny_zoo(), echo=None)

@@ -1,0 +1,119 @@
+"""Report formatting: tables, results files and plots, checked against plain recomputation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+
+import pytest
+
+from zootune.report import (
+    atomic_write_json,
+    format_markdown_table,
+    format_text_table,
+    mean_std,
+    results_markdown,
+    results_table,
+    table_rows,
+    write_plots,
+)
+from zootune.report import plots as plots_module
+
+
+def _results(seed: int = 0) -> dict:
+    """A results dictionary shaped like zootune.experiment's, with random numbers."""
+    rng = random.Random(seed)
+    targets, seeds = ["alpha", "beta"], [0, 1, 2]
+    methods = []
+    for name, gflops, params in (("finetune [m0]", 0.5, 1.2e6), ("zoo-tuning", 0.55, 6.1e6), ("ensemble", 2.5, 6.0e6)):
+        row = {"id": name, "label": name, "method": name, "member": None, "targets": {}}
+        for target in targets:
+            test = [rng.uniform(40, 90) for _ in seeds]
+            row["targets"][target] = {"test": test, "test_mean": statistics.mean(test),
+                                      "test_std": statistics.stdev(test), "val": test, "seconds": [1.0] * 3}
+        per_seed = [statistics.mean(row["targets"][t]["test"][k] for t in targets) for k in range(3)]
+        row["mean"] = statistics.mean(per_seed)
+        row["mean_std"] = statistics.stdev(per_seed)
+        row["cost"] = {"train_gflops": gflops * (1.1 if name == "zoo-tuning" else 1), "train_params": params,
+                       "infer_gflops": gflops, "infer_params": params}
+        methods.append(row)
+    return {"targets": targets, "seeds": seeds, "metric": "acc", "methods": methods,
+            "zoo": {"names": ["m0", "m1", "m2"]}, "zootune_version": "test", "config": {"epochs": 1},
+            "gates": {"zoo-tuning": {"alpha": {"conv1": [0.2, 0.5, 0.9], "layer1.0.conv1": [0.6, 0.1, 0.3]}}}}
+
+
+def test_mean_std_matches_statistics_module():
+    rng = random.Random(1)
+    for n in (1, 2, 5, 9):
+        values = [rng.gauss(0, 10) for _ in range(n)]
+        mean, std = mean_std(values)
+        assert mean == pytest.approx(statistics.mean(values))
+        assert std == pytest.approx(statistics.stdev(values) if n > 1 else 0.0)
+    assert all(math.isnan(v) for v in mean_std([]))
+
+
+def test_text_table_cells_come_from_the_results_and_columns_align():
+    results = _results()
+    text = results_table(results)
+    lines = text.splitlines()
+    header, rows = table_rows(results)
+    assert len(lines) == 2 + len(results["methods"])
+    # every body cell ends at the same character position as its header cell (right-aligned numbers)
+    rule = lines[1]
+    ends = [i for i in range(len(rule)) if rule[i] == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")]
+    assert len(ends) == len(header)
+    for line in [lines[0], *lines[2:]]:
+        for end in ends[1:]:
+            assert line[end] != " ", (line, end)
+    for row, line in zip(results["methods"], lines[2:]):
+        for target in results["targets"]:
+            cell = row["targets"][target]
+            assert f"{statistics.mean(cell['test']):.2f} ± {statistics.stdev(cell['test']):.2f}" in line
+        assert f"{row['mean']:.2f} ± {row['mean_std']:.2f}" in line
+        assert line.startswith(row["label"])
+    assert f"{results['methods'][1]['cost']['infer_params'] / 1e6:.2f}M" in lines[3]
+
+
+def test_markdown_table_has_one_cell_per_column():
+    results = _results(3)
+    md = results_table(results, markdown=True).splitlines()
+    widths = {line.count("|") for line in md}
+    assert widths == {len(table_rows(results)[0]) + 1}
+    assert md[1].startswith("|:---")
+    doc = results_markdown(results)
+    assert "\n".join(md) in doc and '"epochs": 1' in doc
+
+
+def test_generic_tables_escape_and_pad():
+    text = format_text_table(["a", "long header"], [["x", "1"], ["yyyy", "22"]]).splitlines()
+    assert len({len(line) for line in text}) == 1
+    assert format_markdown_table(["a|b", "c"], [["1", "2"]]).splitlines()[0] == "| a\\|b | c |"
+
+
+def test_atomic_json_writes_nan_as_null_and_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"x": float("nan"), "y": [1.5, float("inf")], "t": (1, 2)})
+    assert json.loads(path.read_text()) == {"x": None, "y": [1.5, None], "t": [1, 2]}
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"bad": object()})
+    assert path.read_text() == before
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary file left behind
+
+
+@pytest.mark.skipif(not plots_module.matplotlib_available(), reason="matplotlib not installed")
+def test_plots_are_written_as_png(tmp_path):
+    written = write_plots(_results(), tmp_path, log=lambda m: None)
+    assert set(written) == {"accuracy_vs_inference_cost", "accuracy_vs_training_cost", "gates_zoo-tuning_alpha"}
+    for file in written.values():
+        assert (tmp_path / file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_skip_with_a_note_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots_module, "matplotlib_available", lambda: False)
+    notes = []
+    assert write_plots(_results(), tmp_path, log=notes.append) == {}
+    assert notes and "matplotlib" in notes[0] and not list(tmp_path.iterdir())
