@@ -176,3 +176,26 @@ def test_distill_counts_teachers_in_training_and_student_at_inference():
     assert set(cost.to_dict()) == {"train_gflops", "train_step_gflops", "train_params",
                                    "infer_gflops", "infer_params", "input_shape"}
     assert cost.to_dict()["input_shape"] == [3, 16, 16]
+
+
+class ShapeTunedLinear(torch.nn.Module):
+    """Does extra trial work the first time it sees an input shape, like Zoo-Tuning's autotuner."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 4)
+        self.seen = set()
+
+    def forward(self, x):
+        if x.shape not in self.seen:
+            self.seen.add(x.shape)
+            for _ in range(3):  # "timing" three candidate formulations
+                self.linear(x)
+        return self.linear(x)
+
+
+def test_once_per_shape_work_is_not_counted():
+    steady = 2 * 5 * 8 * 4  # one Linear(8, 4) on a batch of 5
+    assert count_flops(ShapeTunedLinear(), torch.randn(5, 8)) == steady
+    # backward: the weight gradient only (the input needs none) = one more forward's worth
+    assert count_flops(ShapeTunedLinear(), torch.randn(5, 8), backward=True) == 2 * steady

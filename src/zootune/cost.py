@@ -144,6 +144,13 @@ def count_flops(model: nn.Module, inputs: Inputs, backward: bool = False, train_
     with preserved_state(model):
         if train_mode is not None:
             model.train(train_mode)
+        # One uncounted pass first: work a module does once per new input shape (Zoo-Tuning's
+        # autotuner timing its candidate formulations, cached kernels) is not its steady-state cost.
+        with torch.set_grad_enabled(backward):
+            warm = model(*args)
+            if backward and (loss := _differentiable_sum(warm)) is not None:
+                loss.backward()
+        del warm
         counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
         with counter, torch.set_grad_enabled(backward):
             outputs = model(*args)

@@ -204,23 +204,10 @@ def _example_input(dataset, n: int = 16) -> torch.Tensor:
 
 
 def _measure_cost(train_model: nn.Module, infer_model: nn.Module, example: torch.Tensor) -> dict:
-    """:func:`zootune.cost.measure_cost` as a dict.
-
-    Zoo-Tuning's layers time their candidate formulations the first time they meet a new input
-    shape (:mod:`zootune.layers.autotune`); if that happens inside the FLOP counter, the trial runs
-    are counted too. So when the measurement taught the autotuner anything new, measure again.
-    """
+    """:func:`zootune.cost.measure_cost` as a dict."""
     from zootune.cost import measure_cost
 
-    try:
-        from zootune.layers import autotune
-    except ImportError:  # no Zoo-Tuning layers in this installation
-        autotune = None
-    known = len(autotune.measured_choices()) if autotune else 0
-    cost = measure_cost(train_model, infer_model, example)
-    if autotune and len(autotune.measured_choices()) != known:
-        cost = measure_cost(train_model, infer_model, example)
-    return cost.to_dict()
+    return measure_cost(train_model, infer_model, example).to_dict()
 
 
 def _record_gates(module: nn.Module, task, dataset, batch_size: int) -> dict[str, list[float]] | None:
