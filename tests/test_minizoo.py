@@ -130,7 +130,8 @@ def test_build_cache_load_and_rebuild(tiny_members, tmp_path, monkeypatch):
 
     listing = {r["name"]: r for r in list_minizoo(tmp_path)}
     assert listing[names[0]]["built"] and listing[names[0]]["checksum_ok"]
-    assert not listing[tiny_members[0].name]["built"]
+    # members 2 and 4 start from member 0's weights, so it was built as their base; member 1 was not
+    assert listing[tiny_members[0].name]["built"] and not listing[tiny_members[1].name]["built"]
 
     # corrupt a member: reported by list and by a load that may not build, rebuilt identically otherwise
     original = (folder / rows[0]["file"]).read_bytes()
@@ -141,6 +142,34 @@ def test_build_cache_load_and_rebuild(tiny_members, tmp_path, monkeypatch):
     monkeypatch.setattr(store, "pretrain", pretrain_module.pretrain)
     load_minizoo(tmp_path, build_if_missing=True, members=names)
     assert (folder / rows[0]["file"]).read_bytes() == original  # same seed -> same bytes
+
+
+def test_member_with_init_from_starts_from_the_base_weights(tiny_members, tmp_path, monkeypatch):
+    dependent = next(m for m in tiny_members if m.init_from is not None)
+    base = next(m for m in tiny_members if m.name == dependent.init_from)
+    seen = {}
+
+    def recording_pretrain(model, member, seed=0, progress=False):
+        spec = pretrain_module.get_member(member)
+        if isinstance(model, torch.nn.Module):
+            seen[spec.name] = {k: v.clone() for k, v in model.state_dict().items()}
+        return pretrain_module.pretrain(model, member, seed=seed, progress=progress)
+
+    monkeypatch.setattr(store, "pretrain", recording_pretrain)
+    rows = {r["name"]: r for r in build_minizoo(tmp_path, members=[dependent.name], progress=False)}
+    assert base.name not in seen  # the base itself starts from a random init
+    base_weights = load_file(tmp_path / "minizoo" / f"{base.name}.safetensors")
+    for key, value in base_weights.items():
+        assert torch.equal(seen[dependent.name][key], value), key
+    assert rows[dependent.name]["init_from_sha256"] == store.sha256_file(tmp_path / "minizoo" / f"{base.name}.safetensors")
+
+    # rebuilding the base (another seed of it, same file name) invalidates the member built on it
+    manifest = json.loads((tmp_path / "minizoo" / "manifest.json").read_text())
+    manifest["members"][dependent.name]["init_from_sha256"] = "0" * 64
+    (tmp_path / "minizoo" / "manifest.json").write_text(json.dumps(manifest))
+    seen.clear()
+    build_minizoo(tmp_path, members=[dependent.name], progress=False)
+    assert dependent.name in seen
 
 
 def test_missing_zoo_is_reported(tiny_members, tmp_path):

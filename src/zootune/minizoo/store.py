@@ -110,10 +110,24 @@ def build_minizoo(
     for spec in _selected(members):
         row = manifest["members"].get(spec.name)
         built, ok = _member_status(folder, row)
-        if not force and built and ok and row.get("seed") == seed and row.get("arch") == ARCH:
+        base_row = None
+        if spec.init_from is not None:
+            # the base is built (or reused) first; a rebuilt base invalidates members started from it
+            (base_row,) = build_minizoo(cache_dir, members=[spec.init_from], seed=seed, progress=progress)
+            manifest = _read_manifest(folder)
+        base_sha = base_row["sha256"] if base_row else None
+        if (
+            not force and built and ok and row.get("seed") == seed and row.get("arch") == ARCH
+            and row.get("init_from_sha256") == base_sha
+        ):
             rows.append(row)
             continue
-        model, summary = pretrain(minizoo_resnet, spec, seed=seed, progress=progress)
+        if base_row is None:
+            initial = minizoo_resnet
+        else:
+            initial = minizoo_resnet()
+            initial.load_state_dict(load_member(folder / base_row["file"], base_sha).state_dict(), strict=False)
+        model, summary = pretrain(initial, spec, seed=seed, progress=progress)
         file = f"{spec.name}.safetensors"
         # one metadata entry: safetensors writes several in arbitrary order, and a rebuild with the same
         # seed must give the same bytes (and so the same sha256)
@@ -126,6 +140,8 @@ def build_minizoo(
             "sha256": sha256_file(folder / file),
             "size_bytes": (folder / file).stat().st_size,
             "arch": ARCH,
+            "init_from": spec.init_from,
+            "init_from_sha256": base_sha,
             "zootune_version": __version__,
             "torch_version": torch.__version__,
             **summary,
