@@ -197,21 +197,14 @@ def _evaluation_set(data: str, image_size: int):
     """(class names, dataset, what): a train/val[/test] folder's test split (else its val split); a
     single folder of class folders is evaluated whole, without augmentation."""
     from zootune.data import image_folder
-    from zootune.data.datasets import ImageDataset
-
     root = Path(data).expanduser()
     if (root / "train").is_dir() and (root / "val").is_dir():
         splits = image_folder.load_image_folder(root, image_size=image_size)
         if splits.test is not None:
             return splits.class_names, splits.test, "test split"
         return splits.class_names, splits.val, "val split"
-    if not root.is_dir():
-        image_folder.load_image_folder(root, image_size=image_size)  # raises the DataError that says why
-    # The whole folder, unsplit: the image-folder module's own reading and checks (no split needed).
-    classes = image_folder._class_folders(root)
-    class_names = sorted(classes)
-    paths, labels = image_folder._flatten(classes, class_names)
-    return class_names, ImageDataset(image_folder._load(paths, image_size), labels), "all images"
+    class_names, dataset = image_folder.load_unsplit_image_folder(root, image_size=image_size)
+    return class_names, dataset, "all images"
 
 
 def cmd_evaluate(args) -> int:
