@@ -79,6 +79,7 @@ def _perturbed_layer(make, m, align, gate):
         if layer.align is not None:  # away from the identity so alignment is really exercised
             layer.align.weight.add_(0.3 * torch.randn_like(layer.align.weight))
         layer.gate.expand.bias.normal_()
+        layer.gate.expand.weight.normal_()  # per-sample gates differ (V starts at 0)
     return layer, sources[0]
 
 
@@ -164,13 +165,18 @@ def test_gate_is_pool_mlp_sigmoid_with_reference_init():
     torch.manual_seed(1)
     gate = Gate(8, 3)
     assert gate.reduce.weight.shape == (8 // 4 + 1, 8) and gate.reduce.bias is None
-    assert torch.all(gate.expand.bias == 0)
+    assert torch.all(gate.expand.bias == 0) and torch.all(gate.expand.weight == 0)
+    h = torch.randn(5, 8, 4, 6)
+    torch.testing.assert_close(gate(h), torch.full((5, 3), 0.5))  # every input starts at 1/2
+    gate = Gate(8, 3, zero_init=False)  # the reference's init: kaiming like U
+    assert gate.expand.weight.abs().min() > 0
     h = torch.randn(5, 8, 4, 6)
     pooled = h.mean(dim=(2, 3))
     manual = torch.sigmoid(torch.relu(pooled @ gate.reduce.weight.T) @ gate.expand.weight.T + gate.expand.bias)
     torch.testing.assert_close(gate(h), manual)
-    softmax = Gate(8, 3, "softmax")
+    softmax = Gate(8, 3, "softmax", zero_init=False)
     torch.testing.assert_close(softmax(h).sum(1), torch.ones(5))
+    torch.testing.assert_close(Gate(8, 3, "softmax")(h), torch.full((5, 3), 1 / 3))
     # kaiming fan_out: std sqrt(2 / fan_out), checked on a wide layer where the sample std is tight
     wide = Gate(4000, 3)
     assert abs(wide.reduce.weight.std().item() - (2 / wide.reduce.weight.shape[0]) ** 0.5) < 0.003
@@ -218,3 +224,19 @@ def test_auto_layer_records_a_choice_and_keeps_the_rng_stream():
     assert after_auto == expected  # measuring drew no random numbers
     ((chosen, timings),) = autotune.measured_choices().values()
     assert chosen in layer.applicable_formulations() and chosen in timings
+
+
+def test_by_macs_chooses_the_cheapest_estimate_without_timing():
+    autotune.clear_cache()
+    calls = {"a": 0, "b": 0, "c": 0}
+
+    def runner(name):
+        def run():
+            calls[name] += 1
+        return run
+
+    candidates = {name: runner(name) for name in calls}
+    with autotune.by_macs():
+        assert autotune.choose("k", candidates, {"a": 3.0, "b": 2.0, "c": 2.0}) == "b"  # tie: first
+        assert autotune.choose("k", candidates, {"a": 1.0, "b": 2.0, "c": 2.0}) == "a"  # not cached
+    assert calls == {"a": 0, "b": 0, "c": 0} and "k" not in autotune.measured_choices()

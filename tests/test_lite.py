@@ -42,6 +42,7 @@ def test_training_forward_uses_one_kernel_from_the_batch_mean_gate():
     with torch.no_grad():
         layer.align.weight.add_(0.2 * torch.randn_like(layer.align.weight))
         layer.gate.expand.bias.normal_()
+        layer.gate.expand.weight.normal_()  # per-sample gates differ (V starts at 0)
     x = torch.randn(5, 4, 6, 6)
     mean_gate = layer.gate(x).mean(0)
     weight = sum(mean_gate[i] * (layer.align.weight[i] @ layer.bank[i].reshape(6, -1)).reshape(6, 4, 3, 3)
@@ -52,7 +53,8 @@ def test_training_forward_uses_one_kernel_from_the_batch_mean_gate():
 
 def test_temporal_ensemble_is_the_documented_ema_without_gradient():
     torch.manual_seed(0)
-    layer = AggregatedLayer([nn.Linear(4, 3) for _ in range(2)], lite=True, lite_momentum=0.9)
+    layer = AggregatedLayer([nn.Linear(4, 3) for _ in range(2)], lite=True, lite_momentum=0.9,
+                            gate_init="reference")  # input-dependent gates from the start
     assert "gate_ema" in dict(layer.named_buffers()) and not layer.gate_ema.requires_grad
     assert all(p is not layer.gate_ema for p in layer.parameters())
     torch.testing.assert_close(layer.gate_ema, torch.full((2,), 0.5))  # before training: 1/m
@@ -77,7 +79,7 @@ def _distributed_worker(rank, store_path, out_dir):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # same layer on both ranks
-        layer = AggregatedLayer([nn.Conv2d(3, 4, 3) for _ in range(3)], lite=True)
+        layer = AggregatedLayer([nn.Conv2d(3, 4, 3) for _ in range(3)], lite=True, gate_init="reference")
         inputs = [torch.randn(4, 3, 5, 5), torch.randn(6, 3, 5, 5)]  # each rank trains on its own
         layer(inputs[rank])
         torch.save({"ema": layer.gate_ema.clone(),

@@ -1,4 +1,5 @@
 """ZooTuning on tiny zoos: targeting, norm handling, one-hot gates reproduce a source, registry, I/O."""
+import copy
 
 import pytest
 import torch
@@ -171,3 +172,97 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
         ZooTuning.load_pretrained(tmp_path / "missing", zoo)
     with pytest.raises(ZooMismatchError):
         ZooTuning.load_pretrained(tmp_path / "saved", zoo[:2])
+
+
+class _ConvBNNet(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> fc: every conv is followed by a norm.
+    (A tiny BN eps makes the scale invariance exact up to rounding, for exact comparisons.)"""
+
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, eps=eps)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, eps=eps)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _sgd_steps(model, param_groups, batches, lr):
+    optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=0.9)
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_auto_bank_lr_makes_identical_sources_train_like_one_fine_tuned_source():
+    # m identical sources, equal batch-shared gates (Lite, gate output weights zeroed) and no
+    # alignment: the aggregated kernel is (sum_i a_i) W, and BatchNorm removes that scale. The
+    # gates' gradient <dL/dW^, W> is 0 by that scale invariance, so they stay equal. With the bank at m x lr ("auto" measures
+    # ||sum W_i||^2 / sum ||W_i||^2 = m here) every step moves (sum_i a_i) W exactly as plain SGD
+    # moves W, so the two models keep computing the same function; at 1 x lr they drift apart.
+    torch.manual_seed(0)
+    plain = _ConvBNNet(eps=1e-12).double()
+    m = 3
+    batches = [(torch.randn(8, 3, 6, 6, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(4)]
+    probe = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    outputs = {}
+    for scale in ("auto", 1.0):
+        zoo = [copy.deepcopy(plain) for _ in range(m)]
+        model = ZooTuning(zoo, head=copy.deepcopy(plain.fc), lite=True, align="none", bank_lr_scale=scale)
+        for layer in model.aggregated_layers().values():
+            nn.init.zeros_(layer.gate.expand.weight)
+        assert model.config.lr_scales == pytest.approx(
+            {"conv1": m if scale == "auto" else 1.0, "conv2": m if scale == "auto" else 1.0})
+        _sgd_steps(model, model.param_groups(0.05), batches, lr=0.05)
+        outputs[scale] = model(probe)
+    reference = copy.deepcopy(plain)
+    _sgd_steps(reference, reference.parameters(), batches, lr=0.05)
+    expected = reference(probe)
+    torch.testing.assert_close(outputs["auto"], expected, rtol=1e-7, atol=1e-9)
+    assert (outputs[1.0] - expected).abs().max() > 1e-3
+
+
+def test_auto_bank_lr_is_one_for_uncorrelated_sources_and_layers_without_norm():
+    torch.manual_seed(1)
+    zoo = [_ConvBNNet() for _ in range(4)]  # independent random inits: nearly orthogonal kernels
+    model = ZooTuning(zoo, num_outputs=3, target_types=(nn.Conv2d, nn.Linear), include=["conv*"])
+    for name in ("conv1", "conv2"):
+        assert 0.6 < model.config.lr_scales[name] < 1.6
+    seq = [nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2)) for _ in range(3)]
+    for s in seq[1:]:
+        s.load_state_dict(seq[0].state_dict())
+    no_norm = ZooTuning(seq, target_types=(nn.Linear,))
+    assert no_norm.config.lr_scales == {"0": 1.0, "1": 1.0}  # identical, but nothing normalises them
+
+
+def test_param_groups_cover_every_parameter_once_with_their_rates():
+    zoo = [resnet_small(depth=10, width=4) for _ in range(3)]
+    model = ZooTuning(zoo, num_outputs=5, gate_lr_scale=7.0)
+    groups = model.param_groups(0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    layers = model.aggregated_layers()
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, layer in layers.items():
+        assert rate[id(layer.bank)] == pytest.approx(0.1 * model.config.lr_scales[name])
+        assert all(rate[id(p)] == pytest.approx(0.7) for p in layer.gate.parameters())
+    assert rate[id(model.model.fc.weight)] == pytest.approx(0.1)
+
+
+def test_zoo_tuning_over_one_source_starts_as_that_source():
+    # With the gate output layer at 0 (gate_init="zero") every input gets gate 1/2; the BatchNorm
+    # after each aggregated conv removes that constant scale, so in training mode (batch
+    # statistics) the model computes exactly the source's function. The reference's random gate
+    # init rescales every sample differently and does not.
+    torch.manual_seed(0)
+    source = _ConvBNNet(eps=1e-12).double()
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    expected = source(x)
+    for gate_init, same in (("zero", True), ("reference", False)):
+        model = ZooTuning([source], head=copy.deepcopy(source.fc), align="all", gate_init=gate_init).double()
+        close = torch.allclose(model(x), expected, rtol=1e-7, atol=1e-9)
+        assert close == same, gate_init

@@ -66,6 +66,7 @@ from torch import nn
 
 from zootune.layers import autotune
 from zootune.layers.align import ChannelAlign, align_bank
+from zootune.layers.gate import GATE_INITS
 from zootune.layers.gate import Gate
 
 FORMULATIONS = ("grouped", "bmm", "stacked", "outputs")
@@ -99,6 +100,8 @@ class AggregatedLayer(nn.Module):
         gate: ``"sigmoid"`` (paper) or ``"softmax"`` gate activation.
         lite: Lite Zoo-Tuning (batch-shared gate in training, temporal ensemble ā in eval).
         lite_momentum: α of the temporal ensemble.
+        gate_init: ``"zero"`` (gate output layer V = 0: every gate starts at act(0) for every input;
+            our default, see :mod:`zootune.layers.gate`) or ``"reference"`` (kaiming, as U).
         formulation: ``"auto"`` (measured per shape) or one of :data:`FORMULATIONS`; a fixed
             ``"grouped"`` runs as ``"bmm"`` on Linear layers and ``"bmm"`` as ``"grouped"`` on
             convolutions it does not apply to (both build per-sample kernels).
@@ -109,7 +112,8 @@ class AggregatedLayer(nn.Module):
     """
 
     def __init__(self, sources: Sequence[nn.Module], *, align: bool = True, gate: str = "sigmoid",
-                 lite: bool = False, lite_momentum: float = 0.9, formulation: str = "auto"):
+                 lite: bool = False, lite_momentum: float = 0.9, formulation: str = "auto",
+                 gate_init: str = "zero"):
         super().__init__()
         if not sources:
             raise ValueError("need at least one source layer")
@@ -145,7 +149,10 @@ class AggregatedLayer(nn.Module):
             self._pre_pad = tuple(first._reversed_padding_repeated_twice)
             self._conv = _CONV_FUNCTIONS[weight.dim() - 2]
         self.align = ChannelAlign(m, self.out_channels, dtype=weight.dtype, device=weight.device) if align else None
-        self.gate = Gate(self.in_channels, m, gate, channels_last=self.is_linear).to(weight.device, weight.dtype)
+        if gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+        self.gate = Gate(self.in_channels, m, gate, channels_last=self.is_linear,
+                         zero_init=gate_init == "zero").to(weight.device, weight.dtype)
         self.register_buffer("gate_ema", torch.full((m,), 1.0 / m, dtype=weight.dtype, device=weight.device))
         self.register_buffer("gate_updates", torch.zeros((), dtype=torch.long, device=weight.device))
         # The original layer's structure (on the meta device: no memory) to rebuild a plain layer

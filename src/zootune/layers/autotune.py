@@ -9,18 +9,37 @@ Measuring is kept cheap: candidates whose multiply-add count is more than ``PRUN
 cheapest one's are not timed at all, each survivor runs once to warm up and then ``MEASURE_REPEATS``
 times (the minimum is kept), and copies of the inputs are used (no random numbers are drawn, so the
 global RNG stream, and hence a seeded run, is the same whether or not a measurement happened).
+
+Timing makes the choice depend on the machine's load: two runs of one command may pick different
+(equally exact) formulations, whose float rounding differs, and a long training can drift apart.
+:func:`by_macs` (a context manager; ``zootune run`` uses it) chooses by the multiply-add estimate
+instead (ties: the candidates' order), so the same command gives the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 PRUNE_FACTOR = 3.0
 MEASURE_REPEATS = 2
 
 _CHOICES: dict[Hashable, str] = {}
 _TIMINGS: dict[Hashable, dict[str, float]] = {}
+_BY_MACS = [False]
+
+
+@contextlib.contextmanager
+def by_macs() -> Iterator[None]:
+    """Within the block, choose deterministically by multiply-adds instead of by timing (and keep
+    those choices apart from timed ones)."""
+    previous = _BY_MACS[0]
+    _BY_MACS[0] = True
+    try:
+        yield
+    finally:
+        _BY_MACS[0] = previous
 
 
 def _time_once(run: Callable[[], None]) -> float:
@@ -35,6 +54,8 @@ def choose(key: Hashable, candidates: dict[str, Callable[[], None]], macs: dict[
     ``candidates[name]()`` runs formulation ``name`` once (forward, plus backward when training);
     ``macs[name]`` is its multiply-add estimate, used only to skip hopeless candidates.
     """
+    if _BY_MACS[0]:
+        return min(candidates, key=lambda name: macs[name])  # first of the cheapest: stable order
     if key in _CHOICES:
         return _CHOICES[key]
     if len(candidates) == 1:

@@ -7,6 +7,14 @@ For a layer input ``h`` of shape (B, C, *spatial) (or (B, *, C) for a Linear lay
 where ``pool`` averages over the spatial (or token) dimensions and ``act`` is a sigmoid (independent
 gates, the paper's choice) or a softmax over the m sources. ``U`` and ``V`` are the reference's 1x1
 convolutions on the pooled vector, i.e. Linear maps; kaiming-normal (fan_out) init, bias 0.
+
+Initialisation of ``V`` (our choice, ``zero_init=True``): the reference initialises V like U, so at
+the start every input gets its own random gate values. The normalisation layer after an aggregated
+convolution then sees each sample's output scaled by a different random factor, which scrambles the
+pretrained features: Zoo-Tuning over ONE source (which should start as that source) reached 26%
+test accuracy where fine-tuning the source reached 59% (MiniZoo, polygons target, 6 epochs; 64%
+with V = 0; docs/dev-notes/zoo-tuning.md). With V = 0 every gate starts at act(0) for every input
+(1/2, or 1/m for softmax) and U still gets gradients through V once V moves off zero.
 """
 
 from __future__ import annotations
@@ -15,13 +23,14 @@ import torch
 from torch import nn
 
 GATE_ACTIVATIONS = ("sigmoid", "softmax")
+GATE_INITS = ("zero", "reference")
 
 
 class Gate(nn.Module):
     """``a(h)`` in R^m per sample: pool -> Linear(C, C//4+1, no bias) -> ReLU -> Linear(., m) -> act."""
 
     def __init__(self, in_channels: int, num_sources: int, activation: str = "sigmoid",
-                 channels_last: bool = False):
+                 channels_last: bool = False, zero_init: bool = True):
         super().__init__()
         if activation not in GATE_ACTIVATIONS:
             raise ValueError(f"gate activation must be one of {GATE_ACTIVATIONS}, got {activation!r}")
@@ -34,6 +43,8 @@ class Gate(nn.Module):
         for linear in (self.reduce, self.expand):
             nn.init.kaiming_normal_(linear.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.expand.bias)
+        if zero_init:
+            nn.init.zeros_(self.expand.weight)
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """Global average over everything but the batch and channel dimensions -> (B, C)."""

@@ -121,6 +121,9 @@ def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[]
     options = dict(config["options"])
     num_sources = options.pop("num_sources")
     options.pop("aggregated_layers")
+    # the multipliers measured on the original zoo (a builder's copies would all measure m)
+    lr_scales = options.pop("lr_scales", {})
+    options["bank_lr_scale"] = lr_scales if lr_scales else options.get("bank_lr_scale", "auto")
     target_types = tuple(getattr(nn, name) for name in options.pop("target_types"))
     if callable(zoo_or_builder) and not isinstance(zoo_or_builder, nn.Module):
         template = zoo_or_builder()

@@ -12,6 +12,21 @@ their running statistics are reset (0 mean, unit variance) to be re-estimated on
 Every other parameter that is not targeted (and not the head) is the mean over the sources too.
 The head is replaced by the new target head. Lite Zoo-Tuning (``lite=True``) shares one gate per
 batch in training and folds into a plain model of the zoo's architecture (``merge_and_unload``).
+
+Learning rates (our addition; the paper trains every parameter at one rate for 15k iterations).
+When a normalisation layer follows an aggregated layer, the output is invariant to the scale of the
+aggregated kernel W^ = sum_i a_i T_i W_i, and SGD's effective (angular) step on W^ relative to a
+plain layer's step on one source kernel W is
+
+    rho = (sum_i a_i^2 ||W_i||^2) / ||sum_i a_i W_i||^2  ->  (sum_i ||W_i||^2) / ||sum_i W_i||^2  (equal gates)
+
+which is 1 for uncorrelated sources and 1/m for identical ones: aggregating a zoo of similar models
+(the paper's detection/segmentation backbones all start from one ImageNet model; the MiniZoo's
+members share an initialisation too) trains the aggregated kernel up to m times more slowly than
+fine-tuning one of them. With ``bank_lr_scale="auto"`` the bank and the alignment of such a layer
+get the learning rate base_lr / rho, measured once at construction; m identical sources then train
+exactly like one fine-tuned source (tested). Layers not followed by a normalisation layer keep
+base_lr. The gates are new, randomly initialised parameters and get ``gate_lr_scale`` x base_lr.
 """
 
 from __future__ import annotations
@@ -27,11 +42,14 @@ from torch import nn
 
 from zootune.errors import ZootuneError, ZooMismatchError
 from zootune.layers import FORMULATIONS, AggregatedLayer, is_aggregatable
-from zootune.layers.gate import GATE_ACTIVATIONS
+from zootune.layers.gate import GATE_ACTIVATIONS, GATE_INITS
 from zootune.models.heads import find_head_name, head_in_features, new_linear_head, set_submodule
 
 ALIGN_CHOICES = ("kernel>1", "all", "none")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_HOMOGENEOUS_TYPES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                      nn.AvgPool3d, nn.Identity, nn.Dropout)
+DEFAULT_GATE_LR_SCALE = 5.0  # chosen on the MiniZoo targets' validation splits (docs/dev-notes/zoo-tuning.md)
 
 
 @dataclass
@@ -42,9 +60,13 @@ class ZooTuningConfig:
     lite: bool = False
     align: str = "kernel>1"
     gate: str = "sigmoid"
+    gate_init: str = "zero"
     keep_bn_stats: bool = False
     lite_momentum: float = 0.9
     formulation: str = "auto"
+    bank_lr_scale: str | float = "auto"
+    gate_lr_scale: float = DEFAULT_GATE_LR_SCALE
+    lr_scales: dict[str, float] = field(default_factory=dict)  # per aggregated layer, as measured
     target_types: list[str] = field(default_factory=lambda: ["Conv1d", "Conv2d"])
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -77,6 +99,44 @@ def _check_same_architecture(members: Sequence[nn.Module]) -> None:
             raise ZooMismatchError(f"zoo member {index} does not have member 0's architecture{detail}")
 
 
+def _followed_by_norm(model: nn.Module, name: str, out_channels: int) -> bool:
+    """Whether the next module registered after ``name`` (outside it), skipping positively
+    homogeneous parameter-free ones (ReLU, max/avg pooling, Identity, Dropout: they keep the scale
+    invariance), normalises its output channels — how ResNets, VGG-BN and ConvNeXt-style blocks
+    order conv and norm."""
+    modules = list(model.named_modules())
+    index = next(i for i, (n, _) in enumerate(modules) if n == name)
+    for other, module in modules[index + 1:]:
+        if other.startswith(name + ".") or isinstance(module, _HOMOGENEOUS_TYPES):
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            return module.num_features == out_channels
+        if isinstance(module, nn.GroupNorm):
+            return module.num_channels == out_channels
+        if isinstance(module, nn.LayerNorm):
+            return tuple(module.normalized_shape) == (out_channels,)
+        return False
+    return False
+
+
+@torch.no_grad()
+def _bank_lr_scales(members, targets, bank_lr_scale) -> dict[str, float]:
+    """1/rho per targeted layer (see the module docstring) or the given multiplier(s)."""
+    if isinstance(bank_lr_scale, dict):
+        return {name: float(bank_lr_scale.get(name, 1.0)) for name in targets}
+    if bank_lr_scale != "auto":
+        return {name: float(bank_lr_scale) for name in targets}
+    scales = {}
+    for name in targets:
+        weights = [member.get_submodule(name).weight.detach() for member in members]
+        bank = torch.stack([w.flatten() for w in weights]).double()
+        if _followed_by_norm(members[0], name, weights[0].shape[0]):
+            scales[name] = float(bank.sum(0).square().sum() / bank.square().sum().clamp_min(1e-30))
+        else:
+            scales[name] = 1.0
+    return scales
+
+
 class ZooTuning(nn.Module):
     """Adaptive aggregation of a zoo of pretrained models (Zoo-Tuning, and Lite with ``lite=True``).
 
@@ -90,19 +150,27 @@ class ZooTuning(nn.Module):
         include / exclude: glob patterns on dotted layer names (``"layer4.*"``) restricting targets.
         align: channel alignment on ``"kernel>1"`` layers (the reference), ``"all"`` or ``"none"``.
         gate: ``"sigmoid"`` (paper) or ``"softmax"``.
+        gate_init: ``"zero"`` (every gate starts at act(0) for every input; ours, see
+            :mod:`zootune.layers.gate` for why) or ``"reference"`` (kaiming, as the reference code).
         lite: Lite Zoo-Tuning (batch-shared gate, temporal ensemble, foldable).
         keep_bn_stats: keep the mean of the sources' running statistics instead of resetting them.
         lite_momentum: α of Lite's temporal ensemble ā <- α ā + (1 - α) ā_batch.
         formulation: ``"auto"`` (measured fastest per layer shape) or one of
             :data:`zootune.layers.FORMULATIONS` for every layer (where it applies).
+        bank_lr_scale: learning-rate multiplier of each layer's source kernels and alignment:
+            ``"auto"`` (1/rho above, for layers followed by a normalisation layer; 1 elsewhere), a
+            number for every layer, or a dict {layer name: multiplier}.
+        gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`).
     """
 
     def __init__(self, zoo: Sequence[nn.Module], head: nn.Module | None = None, *,
                  num_outputs: int | None = None, head_name: str | None = None,
                  target_types: Sequence[type] = (nn.Conv1d, nn.Conv2d),
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 align: str = "kernel>1", gate: str = "sigmoid", lite: bool = False,
-                 keep_bn_stats: bool = False, lite_momentum: float = 0.9, formulation: str = "auto"):
+                 align: str = "kernel>1", gate: str = "sigmoid", gate_init: str = "zero", lite: bool = False,
+                 keep_bn_stats: bool = False, lite_momentum: float = 0.9, formulation: str = "auto",
+                 bank_lr_scale: str | float | dict[str, float] = "auto",
+                 gate_lr_scale: float = DEFAULT_GATE_LR_SCALE):
         super().__init__()
         members = list(zoo)
         if not members:
@@ -111,10 +179,16 @@ class ZooTuning(nn.Module):
             raise ZootuneError(f"align must be one of {ALIGN_CHOICES}, got {align!r}")
         if gate not in GATE_ACTIVATIONS:
             raise ZootuneError(f"gate must be one of {GATE_ACTIVATIONS}, got {gate!r}")
+        if gate_init not in GATE_INITS:
+            raise ZootuneError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
         if formulation != "auto" and formulation not in FORMULATIONS:
             raise ZootuneError(f"formulation must be 'auto' or one of {FORMULATIONS}, got {formulation!r}")
         if not 0.0 <= lite_momentum < 1.0:
             raise ZootuneError(f"lite_momentum must be in [0, 1), got {lite_momentum}")
+        if not (bank_lr_scale == "auto" or isinstance(bank_lr_scale, (int, float, dict))):
+            raise ZootuneError(f"bank_lr_scale must be 'auto', a number or a dict, got {bank_lr_scale!r}")
+        if not gate_lr_scale > 0:
+            raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
         _check_same_architecture(members)
         target_types = tuple(target_types)
         model = copy.deepcopy(members[0])
@@ -138,6 +212,7 @@ class ZooTuning(nn.Module):
                 "no layer to aggregate: no module matches target_types="
                 f"{[t.__name__ for t in target_types]}, include={include}, exclude={exclude}")
 
+        lr_scales = _bank_lr_scales(members, targets, bank_lr_scale)
         self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
         if new_head is not None:
             set_submodule(model, resolved_head, new_head)
@@ -145,13 +220,15 @@ class ZooTuning(nn.Module):
             sources = [member.get_submodule(name) for member in members]
             kernel = sources[0].weight.shape[2:]
             aligned = align == "all" or (align == "kernel>1" and any(k > 1 for k in kernel))
-            layer = AggregatedLayer(sources, align=aligned, gate=gate, lite=lite,
+            layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=gate_init, lite=lite,
                                     lite_momentum=lite_momentum, formulation=formulation)
             set_submodule(model, name, layer)
         self.model = model
         self.config = ZooTuningConfig(
-            num_sources=len(members), lite=lite, align=align, gate=gate, keep_bn_stats=keep_bn_stats,
+            num_sources=len(members), lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
             lite_momentum=lite_momentum, formulation=formulation,
+            bank_lr_scale=bank_lr_scale if not isinstance(bank_lr_scale, dict) else "per-layer",
+            gate_lr_scale=float(gate_lr_scale), lr_scales=lr_scales,
             target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
             head_name=resolved_head, aggregated_layers=targets,
         )
@@ -223,6 +300,21 @@ class ZooTuning(nn.Module):
         from zootune.methods.zoo_tuning.fold import merge_and_unload
 
         return merge_and_unload(self)
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        """Optimizer groups (the engine's hook): per aggregated layer its bank, bias bank and
+        alignment at ``base_lr * lr_scales[layer]``; all gates at ``base_lr * gate_lr_scale``;
+        everything else (norms, head, untargeted layers) at ``base_lr``."""
+        groups, seen = [], set()
+        gate_params = []
+        for name, layer in self.aggregated_layers().items():
+            params = [p for p in (layer.bank, layer.bias_bank, layer._align_weight()) if p is not None]
+            groups.append({"params": params, "lr": base_lr * self.config.lr_scales.get(name, 1.0)})
+            gate_params += list(layer.gate.parameters())
+            seen.update(id(p) for p in layer.parameters())
+        groups.append({"params": gate_params, "lr": base_lr * self.config.gate_lr_scale})
+        groups.append({"params": [p for p in self.parameters() if id(p) not in seen], "lr": base_lr})
+        return [g for g in groups if g["params"]]
 
     def finalize(self) -> nn.Module:
         """What the engine evaluates and exports: the folded plain model for Lite, else ``self``."""
