@@ -14,12 +14,14 @@ Every dataset yields ``(image, label)`` with ``image`` a float32 (3, 32, 32) ten
 from zootune.data.cache import user_cache_dir
 from zootune.data.datasets import DatasetSplits, ImageDataset, stratified_split
 from zootune.data.image_folder import load_image_folder, load_unsplit_image_folder
+from zootune.data.landmarks import load_landmark_folder
 from zootune.data.targets import DEFAULT_TARGET, TARGETS, get_target
 from zootune.data.transforms import (
     MEAN, STD, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, default_train_transform,
 )
 
 __all__ = [
+    "load_landmark_folder",
     "DEFAULT_TARGET", "DatasetSplits", "ImageDataset", "MEAN", "STD", "TARGETS", "Compose", "Normalize",
     "RandomHorizontalFlip", "RandomResizedCrop", "default_train_transform", "get_target",
     "load_image_folder", "load_unsplit_image_folder", "stratified_split", "user_cache_dir",

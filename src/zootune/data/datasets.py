@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ class DatasetSplits:
     name: str
     description: str = ""
     class_names: list[str] = field(default_factory=list)
+    # the task (head, loss, metric) when it is not classification with ``num_classes`` classes,
+    # e.g. a zootune.tasks.LandmarkTask; None means ClassificationTask(num_classes)
+    task: Any = None
 
     def sizes(self) -> dict[str, int]:
         return {

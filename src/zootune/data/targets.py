@@ -11,6 +11,9 @@ that adaptive aggregation over the zoo (Zoo-Tuning) has something to choose:
 | ``count`` | 1-6 outlined ellipses on striped clutter | 6 counts | ``scene-counting`` / ``scene-segmentation`` |
 | ``polygons`` | one outlined convex polygon | 3-6 sides | ``scene-segmentation`` / ``shape-keypoints`` |
 
+Beyond classification, ``landmarks`` (8 landmarks of generated cartoon faces, scored by NME; see
+:mod:`zootune.data.landmarks`) is in :data:`EXTRA_TARGETS`: run when named, never part of ``all``.
+
 ``get_target(name, seed)`` is deterministic for a seed; different seeds give different draws (images
 of generated targets, the split of ``digits8x8``). Generated arrays are cached as ``.npz`` under
 ``<cache>/targets`` (see :func:`zootune.data.cache.user_cache_dir`).
@@ -26,11 +29,12 @@ from typing import Callable
 
 import numpy as np
 
-from zootune.data import scenes, sources
+from zootune.data import landmarks, scenes, sources
 from zootune.data.cache import atomic_save_npz, user_cache_dir
 from zootune.data.datasets import DatasetSplits, ImageDataset, stratified_split
 from zootune.data.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop, normalize_batch, to_float_chw
 from zootune.errors import DataError
+from zootune.tasks.landmarks import LandmarkTask
 
 SPLITS = ("train", "val", "test")
 # bump when a generator changes so stale cached arrays are not reused
@@ -47,6 +51,11 @@ class TargetSpec:
     make_arrays: Callable[[int], Arrays]
     make_train_transform: Callable[[], Callable]
     cached: bool = True
+    # Targets that are not classification: the dataset built from (normalised images, annotations,
+    # train transform) and the task; ``class_names`` then names the outputs (e.g. the landmarks).
+    make_dataset: Callable | None = None
+    make_task: Callable[[], object] | None = None
+    version: int = 0  # this generator's own version, bumped when it changes (cache file name)
 
     @property
     def num_classes(self) -> int:
@@ -104,8 +113,13 @@ def _flip_only():
 TARGETS: "OrderedDict[str, TargetSpec]" = OrderedDict()
 
 
-def register_target(spec: TargetSpec) -> None:
-    TARGETS[spec.name] = spec
+# Targets run only when named (``--targets landmarks``), never part of ``all``: tasks other than
+# classification, whose metric cannot be averaged with accuracy into one "mean" column.
+EXTRA_TARGETS: "OrderedDict[str, TargetSpec]" = OrderedDict()
+
+
+def register_target(spec: TargetSpec, extra: bool = False) -> None:
+    (EXTRA_TARGETS if extra else TARGETS)[spec.name] = spec
 
 
 register_target(TargetSpec(
@@ -138,13 +152,27 @@ register_target(TargetSpec(
     make_train_transform=_flip_only,
 ))
 
+register_target(TargetSpec(
+    name="landmarks",
+    description=f"{landmarks.NUM_LANDMARKS} landmarks of generated cartoon faces under pose, lighting, "
+                "background and occlusion; NME (800 / 300 / 600)",
+    class_names=landmarks.LANDMARK_NAMES,
+    make_arrays=_generated("landmarks", landmarks.face_scenes, {"train": 800, "val": 300, "test": 600}),
+    make_train_transform=lambda: None,  # a flip or crop would have to move the points (data/landmarks.py)
+    make_dataset=landmarks.LandmarkDataset,
+    version=landmarks.GENERATOR_VERSION,
+    make_task=lambda: LandmarkTask(landmarks.NUM_LANDMARKS, "inter-ocular", landmarks.EYE_INDICES,
+                                   landmark_names=landmarks.LANDMARK_NAMES),
+), extra=True)
+
 DEFAULT_TARGET = "textures"
 
 
 def _cached_arrays(spec: TargetSpec, seed: int, cache_dir) -> Arrays:
     if not spec.cached:
         return spec.make_arrays(seed)
-    path = user_cache_dir(cache_dir) / "targets" / f"{spec.name}-seed{seed}-v{GENERATOR_VERSION}.npz"
+    version = f"{GENERATOR_VERSION}.{spec.version}" if spec.version else f"{GENERATOR_VERSION}"
+    path = user_cache_dir(cache_dir) / "targets" / f"{spec.name}-seed{seed}-v{version}.npz"
     if path.exists():
         try:
             with np.load(path) as f:
@@ -161,17 +189,18 @@ def _cached_arrays(spec: TargetSpec, seed: int, cache_dir) -> Arrays:
 
 def get_target(name: str, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> DatasetSplits:
     """The target task ``name`` as train (augmented) / val / test :class:`DatasetSplits`."""
-    if name not in TARGETS:
-        raise DataError(f"unknown target {name!r}; available: {', '.join(TARGETS)}")
-    spec = TARGETS[name]
+    spec = TARGETS.get(name) or EXTRA_TARGETS.get(name)
+    if spec is None:
+        raise DataError(f"unknown target {name!r}; available: {', '.join([*TARGETS, *EXTRA_TARGETS])}")
     arrays = _cached_arrays(spec, int(seed), cache_dir)
+    make_dataset = spec.make_dataset or ImageDataset
     datasets = {}
     for split in SPLITS:
         images, labels = arrays[split]
         tensor = normalize_batch(to_float_chw(images))
-        datasets[split] = ImageDataset(tensor, labels, spec.make_train_transform() if split == "train" else None)
+        datasets[split] = make_dataset(tensor, labels, spec.make_train_transform() if split == "train" else None)
     return DatasetSplits(
         train=datasets["train"], val=datasets["val"], test=datasets["test"],
         num_classes=spec.num_classes, name=name, description=spec.description,
-        class_names=list(spec.class_names),
+        class_names=list(spec.class_names), task=spec.make_task() if spec.make_task is not None else None,
     )

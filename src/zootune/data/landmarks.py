@@ -1,0 +1,380 @@
+"""Landmark data: generated cartoon faces with known landmarks, and users' 300W-style point files.
+
+No face-landmark set can be downloaded here, so the ``landmarks`` target is rendered by code
+(:func:`face_scenes`): one face per 32x32 RGB image with 8 landmarks
+
+| index | landmark | drawn as |
+|---|---|---|
+| 0, 1 | left / right eye (pupil centre) | white eye ellipse with a dark pupil disk |
+| 2 | nose tip | small disk, darker than the skin |
+| 3, 4 | left / right mouth corner | a curved lip band (smile or frown) |
+| 5 | chin | bottom of the head ellipse |
+| 6, 7 | left / right eyebrow centre | short bar in the hair colour |
+
+("left" is image-left for an upright face: the subject's right, as in 300W's numbering.) Each face
+varies in pose (roll -30..30 degrees, scale, translation, yaw up to ~30 degrees by foreshortening the
+face and shifting its features by their depth), shape (head aspect, eye spacing, mouth width and
+curvature, hair), colour (skin tones plus some cartoon colours, hair, eyes, lips), lighting (a linear
+illumination gradient, brightness, contrast, sensor noise), background (smooth colour fields,
+stripes, checks or blotchy clutter) and occlusion (in ~35% of images a bar or disk covers part of the
+face; the covered landmarks keep their true positions, as in COFW). Coordinates are in [0, 1]: x / width,
+y / height, pixel centres at (i + 0.5) / size.
+
+Why no MiniZoo member has seen such images: the ``shape-keypoints`` member is pretrained on single
+filled convex *polygons* on a smooth colour field, with heatmaps of their *corners*; these faces are
+ellipses with inner parts on textured backgrounds, and the points are the centres of parts (pupils,
+nose, brows), mouth corners and the chin -- not polygon corners. No other member sees faces or
+keypoints. What transfers is the skill (finding parts and points), not the images.
+
+Augmentation: none for this target. A horizontal flip would have to swap every left/right index pair
+and mirror x; a crop would have to move the points -- and the generator already varies pose, so the
+training split gets no geometric transform (see ``docs/landmarks.md``).
+
+:func:`load_landmark_folder` reads a user's own data: images with 300W-style ``.pts`` files next to
+them, each face cropped around its points and resized to 32x32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from zootune.data import render
+from zootune.data.transforms import normalize_batch, to_float_chw
+from zootune.errors import DataError
+
+LANDMARK_NAMES = (
+    "left_eye", "right_eye", "nose_tip", "left_mouth_corner", "right_mouth_corner", "chin",
+    "left_brow", "right_brow",
+)
+NUM_LANDMARKS = len(LANDMARK_NAMES)
+GENERATOR_VERSION = 1  # bump when face_scenes changes, so cached arrays are regenerated
+EYE_INDICES = (0, 1)
+
+# Part labels of the optional part map (which feature covers each output pixel).
+PARTS = ("background", "skin", "hair", "eye_white", "pupil", "brow", "nose", "mouth", "occluder")
+
+# Face-frame coordinates (u to the image-right of an upright face, v down; unit = head half-height)
+# and depth z (how far a feature moves sideways under yaw: the nose sticks out most).
+_EYE_V, _EYE_Z = -0.16, 0.75
+_BROW_V, _BROW_Z = -0.42, 0.7
+_NOSE_V, _NOSE_Z = 0.16, 1.0
+_MOUTH_V, _MOUTH_Z = 0.5, 0.7
+
+
+class LandmarkDataset(Dataset):
+    """Images (N, 3, H, W), already normalised, with landmarks (N, K, 2) in [0, 1] image coordinates.
+
+    Yields ``(image, landmarks)``; ``landmarks`` is a float32 (K, 2) tensor of (x, y). No transform:
+    see the module docstring for why the landmark target is not augmented geometrically.
+    """
+
+    def __init__(self, images: torch.Tensor, landmarks: torch.Tensor | np.ndarray, transform=None):
+        if transform is not None:  # the argument exists so the target suite can build it like ImageDataset
+            raise DataError("LandmarkDataset takes no image transform: it would not move the landmarks")
+        landmarks = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32)
+        if images.dim() != 4:
+            raise DataError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+        if landmarks.dim() != 3 or landmarks.shape[2] != 2:
+            raise DataError(f"landmarks must have shape (N, K, 2), got {tuple(landmarks.shape)}")
+        if images.shape[0] != landmarks.shape[0]:
+            raise DataError(f"{images.shape[0]} images but {landmarks.shape[0]} landmark sets")
+        self.images = images.float()
+        self.landmarks = landmarks
+
+    def __len__(self) -> int:
+        return self.landmarks.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.landmarks[index]
+
+    @classmethod
+    def from_uint8(cls, images: np.ndarray, landmarks: np.ndarray) -> LandmarkDataset:
+        """From uint8 (N, H, W, 3) pictures, normalised like every zootune dataset."""
+        return cls(normalize_batch(to_float_chw(images)), landmarks)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _rotation(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s], [s, c]])
+
+
+class _FacePose:
+    """Maps face-frame points (u, v, depth z) to image pixels and image pixels back to the face frame.
+
+    image = centre + R(roll) @ (scale * (u * cos(yaw) + z * sin(yaw)), scale * v)
+
+    so yaw foreshortens the face horizontally and shifts each feature by its depth.
+    """
+
+    def __init__(self, centre: np.ndarray, scale: float, roll: float, yaw: float):
+        self.centre, self.scale, self.roll, self.yaw = centre, scale, roll, yaw
+        self.rotation = _rotation(roll)
+
+    def to_image(self, u: float, v: float, z: float) -> np.ndarray:
+        local = self.scale * np.array([u * np.cos(self.yaw) + z * np.sin(self.yaw), v])
+        return self.centre + self.rotation @ local
+
+    def to_face(self, x: np.ndarray, y: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+        """Face-frame (u, v) of image points (x, y) for features at depth z (inverse of to_image)."""
+        dx, dy = x - self.centre[0], y - self.centre[1]
+        c, s = np.cos(self.roll), np.sin(self.roll)
+        a = (c * dx + s * dy) / self.scale  # R(roll)^T
+        b = (-s * dx + c * dy) / self.scale
+        return (a - z * np.sin(self.yaw)) / np.cos(self.yaw), b
+
+
+def _ellipse(u: np.ndarray, v: np.ndarray, cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
+    return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 <= 1.0
+
+
+def _background(rng: np.random.Generator, size: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A smooth colour field, optionally with stripes, checks or blotchy clutter laid over it."""
+    canvas = 0.15 + 0.7 * render.smooth_noise(rng, size, cells=int(rng.integers(2, 6)))
+    kind = int(rng.integers(4))
+    colour = rng.uniform(0, 1, 3)
+    if kind == 1:  # stripes at a random angle and period
+        angle, period = rng.uniform(0, np.pi), rng.uniform(3, 8)
+        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+    elif kind == 2:  # checks
+        period = rng.uniform(4, 9)
+        pattern = (np.floor(x / period) + np.floor(y / period)) % 2
+    elif kind == 3:  # blotchy clutter
+        pattern = render.smooth_noise(rng, size, cells=int(rng.integers(8, 14)), channels=1)[..., 0]
+    else:
+        return canvas
+    weight = rng.uniform(0.3, 0.7)
+    return (1 - weight * pattern[..., None]) * canvas + weight * pattern[..., None] * colour
+
+
+def _skin_colour(rng: np.random.Generator) -> np.ndarray:
+    if rng.uniform() < 0.2:  # cartoon colours, so colour alone never says "face"
+        return rng.uniform(0.35, 0.95, 3)
+    tone = rng.uniform()
+    dark, light = np.array([0.45, 0.3, 0.2]), np.array([0.98, 0.84, 0.72])
+    return np.clip(dark + tone * (light - dark) + rng.uniform(-0.05, 0.05, 3), 0, 1)
+
+
+def _paint(canvas, parts, mask, colour, part: str) -> None:
+    canvas[mask] = colour
+    parts[mask] = PARTS.index(part)
+
+
+def render_face(
+    rng: np.random.Generator, size: int = 32, occlusion_prob: float = 0.35
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One face: uint8 image (size, size, 3), landmarks (K, 2) in pixels, part map (size, size) int64.
+
+    The part map gives, per output pixel, the index in :data:`PARTS` of the part covering most of it.
+    """
+    x, y = render.pixel_grid(size)
+    # Pose: the head (half-height ``scale`` pixels) must keep every landmark inside the image.
+    for _attempt in range(100):
+        scale = rng.uniform(0.28, 0.4) * size
+        roll = np.deg2rad(rng.uniform(-30, 30))
+        yaw = np.deg2rad(rng.uniform(-30, 30))
+        centre = rng.uniform(0.3, 0.7, 2) * size
+        pose = _FacePose(centre, scale, roll, yaw)
+        chin = pose.to_image(0.0, 1.0, 0.0)
+        top = pose.to_image(0.0, -1.0, 0.0)
+        if min(chin.min(), top.min()) > 1.0 and max(chin.max(), top.max()) < size - 1.0:
+            break
+    aspect = rng.uniform(0.7, 0.88)  # head half-width / half-height
+    eye_u = rng.uniform(0.3, 0.4)
+    mouth_u = rng.uniform(0.22, 0.34)
+    smile = rng.uniform(-0.08, 0.16)  # > 0: the lip band sags in the middle (a smile)
+
+    canvas = _background(rng, size, x, y)
+    parts = np.zeros(x.shape, np.int64)
+    skin = _skin_colour(rng)
+    hair = rng.uniform(0, 0.45, 3) * rng.uniform(0.3, 1.0)
+
+    # Head: an ellipse foreshortened by yaw (depth 0: the outline does not shift).
+    u, v = pose.to_face(x, y, 0.0)
+    head = _ellipse(u, v, 0.0, 0.0, aspect, 1.0)
+    _paint(canvas, parts, head, skin, "skin")
+    if rng.uniform() < 0.7:  # hair: the top of the head above a wavy line
+        hairline = -0.62 + 0.08 * np.sin(u * rng.uniform(4, 9) + rng.uniform(0, 2 * np.pi))
+        _paint(canvas, parts, head & (v < hairline), hair, "hair")
+
+    points = np.zeros((NUM_LANDMARKS, 2))
+    eye_white = rng.uniform(0.82, 1.0, 3)
+    pupil_colour = rng.uniform(0.0, 0.2, 3)
+    pupil_radius = max(0.85, rng.uniform(0.06, 0.09) * scale)  # >= 0.85 px: the centre pixel is all pupil
+    u, v = pose.to_face(x, y, _EYE_Z)
+    for index, side in ((0, -1.0), (1, 1.0)):
+        _paint(canvas, parts, _ellipse(u, v, side * eye_u, _EYE_V, 0.16, 0.1), eye_white, "eye_white")
+        gaze = rng.uniform(-0.05, 0.05)  # pupil slightly off the eye's centre
+        points[index] = pose.to_image(side * eye_u + gaze, _EYE_V, _EYE_Z)
+        px, py = points[index]
+        _paint(canvas, parts, render.coverage(render.disk_distance(x, y, px, py, pupil_radius)), pupil_colour,
+               "pupil")
+
+    u, v = pose.to_face(x, y, _BROW_Z)
+    brow_tilt = rng.uniform(-0.3, 0.3)
+    for index, side in ((6, -1.0), (7, 1.0)):
+        cu = side * eye_u
+        # a short bar, tilted symmetrically (both inner ends up or down)
+        bar_v = v - _BROW_V - side * brow_tilt * (u - cu)
+        _paint(canvas, parts, (np.abs(u - cu) <= 0.17) & (np.abs(bar_v) <= 0.09), hair * 0.8, "brow")
+        points[index] = pose.to_image(cu, _BROW_V, _BROW_Z)
+
+    nose_colour = np.clip(skin * rng.uniform(0.55, 0.8) + np.array([0.08, 0.0, 0.0]), 0, 1)
+    points[2] = pose.to_image(0.0, _NOSE_V, _NOSE_Z)
+    nose_radius = max(0.9, rng.uniform(0.08, 0.12) * scale)
+    _paint(canvas, parts, render.coverage(render.disk_distance(x, y, *points[2], nose_radius)), nose_colour, "nose")
+
+    u, v = pose.to_face(x, y, _MOUTH_Z)
+    lips = np.array([rng.uniform(0.45, 0.85), rng.uniform(0.05, 0.3), rng.uniform(0.1, 0.35)])
+    t = np.clip(u / mouth_u, -1.0, 1.0)
+    middle = _MOUTH_V + smile * (1 - t**2)
+    thickness = 0.06 + rng.uniform(0.03, 0.07) * (1 - t**2)
+    mouth = (np.abs(u) <= mouth_u) & (np.abs(v - middle) <= thickness)
+    _paint(canvas, parts, mouth, lips, "mouth")
+    points[3] = pose.to_image(-mouth_u, _MOUTH_V, _MOUTH_Z)
+    points[4] = pose.to_image(mouth_u, _MOUTH_V, _MOUTH_Z)
+    points[5] = pose.to_image(0.0, 1.0, 0.0)
+
+    if rng.uniform() < occlusion_prob:  # a bar or disk over part of the face (a hand, a scarf, a cup)
+        anchor = points[rng.integers(NUM_LANDMARKS)] + rng.normal(0, 0.15 * scale, 2)
+        colour = render.random_color(rng, skin, min_dist=0.3)
+        if rng.uniform() < 0.5:
+            occluder = render.disk_distance(x, y, *anchor, rng.uniform(0.2, 0.4) * scale) >= 0
+        else:
+            angle = rng.uniform(0, np.pi)
+            along = (x - anchor[0]) * np.cos(angle) + (y - anchor[1]) * np.sin(angle)
+            across = -(x - anchor[0]) * np.sin(angle) + (y - anchor[1]) * np.cos(angle)
+            occluder = (np.abs(along) <= rng.uniform(0.4, 0.9) * scale) & (np.abs(across) <= rng.uniform(0.12, 0.25) * scale)
+        _paint(canvas, parts, occluder, colour, "occluder")
+
+    # Lighting: a linear illumination gradient times a brightness, then contrast about the mean,
+    # then sensor noise -- applied to everything, so no part has a fixed colour.
+    direction = _rotation(rng.uniform(0, 2 * np.pi)) @ np.array([1.0, 0.0])
+    gradient = ((x - size / 2) * direction[0] + (y - size / 2) * direction[1]) / size
+    canvas = canvas * (rng.uniform(0.7, 1.15) + rng.uniform(0.0, 0.6) * gradient)[..., None]
+    mean = canvas.mean(axis=(0, 1))
+    canvas = mean + rng.uniform(0.7, 1.2) * (canvas - mean)
+    image = render.downsample(canvas)
+    image = image + rng.normal(0, rng.uniform(0.0, 0.03), image.shape)
+    part_map = render.downsample(np.eye(len(PARTS), dtype=np.float32)[parts]).argmax(-1)
+    return render.to_uint8(image), points, part_map
+
+
+def face_scenes(
+    n: int, seed: int, size: int = 32, occlusion_prob: float = 0.35, return_parts: bool = False
+):
+    """``n`` faces from ``numpy.random.default_rng(seed)``: uint8 images (n, size, size, 3) and
+    float32 landmarks (n, K, 2) in [0, 1] (x / size, y / size); with ``return_parts`` also the part
+    maps (n, size, size) (indices into :data:`PARTS`)."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, size, size, 3), np.uint8)
+    landmarks = np.empty((n, NUM_LANDMARKS, 2), np.float32)
+    part_maps = np.empty((n, size, size), np.int64)
+    for i in range(n):
+        images[i], points, part_maps[i] = render_face(rng, size, occlusion_prob)
+        landmarks[i] = points / size
+    return (images, landmarks, part_maps) if return_parts else (images, landmarks)
+
+
+# ---------------------------------------------------------------------------- users' point files
+
+
+def read_pts(path: str | os.PathLike) -> np.ndarray:
+    """Points of a 300W-style ``.pts`` file as a float64 (K, 2) array of (x, y) pixels.
+
+    The format (ibug 300W, also used by Menpo)::
+
+        version: 1
+        n_points:  68
+        {
+        x1 y1
+        ...
+        }
+
+    300W's coordinates are 1-based (MATLAB); they are returned as written.
+    """
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    count = None
+    for line in lines:
+        if line.lower().startswith("n_points"):
+            try:
+                count = int(line.split(":", 1)[1])
+            except (IndexError, ValueError):
+                raise DataError(f"{path}: bad n_points line {line!r}") from None
+    if "{" not in lines or "}" not in lines or count is None:
+        raise DataError(f"{path} is not a .pts file (expected 'n_points: K' and a '{{ ... }}' block of 'x y' lines)")
+    body = lines[lines.index("{") + 1: lines.index("}")]
+    try:
+        points = np.array([[float(v) for v in line.split()] for line in body if line], dtype=np.float64)
+    except ValueError:
+        raise DataError(f"{path}: a point line is not two numbers") from None
+    if points.shape != (count, 2):
+        raise DataError(f"{path}: n_points says {count} but the block has {len(body)} lines of shape {points.shape[1:]}")
+    if not np.isfinite(points).all():
+        raise DataError(f"{path}: non-finite coordinates")
+    return points
+
+
+def crop_face(image: np.ndarray, points: np.ndarray, size: int = 32, margin: float = 0.25):
+    """Crop a square around ``points`` (their box enlarged by ``margin`` on every side), resize it to
+    size x size; returns (uint8 (size, size, 3) image, points in [0, 1] of the crop)."""
+    from PIL import Image
+
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    centre, side = (lo + hi) / 2, (hi - lo).max() * (1 + 2 * margin)
+    if side <= 0:
+        raise DataError("all points of a face coincide: cannot crop around them")
+    left, top = centre - side / 2
+    picture = Image.fromarray(image).convert("RGB")
+    # the crop box may leave the picture: PIL pads with black, and the points stay consistent
+    crop = picture.transform(
+        (size, size), Image.Transform.EXTENT, (left, top, left + side, top + side), resample=Image.Resampling.BILINEAR
+    )
+    return np.asarray(crop, dtype=np.uint8), ((points - [left, top]) / side).astype(np.float32)
+
+
+def load_landmark_folder(
+    root: str | os.PathLike, size: int = 32, margin: float = 0.25, one_based: bool = True,
+    extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
+) -> LandmarkDataset:
+    """Every image under ``root`` that has a ``.pts`` file of the same name, as a :class:`LandmarkDataset`.
+
+    Each face is cropped around its points (:func:`crop_face`) and resized to ``size``; coordinates
+    are made 0-based (300W's are 1-based) when ``one_based``. All files must have the same number of
+    points.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"no folder at {root}")
+    pictures = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.with_suffix(".pts").is_file())
+    if not pictures:
+        raise DataError(f"no image with a .pts file next to it under {root}")
+    images, landmarks = [], []
+    for picture in pictures:
+        points = read_pts(picture.with_suffix(".pts")) - (1.0 if one_based else 0.0)
+        if landmarks and len(points) != landmarks[0].shape[0]:
+            raise DataError(f"{picture.with_suffix('.pts')} has {len(points)} points, the first file had "
+                            f"{landmarks[0].shape[0]}")
+        try:
+            with Image.open(picture) as opened:
+                array = np.asarray(opened.convert("RGB"))
+        except OSError as err:
+            raise DataError(f"cannot read image {picture}: {err}") from None
+        crop, normalised = crop_face(array, points, size, margin)
+        images.append(crop)
+        landmarks.append(normalised)
+    return LandmarkDataset.from_uint8(np.stack(images), np.stack(landmarks))
