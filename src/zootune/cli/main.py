@@ -1,8 +1,9 @@
 """The ``zootune`` command: a thin layer over the Python API.
 
 Subcommands: ``run`` (the comparison, :func:`zootune.experiment.run_experiment`), ``fit``, ``export``,
-``evaluate``, ``zoo build|list`` (the MiniZoo), ``rank`` (LogME). Each one parses its arguments,
-calls the library and prints; the work is done by the library.
+``evaluate``, ``zoo build|list`` (the MiniZoo), ``rank`` (LogME), ``rl`` (MinAtar transfer,
+:mod:`zootune.cli.rl`). Each one parses its arguments, calls the library and prints; the work is done
+by the library.
 
 A problem caused by the user's input (:class:`zootune.errors.ZootuneError`, or bad arguments) is
 printed as ONE line ``zootune: error: ...`` on stderr with exit status 2. Any other exception is a
@@ -96,7 +97,7 @@ def cmd_run(args) -> int:
         overrides["seeds"] = args.seeds
     if args.methods is not None:
         overrides["methods"] = _split_list(args.methods)
-    for name in ("epochs", "batch_size", "lr", "max_steps_per_epoch"):
+    for name in ("epochs", "batch_size", "lr", "optimizer", "max_steps_per_epoch"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     overrides.update(hub=args.hub, cache_dir=args.cache_dir, plots=not args.no_plots, progress=args.progress)
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="epochs per training")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
+                   help="for every training (default sgd; the landmark target uses adamw, see docs/landmarks.md)")
     p.add_argument("--max-steps-per-epoch", type=_positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", help="output folder (default ./zootune-out/<timestamp>)")
     p.add_argument("--cache-dir", help="MiniZoo/data cache (default $ZOOTUNE_CACHE or ~/.cache/zootune)")
@@ -371,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.set_defaults(func=cmd_rank)
+
+    from zootune.cli.rl import add_rl_parser
+
+    add_rl_parser(sub, _positive_int, _parse_seeds)
     return parser
 
 
@@ -386,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not hasattr(args, "func"):
             raise _UsageError(
-                "no command given; choose one of run, fit, export, evaluate, zoo, rank (see `zootune --help`)"
+                "no command given; choose one of run, fit, export, evaluate, zoo, rank, rl (see `zootune --help`)"
                 if getattr(args, "command", None) != "zoo" else "zoo needs an action: build or list"
             )
         return args.func(args)

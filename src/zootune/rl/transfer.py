@@ -1,0 +1,310 @@
+"""The RL transfer comparison behind ``zootune rl``: a zoo of MinAtar agents -> a held-out game.
+
+For the target game and each seed, every method's Q-network is built by the *same* method builders
+as in classification (:func:`zootune.methods.registry.get_method` with an :class:`RLTask`, which
+supplies the Q head) and trained by DQN (:func:`zootune.rl.dqn.train_dqn`):
+
+- ``scratch``: a freshly initialised Q-network (the ``finetune`` builder on a one-model zoo holding
+  a new random network) -- learning without transfer;
+- ``finetune-best``: the source agent with the highest zero-shot return on the target game (its own
+  head, ``selection_episodes`` episodes, epsilon 0.05, before any training on the target) fine-tuned
+  with a new Q head; ``finetune-<game>`` for every source with ``finetune_each``;
+- ``zoo-tuning`` / ``lite``: Zoo-Tuning and Lite Zoo-Tuning of all source agents (Lite is evaluated
+  as its folded plain Q-network).
+
+Outputs in ``out``: ``curves.csv`` and ``curves.jsonl`` (method, seed, step, mean evaluation return),
+``learning_curves.png`` (mean ± std over seeds), ``results.json`` and ``results.md`` (final return
+mean ± std per method), ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from zootune.engine.checkpoint import seed_everything
+from zootune.errors import ZootuneError
+from zootune.methods.registry import get_method
+from zootune.report import (
+    atomic_write_json,
+    atomic_write_text,
+    format_markdown_table,
+    format_mean_std,
+    mean_std,
+)
+from zootune.rl.dqn import EVAL_SEED_OFFSET, DQNConfig, evaluate_policy, train_dqn
+from zootune.rl.envs import check_game
+from zootune.rl.qnet import minatar_qnet
+from zootune.rl.task import RLTask
+from zootune.rl.zoo import load_rl_zoo
+from zootune.version import __version__
+
+METHODS = ("scratch", "finetune-best", "zoo-tuning", "lite")
+AGGREGATE_CHOICES = {"conv": (nn.Conv2d,), "conv+linear": (nn.Conv2d, nn.Linear)}
+LABELS = {"scratch": "from scratch", "finetune-best": "fine-tune best source", "zoo-tuning": "Zoo-Tuning",
+          "lite": "Lite Zoo-Tuning (folded)"}
+# Model construction and source selection use seeds offset from the training seed, so a fresh head
+# and the exploration stream are not drawn from one generator state.
+MODEL_SEED_OFFSET = 3_000_017
+SELECTION_SEED = 2_000_003
+
+
+@dataclass
+class RLRunConfig:
+    """The comparison's settings; :meth:`quick` is the ~1-2 minute preset."""
+
+    game: str = "breakout"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    finetune_each: bool = False
+    aggregate: str = "conv"
+    dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=15_000, eval_every=1_500, eps_decay_steps=7_500))
+    source_dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=30_000, eval_every=0, eps_decay_steps=15_000))
+    zoo_seed: int = 0
+    selection_episodes: int = 10
+    final_episodes: int = 20
+    threads: int = 1  # the nets are tiny: one thread is fastest on a shared CPU and keeps runs reproducible
+    cache_dir: str | None = None
+    progress: bool = True
+    plots: bool = True
+
+    def __post_init__(self):
+        check_game(self.game)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ZootuneError(f"unknown RL method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
+        if not self.methods and not self.finetune_each:
+            raise ZootuneError("no RL method selected")
+        if self.aggregate not in AGGREGATE_CHOICES:
+            raise ZootuneError(f"aggregate must be one of {', '.join(AGGREGATE_CHOICES)}, got {self.aggregate!r}")
+        if not self.seeds:
+            raise ZootuneError("give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ZootuneError(f"seeds must be distinct, got {self.seeds}")
+        for name in ("selection_episodes", "final_episodes", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise ZootuneError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def quick(cls, **overrides) -> RLRunConfig:
+        """One seed, 4k target steps, 3k-step source agents: about 1-2 minutes on 2 CPU cores."""
+        quick = dict(
+            seeds=[0],
+            dqn=DQNConfig(steps=4_000, learning_starts=500, eval_every=1_000, eval_episodes=3,
+                          eps_decay_steps=2_000, replay_capacity=10_000, target_update=500,
+                          max_eval_episode_steps=500),
+            source_dqn=DQNConfig(steps=3_000, learning_starts=500, eval_every=0, eval_episodes=3,
+                                 eps_decay_steps=1_500, replay_capacity=10_000, target_update=500,
+                                 max_eval_episode_steps=500),
+            selection_episodes=3, final_episodes=5,
+        )
+        quick.update(overrides)
+        return cls(**quick)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_q_network(method: str, zoo, task: RLTask, seed: int, aggregate: str = "conv", member: int | None = None):
+    """The method's Q-network, made by the registered builders (no RL case inside the methods)."""
+    torch.manual_seed(seed)
+    if method == "scratch":
+        fresh = minatar_qnet(task.num_actions)  # random init drawn from the seeded generator
+        return get_method("finetune").build([fresh], task)
+    if method == "finetune":
+        return get_method("finetune").build(zoo, task, member=member)
+    if method in ("zoo-tuning", "lite"):
+        return get_method(method).build(zoo, task, target_types=AGGREGATE_CHOICES[aggregate])
+    raise ZootuneError(f"unknown RL method {method!r}")
+
+
+def select_best_source(zoo, game: str, episodes: int, sticky_action_prob: float = 0.1,
+                       max_episode_steps: int = 2_000) -> tuple[int, dict[str, float]]:
+    """(index, {name: mean return}) of the member whose own Q-head plays ``game`` best, zero-shot
+    (epsilon 0.05; ties go to the earlier member)."""
+    scores = {}
+    for name, member in zoo.items():
+        returns = evaluate_policy(member, game, episodes, seed=SELECTION_SEED, sticky_action_prob=sticky_action_prob,
+                                  max_episode_steps=max_episode_steps)
+        scores[name] = float(np.mean(returns))
+    best = max(range(len(zoo)), key=lambda i: (scores[zoo.names[i]], -i))
+    return best, scores
+
+
+def _runs(config: RLRunConfig, zoo, best: int) -> list[tuple[str, str, int | None]]:
+    """(method id, builder name, member) in table order; ``finetune_each`` adds one row per source."""
+    runs = [("finetune-best", "finetune", best) if m == "finetune-best" else (m, m, None) for m in config.methods]
+    if config.finetune_each:
+        runs += [(f"finetune-{name}", "finetune", i) for i, name in enumerate(zoo.names)]
+    return runs
+
+
+def summarize_curves(curves: dict[int, list[tuple[int, float]]]) -> list[dict]:
+    """Mean and std (over seeds) of the evaluation return at each step all seeds evaluated."""
+    steps = sorted(set.intersection(*({s for s, _ in c} for c in curves.values()))) if curves else []
+    rows = []
+    for step in steps:
+        values = [dict(c)[step] for c in curves.values()]
+        mean, std = mean_std(values)
+        rows.append({"step": step, "mean": mean, "std": std})
+    return rows
+
+
+def run_rl_transfer(config: RLRunConfig, out: str | Path, log: Callable[[str], None] | None = None) -> dict:
+    """Run the comparison and write its files into ``out``; returns the results dictionary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def say(message: str) -> None:
+        lines.append(message)
+        (log or print)(message)
+        atomic_write_text(out / "log.txt", "\n".join(lines) + "\n")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    try:
+        zoo, zoo_rows = load_rl_zoo(config.game, config.source_dqn, seed=config.zoo_seed, cache_dir=config.cache_dir,
+                                    progress=config.progress, log=say)
+        say(f"RL zoo for target {config.game}: {', '.join(zoo.names)}")
+        best, selection = select_best_source(zoo, config.game, config.selection_episodes,
+                                             config.dqn.sticky_action_prob, config.dqn.max_eval_episode_steps)
+        say("zero-shot return on " + config.game + ": "
+            + ", ".join(f"{n} {v:.2f}" for n, v in selection.items()) + f" -> best source {zoo.names[best]}")
+        task = RLTask()
+        runs = _runs(config, zoo, best)
+        records: dict[str, dict] = {}
+        curve_rows = []
+        for seed in config.seeds:
+            for run_id, builder, member in runs:
+                seed_everything(seed)
+                model = build_q_network(builder, zoo, task, seed=seed + MODEL_SEED_OFFSET, aggregate=config.aggregate,
+                                        member=member)
+                result = train_dqn(model, config.game, config.dqn, seed=seed, task=task, progress=config.progress,
+                                   desc=f"{run_id} seed {seed}", log=say)
+                returns = evaluate_policy(result.model, config.game, config.final_episodes,
+                                          seed=seed + 2 * EVAL_SEED_OFFSET, epsilon=config.dqn.eval_epsilon,
+                                          sticky_action_prob=config.dqn.sticky_action_prob,
+                                          max_episode_steps=config.dqn.max_eval_episode_steps)
+                final = float(np.mean(returns))
+                record = records.setdefault(run_id, {"id": run_id, "label": LABELS.get(run_id, f"fine-tune {run_id[9:]}"),
+                                                     "member": None if member is None else zoo.names[member],
+                                                     "final": [], "seconds": [], "curves": {}})
+                record["final"].append(final)
+                record["seconds"].append(result.seconds)
+                record["curves"][seed] = result.curve
+                curve_rows += [{"method": run_id, "seed": seed, "step": s, "mean_return": r} for s, r in result.curve]
+                say(f"{run_id} seed {seed}: final return {final:.2f} over {config.final_episodes} episodes "
+                    f"({result.seconds:.0f}s, {config.dqn.steps / max(result.seconds, 1e-9):.0f} steps/s)")
+                _write_curves(out, curve_rows)
+        methods = []
+        for record in records.values():
+            mean, std = mean_std(record["final"])
+            methods.append({**{k: v for k, v in record.items() if k != "curves"}, "mean": mean, "std": std,
+                            "curve": summarize_curves(record["curves"]),
+                            "curves": {str(s): c for s, c in record["curves"].items()}})
+        results = {
+            "zootune_version": __version__, "game": config.game, "seeds": list(config.seeds),
+            "config": config.to_dict(), "metric": "return", "higher_is_better": True,
+            "zoo": {"names": zoo.names, "agents": zoo_rows}, "selection": selection, "best_source": zoo.names[best],
+            "methods": methods, "seconds": time.perf_counter() - start,
+        }
+        if config.plots:
+            plot = plot_learning_curves(results, out / "learning_curves.png", log=say)
+            results["plot"] = plot.name if plot else None
+        atomic_write_json(out / "results.json", results)
+        atomic_write_text(out / "results.md", results_markdown(results))
+        say(results_table_text(results))
+        say(f"wrote {out / 'results.json'}, results.md, curves.csv ({results['seconds']:.0f}s)")
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_curves(out: Path, rows: list[dict]) -> None:
+    csv = "method,seed,step,mean_return\n" + "".join(
+        f"{r['method']},{r['seed']},{r['step']},{r['mean_return']:.6g}\n" for r in rows)
+    atomic_write_text(out / "curves.csv", csv)
+    atomic_write_text(out / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method", f"final return on {results['game']}", "mean eval return over training", "seconds/run"]
+    rows = []
+    for row in results["methods"]:
+        area = [np.mean([p["mean"] for p in row["curve"]])] if row["curve"] else []
+        rows.append([row["label"], format_mean_std(row["mean"], row["std"]),
+                     f"{area[0]:.2f}" if area else "-", f"{np.mean(row['seconds']):.0f}"])
+    return header, rows
+
+
+def results_table_text(results: dict) -> str:
+    from zootune.report import format_text_table
+
+    header, rows = _table_rows(results)
+    return format_text_table(header, rows)
+
+
+def results_markdown(results: dict) -> str:
+    header, rows = _table_rows(results)
+    cfg = results["config"]
+    seeds = ", ".join(map(str, results["seeds"]))
+    lines = [
+        f"# RL transfer to MinAtar {results['game']}",
+        "",
+        (f"Zoo: {', '.join(results['zoo']['names'])} (DQN agents, {cfg['source_dqn']['steps']} steps each). "
+         f"Target training: {cfg['dqn']['steps']} DQN steps per run, seeds {seeds}. Final return: mean over "
+         f"{cfg['final_episodes']} episodes (epsilon {cfg['dqn']['eval_epsilon']}), mean ± std over seeds."),
+        "",
+        f"Zero-shot return of each source on {results['game']}: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in results["selection"].items())
+        + f" (best: {results['best_source']}).",
+        "",
+        format_markdown_table(header, rows),
+        "",
+    ]
+    if results.get("plot"):
+        lines += [f"![learning curves]({results['plot']})", ""]
+    lines.append(f"Wall time: {results['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_learning_curves(results: dict, path: Path, log: Callable[[str], None] = print) -> Path | None:
+    """Mean evaluation return vs environment steps per method, shaded ± std over seeds."""
+    from zootune.report import matplotlib_available
+
+    if not matplotlib_available():
+        log("matplotlib is not installed: learning-curve plot skipped (pip install 'zootune[plot]')")
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for row in results["methods"]:
+        if not row["curve"]:
+            continue
+        steps = np.array([p["step"] for p in row["curve"]])
+        mean = np.array([p["mean"] for p in row["curve"]])
+        std = np.array([p["std"] for p in row["curve"]])
+        ax.plot(steps, mean, label=row["label"])
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("environment steps on the target game")
+    ax.set_ylabel("evaluation return (epsilon 0.05)")
+    ax.set_title(f"MinAtar {results['game']}: mean ± std over {len(results['seeds'])} seed(s)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,291 @@
+"""RL transfer on MinAtar: padding, replay, the DQN update and target sync, the RL zoo through
+``zootune.Zoo``, the same ZooTuning class as classification, the ``zootune rl`` CLI and a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("minatar")
+
+import zootune.cli.main as cli
+from zootune.errors import CheckpointError, ZootuneError
+from zootune.methods.registry import get_method
+from zootune.methods.zoo_tuning import ZooTuning
+from zootune.rl import (
+    GAMES,
+    DQNConfig,
+    DQNLearner,
+    MinAtarQNet,
+    ReplayBuffer,
+    RLRunConfig,
+    RLTask,
+    build_q_network,
+    build_rl_zoo,
+    epsilon_at,
+    load_agents,
+    load_rl_zoo,
+    make_env,
+    minatar_qnet,
+    pad_observation,
+    run_rl_transfer,
+    train_dqn,
+)
+from zootune.rl.envs import observe
+from zootune.rl.zoo import rl_zoo_dir
+from zootune.tasks import ClassificationTask
+from zootune.zoo import Zoo, save_state_dict
+
+OBS = (10, 10, 10)
+TINY = dict(batch_size=4, learning_starts=0, train_every=1, eval_every=0, replay_capacity=64)
+
+
+def random_transitions(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        yield (rng.integers(0, 2, OBS).astype(np.uint8), int(rng.integers(6)), float(rng.integers(0, 2)),
+               rng.integers(0, 2, OBS).astype(np.uint8), bool(i % 5 == 4))
+
+
+def params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def tiny_zoo(n: int = 3) -> Zoo:
+    members = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        members.append(MinAtarQNet())
+    return Zoo.from_modules(members, [f"g{i}" for i in range(n)])
+
+
+# ------------------------------------------------------------------ environments and padding
+
+def test_padded_observations_of_every_game_have_the_common_shape():
+    for game in GAMES:
+        env = make_env(game, seed=0)
+        for action in (0, 1, 3, 5):
+            env.act(action)
+        state = env.state()
+        padded = observe(env)
+        assert padded.shape == OBS and padded.dtype == np.uint8
+        channels = state.shape[2]
+        # channel c of the padding is channel c of the game; the rest is zero
+        for c in range(10):
+            expected = state[:, :, c].astype(np.uint8) if c < channels else np.zeros((10, 10), np.uint8)
+            assert np.array_equal(padded[c], expected), (game, c)
+    with pytest.raises(ZootuneError, match="unknown MinAtar game"):
+        make_env("pong", seed=0)
+    with pytest.raises(ZootuneError):
+        pad_observation(np.zeros((10, 10, 11), bool))
+
+
+# ------------------------------------------------------------------ replay buffer
+
+def test_replay_buffer_samples_only_stored_transitions_and_wraps_at_capacity():
+    buffer = ReplayBuffer(5, OBS)
+    rng = np.random.default_rng(0)
+    for i in range(3):  # rewards 1, 2, 3 identify the transitions
+        buffer.add(np.full(OBS, i, np.uint8), i, float(i + 1), np.full(OBS, i + 1, np.uint8), False)
+    assert len(buffer) == 3
+    batch = buffer.sample(200, rng)
+    assert set(batch["reward"].tolist()) <= {1.0, 2.0, 3.0}  # unwritten zero slots never drawn
+    assert set(batch["reward"].tolist()) == {1.0, 2.0, 3.0}
+    for i in range(3, 7):
+        buffer.add(np.full(OBS, i, np.uint8), i % 6, float(i + 1), np.full(OBS, i + 1, np.uint8), i == 6)
+    # 7 transitions into 5 slots: the two oldest (rewards 1, 2) are overwritten in place
+    assert len(buffer) == 5 and buffer.position == 2
+    assert buffer.rewards.tolist() == [6.0, 7.0, 3.0, 4.0, 5.0]
+    batch = buffer.sample(300, rng)
+    assert set(batch["reward"].tolist()) == {3.0, 4.0, 5.0, 6.0, 7.0}
+    # each sampled row is one stored transition (obs, next_obs, reward stay together)
+    ident = batch["obs"][:, 0, 0, 0]
+    assert torch.equal(batch["reward"], ident + 1) and torch.equal(batch["next_obs"][:, 0, 0, 0], ident + 1)
+    assert torch.equal(batch["done"], (ident == 6).float())
+
+
+# ------------------------------------------------------------------ DQN
+
+def test_epsilon_decays_linearly_then_stays():
+    cfg = DQNConfig(eps_start=1.0, eps_end=0.1, eps_decay_steps=100)
+    assert epsilon_at(0, cfg) == 1.0 and math.isclose(epsilon_at(50, cfg), 0.55)
+    assert math.isclose(epsilon_at(100, cfg), 0.1) and math.isclose(epsilon_at(10_000, cfg), 0.1)
+
+
+def test_dqn_update_changes_the_q_network_not_the_target_and_matches_a_naive_loss():
+    torch.manual_seed(0)
+    learner = DQNLearner(MinAtarQNet(), DQNConfig(**{**TINY, "learning_starts": 1000}), seed=0)
+    for t in random_transitions(8):
+        learner.observe(*t)
+    assert learner.updates == 0  # before learning_starts nothing is trained
+    online_before, target_before = params(learner.online), params(learner.target)
+    assert same(online_before, target_before)
+    batch = learner.replay.sample(6, np.random.default_rng(1))
+    # naive reference: y = r + gamma (1 - done) max_a' Q_target(s', a'), Huber on Q(s, a) - y
+    with torch.no_grad():
+        q = learner.online(batch["obs"])
+        y = batch["reward"] + 0.99 * (1 - batch["done"]) * learner.target(batch["next_obs"]).max(1).values
+        d = torch.stack([q[i, batch["action"][i]] for i in range(6)]) - y
+        expected = torch.where(d.abs() <= 1, 0.5 * d ** 2, d.abs() - 0.5).mean()
+    loss = learner.update(batch)
+    assert math.isclose(loss, float(expected), rel_tol=1e-5)
+    assert not same(params(learner.online), online_before)
+    assert same(params(learner.target), target_before)
+
+
+def test_target_network_equals_online_exactly_right_after_each_sync_step_and_not_before():
+    torch.manual_seed(0)
+    learner = DQNLearner(MinAtarQNet(), DQNConfig(**{**TINY, "target_update": 3}), seed=0)
+    for step, transition in enumerate(random_transitions(10), start=1):
+        learner.observe(*transition)
+        equal = same(params(learner.online), params(learner.target))
+        assert equal == (step % 3 == 0), step
+    assert learner.syncs == 3 and learner.updates == 10
+
+
+def test_rl_task_loss_and_metric():
+    task = RLTask()
+    outputs = torch.tensor([[0.0, 2.0, 0.0, 0, 0, 0], [1.0, 0.0, 0.0, 0, 0, 0]])
+    targets = torch.tensor([[1.0, 0.5], [0.0, 0.8]])  # |d| = 1.5 (linear part), 0.2 (quadratic part)
+    assert math.isclose(float(task.loss(outputs, targets)), ((1.5 - 0.5) + 0.5 * 0.2 ** 2) / 2, rel_tol=1e-6)
+    total, count = task.metric_sums(outputs, targets)
+    assert math.isclose(total, 1.7, rel_tol=1e-6) and count == 2
+    with pytest.raises(ZootuneError):
+        task.check_targets(torch.tensor([[6.0, 0.0]]))
+
+
+def test_same_seed_gives_the_same_training_run():
+    cfg = DQNConfig(steps=120, batch_size=4, learning_starts=20, target_update=30, eval_every=60, eval_episodes=1)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        result = train_dqn(MinAtarQNet(), "breakout", cfg, seed=3)
+        runs.append((result.episodes, result.curve, params(result.model)))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] and same(runs[0][2], runs[1][2])
+    assert len(runs[0][1]) == 2 and [s for s, _ in runs[0][1]] == [60, 120]
+
+
+# ------------------------------------------------------------------ zoo and methods
+
+def test_rl_zoo_loads_through_zootune_zoo(tmp_path):
+    agents = {}
+    for i, name in enumerate(["asterix", "freeway", "seaquest"]):
+        torch.manual_seed(i)
+        agents[name] = MinAtarQNet()
+    save_state_dict(tmp_path / "asterix.safetensors", agents["asterix"].state_dict())
+    save_state_dict(tmp_path / "freeway.safetensors", agents["freeway"].state_dict())
+    torch.save({"state_dict": agents["seaquest"].state_dict(), "step": 5}, tmp_path / "seaquest.pt")
+    paths = [tmp_path / "asterix.safetensors", tmp_path / "freeway.safetensors", tmp_path / "seaquest.pt"]
+    zoo = Zoo.from_checkpoints(paths, arch=minatar_qnet, keep_head=True)
+    assert zoo.names == ["asterix", "freeway", "seaquest"] and zoo.head_name == "head"
+    for name, member in zoo.items():
+        assert isinstance(member, MinAtarQNet) and same(params(member), params(agents[name]))
+    assert load_agents(paths).names == zoo.names
+    (tmp_path / "broken.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError):
+        load_agents([tmp_path / "broken.safetensors"])
+
+
+def test_rl_zoo_cache_builds_checks_checksums_and_holds_out_the_target(tmp_path):
+    cfg = DQNConfig(steps=40, batch_size=4, learning_starts=10, target_update=20, eval_every=0, eval_episodes=1,
+                    max_eval_episode_steps=50)
+    zoo, rows = load_rl_zoo("breakout", cfg, cache_dir=tmp_path, log=lambda m: None)
+    assert zoo.names == ["asterix", "freeway", "seaquest", "space_invaders"]
+    folder = rl_zoo_dir(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(r["game"] for r in manifest["agents"].values()) == zoo.names
+    again = build_rl_zoo(zoo.names, cfg, cache_dir=tmp_path, log=lambda m: None)  # cached: same files
+    assert [r["sha256"] for r in again] == [r["sha256"] for r in rows]
+    (folder / rows[0]["file"]).write_bytes(b"corrupt")
+    with pytest.raises(CheckpointError, match="asterix"):
+        load_rl_zoo("breakout", cfg, cache_dir=tmp_path, build_if_missing=False)
+
+
+def test_rl_path_builds_the_same_zoo_tuning_class_as_classification_and_trains_through_it():
+    zoo = tiny_zoo()
+    task = RLTask()
+    rl_model = build_q_network("zoo-tuning", zoo, task, seed=0)
+    classifier = get_method("zoo-tuning").build(zoo, ClassificationTask(3))
+    assert type(rl_model) is type(classifier) is ZooTuning
+    assert rl_model.model.head.out_features == 6 and list(rl_model.aggregated_layers()) == ["conv"]
+    wide = build_q_network("zoo-tuning", zoo, task, seed=0, aggregate="conv+linear")
+    assert list(wide.aggregated_layers()) == ["conv", "hidden"]
+    before = params(rl_model)
+    cfg = DQNConfig(steps=30, batch_size=4, learning_starts=10, target_update=10, eval_every=0)
+    result = train_dqn(rl_model, "space_invaders", cfg, seed=0, task=task)
+    assert result.model is rl_model and result.updates == 5 and result.syncs == 3
+    assert not same(params(rl_model), before)
+    # Lite: DQN through the Lite module, then its folded plain Q-network computes the same values
+    lite = build_q_network("lite", zoo, task, seed=0)
+    folded = train_dqn(lite, "space_invaders", cfg, seed=0, task=task).model
+    assert type(folded) is MinAtarQNet
+    x = torch.from_numpy(np.stack([t[0] for t in random_transitions(4)])).float()
+    lite.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), lite(x), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ CLI and a tiny run
+
+def test_cli_rl_bad_input_is_one_line_and_nonzero(capsys, tmp_path):
+    for argv, fragment in ((["rl", "--game", "pong"], "unknown MinAtar game 'pong'"),
+                           (["rl", "--steps", "-5"], "--steps"),
+                           (["rl", "--methods", "scratch,magic"], "unknown RL method 'magic'")):
+        code = cli.main(argv + ["--out", str(tmp_path), "--cache-dir", str(tmp_path)])
+        _, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("zootune: error: "), err
+        assert fragment in lines[0]
+
+
+def test_tiny_rl_run_writes_curves_and_results(tmp_path):
+    out = tmp_path / "out"
+    short = {"batch_size": 8, "learning_starts": 20, "target_update": 50, "eval_episodes": 1,
+             "max_eval_episode_steps": 100, "replay_capacity": 500}
+    config = RLRunConfig.quick(
+        game="space_invaders", seeds=[0, 1], methods=["scratch", "finetune-best", "lite"],
+        dqn=DQNConfig(steps=100, eval_every=10, **short), source_dqn=DQNConfig(steps=60, eval_every=0, **short),
+        selection_episodes=2, final_episodes=2, progress=False, cache_dir=str(tmp_path / "cache"))
+    results = run_rl_transfer(config, out, log=lambda message: None)
+    assert json.loads((out / "results.json").read_text())["methods"] == json.loads(json.dumps(results["methods"]))
+    results = json.loads((out / "results.json").read_text())
+    assert results["game"] == "space_invaders" and "space_invaders" not in results["zoo"]["names"]
+    assert results["best_source"] == max(results["selection"], key=results["selection"].get)
+    assert [m["id"] for m in results["methods"]] == ["scratch", "finetune-best", "lite"]
+    lines = (out / "curves.csv").read_text().splitlines()
+    assert lines[0] == "method,seed,step,mean_return" and len(lines) == 1 + 3 * 2 * 10  # eval every 10 steps
+    rows = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    for method in results["methods"]:
+        assert len(method["final"]) == 2
+        assert math.isclose(method["mean"], float(np.mean(method["final"])), rel_tol=1e-9)
+        assert math.isclose(method["std"], float(np.std(method["final"], ddof=1)), rel_tol=1e-9, abs_tol=1e-12)
+        last = [r["mean_return"] for r in rows if r["method"] == method["id"] and r["step"] == 100]
+        assert math.isclose(method["curve"][-1]["mean"], float(np.mean(last)), rel_tol=1e-9)
+    markdown = (out / "results.md").read_text()
+    assert "Lite Zoo-Tuning (folded)" in markdown and "from scratch" in markdown
+    pytest.importorskip("matplotlib")
+    assert (out / "learning_curves.png").stat().st_size > 0
+
+
+def test_cli_rl_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
+    import zootune.rl
+
+    seen = {}
+    monkeypatch.setattr(zootune.rl, "run_rl_transfer", lambda config, out: seen.update(config=config, out=out))
+    argv = ["rl", "--quick", "--game", "freeway", "--steps", "300", "--source-steps", "80", "--seeds", "2",
+            "--methods", "scratch,lite", "--aggregate", "conv+linear", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 0
+    config = seen["config"]
+    assert config.game == "freeway" and config.seeds == [0, 1] and config.methods == ["scratch", "lite"]
+    assert config.aggregate == "conv+linear" and config.dqn.steps == 300 and config.dqn.eval_every == 30
+    assert config.source_dqn.steps == 80 and config.dqn.eps_decay_steps <= 150
+    assert seen["out"] == tmp_path / "o"
