@@ -300,7 +300,7 @@ def test_kf_teachers_only_run_in_training_phase():
 
 def train_kf(lambda1, steps=15):
     torch.manual_seed(0)
-    _, model = kf_model(lambda1=lambda1, student_only_from=1.0)
+    _, model = kf_model(lambda1=lambda1, student_only_from=1.0, initial_student_weight=None)  # uniform start
     task = ClassificationTask(4)
     optimizer = torch.optim.SGD(model.param_groups(0.05), lr=0.05, momentum=0.9)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
@@ -350,3 +350,120 @@ def test_kf_generic_model_with_named_flow_point():
     out = model(torch.randn(5, 6))
     assert out.shape == (5, 3) and math.isfinite(float(out.detach().sum()))
     assert isinstance(model.finalize().body, nn.Sequential)
+
+
+# ---------------------------------------------------------------- student from the best-validated member
+
+
+def test_run_passes_finetune_val_metrics_and_student_is_that_member():
+    from zootune.experiment import _method_options
+
+    zoo, task = tiny_zoo(), ClassificationTask(4)
+    fitted = [finetune.build(zoo, task, member=i).finalize() for i in range(3)]
+    val = [40.0, 55.0, 90.0]  # member 2 validated best
+    for name in ("distill", "knowledge-flow"):
+        options = _method_options(get_method(name), None, val)
+        assert options == {"val_metrics": val}
+        built = get_method(name).build(zoo, task, fitted={"finetune": fitted}, **options)
+        student = built.finalize()
+        for key, value in zoo[2].state_dict().items():
+            if not key.startswith("fc."):  # the head is the task's new one
+                assert torch.equal(student.state_dict()[key], value), (name, key)
+    # Methods whose build has no val_metrics get nothing; the user's own choice is kept.
+    assert _method_options(get_method("soup"), None, val) == {}
+    assert _method_options(get_method("distill"), {"student_member": 0}, val) == {"student_member": 0}
+    assert _method_options(get_method("distill"), None, []) == {}
+
+
+def test_distill_logit_average_matches_plain_formula():
+    t1, t2 = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[3.0, 1.0, 0.0]])
+    temperature = 2.0
+    mean_logits = [(1.0 + 3.0) / 2, (0.0 + 1.0) / 2, (-1.0 + 0.0) / 2]
+    z = [math.exp(v / temperature) for v in mean_logits]
+    expected = torch.tensor([[v / sum(z) for v in z]])
+    got = distill.averaged_teacher_probs([t1, t2], temperature, average="logits")
+    torch.testing.assert_close(got, expected)
+    # ... which differs from averaging the probabilities.
+    assert not torch.allclose(got, distill.averaged_teacher_probs([t1, t2], temperature, average="probs"))
+    with pytest.raises(ZootuneError):
+        distill.build(tiny_zoo(), ClassificationTask(4), fitted={"finetune": [MLP()]}, average="median")
+
+
+# ---------------------------------------------------------------- Knowledge Flow's lambda2 term
+
+
+def test_kf_previous_iterate_kl_hand_made_value():
+    # p_prev = (1/2, 1/2), p = (3/4, 1/4): KL = 1/2 log(2/3) + 1/2 log 2 = 1/2 log(4/3).
+    previous = torch.tensor([[0.0, 0.0]])
+    current = torch.tensor([[math.log(3.0), 0.0]])
+    torch.testing.assert_close(knowledge_flow.previous_iterate_kl(previous, current), torch.tensor(0.5 * math.log(4 / 3)))
+    # Batch mean: a second, identical row (KL 0) halves it.
+    both = knowledge_flow.previous_iterate_kl(torch.cat([previous, current]), torch.cat([current, current]))
+    torch.testing.assert_close(both, torch.tensor(0.25 * math.log(4 / 3)))
+
+
+def test_kf_lambda2_term_compares_with_the_previous_iterate():
+    torch.manual_seed(0)
+    teachers = [MLP(), MLP()]
+    model = knowledge_flow.KnowledgeFlow(MLP(), teachers, flow_points=["body"], example_input=torch.randn(1, 6),
+                                         lambda1=0.0, lambda2=0.7)
+    model.train()
+    model.set_training_progress(0.3)
+    x1, x2 = torch.randn(5, 6), torch.randn(5, 6)
+    out = model(x1)
+    # First step: the previous iterate is the current model, so the term is exactly 0.
+    assert float(model.auxiliary_loss(out, None).detach()) == 0.0
+    # The previous iterate is not a submodule: not trained, not saved, not counted.
+    plain = knowledge_flow.KnowledgeFlow(MLP(), [MLP(), MLP()], flow_points=["body"], example_input=torch.randn(1, 6))
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+
+    # "Optimizer step" by hand, then the term on a new batch equals the plain KL between the model
+    # before and after the step, teachers flowing in both.
+    before = copy.deepcopy(model)
+    before.lambda2 = 0.0
+    with torch.no_grad():
+        model.student.fc.weight.add_(torch.randn_like(model.student.fc.weight))
+        model.student.body.base_layer[0].bias.sub_(0.3)
+        model.student.body.mix_logits.add_(torch.tensor([0.0, 0.4, -0.4]))
+    out = model(x2)
+    aux = model.auxiliary_loss(out, None)
+    with torch.no_grad():
+        p_prev = torch.softmax(before(x2), dim=1)
+        p_now = torch.softmax(out, dim=1)
+        expected = 0.7 * (p_prev * (p_prev.log() - p_now.log())).sum(dim=1).mean()
+    assert float(expected) > 1e-2
+    torch.testing.assert_close(aux.detach(), expected)
+    aux.backward()  # the gradient reaches the student (through the current prediction only)
+    assert model.student.fc.weight.grad is not None and model.student.fc.weight.grad.abs().sum() > 0
+
+    # Teacher-free phase and eval: no teacher features; eval keeps no previous prediction.
+    model.eval()
+    model(x2)
+    assert float(model.auxiliary_loss(out, None).detach()) == 0.0  # lambda1 = 0 and nothing stashed
+
+
+def test_kf_lambda2_restarts_after_loading_a_state_dict():
+    torch.manual_seed(1)
+    make = lambda: knowledge_flow.KnowledgeFlow(  # noqa: E731
+        MLP(), [MLP(), MLP()], flow_points=["body"], example_input=torch.randn(1, 6), lambda1=0.0, lambda2=1.0)
+    model, other = make(), make()
+    model.train()
+    model.load_state_dict(other.state_dict())  # e.g. resuming: the previous iterate is not known
+    out = model(torch.randn(4, 6))
+    assert float(model.auxiliary_loss(out, None).detach()) == 0.0
+
+
+def test_kf_initial_student_weight_and_zero_transforms():
+    _, model = kf_model(m=3, initial_student_weight=0.7, transform_init="zero", flow_points=["layer2"])
+    fp = model.student.layer2
+    w = fp.mix_weights().detach()
+    torch.testing.assert_close(w, torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    # Zero transforms: the teachers add nothing yet, the flow point is w_s times the student's own output.
+    fp.teacher_features = [torch.randn(2, 8, 8, 8) for _ in range(3)]
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fp(x), 0.7 * fp.base_layer(x))
+    fp.teacher_features = None
+    with pytest.raises(ZootuneError):
+        kf_model(initial_student_weight=1.0)

@@ -132,3 +132,60 @@ def test_kendall_tau_equals_scipy():
             assert math.isnan(got)
         else:
             assert got == pytest.approx(expected, abs=1e-12)
+
+
+def plain_tau_b(x, y):
+    """Kendall's tau-b by counting pairs one by one."""
+    concordant = discordant = tied_x_only = tied_y_only = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue  # tied in both: counted nowhere
+            if dx == 0:
+                tied_x_only += 1
+            elif dy == 0:
+                tied_y_only += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    return (concordant - discordant) / math.sqrt(
+        (concordant + discordant + tied_x_only) * (concordant + discordant + tied_y_only)
+    )
+
+
+def test_kendall_tau_equals_plain_pairwise_count():
+    # 5 members: one tie in x (0.2, 0.2), one in y (70, 70), one pair tied in both (members 3, 4).
+    x = [0.9, 0.2, 0.2, 0.5, 0.5]
+    y = [80.0, 70.0, 60.0, 70.0, 70.0]
+    # By hand: concordant 01 02 03 04 23 24 (P = 6), discordant none, tied in x only 12, in y only
+    # 13 14, in both 34 -> tau_b = 6 / sqrt((6 + 1) * (6 + 2)).
+    assert plain_tau_b(x, y) == pytest.approx(6 / math.sqrt(56))
+    assert kendall_tau(x, y) == pytest.approx(plain_tau_b(x, y))
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(3, 9))
+        a, b = rng.integers(0, 3, n).astype(float), rng.integers(0, 3, n).astype(float)
+        if len(set(a)) > 1 and len(set(b)) > 1:
+            assert kendall_tau(a, b) == pytest.approx(plain_tau_b(a, b))
+
+
+def test_logme_vs_finetune_orients_tau_by_the_metric():
+    from zootune.experiment import logme_vs_finetune
+
+    scores = {"a": 0.9, "b": 0.5, "c": 0.1, "unranked": 0.0}
+    accuracy = {"a": 70.0, "b": 80.0, "c": 60.0}  # "unranked" has no fine-tune: left out
+    cell = logme_vs_finetune(scores, accuracy, higher_is_better=True)
+    assert set(cell["scores"]) == {"a", "b", "c"}
+    assert cell["top_match"] is False  # LogME's best (a) is not the best fine-tuned (b)
+    assert cell["kendall_tau"] == pytest.approx(plain_tau_b([0.9, 0.5, 0.1], [70.0, 80.0, 60.0]))
+    # An error metric (lower is better): LogME agreeing with the order of quality gives tau = +1.
+    error = {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert logme_vs_finetune(scores, error, higher_is_better=False)["kendall_tau"] == pytest.approx(1.0)
+    assert logme_vs_finetune(scores, error, higher_is_better=False)["top_match"] is True
+    # Undefined cases are None (JSON null), not NaN.
+    assert logme_vs_finetune(scores, {"a": 50.0, "b": 50.0}, True)["kendall_tau"] is None
+    assert logme_vs_finetune(scores, {"a": 50.0}, True)["kendall_tau"] is None

@@ -117,3 +117,90 @@ def test_plots_skip_with_a_note_without_matplotlib(tmp_path, monkeypatch):
     notes = []
     assert write_plots(_results(), tmp_path, log=notes.append) == {}
     assert notes and "matplotlib" in notes[0] and not list(tmp_path.iterdir())
+
+
+def test_markdown_shows_logme_rankings_and_kendall_tau():
+    from zootune.experiment import logme_vs_finetune
+
+    results = _results()
+    per_target = {
+        "alpha": logme_vs_finetune({"m0": 0.3, "m1": 0.9, "m2": -0.2}, {"m0": 55.0, "m1": 60.0, "m2": 61.0}),
+        "beta": logme_vs_finetune({"m0": 0.1, "m1": 0.2, "m2": 0.3}, {"m0": 50.0, "m1": 60.0, "m2": 65.0}),
+    }
+    taus = [per_target[t]["kendall_tau"] for t in ("alpha", "beta")]
+    assert taus == [pytest.approx(-1 / 3), pytest.approx(1.0)]
+    results["logme"] = {"targets": per_target, "mean_kendall_tau": sum(taus) / 2}
+    text = results_markdown(results)
+    assert "## LogME ranking vs fine-tuning" in text
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["alpha"].rstrip(" |").endswith(f"{-1 / 3:.2f}")
+    assert lines["beta"].rstrip(" |").endswith("1.00")
+    assert lines["mean"].rstrip(" |").endswith(f"{(-1 / 3 + 1) / 2:.2f}")
+    # Rankings are listed best first: by LogME score, and by fine-tuned accuracy.
+    cells = [c.strip() for c in lines["alpha"].split("|")]
+    assert cells[2].startswith("m1 (0.900), m0 (0.300), m2 (-0.200)")
+    assert cells[3].startswith("m2 (61.00), m1 (60.00), m0 (55.00)")
+    assert cells[4] == "no" and lines["beta"].split("|")[4].strip() == "yes"
+    assert lines["mean"].split("|")[4].strip() == "1/2"
+    # Without LogME results there is no such section.
+    assert "LogME" not in results_markdown(_results())
+
+
+def test_overlap_shifts_separate_only_coinciding_points():
+    points = [(1.0, 50.0), (1.0, 50.1), (1.0, 50.05), (1.0, 70.0), (2.0, 50.0)]
+    shifts = plots_module.overlap_shifts(points, gap=0.03, step=7.0)
+    # The three points within 0.6 (= 3% of the y range 20) at x = 1 are spread 0, +7, -7; the
+    # distant point (y 70) and the one at another cost stay where they are.
+    assert shifts == [0.0, 7.0, -7.0, 0.0, 0.0]
+
+
+def test_run_stores_logme_scores_and_tau_against_the_finetuned_members(tmp_path):
+    import torch
+
+    from zootune.data.datasets import DatasetSplits, ImageDataset
+    from zootune.experiment import RunConfig, run_experiment
+    from zootune.methods.logme import logme_score
+    from zootune.models import resnet_small
+    from zootune.zoo import Zoo
+
+    torch.manual_seed(5)
+    zoo = Zoo.from_modules([resnet_small(num_classes=3, depth=10, width=4) for _ in range(3)],
+                           names=["z0", "z1", "z2"])
+
+    def target(name, seed=0):
+        g = torch.Generator().manual_seed(len(name) + seed)
+
+        def split(n):
+            y = torch.arange(n) % 2
+            x = torch.randn(n, 3, 16, 16, generator=g) + (2 * y - 1).view(-1, 1, 1, 1)
+            return ImageDataset(x, y)
+
+        return DatasetSplits(split(16), split(8), split(8), 2, name)
+
+    config = RunConfig(targets=["t"], seeds=[0], methods=["finetune"], epochs=1, batch_size=8,
+                       max_steps_per_epoch=1, eval_batch_size=16, plots=False)
+    results = run_experiment(config, tmp_path, zoo=zoo, load_target=target, echo=None)
+    cell = results["logme"]["targets"]["t"]
+    # Scores: LogME of each member's pooled features on the training images, computed here directly.
+    train = target("t").train
+    for member, name in zip(zoo, ["z0", "z1", "z2"]):
+        member.eval()
+        with torch.no_grad():
+            features = member.forward_features(train.images)
+        assert cell["scores"][name] == pytest.approx(logme_score(features, train.labels), rel=1e-6)
+    # Accuracies: the fine-tuned rows' test metric; tau: the plain pairwise formula on both.
+    rows = {row["member"]: row for row in results["methods"] if row["member"]}
+    assert cell["finetune_test"] == {n: pytest.approx(rows[n]["targets"]["t"]["test"][0]) for n in rows}
+    names = sorted(rows)
+    x = [cell["scores"][n] for n in names]
+    y = [cell["finetune_test"][n] for n in names]
+    pairs = [(i, j) for i in range(3) for j in range(i + 1, 3)]
+    signs = [((x[i] > x[j]) - (x[i] < x[j]), (y[i] > y[j]) - (y[i] < y[j])) for i, j in pairs]
+    untied_x, untied_y = sum(a != 0 for a, _ in signs), sum(b != 0 for _, b in signs)
+    if untied_x and untied_y:
+        expected = sum(a * b for a, b in signs) / math.sqrt(untied_x * untied_y)
+        assert cell["kendall_tau"] == pytest.approx(expected)
+        assert results["logme"]["mean_kendall_tau"] == pytest.approx(expected)
+    else:
+        assert cell["kendall_tau"] is None
+    assert "Kendall τ" in (tmp_path / "results.md").read_text()

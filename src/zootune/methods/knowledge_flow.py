@@ -9,10 +9,14 @@ own output h_s^l::
 with Q_j^l a trainable 1x1 transform (a channel-mixing matrix plus bias) and theta^l learnable
 scalars, one set per flow point. Training minimises::
 
-    L = L_task + lambda1(t) * sum_l sum_j (w_j^l)^2,        lambda1(t) = lambda1 * t,  t in [0, 1]
+    L = L_task + lambda1(t) * sum_l sum_j (w_j^l)^2 + lambda2 * KL(p_prev(x) || p(x))
+    lambda1(t) = lambda1 * t,  t in [0, 1]
 
 so the teachers' weights are pushed to 0 ever harder as training proceeds (t is the engine's training
-progress, given through ``set_training_progress``). At the end the teachers are dropped: the finalized
+progress, given through ``set_training_progress``), while the second term keeps each step's prediction
+p(x) = softmax(f_theta(x)) close to that of the previous iterate, p_prev(x) = softmax(f_theta_prev(x))
+on the same batch (theta_prev: the parameters before the last optimizer step), so that taking the
+teachers' weight away changes the student's predictions gradually. At the end the teachers are dropped: the finalized
 model is the student alone, a plain model of the zoo's architecture (:meth:`KnowledgeFlow.finalize`).
 
 Choices the paper leaves open (ours, each can be changed by an option):
@@ -20,14 +24,23 @@ Choices the paper leaves open (ours, each can be changed by an option):
 - Teachers: the *pretrained* zoo members, all of them (as in the paper, where teachers are pretrained
   models used as they are); ``teachers="finetuned"`` uses ``fitted["finetune"]`` instead. Teachers
   are frozen and run in eval mode (their BN statistics are their own).
-- Student: a copy of zoo member ``student_member`` (default 0) with the task's new head.
+- Student: a copy of a pretrained zoo member with the task's new head: the member whose fine-tuned copy
+  had the best validation metric when ``val_metrics`` is given (``zootune run`` passes them), else
+  ``student_member`` (default 0) -- the same rule as distillation.
 - Flow points: ``layer1..layer4`` outputs for ResNet-like models (the input of each following stage /
   of the pooling head); any list of module names for other architectures. Teacher and student share
   the architecture, so the feature at a flow point has the same shape in both.
 - Q_j initialised to the identity (zero bias) when channel counts agree: at the start the flow is a
-  convex combination of the teachers' own features, which the student's next layer can already use.
-  theta initialised to 0 (all weights 1/(m+1)).
-- lambda1 grows linearly from 0 to ``lambda1`` (default 10). The mixing scalars get a larger learning
+  convex combination of the teachers' own features, which the student's next layer can already use
+  (``transform_init="zero"`` starts with Q_j = 0 instead).
+- Initial weights: ``build`` starts the student at w_s = ``initial_student_weight`` = 0.8 at every
+  flow point (the teachers share 0.2 equally); ``None`` gives the uniform 1/(m+1) (theta = 0). With
+  uniform weights the student's own features enter its next layer at 1/6 (five teachers): its later
+  layers are trained on mostly teacher features and the student alone, which is what is exported,
+  validated worse (defaults and measurements: docs/baselines.md).
+- lambda1 grows linearly from 0 to ``lambda1`` (default 10): the teachers help early and are pushed
+  out late; measured on the MiniZoo, the teachers' weights end at ~0.01 each (w_s ~0.95-0.99) before
+  the teacher-free phase. lambda1 = 50 or an earlier teacher-free phase (0.7) validated no better. The mixing scalars get a larger learning
   rate (``mix_lr_mult``, default 10) and no weight decay: weight decay on theta would pull the weights
   back to uniform, and with the base rate the penalty's gradient on theta (of order 2/(m+1)^3 at the
   start) would barely move them.
@@ -35,13 +48,16 @@ Choices the paper leaves open (ours, each can be changed by an option):
   off (w_s = 1) so the student -- its BatchNorm statistics in particular -- adapts to running alone
   before it is exported. Evaluation (eval mode) always runs the student alone, so validation-based
   model selection scores exactly the model that ``finalize`` returns.
-- The paper's second term, lambda2 * KL(previous-iterate prediction || current prediction), is left
-  out: it needs a copy of the previous iterate and a second forward per step (one more model in memory
-  and compute), and its purpose -- that removing the teachers does not change the student's
-  predictions abruptly -- is served here by the gradual lambda1 schedule, the teacher-free phase and
-  selecting the best epoch on the student alone. (The paper's own train cost, 28.83 GFLOPs = 6 x 4.12
-  for five teachers and the student + ~4.1 for the 1x1 transforms on ResNet-50's four stage outputs,
-  leaves no room for an extra forward either.)
+- lambda2 term: the previous iterate is a copy of the student (flow points included) that is not a
+  submodule (it is neither trained, nor saved, nor counted in the parameters); each training forward
+  first runs it (no gradient, same teacher features, BatchNorm on batch statistics like the student)
+  and then copies the current parameters and buffers into it. On the first step after construction
+  (or after a resume) it equals the current student, so the term is 0. KL is over the softmax of the
+  outputs, i.e. it assumes class logits: ``build`` uses ``lambda2`` only for classification tasks.
+  It costs one more student forward per step (counted by the FLOP counter; the paper's 28.83 GFLOPs
+  train cost, 6 x 4.12 + the 1x1 transforms, suggests its own implementation did not re-run the
+  model). ``lambda2=0`` leaves it out (no copy, no extra forward). ``build``'s default 0.1 validated
+  best of {0, 0.1, 1}.
 
 Cost: a training-mode forward runs every teacher up to the flow points and the student (paper:
 28.83 GFLOPs train vs 4.12 inference for five ResNet-50 teachers); after ``finalize`` only the student.
@@ -50,6 +66,7 @@ Cost: a training-mode forward runs every teacher up to the flow points and the s
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 import torch
@@ -57,12 +74,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.errors import ZootuneError
+from zootune.methods.distill import pick_student_member
 from zootune.methods.finetune import check_member_index, copy_with_new_head
 from zootune.methods.registry import MethodSpec, register_method
 from zootune.models.heads import set_submodule
-from zootune.tasks import Task
+from zootune.tasks import ClassificationTask, Task
 
 RESNET_FLOW_POINTS = ("layer1", "layer2", "layer3", "layer4")
+LAMBDA2_DEFAULT = 0.1  # chosen on validation (docs/baselines.md)
+INITIAL_STUDENT_WEIGHT_DEFAULT = 0.8  # likewise
 
 
 class _TeacherFeaturesReached(Exception):
@@ -71,13 +91,18 @@ class _TeacherFeaturesReached(Exception):
 
 class ChannelTransform(nn.Module):
     """Q(h) = W h + b applied along dim 1 of a (B, C, ...) tensor: a 1x1 convolution for feature maps,
-    a Linear for vectors."""
+    a Linear for vectors. ``init="identity"``: W = I when the channel counts agree (else Kaiming
+    uniform); ``init="zero"``: W = 0 (the teacher adds nothing until Q is learned)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, init: str = "identity"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        if in_channels == out_channels:
+        if init == "zero":
+            nn.init.zeros_(self.weight)
+        elif init != "identity":
+            raise ZootuneError(f"transform_init must be 'identity' or 'zero', got {init!r}")
+        elif in_channels == out_channels:
             nn.init.eye_(self.weight)
         else:
             nn.init.kaiming_uniform_(self.weight, a=5**0.5)
@@ -98,13 +123,26 @@ class FlowPoint(nn.Module):
     wrapper returns ``base_layer(x)`` unchanged (student alone, i.e. w_s = 1, w_j = 0).
     """
 
-    def __init__(self, base_layer: nn.Module, student_channels: int, teacher_channels: int, num_teachers: int):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        student_channels: int,
+        teacher_channels: int,
+        num_teachers: int,
+        initial_student_weight: float | None = None,
+        transform_init: str = "identity",
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.transforms = nn.ModuleList(
-            ChannelTransform(teacher_channels, student_channels) for _ in range(num_teachers)
+            ChannelTransform(teacher_channels, student_channels, transform_init) for _ in range(num_teachers)
         )
         self.mix_logits = nn.Parameter(torch.zeros(num_teachers + 1))  # theta: [student, teacher_1..m]
+        if initial_student_weight is not None:
+            # theta_s = log(w_s m / (1 - w_s)) and theta_j = 0 give w_s exactly, the teachers (1 - w_s)/m each.
+            w_s = float(initial_student_weight)
+            with torch.no_grad():
+                self.mix_logits[0] = math.log(w_s * num_teachers / (1.0 - w_s))
         self.teacher_features: list[torch.Tensor] | None = None
 
     def mix_weights(self) -> torch.Tensor:
@@ -126,6 +164,13 @@ class FlowPoint(nn.Module):
                 )
             out = out + w[j + 1] * flowed
         return out
+
+
+def previous_iterate_kl(previous_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(previous_logits) || softmax(logits)), averaged over the batch (the lambda2 term)."""
+    log_p_prev = F.log_softmax(previous_logits, dim=1)
+    log_p = F.log_softmax(logits, dim=1)
+    return (log_p_prev.exp() * (log_p_prev - log_p)).sum(dim=1).mean()
 
 
 def output_channels(module: nn.Module) -> int:
@@ -172,6 +217,10 @@ def default_flow_points(model: nn.Module) -> list[str]:
     )
 
 
+def _mark_previous_stale(module: "KnowledgeFlow", _incompatible_keys) -> None:
+    module._previous_stale = True
+
+
 class KnowledgeFlow(nn.Module):
     """Student with teachers' features flowing in at ``flow_points``; see the module docstring."""
 
@@ -184,12 +233,17 @@ class KnowledgeFlow(nn.Module):
         mix_lr_mult: float = 10.0,
         student_only_from: float = 0.9,
         example_input: torch.Tensor | None = None,
+        lambda2: float = 0.0,
+        initial_student_weight: float | None = None,
+        transform_init: str = "identity",
     ):
         super().__init__()
         if len(teachers) == 0:
             raise ZootuneError("knowledge flow needs at least one teacher")
-        if lambda1 < 0 or mix_lr_mult <= 0:
-            raise ZootuneError("knowledge flow needs lambda1 >= 0 and mix_lr_mult > 0")
+        if lambda1 < 0 or lambda2 < 0 or mix_lr_mult <= 0:
+            raise ZootuneError("knowledge flow needs lambda1 >= 0, lambda2 >= 0 and mix_lr_mult > 0")
+        if initial_student_weight is not None and not 0.0 < initial_student_weight < 1.0:
+            raise ZootuneError(f"initial_student_weight must be in (0, 1), got {initial_student_weight}")
         self.flow_points = list(flow_points) if flow_points is not None else default_flow_points(student)
         if not self.flow_points:
             raise ZootuneError("knowledge flow needs at least one flow point")
@@ -213,12 +267,24 @@ class KnowledgeFlow(nn.Module):
         self.teachers.eval()
         # Wrap the student's flow-point modules in place (the wrapper keeps the original as base_layer).
         for name, c_s, c_t in zip(self.flow_points, student_channels, teacher_channels):
-            set_submodule(student, name, FlowPoint(student.get_submodule(name), c_s, c_t, len(teachers)))
+            flow_point = FlowPoint(
+                student.get_submodule(name), c_s, c_t, len(teachers), initial_student_weight, transform_init
+            )
+            set_submodule(student, name, flow_point)
         self.student = student
         self.lambda1 = float(lambda1)
+        self.lambda2 = float(lambda2)
         self.mix_lr_mult = float(mix_lr_mult)
         self.student_only_from = float(student_only_from)
         self.progress = 0.0
+        # The previous iterate for the lambda2 term; kept in a list so that nn.Module does not register
+        # it (it must not be trained, saved in the state_dict, or counted as a parameter).
+        self._previous: list[nn.Module] = [copy.deepcopy(student)] if self.lambda2 > 0 else []
+        self._previous_logits: torch.Tensor | None = None
+        self._previous_stale = False
+        # Loading a state_dict (e.g. resuming) replaces the student: its previous iterate is unknown,
+        # so the next step starts the comparison afresh (term 0) instead of using stale weights.
+        self.register_load_state_dict_post_hook(_mark_previous_stale)
 
     # -- the engine's hooks -------------------------------------------------------------------------
     def set_training_progress(self, fraction: float) -> None:
@@ -233,7 +299,11 @@ class KnowledgeFlow(nn.Module):
         return sum(fp.mix_weights()[1:].pow(2).sum() for fp in self.flow_modules())
 
     def auxiliary_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.lambda1_at(self.progress) * self.teacher_penalty()
+        loss = self.lambda1_at(self.progress) * self.teacher_penalty()
+        previous, self._previous_logits = self._previous_logits, None
+        if self.lambda2 > 0 and previous is not None:
+            loss = loss + self.lambda2 * previous_iterate_kl(previous, outputs)
+        return loss
 
     def param_groups(self, base_lr: float) -> list[dict]:
         mix = [fp.mix_logits for fp in self.flow_modules()]
@@ -298,16 +368,50 @@ class KnowledgeFlow(nn.Module):
         return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tracks_previous = self.training and self.lambda2 > 0
         if not self.teachers_active():
+            if tracks_previous:
+                self._previous_logits = self._run_previous(x, None)
             return self.student(x)
+        features = self.teacher_features(x)
+        if tracks_previous:
+            self._previous_logits = self._run_previous(x, features)
         flow_modules = self.flow_modules()
-        for fp, feats in zip(flow_modules, self.teacher_features(x)):
+        for fp, feats in zip(flow_modules, features):
             fp.teacher_features = feats
         try:
             return self.student(x)
         finally:
             for fp in flow_modules:
                 fp.teacher_features = None
+
+    def _run_previous(self, x: torch.Tensor, features: list[list[torch.Tensor]] | None) -> torch.Tensor:
+        """Logits of the previous iterate on ``x`` (no gradient); then make the current parameters the
+        previous iterate of the next step."""
+        previous = self._previous[0]
+        reference = next(self.student.parameters())
+        if next(previous.parameters()).device != reference.device:
+            previous.to(reference.device)
+        if self._previous_stale:
+            self._copy_into_previous()
+            self._previous_stale = False
+        previous.train(self.student.training)
+        flow_modules = [previous.get_submodule(name) for name in self.flow_points]
+        with torch.no_grad():
+            for fp, feats in zip(flow_modules, features or [None] * len(flow_modules)):
+                fp.teacher_features = feats
+            try:
+                logits = previous(x)
+            finally:
+                for fp in flow_modules:
+                    fp.teacher_features = None
+        self._copy_into_previous()
+        return logits.detach()
+
+    def _copy_into_previous(self) -> None:
+        with torch.no_grad():
+            for old, new in zip(self._previous[0].state_dict().values(), self.student.state_dict().values()):
+                old.copy_(new)
 
 
 def build(
@@ -324,9 +428,15 @@ def build(
     student_only_from: float = 0.9,
     example_input: torch.Tensor | None = None,
     head_name: str | None = None,
+    lambda2: float = LAMBDA2_DEFAULT,
+    val_metrics: Sequence[float] | None = None,
+    initial_student_weight: float | None = INITIAL_STUDENT_WEIGHT_DEFAULT,
+    transform_init: str = "identity",
 ) -> KnowledgeFlow:
-    """Knowledge Flow from the zoo into a copy of member ``student_member`` with a new head."""
-    index = check_member_index(zoo, student_member)
+    """Knowledge Flow from the zoo into a copy of a pretrained member with a new head: the best by
+    ``val_metrics`` (fine-tuned members' validation metrics) when given, else ``student_member``."""
+    index = pick_student_member(len(zoo), val_metrics, task.higher_is_better, student_member)
+    index = check_member_index(zoo, index)
     student, _ = copy_with_new_head(zoo[index], task, head_name)
     if teachers == "pretrained":
         # Copies: the teachers are frozen (requires_grad off), which must not leak into the user's zoo.
@@ -345,6 +455,10 @@ def build(
         mix_lr_mult=mix_lr_mult,
         student_only_from=student_only_from,
         example_input=example_input,
+        # KL between softmaxes is meaningful for class logits only.
+        lambda2=lambda2 if isinstance(task, ClassificationTask) else 0.0,
+        initial_student_weight=initial_student_weight,
+        transform_init=transform_init,
     )
 
 

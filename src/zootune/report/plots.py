@@ -35,8 +35,41 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
+# Marker shapes cycled together with the colours, so that every method of a run gets its own
+# (colour, marker) pair: 10 colours x 7 shapes, never repeated within a plot of fewer than 70 points.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def method_styles(count: int) -> list[tuple[str, str]]:
+    """(colour, marker) for ``count`` points, all pairs distinct (for count <= 70)."""
+    colours = [f"C{i}" for i in range(10)]
+    return [(colours[i % 10], _MARKERS[(i // 10 + i) % len(_MARKERS)]) for i in range(count)]
+
+
+def overlap_shifts(points: Sequence[tuple[float, float]], gap: float = 0.03, step: float = 7.0) -> list[float]:
+    """Horizontal shift (screen points) per point so that markers which would cover each other sit
+    side by side: points at the same x (relative 1e-6) whose y differ by less than ``gap`` of the y
+    range are shifted by 0, +step, -step, +2 step, ... in the order given."""
+    ys = [y for _, y in points]
+    y_gap = gap * ((max(ys) - min(ys)) or 1.0)
+    shifts: list[float] = []
+    for i, (x, y) in enumerate(points):
+        close = sum(
+            1 for j in range(i)
+            if abs(points[j][0] - x) <= 1e-6 * max(abs(x), 1e-12) and abs(points[j][1] - y) < y_gap
+        )
+        shifts.append(step * ((close + 1) // 2) * (1 if close % 2 else -1))
+    return shifts
+
+
 def plot_accuracy_vs_cost(results: dict, cost_key: str, path: Path, xlabel: str) -> Path | None:
-    """Scatter of each method's mean test metric over targets against ``cost[cost_key]``."""
+    """Scatter of each method's mean test metric over targets against ``cost[cost_key]``.
+
+    Several methods often share one cost (the single fine-tunes, the soup, Lite Zoo-Tuning's
+    inference), so their points sit on one vertical line: text labels next to the points would
+    overlap. Each method gets its own colour and marker instead, named in a legend beside the axes,
+    ordered by the metric (best first) so the legend reads as a ranking.
+    """
     points = [
         (row["cost"][cost_key], row["mean"], row["label"])
         for row in results["methods"]
@@ -44,14 +77,28 @@ def plot_accuracy_vs_cost(results: dict, cost_key: str, path: Path, xlabel: str)
     ]
     if not points:
         return None
+    higher_is_better = results.get("higher_is_better", True)
+    points.sort(key=lambda p: p[1], reverse=higher_is_better)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for x, y, label in points:
-        ax.scatter([x], [y])
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    from matplotlib.transforms import offset_copy
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    shifts = overlap_shifts([(x, y) for x, y, _ in points])
+    for (x, y, label), (colour, marker), shift in zip(points, method_styles(len(points)), shifts):
+        marks = ax.scatter([x], [y], color=colour, marker=marker, s=42, alpha=0.85, edgecolors="black",
+                           linewidths=0.4, label=f"{label} ({y:.1f})", zorder=3)
+        if shift:
+            # Coinciding points are drawn side by side: shifted on screen only (the axes' limits were
+            # already set from the exact data by scatter).
+            marks.set_offset_transform(offset_copy(ax.transData, fig=fig, x=shift, y=0.0, units="points"))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"mean test {results.get('metric', 'metric')} over targets")
     ax.grid(True, alpha=0.3)
+    xs = [p[0] for p in points]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")  # e.g. a hub's ensemble next to single models
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7.5, frameon=False,
+              title="method (mean)", title_fontsize=8, borderaxespad=0.0)
     _save(fig, path)
     plt.close(fig)
     return path
