@@ -19,15 +19,21 @@ The result is one JSON-serialisable dictionary (``results.json``)::
                                        "cost": {...}}},
                   "mean", "mean_std", "cost": {...}}],
      "gates": {method: {target: {layer: [one mean gate weight per member]}}},
+     "logme": {"targets": {target: {"scores", "finetune_test", "kendall_tau", "top_match"}},
+               "mean_kendall_tau"},
      "seconds"}
 
 ``mean`` is the mean over targets of the per-target test mean; ``mean_std`` the standard deviation
 over seeds of the per-seed mean over targets. The row "finetune (best on val)" picks, per target and
 seed, the fine-tuned member with the best validation metric: the honest single-model baseline.
+``logme``: when the single fine-tunes run, each member's LogME score on the target's training images
+(frozen features, one pass) and Kendall's tau between that ranking and the members' fine-tuned test
+metric (mean over seeds) -- how well ranking without training would have picked the member.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -39,6 +45,7 @@ import torch
 from torch import nn
 
 from zootune.errors import ZootuneError
+from zootune.layers import autotune
 from zootune.methods.registry import MethodSpec, available_methods, get_method
 from zootune.report import atomic_write_json, atomic_write_text, mean_std, results_markdown, results_table
 from zootune.tasks import ClassificationTask
@@ -64,17 +71,18 @@ class RunConfig:
     to a method's ``build`` (``{"zoo-tuning": {"align": "all"}}``).
     """
 
-    # Budget of the full default (4 targets x 3 seeds x 11 trainings, <= 30 min on 2 CPU cores),
-    # measured on this 2-core machine when quiet: all 11 trainings on `count` (the largest train
-    # set, 720) for 3 epochs, with costs, took 46 s, i.e. ~15 s per epoch of everything on one
-    # (target, seed); 12 pairs x 6 epochs x 15 s is ~19 min, leaving room for a busier machine.
+    # Budget of the full default (4 targets x 3 seeds x 11 trainings, ~20 min on 2 quiet CPU cores):
+    # all 11 trainings on one (target, seed) cost ~12 s per epoch. lr 0.1: at the earlier 0.02 every
+    # method was under-trained in these few hundred steps (best single member on digits8x8 82.8% ->
+    # 96.2% at 0.1, count 74.3 -> 87.3, polygons 47.2 -> 59.3; seed 0, validation agreed);
+    # docs/dev-notes/zoo-tuning.md has the measurements.
     targets: list[str] | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] | None = None
     hub: bool = False
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 64
-    lr: float = 0.02
+    lr: float = 0.1
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
     schedule: str = "cosine"
@@ -84,6 +92,7 @@ class RunConfig:
     cache_dir: str | None = None
     plots: bool = True
     progress: bool = False
+    deterministic: bool = True  # choose Zoo-Tuning's exact formulations by MACs, not by timing
     method_options: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -174,8 +183,9 @@ def resolve_targets(names: Sequence[str] | None) -> list[str]:
     resolved = []
     for name in names:
         name = suite.DEFAULT_TARGET if name == "default" else name
-        if name not in suite.TARGETS:
-            raise ZootuneError(f"unknown target {name!r}; choose from: {', '.join(known)} (or 'all')")
+        if name not in suite.TARGETS and name not in suite.EXTRA_TARGETS:  # extra: only when named
+            raise ZootuneError(f"unknown target {name!r}; choose from: {', '.join([*known, *suite.EXTRA_TARGETS])} "
+                               "(or 'all')")
         resolved.append(name)
     return resolved
 
@@ -289,6 +299,69 @@ def fit_method(
     return Fitted(built, model, float(val_metric), seconds, cost)
 
 
+def _method_options(spec: MethodSpec, options: dict | None, finetune_val: Sequence[float]) -> dict:
+    """``options`` plus ``val_metrics`` (the fine-tuned members' validation metrics, zoo order) for a
+    method whose ``build`` takes them (distillation and Knowledge Flow start their student from the
+    best-validated member), unless the user set it or the fine-tunes have not run."""
+    import inspect
+
+    options = dict(options or {})
+    if finetune_val and "val_metrics" not in options and "student_member" not in options:
+        if "val_metrics" in inspect.signature(spec.build).parameters:
+            options["val_metrics"] = list(finetune_val)
+    return options
+
+
+def logme_vs_finetune(
+    logme_scores: dict[str, float], finetune_metrics: dict[str, float], higher_is_better: bool = True
+) -> dict:
+    """How well LogME's ranking of the zoo predicts the fine-tuned members' test metric on a target.
+
+    Returns ``{"scores", "finetune_test", "kendall_tau", "top_match"}``: Kendall's tau-b
+    (:func:`zootune.methods.logme.kendall_tau`; ties counted as scipy does) between the LogME scores and
+    the fine-tuned metrics of the members both have (negated when lower is better, so tau = 1 always
+    means "LogME ranks the members in the order fine-tuning does"); None when undefined (fewer than
+    two members, or one of the lists constant). ``top_match``: whether LogME's best member is (one of)
+    the best fine-tuned: what a user who fine-tunes only LogME's pick gets.
+    """
+    import math
+
+    from zootune.methods.logme import kendall_tau
+
+    names = [n for n in logme_scores if n in finetune_metrics]
+    sign = 1.0 if higher_is_better else -1.0
+    tau = None
+    if len(names) >= 2:
+        value = kendall_tau([logme_scores[n] for n in names], [sign * finetune_metrics[n] for n in names])
+        tau = value if math.isfinite(value) else None
+    top_match = None
+    if names:
+        best_logme = max(names, key=lambda n: logme_scores[n])
+        top_match = sign * finetune_metrics[best_logme] == max(sign * finetune_metrics[n] for n in names)
+    return {
+        "scores": {n: float(logme_scores[n]) for n in names},
+        "finetune_test": {n: float(finetune_metrics[n]) for n in names},
+        "kendall_tau": tau,
+        "top_match": top_match,
+    }
+
+
+def _logme_summary(per_target: dict[str, dict]) -> dict:
+    """``{"targets": {target: logme_vs_finetune(...)}, "mean_kendall_tau"}`` (mean over the targets
+    where tau is defined; None if none is)."""
+    taus = [cell["kendall_tau"] for cell in per_target.values() if cell["kendall_tau"] is not None]
+    return {"targets": per_target, "mean_kendall_tau": sum(taus) / len(taus) if taus else None}
+
+
+def _logme_scores(zoo, dataset, batch_size: int) -> dict[str, float]:
+    """LogME of every zoo member's frozen features on ``dataset`` (one pass; augmentation off)."""
+    from zootune.methods.logme import rank_zoo
+
+    if hasattr(dataset, "with_transform"):
+        dataset = dataset.with_transform(None)  # score the images themselves, not random crops of them
+    return dict(rank_zoo(zoo, dataset, batch_size=batch_size, names=member_names(zoo)))
+
+
 # --------------------------------------------------------------------------------------------------
 # The comparison
 
@@ -336,6 +409,11 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir / "log.txt", echo)
     started = time.perf_counter()
+    cleanup = contextlib.ExitStack()
+    if config.deterministic:
+        # Zoo-Tuning's formulation chosen by multiply-adds, not by timing (which depends on load):
+        # the same command then gives the same numbers on the same machine.
+        cleanup.enter_context(autotune.by_macs())
     try:
         specs = select_methods(config.methods, hub=config.hub)
         if load_target is None:
@@ -377,19 +455,42 @@ def run_experiment(
 
         rows: dict[str, dict] = {}
         gates: dict[str, dict] = {}
-        metric_name, higher_is_better = "metric", True
+        logme: dict[str, dict] = {}  # target -> LogME scores vs fine-tuned accuracies (Kendall's tau)
+        rank_with_logme = any(spec.name == "finetune" for spec in specs)
+        metric_name, higher_is_better = None, True
         for target in targets:
             splits = load_target(target, seed=config.data_seed)
             task = getattr(splits, "task", None) or ClassificationTask(splits.num_classes)
+            if metric_name is not None and task.metric_name != metric_name:
+                # one table has one metric: a mean over targets of accuracy and NME means nothing
+                raise ZootuneError(
+                    f"target {target!r} is scored by {task.metric_name}, the targets before it by "
+                    f"{metric_name}; run targets with different metrics separately")
             metric_name, higher_is_better = task.metric_name, task.higher_is_better
-            example = _example_input(splits.train)
+            # costs per sample at the training batch size: per-step work (Zoo-Tuning's alignment of
+            # the bank) is shared by the batch in training, as measure_cost's per-sample numbers assume
+            example = _example_input(splits.train, n=config.batch_size)
+            kind = (f"{splits.num_classes} classes" if isinstance(task, ClassificationTask)
+                    else f"{type(task).__name__}, {task.metric_name}")
             log(f"target {target}: {len(splits.train)} train / {len(splits.val)} val / "
-                f"{len(splits.test)} test, {splits.num_classes} classes")
+                f"{len(splits.test)} test, {kind}")
+            logme_scores = None
+            if rank_with_logme:
+                try:
+                    logme_scores = _logme_scores(zoo, splits.train, config.eval_batch_size)
+                except ZootuneError as error:
+                    log(f"target {target}: LogME ranking skipped ({error})")
             for seed_index, seed in enumerate(config.seeds):
                 train_config = _train_config(config, seed)
                 fitted: dict[str, object] = {}
+                finetune_val: list[float] = []  # the fine-tuned members' validation metrics, zoo order
                 best_single = None
                 for spec in specs:
+                    if not spec.supports(task):
+                        if seed_index == 0:
+                            log(f"{spec.name}: skipped on {target} (supports "
+                                f"{', '.join(t.__name__ for t in spec.task_types)} only)")
+                        continue
                     source = hub if spec.hub else zoo
                     members = range(len(source)) if spec.per_member else [None]
                     per_member_models = []
@@ -401,7 +502,8 @@ def run_experiment(
                             row_id, label = f"{spec.name}:{member_name}", f"{spec.name} [{member_name}]"
                         result = fit_method(
                             spec, source, task, splits, train_config, member=member, fitted=fitted,
-                            options=config.method_options.get(spec.name), eval_batch_size=config.eval_batch_size,
+                            options=_method_options(spec, config.method_options.get(spec.name), finetune_val),
+                            eval_batch_size=config.eval_batch_size,
                             # the architecture is the same for every seed: measure once per target
                             cost_input=example if seed_index == 0 else None,
                         )
@@ -424,6 +526,7 @@ def run_experiment(
                             f"{metric_name} ({result.seconds:.1f} s)")
                         per_member_models.append(result.model)
                         if spec.name == "finetune":
+                            finetune_val.append(result.val_metric)
                             if best_single is None or (
                                 result.val_metric > best_single[0] if higher_is_better
                                 else result.val_metric < best_single[0]
@@ -439,6 +542,17 @@ def run_experiment(
                     cell["chosen"].append(best_single[2])
                     if seed_index == 0:
                         cell["cost"] = rows[best_single[2]]["targets"][target]["cost"]
+
+            if logme_scores is not None:
+                finetune_test = {
+                    row["member"]: sum(row["targets"][target]["test"]) / len(row["targets"][target]["test"])
+                    for row in rows.values()
+                    if row["method"] == "finetune" and row["member"] is not None and target in row["targets"]
+                }
+                logme[target] = logme_vs_finetune(logme_scores, finetune_test, higher_is_better)
+                tau = logme[target]["kendall_tau"]
+                log(f"target {target}: LogME ranking {', '.join(sorted(logme_scores, key=logme_scores.get, reverse=True))}"
+                    f"; Kendall tau vs fine-tuned test {metric_name}: {'-' if tau is None else f'{tau:.2f}'}")
 
         ordered = [r for r in rows.values() if r["id"] != BEST_SINGLE_ID]
         if BEST_SINGLE_ID in rows:  # right after the single fine-tunes
@@ -459,6 +573,7 @@ def run_experiment(
             },
             "methods": ordered,
             "gates": gates,
+            "logme": _logme_summary(logme),
             "seconds": round(time.perf_counter() - started - build_seconds, 1),
             "zoo_build_seconds": round(build_seconds, 1),
             "log": "log.txt",
@@ -473,6 +588,7 @@ def run_experiment(
         log(f"results written to {out_dir} ({results['seconds']:.0f} s)")
         return results
     finally:
+        cleanup.close()
         log.close()
 
 

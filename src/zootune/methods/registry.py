@@ -33,6 +33,10 @@ class MethodSpec:
     trains: bool = True  # False: the built model is used as it is (e.g. an ensemble of fitted members)
     per_member: bool = False  # run once per zoo member
     hub: bool = False  # expects a zootune.Hub (members of different architectures)
+    task_types: tuple[type, ...] | None = None  # the Task classes it supports; None: any task
+
+    def supports(self, task) -> bool:
+        return self.task_types is None or isinstance(task, self.task_types)
 
 
 METHODS: dict[str, MethodSpec] = {}
