@@ -129,3 +129,51 @@ def test_unknown_target_is_a_user_error(tmp_path):
     pytest.importorskip("zootune.data.targets")
     with pytest.raises(ZootuneError, match="unknown target"):
         run_experiment(RunConfig(targets=["no-such-target"], plots=False), tmp_path, zoo=tiny_zoo(), echo=None)
+
+
+class _ErrorTask:
+    """A non-classification task (mean absolute error on one output) for the run's task handling."""
+
+    metric_name, higher_is_better = "mae", False
+
+    def make_head(self, in_features):
+        return torch.nn.Linear(in_features, 1)
+
+    def loss(self, outputs, targets):
+        return (outputs.squeeze(1) - targets.float()).abs().mean()
+
+    def metric_sums(self, outputs, targets):
+        return float((outputs.squeeze(1) - targets.float()).abs().sum()), targets.numel()
+
+    def check_targets(self, targets):
+        pass
+
+
+def _regression_target(name, seed=0):
+    splits = tiny_target(name, seed)
+    splits.task = _ErrorTask()
+    return splits
+
+
+def test_run_skips_methods_that_do_not_support_the_task(tmp_path):
+    from zootune.tasks import Task
+
+    Task.register(_ErrorTask)  # a virtual subclass: not a ClassificationTask
+    lines = []
+    config = RunConfig(targets=["reg"], seeds=[0], methods=["finetune", "distill"], epochs=1, batch_size=8,
+                       max_steps_per_epoch=1, eval_batch_size=16, plots=False)
+    results = run_experiment(config, tmp_path, zoo=tiny_zoo(), load_target=_regression_target, echo=lines.append)
+    methods = {row["method"] for row in results["methods"]}
+    assert "finetune" in methods and "distill" not in methods
+    assert results["metric"] == "mae" and results["higher_is_better"] is False
+    assert any("distill: skipped on reg" in line for line in lines)
+
+
+def test_run_refuses_targets_scored_by_different_metrics(tmp_path):
+    def load(name, seed=0):
+        return _regression_target(name, seed) if name == "reg" else tiny_target(name, seed)
+
+    config = RunConfig(targets=["red", "reg"], seeds=[0], methods=["soup"], epochs=1, batch_size=8,
+                       max_steps_per_epoch=1, eval_batch_size=16, plots=False)
+    with pytest.raises(ZootuneError, match="scored by mae.*acc"):
+        run_experiment(config, tmp_path, zoo=tiny_zoo(), load_target=load, echo=None)
