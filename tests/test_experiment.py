@@ -177,3 +177,20 @@ def test_run_refuses_targets_scored_by_different_metrics(tmp_path):
                        max_steps_per_epoch=1, eval_batch_size=16, plots=False)
     with pytest.raises(ZootuneError, match="scored by mae.*acc"):
         run_experiment(config, tmp_path, zoo=tiny_zoo(), load_target=load, echo=None)
+
+
+def test_run_with_a_hub_adds_the_hub_pathway_row_with_routed_costs(tmp_path):
+    from zootune import Hub
+    from zootune.models.vit import vit_tiny32
+
+    torch.manual_seed(7)
+    hub = Hub([resnet_small(num_classes=3, depth=10, width=4), resnet_small(num_classes=3, depth=10, width=8),
+               vit_tiny32(num_classes=3)], names=["r4", "r8", "vit"])
+    config = RunConfig(targets=["red"], seeds=[0], methods=["soup", "hub-pathway"], hub=True, epochs=1,
+                       batch_size=8, max_steps_per_epoch=2, eval_batch_size=16, plots=False)
+    results = run_experiment(config, tmp_path, zoo=tiny_zoo(), hub=hub, load_target=tiny_target, echo=None)
+    rows = {row["method"]: row for row in results["methods"]}
+    assert set(rows) == {"soup", "hub-pathway"}
+    cell = rows["hub-pathway"]["targets"]["red"]
+    assert len(cell["test"]) == 1 and 0.0 <= cell["test"][0] <= 100.0
+    assert cell["cost"]["infer_params"] > 0 and cell["cost"]["infer_gflops"] > 0

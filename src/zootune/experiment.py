@@ -392,6 +392,7 @@ def run_experiment(
     out_dir: str | Path,
     *,
     zoo=None,
+    hub=None,
     load_target: Callable | None = None,
     target_names: Sequence[str] | None = None,
     echo: Callable[[str], None] | None = print,
@@ -399,7 +400,8 @@ def run_experiment(
     """Run the comparison and write ``results.json``, ``results.md``, ``log.txt`` and the plots
     into ``out_dir``; returns the results dictionary.
 
-    ``zoo`` defaults to the MiniZoo (:func:`zootune.minizoo.load_minizoo`, built if missing) and
+    ``zoo`` defaults to the MiniZoo (:func:`zootune.minizoo.load_minizoo`, built if missing), ``hub``
+    (for hub methods) to the MiniZoo hub (:func:`zootune.minizoo.hub.load_hub`), and
     ``load_target(name, seed) -> DatasetSplits`` to :func:`zootune.data.targets.get_target`; tests
     pass tiny ones. ``target_names`` then overrides the suite's names.
     """
@@ -442,8 +444,7 @@ def run_experiment(
                 log(f"MiniZoo built in {build_seconds:.0f} s (not counted in the run's time)")
             zoo = load_minizoo(cache_dir=config.cache_dir, build_if_missing=False)
             manifest = list_minizoo(cache_dir=config.cache_dir)
-        hub = None
-        if any(spec.hub for spec in specs):
+        if hub is None and any(spec.hub for spec in specs):
             from zootune.minizoo.hub import load_hub
 
             hub = load_hub(cache_dir=config.cache_dir)
