@@ -250,3 +250,17 @@ def test_textures_come_from_disjoint_picture_regions():
         assert a1 <= b0  # column bands do not overlap, so no test crop shares pixels with training
     with pytest.raises(DataError, match="unknown target"):
         get_target("imagenet")
+
+
+def test_read_manifest_is_empty_when_missing_and_refuses_a_corrupt_one(tmp_path):
+    from zootune.data.cache import read_manifest
+    from zootune.errors import CheckpointError
+
+    path = tmp_path / "manifest.json"
+    assert read_manifest(path, "members", 3, "fix it") == {"format": 3, "members": {}}
+    path.write_text('{"members": {"a": {"sha256": "x"}}}')
+    assert read_manifest(path, "members", 3, "fix it")["members"] == {"a": {"sha256": "x"}}
+    for bad in ("{not json", '{"agents": {}}', "[1, 2]"):
+        path.write_text(bad)
+        with pytest.raises(CheckpointError, match=r"manifest .* is unreadable .*; fix it"):
+            read_manifest(path, "members", 3, "fix it")

@@ -61,3 +61,21 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike, table: str, version: int, fix: str) -> dict:
+    """A cache folder's ``manifest.json``: ``{"format": version, table: {...}}``, empty when the file
+    does not exist; an unreadable one raises :class:`zootune.errors.CheckpointError` naming the file
+    and ``fix`` (what the user should do)."""
+    from zootune.errors import CheckpointError
+
+    path = Path(path)
+    if not path.exists():
+        return {"format": version, table: {}}
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get(table), dict):
+            raise ValueError(f"no {table!r} table")
+        return manifest
+    except (ValueError, OSError, AttributeError) as err:
+        raise CheckpointError(f"manifest {path} is unreadable ({err}); {fix}") from None

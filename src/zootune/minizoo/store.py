@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from zootune.data.cache import atomic_write_bytes, atomic_write_json, sha256_file, user_cache_dir
+from zootune.data.cache import atomic_write_bytes, atomic_write_json, read_manifest, sha256_file, user_cache_dir
 from zootune.errors import CheckpointError
 from zootune.minizoo.members import MEMBERS, MemberSpec
 from zootune.minizoo.pretrain import get_member, pretrain
@@ -57,18 +57,8 @@ def minizoo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    if not path.exists():
-        return {"format": MANIFEST_FORMAT, "members": {}}
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest.get("members"), dict):
-            raise ValueError("no 'members' table")
-        return manifest
-    except (ValueError, OSError) as err:
-        raise CheckpointError(
-            f"MiniZoo manifest {path} is unreadable ({err}); delete it and run `zootune zoo build --force`"
-        ) from None
+    return read_manifest(folder / "manifest.json", "members", MANIFEST_FORMAT,
+                         "delete it and run `zootune zoo build --force`")
 
 
 def _selected(members: Sequence[str] | None) -> list[MemberSpec]:

@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from zootune.data.cache import (
     atomic_write_bytes,
     atomic_write_json,
+    read_manifest,
     sha256_file,
     user_cache_dir,
 )
@@ -55,16 +56,7 @@ def agent_file(game: str, steps: int, seed: int) -> str:
 
 
 def _read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    if not path.exists():
-        return {"format": MANIFEST_FORMAT, "agents": {}}
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest.get("agents"), dict):
-            raise ValueError("no 'agents' table")
-        return manifest
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"RL zoo manifest {path} is unreadable ({err}); delete it to rebuild the RL zoo") from None
+    return read_manifest(folder / "manifest.json", "agents", MANIFEST_FORMAT, "delete it to rebuild the RL zoo")
 
 
 def _is_valid(folder: Path, row: dict | None) -> bool:
