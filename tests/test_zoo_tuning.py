@@ -266,3 +266,15 @@ def test_zoo_tuning_over_one_source_starts_as_that_source():
         model = ZooTuning([source], head=copy.deepcopy(source.fc), align="all", gate_init=gate_init).double()
         close = torch.allclose(model(x), expected, rtol=1e-7, atol=1e-9)
         assert close == same, gate_init
+
+
+def test_saved_model_keeps_the_learning_rates_measured_on_its_zoo(tmp_path):
+    # Rebuilding from a builder makes m copies of one model, whose "auto" scale would be m per
+    # layer; the saved model must keep what was measured on the real, different sources.
+    torch.manual_seed(0)
+    zoo = [resnet_small(depth=10, width=4) for _ in range(3)]
+    model = ZooTuning(zoo, num_outputs=3)
+    model.save_pretrained(tmp_path)
+    loaded = ZooTuning.load_pretrained(tmp_path, lambda: resnet_small(depth=10, width=4))
+    assert loaded.config.lr_scales == pytest.approx(model.config.lr_scales)
+    assert max(model.config.lr_scales.values()) < 2.0  # independent inits: far from m = 3
