@@ -213,13 +213,6 @@ def _example_input(dataset, n: int = 16) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
 
-def _measure_cost(train_model: nn.Module, infer_model: nn.Module, example: torch.Tensor) -> dict:
-    """:func:`zootune.cost.measure_cost` as a dict."""
-    from zootune.cost import measure_cost
-
-    return measure_cost(train_model, infer_model, example).to_dict()
-
-
 def _record_gates(module: nn.Module, task, dataset, batch_size: int) -> dict[str, list[float]] | None:
     """Mean gate weight per aggregated layer over ``dataset`` (Zoo-Tuning's gate statistics API)."""
     if not (hasattr(module, "record_gates") and hasattr(module, "gate_statistics")):
@@ -269,6 +262,7 @@ def fit_method(
     teachers, whose weights training drives to zero), the inference columns on the finalized model.
     The measuring time is not counted in ``seconds``.
     """
+    from zootune.cost import measure_cost
     from zootune.engine import Trainer, evaluate
 
     torch.manual_seed(train_config.seed)  # the new heads and gates are initialised from this seed
@@ -277,7 +271,7 @@ def fit_method(
     train_cost = None
     if cost_input is not None:
         # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
-        train_cost = _measure_cost(built, built, cost_input)
+        train_cost = measure_cost(built, built, cost_input).to_dict()
     start = time.perf_counter()
     if spec.trains:
         result = Trainer(
@@ -294,7 +288,7 @@ def fit_method(
     seconds = time.perf_counter() - start
     cost = None
     if cost_input is not None:
-        infer_cost = _measure_cost(model, model, cost_input)
+        infer_cost = measure_cost(model, model, cost_input).to_dict()
         cost = {k: (train_cost[k] if k.startswith("train") else v) for k, v in infer_cost.items()}
     return Fitted(built, model, float(val_metric), seconds, cost)
 

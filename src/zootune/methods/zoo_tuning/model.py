@@ -99,12 +99,11 @@ def _check_same_architecture(members: Sequence[nn.Module]) -> None:
             raise ZooMismatchError(f"zoo member {index} does not have member 0's architecture{detail}")
 
 
-def _followed_by_norm(model: nn.Module, name: str, out_channels: int) -> bool:
+def _followed_by_norm(modules: list[tuple[str, nn.Module]], name: str, out_channels: int) -> bool:
     """Whether the next module registered after ``name`` (outside it), skipping positively
     homogeneous parameter-free ones (ReLU, max/avg pooling, Identity, Dropout: they keep the scale
     invariance), normalises its output channels — how ResNets, VGG-BN and ConvNeXt-style blocks
     order conv and norm."""
-    modules = list(model.named_modules())
     index = next(i for i, (n, _) in enumerate(modules) if n == name)
     for other, module in modules[index + 1:]:
         if other.startswith(name + ".") or isinstance(module, _HOMOGENEOUS_TYPES):
@@ -127,10 +126,11 @@ def _bank_lr_scales(members, targets, bank_lr_scale) -> dict[str, float]:
     if bank_lr_scale != "auto":
         return {name: float(bank_lr_scale) for name in targets}
     scales = {}
+    modules = list(members[0].named_modules())  # registration order
     for name in targets:
         weights = [member.get_submodule(name).weight.detach() for member in members]
         bank = torch.stack([w.flatten() for w in weights]).double()
-        if _followed_by_norm(members[0], name, weights[0].shape[0]):
+        if _followed_by_norm(modules, name, weights[0].shape[0]):
             scales[name] = float(bank.sum(0).square().sum() / bank.square().sum().clamp_min(1e-30))
         else:
             scales[name] = 1.0
