@@ -19,6 +19,7 @@ _EXPORTS = {
     "ZootuneError": "zootune.errors",
     "build_model": "zootune.models",
     "count_cost": "zootune.cost",
+    "tune": "zootune.layers.autotune",
 }
 
 

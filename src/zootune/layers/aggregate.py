@@ -41,10 +41,18 @@ In training the alignment T_i W_i costs m*C_out*|W| multiply-adds per step whate
 112², batch 16); it is counted in the comparisons. In inference the aligned bank is computed once
 and cached until a parameter changes.
 
-With ``formulation="auto"`` each layer measures the applicable formulations once per (shape, dtype,
-device, training) key and keeps the fastest (:mod:`zootune.layers.autotune`); a fixed name makes a
-run independent of timing noise. All formulations agree up to floating-point rounding; the
-simple per-sample loop they must equal is in ``tests/test_layers_aggregate.py``.
+With ``formulation="auto"`` the forward runs the formulation stored in ``formulation_choice``
+(``{"train": name, "eval": name}``, set by :func:`zootune.layers.autotune.tune`, an explicit step
+that times the candidates once before training, outside any forward); a layer that was never tuned
+takes, per call, the candidate with the fewest multiply-adds for the input's shape (deterministic
+and cheap: a few integer products). A fixed name makes every layer use that formulation. All
+formulations agree up to floating-point rounding; the simple per-sample loop they must equal is in
+``tests/test_layers_aggregate.py``.
+
+Mixed precision: under ``torch.autocast`` the gate is computed in the parameters' dtype (a few
+multiply-adds per sample; it weighs every kernel), the convolutions and matmuls run in the autocast
+dtype, and the eval-time cache holds the aligned bank in the parameters' dtype, so it is the same
+with and without autocast.
 
 Lite Zoo-Tuning: in training the gate is the batch mean ā_batch = mean_b a(h_b) (one shared kernel);
 a buffer keeps the temporal ensemble ā <- α ā + (1 - α) ā_batch (α = ``lite_momentum`` = 0.9; the
@@ -55,6 +63,7 @@ the layer folds into one plain layer (:meth:`AggregatedLayer.to_plain`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Callable, Sequence
@@ -64,7 +73,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from zootune.layers import autotune
 from zootune.layers.align import ChannelAlign, align_bank
 from zootune.layers.gate import GATE_INITS
 from zootune.layers.gate import Gate
@@ -75,6 +83,13 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Layers whose forward is exactly the library's: a subclass with its own forward (weight
 # standardisation, "same" padding done by hand, ...) would not be computed faithfully here.
 _SUPPORTED_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+
+
+def _autocast_off(device_type: str):
+    """A context without autocast on ``device_type`` (a no-op context when it is not on)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def is_aggregatable(module: nn.Module) -> bool:
@@ -102,13 +117,17 @@ class AggregatedLayer(nn.Module):
         lite_momentum: α of the temporal ensemble.
         gate_init: ``"zero"`` (gate output layer V = 0: every gate starts at act(0) for every input;
             our default, see :mod:`zootune.layers.gate`) or ``"reference"`` (kaiming, as U).
-        formulation: ``"auto"`` (measured per shape) or one of :data:`FORMULATIONS`; a fixed
-            ``"grouped"`` runs as ``"bmm"`` on Linear layers and ``"bmm"`` as ``"grouped"`` on
-            convolutions it does not apply to (both build per-sample kernels).
+        formulation: ``"auto"`` (the tuned choice, else the fewest multiply-adds; see the module
+            docstring) or one of :data:`FORMULATIONS`; a fixed ``"grouped"`` runs as ``"bmm"`` on
+            Linear layers and ``"bmm"`` as ``"grouped"`` on convolutions it does not apply to (both
+            build per-sample kernels).
 
     Parameters: ``bank`` (m, C_out, C_in/groups, *k) or (m, C_out, C_in); ``bias_bank`` (m, C_out)
     when the sources have a bias; ``align.weight`` (m, C_out, C_out); ``gate.*``.
     Buffers (Lite): ``gate_ema`` (m,), ``gate_updates`` (number of EMA updates so far).
+    ``formulation_choice``: ``{"train": name, "eval": name}`` chosen by
+    :func:`zootune.layers.autotune.tune` (empty: not tuned); a plain attribute, not state, so that
+    models and their files do not change with the machine they were tuned on.
     """
 
     def __init__(self, sources: Sequence[nn.Module], *, align: bool = True, gate: str = "sigmoid",
@@ -158,6 +177,7 @@ class AggregatedLayer(nn.Module):
         # The original layer's structure (on the meta device: no memory) to rebuild a plain layer
         # when folding. Kept out of the module tree so it is neither a parameter nor saved.
         object.__setattr__(self, "_template", copy.deepcopy(first).to("meta"))
+        self.formulation_choice: dict[str, str] = {}
         self._eval_cache: tuple | None = None
         self._gate_sum: torch.Tensor | None = None
         self._gate_count = 0
@@ -189,9 +209,12 @@ class AggregatedLayer(nn.Module):
     def _cached(self, build: Callable[[], tuple]) -> tuple:
         """``build()`` cached while no parameter or buffer it reads has changed (inference only)."""
         tensors = [t for t in (self.bank, self.bias_bank, self.gate_ema, self._align_weight()) if t is not None]
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, build())
+            # Built in the parameters' dtype whatever the autocast state, so that one cache serves
+            # runs with and without autocast (each convolution casts what it reads).
+            with _autocast_off(self.bank.device.type):
+                self._eval_cache = (key, build())
         return self._eval_cache[1]
 
     def _inference(self) -> bool:
@@ -213,13 +236,7 @@ class AggregatedLayer(nn.Module):
             align_weight = None
         else:
             bank, bias, align_weight = self.bank, self.bias_bank, self._align_weight()
-        if self.formulation == "auto":
-            name = self._autotune(x, a, bank, bias, align_weight, self.applicable_formulations())
-        else:
-            name = self.formulation
-            if name not in self.applicable_formulations():
-                # "grouped" and "bmm" are the same per-sample-kernel idea; each layer kind has one
-                name = "bmm" if name == "grouped" else "grouped"
+        name = self._choose(x, align_weight is not None, self.applicable_formulations())
         return self._formulation(name)(x, a, bank, bias, align_weight)
 
     def _forward_lite(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,11 +249,7 @@ class AggregatedLayer(nn.Module):
             # Shared kernel (fold, then one conv), or -- when the alignment matmul m*C_out*|W|
             # costs more than the layer itself (few pixels, wide layers) -- the m source outputs
             # aligned and mixed after one conv ("outputs"). Both are exact.
-            names = ("shared", "outputs") if align_weight is not None else ("shared",)
-            if self.formulation == "auto":
-                name = self._autotune(x, batch_gate, self.bank, self.bias_bank, align_weight, names)
-            else:
-                name = "outputs" if self.formulation == "outputs" else "shared"
+            name = self._choose(x, align_weight is not None, self.lite_training_formulations())
             return self._formulation(name)(x, batch_gate, self.bank, self.bias_bank, align_weight)
         if self.recording:
             self._record(self.gate(x))
@@ -245,6 +258,39 @@ class AggregatedLayer(nn.Module):
         else:
             weight, bias = self.fold(self.gate_ema)
         return self._shared_kernel(self._pad(x), weight, bias)
+
+    # ----------------------------------------------------------------- choosing a formulation
+    def lite_training_formulations(self) -> tuple[str, ...]:
+        """Lite training's candidates: the shared kernel, or the aligned outputs when aligning."""
+        return ("shared", "outputs") if self.align is not None else ("shared",)
+
+    def candidate_formulations(self, phase: str) -> tuple[str, ...]:
+        """The formulations a forward in ``phase`` ("train": module in training mode, "eval")
+        chooses from (Lite in eval always folds into the shared kernel)."""
+        if phase not in ("train", "eval"):
+            raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+        if self.lite:
+            return self.lite_training_formulations() if phase == "train" else ("shared",)
+        return self.applicable_formulations()
+
+    def _choose(self, x: torch.Tensor, aligning: bool, names: tuple[str, ...]) -> str:
+        """The formulation this forward runs: a fixed ``formulation``, else the stored tuned choice
+        of the phase, else the candidate with the fewest multiply-adds for x's shape (first of the
+        cheapest in ``names``' order)."""
+        if self.formulation != "auto":
+            if self.lite:
+                return "outputs" if self.formulation == "outputs" and "outputs" in names else "shared"
+            if self.formulation in names:
+                return self.formulation
+            # "grouped" and "bmm" are the same per-sample-kernel idea; each layer kind has one
+            return "bmm" if self.formulation == "grouped" else "grouped"
+        chosen = self.formulation_choice.get("train" if self.training else "eval")
+        if chosen in names:
+            return chosen
+        if len(names) == 1:
+            return names[0]
+        macs = self._macs(x, aligning)
+        return min(names, key=macs.__getitem__)
 
     @torch.no_grad()
     def _update_ema(self, batch_gate: torch.Tensor) -> None:
@@ -316,7 +362,9 @@ class AggregatedLayer(nn.Module):
 
     def _shared(self, x, gate, bank, bias, align_weight):
         bank, bias = self._aligned(bank, bias, align_weight)
-        weight = torch.tensordot(gate, bank, dims=1)
+        # tensordot is not an autocast op: under autocast the aligned bank (a bmm) is in the
+        # autocast dtype while the gate is not, so match them here.
+        weight = torch.tensordot(gate.to(bank.dtype), bank, dims=1)
         return self._shared_kernel(x, weight, gate @ bias if bias is not None else None)
 
     def _per_sample(self, a, bank, bias, align_weight):
@@ -354,6 +402,7 @@ class AggregatedLayer(nn.Module):
         ones = (1,) * len(spatial)
         # Input channels ordered (group, source, channel-in-group) so each conv group sees its own
         # channels of every source; the bank is reordered to match.
+        a = a.to(x.dtype)  # under autocast: scale the activations in their own dtype
         stacked = (x.view(batch, g, 1, -1, *spatial) * a.view(batch, 1, m, 1, *ones)).reshape(batch, -1, *spatial)
         k = bank.shape[3:]
         weight = (bank.view(m, g, self.out_channels // g, -1, *k).permute(1, 2, 0, 3, *range(4, 4 + len(k)))
@@ -369,7 +418,7 @@ class AggregatedLayer(nn.Module):
         bank, which is cheaper when B*P < |W|/C_out... i.e. few pixels (late layers, small inputs)."""
         batch, m = z.shape[:2]
         a = a.expand(batch, m) if a.dim() == 1 else a
-        scaled = z * a.view(batch, m, 1, 1)
+        scaled = z * a.to(z.dtype).view(batch, m, 1, 1)  # under autocast z is bf16/fp16: stay there
         if align_weight is None:
             y = scaled.sum(1)
         else:
@@ -406,7 +455,7 @@ class AggregatedLayer(nn.Module):
         bank, bias = self._aligned(bank, bias, align_weight)
         batch, m = x.shape[0], self.num_sources
         flat = x.reshape(batch, -1, 1, self.in_channels)
-        stacked = (flat * a.view(batch, 1, m, 1)).flatten(2)
+        stacked = (flat * a.to(x.dtype).view(batch, 1, m, 1)).flatten(2)
         y = F.linear(stacked, bank.transpose(0, 1).reshape(self.out_channels, -1))
         if bias is not None:
             y = y + (a @ bias).unsqueeze(1)
@@ -454,34 +503,43 @@ class AggregatedLayer(nn.Module):
             return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.bank.shape[3:]))
         return pad if isinstance(pad, tuple) else (pad,) * ndim
 
-    def _autotune(self, x, a, bank, bias, align_weight, names) -> str:
-        tensors = [t for t in (x, a, bank, bias, align_weight) if t is not None]
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        key = (
-            "linear" if self.is_linear else f"conv{self.bank.dim() - 3}d",
-            tuple(x.shape), tuple(bank.shape), bias is not None,
-            None if self.is_linear else (self.stride, self._conv_padding, self.dilation, self.groups),
-            x.dtype, x.device.type, training, align_weight is not None, names,
-            x.is_contiguous(memory_format=torch.channels_last) if x.dim() == 4 else False,
-        )
+    def timing_runners(self, x: torch.Tensor, phase: str) -> tuple[dict[str, Callable[[], None]], dict[str, float]]:
+        """For :func:`zootune.layers.autotune.tune`: ``({name: run}, {name: multiply-adds})`` for this
+        layer's candidates in ``phase`` on the layer input ``x`` (unpadded, as forward receives it).
 
-        def runner(name):
+        ``run()`` computes the formulation once as forward would in that phase: "train" on leaf copies
+        of x, the gate, the bank and the alignment, with a backward pass; "eval" without gradients on
+        the aligned bank. Nothing here changes the layer (no EMA update, no recorded gates).
+        """
+        names = self.candidate_formulations(phase)
+        with torch.no_grad():
+            a = self.gate(x)
+            if self.lite:
+                a = a.mean(0)
+            x = self._pad(x)
+            if phase == "eval":
+                bank, bias = self.aligned_bank()
+                align_weight = None
+            else:
+                bank, bias, align_weight = self.bank, self.bias_bank, self._align_weight()
+            inputs = [t.detach() if t is not None else None for t in (x, a, bank, bias, align_weight)]
+
+        def runner(name: str) -> Callable[[], None]:
             fn = self._formulation(name)
-            if not training:
-                def run():
+            if phase == "eval":
+                def run() -> None:
                     with torch.no_grad():
-                        fn(x, a, bank, bias, align_weight)
+                        fn(*inputs)
                 return run
 
-            def run_backward():
+            def run_backward() -> None:
                 with torch.enable_grad():
-                    leaves = [t.detach().requires_grad_(True) if t is not None else None
-                              for t in (x, a, bank, bias, align_weight)]
+                    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
                     fn(*leaves).sum().backward()
             return run_backward
 
-        return autotune.choose(key, {name: runner(name) for name in names},
-                               self._macs(x, align_weight is not None))
+        macs = self._macs(x, inputs[4] is not None)
+        return {name: runner(name) for name in names}, {name: macs[name] for name in names}
 
     # ----------------------------------------------------------------- folding
     @torch.no_grad()

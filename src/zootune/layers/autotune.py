@@ -1,86 +1,265 @@
-"""Measured choice of an exact formulation per layer shape, like cuDNN's benchmark mode.
+"""Choosing each aggregation layer's formulation: one explicit step before training.
 
-The aggregation layers (``zootune.layers.aggregate``) can compute the same output in several exact
-ways whose speed depends on the shape (batch, channels, pixels, kernel), the dtype, the device and
-whether a backward pass follows. The first time a layer meets a new key, :func:`choose` times each
-candidate on copies of the real inputs and caches the fastest for the rest of the process.
+The aggregation layers (:mod:`zootune.layers.aggregate`) compute the same output in several exact
+ways whose speed depends on the shape (batch, channels, pixels, kernel), the dtype, the memory
+format, the device and whether a backward pass follows. :func:`tune` runs once, outside any
+forward (the engine calls it before the first step)::
+
+    choices = tune(model, example_batch, mode="time")   # {layer name: {"train": name, "eval": name}}
+
+It runs the model once on the example batch (under ``no_grad``, every buffer and random generator
+restored afterwards) to see the shape, dtype and memory format of each layer's input, then, per
+layer and phase, times every candidate on a random input of that kind -- forward and backward for "train", forward without gradients
+for "eval" -- with device synchronisation (CUDA events on a GPU, ``time.perf_counter`` on the CPU),
+and stores the fastest on the layer (``layer.formulation_choice``). Forward then runs that one
+formulation; it never measures anything and never starts a backward pass, so it is safe inside
+``DistributedDataParallel`` and under ``torch.compile``.
+
+``mode="macs"`` stores nothing: a layer without a stored choice takes, per call, the candidate with
+the fewest multiply-adds for the input's shape (ties: the candidates' order), which is the same on
+every machine and every run (``zootune run`` uses it so that one command gives one set of numbers).
 
 Measuring is kept cheap: candidates whose multiply-add count is more than ``PRUNE_FACTOR`` times the
 cheapest one's are not timed at all, each survivor runs once to warm up and then ``MEASURE_REPEATS``
-times (the minimum is kept), and copies of the inputs are used (no random numbers are drawn, so the
-global RNG stream, and hence a seeded run, is the same whether or not a measurement happened).
-
-Timing makes the choice depend on the machine's load: two runs of one command may pick different
-(equally exact) formulations, whose float rounding differs, and a long training can drift apart.
-:func:`by_macs` (a context manager; ``zootune run`` uses it) chooses by the multiply-add estimate
-instead (ties: the candidates' order), so the same command gives the same numbers.
+times (the minimum is kept). Timed choices depend on the machine and its load; the engine stores
+them in its checkpoint (:func:`formulation_choices` / :func:`load_formulation_choices`) so that a
+resumed run computes exactly what the interrupted one did.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from zootune.layers.aggregate import AggregatedLayer
 
 PRUNE_FACTOR = 3.0
 MEASURE_REPEATS = 2
+MODES = ("time", "macs")
+PHASES = ("train", "eval")
 
-_CHOICES: dict[Hashable, str] = {}
-_TIMINGS: dict[Hashable, dict[str, float]] = {}
-_BY_MACS = [False]
+_DEFAULT_MODE = [None]  # set only by the deprecated by_macs() block
+
+
+@dataclass
+class LayerChoice:
+    """What :func:`tune` decided for one layer in one phase: the formulation, the seconds of each
+    timed candidate (empty in "macs" mode or with one candidate) and each candidate's multiply-adds."""
+
+    chosen: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    macs: dict[str, float] = field(default_factory=dict)
+
+
+def aggregated_layers(model: nn.Module) -> dict[str, AggregatedLayer]:
+    """Every aggregation layer of ``model`` by its dotted name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AggregatedLayer)}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(run: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one ``run()``, the device's queued work included."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _synchronize(device)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    _synchronize(device)
+    started = time.perf_counter()
+    run()
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def measure(candidates: Mapping[str, Callable[[], None]], macs: Mapping[str, float],
+            device: torch.device | str = "cpu") -> LayerChoice:
+    """The fastest of ``candidates`` ({name: run once}) by measurement; ``macs[name]`` (the
+    multiply-add estimate) only prunes candidates costing more than ``PRUNE_FACTOR`` x the cheapest."""
+    device = torch.device(device)
+    names = list(candidates)
+    if len(names) == 1:
+        return LayerChoice(names[0], {}, dict(macs))
+    cheapest = min(macs[name] for name in names)
+    seconds: dict[str, float] = {}
+    for name in names:
+        if macs[name] > PRUNE_FACTOR * cheapest:
+            continue
+        run = candidates[name]
+        run()  # warm-up: allocator, one-time kernel selection
+        seconds[name] = min(_time_once(run, device) for _ in range(MEASURE_REPEATS))
+    return LayerChoice(min(seconds, key=seconds.__getitem__), seconds, dict(macs))
+
+
+def by_fewest_macs(names: Sequence[str], macs: Mapping[str, float]) -> str:
+    """The first of the cheapest candidates by multiply-adds (the untuned forward's rule)."""
+    return min(names, key=lambda name: macs[name])
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Undo a forward's side effects: training flags, buffers (BatchNorm statistics, Lite's gate
+    ensemble), gradients and the random generators."""
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(m, name, buf, buf.detach().clone()) for m in model.modules()
+               for name, buf in m._buffers.items() if buf is not None]
+    grads = [(p, p.grad) for p in model.parameters()]
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        with torch.no_grad():
+            for m, name, buf, saved in buffers:
+                m._buffers[name] = buf
+                buf.copy_(saved)
+        for p, grad in grads:
+            p.grad = grad
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    channels_last: bool
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "_InputSpec":
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return cls(tuple(x.shape), x.dtype, x.device, channels_last)
+
+    def make(self) -> torch.Tensor:
+        """A standard-normal tensor of this shape, dtype, device and memory format, from a private
+        generator (the global random streams are not touched)."""
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        x = torch.randn(self.shape, generator=generator, device=self.device, dtype=torch.float32).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def _layer_inputs(model: nn.Module, layers: dict[str, AggregatedLayer], example: Sequence) -> dict[str, _InputSpec]:
+    """The shape, dtype and memory format of each layer's input in one training-mode forward of
+    ``model(*example)`` without gradients (the inputs themselves are not kept: all of a large
+    model's activations at once would not fit where training fits)."""
+    seen: dict[str, _InputSpec] = {}
+    handles = []
+    for name, layer in layers.items():
+        def hook(_module, args, name=name):
+            seen.setdefault(name, _InputSpec.of(args[0]))
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model.train()
+            model(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training: bool = True,
+         phases: Sequence[str] | None = None) -> dict[str, dict[str, LayerChoice]]:
+    """Choose and store the formulation of every ``formulation="auto"`` aggregation layer of ``model``.
+
+    Args:
+        model: any module containing :class:`~zootune.layers.AggregatedLayer` s (left unchanged
+            apart from ``layer.formulation_choice``).
+        example_batch: an input batch (a tensor, or a tuple of positional inputs) of the size and
+            memory format training will use; run under the autocast context training will use.
+        mode: ``"time"`` (measure, store the fastest) or ``"macs"`` (store nothing: every call
+            takes the fewest multiply-adds for its shape, deterministic).
+        training: tune the training phase too (forward + backward); always the eval phase.
+        phases: override ``training``: the phases to tune, from ("train", "eval").
+
+    Returns ``{layer name: {phase: LayerChoice}}`` (what was chosen, and the measurements). Under
+    ``torch.distributed`` every process must call it (a Lite layer averages its gate over
+    processes in the training-mode forward it runs); ranks may choose differently -- the engine
+    uses rank 0's choices everywhere.
+    """
+    if mode is None:
+        mode = _DEFAULT_MODE[0] or "time"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    phases = tuple(phases) if phases is not None else (("train", "eval") if training else ("eval",))
+    if any(p not in PHASES for p in phases):
+        raise ValueError(f"phases must be from {PHASES}, got {phases}")
+    layers = {name: layer for name, layer in aggregated_layers(model).items() if layer.formulation == "auto"}
+    if not layers:
+        return {}
+    example = tuple(example_batch) if isinstance(example_batch, (tuple, list)) else (example_batch,)
+    report: dict[str, dict[str, LayerChoice]] = {}
+    with _preserved(model):
+        inputs = _layer_inputs(model, layers, example)
+        for name, layer in layers.items():
+            if name not in inputs:  # not reached by this input (e.g. an unused branch)
+                continue
+            layer.formulation_choice = {}
+            report[name] = {}
+            for phase in phases:
+                layer.train(phase == "train")
+                x = inputs[name].make()
+                runners, macs = layer.timing_runners(x, phase)
+                if mode == "macs":
+                    report[name][phase] = LayerChoice(by_fewest_macs(list(runners), macs), {}, macs)
+                    continue
+                choice = measure(runners, macs, x.device)
+                layer.formulation_choice[phase] = choice.chosen
+                report[name][phase] = choice
+    return report
+
+
+def formulation_choices(model: nn.Module) -> dict[str, dict[str, str]]:
+    """``{layer name: {phase: formulation}}`` of the layers that hold a tuned choice (for a
+    checkpoint: plain strings, loadable with ``weights_only=True``)."""
+    return {name: dict(layer.formulation_choice) for name, layer in aggregated_layers(model).items()
+            if layer.formulation_choice}
+
+
+def load_formulation_choices(model: nn.Module, choices: Mapping[str, Mapping[str, str]]) -> None:
+    """Put choices from :func:`formulation_choices` back on ``model``'s layers (others untuned).
+
+    Raises ``ValueError`` when a name is not an aggregation layer of ``model`` or a formulation does
+    not apply to that layer (a checkpoint of another model or method).
+    """
+    layers = aggregated_layers(model)
+    unknown = sorted(set(choices) - set(layers))
+    if unknown:
+        raise ValueError(f"formulation choices for layers this model does not have: {', '.join(unknown[:5])}")
+    for name, per_phase in choices.items():
+        for phase, chosen in per_phase.items():
+            if phase not in PHASES or chosen not in layers[name].candidate_formulations(phase):
+                raise ValueError(f"formulation {chosen!r} ({phase}) does not apply to layer {name}")
+    for name, layer in layers.items():
+        layer.formulation_choice = dict(choices.get(name, {}))
+
+
+def clear_choices(model: nn.Module) -> None:
+    """Forget every layer's tuned choice (forward falls back to the fewest multiply-adds)."""
+    for layer in aggregated_layers(model).values():
+        layer.formulation_choice = {}
 
 
 @contextlib.contextmanager
 def by_macs() -> Iterator[None]:
-    """Within the block, choose deterministically by multiply-adds instead of by timing (and keep
-    those choices apart from timed ones)."""
-    previous = _BY_MACS[0]
-    _BY_MACS[0] = True
+    """Deprecated: within the block, :func:`tune` with ``mode=None`` (the engine's
+    ``TrainConfig(formulations=None)``) chooses by multiply-adds. Pass ``mode="macs"`` (or
+    ``TrainConfig(formulations="macs")``) instead."""
+    previous = _DEFAULT_MODE[0]
+    _DEFAULT_MODE[0] = "macs"
     try:
         yield
     finally:
-        _BY_MACS[0] = previous
-
-
-def _time_once(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-def choose(key: Hashable, candidates: dict[str, Callable[[], None]], macs: dict[str, float]) -> str:
-    """Name of the fastest candidate for ``key`` (measured once, then cached).
-
-    ``candidates[name]()`` runs formulation ``name`` once (forward, plus backward when training);
-    ``macs[name]`` is its multiply-add estimate, used only to skip hopeless candidates.
-    """
-    if _BY_MACS[0]:
-        return min(candidates, key=lambda name: macs[name])  # first of the cheapest: stable order
-    if key in _CHOICES:
-        return _CHOICES[key]
-    if len(candidates) == 1:
-        (name,) = candidates
-        _CHOICES[key] = name
-        return name
-    cheapest = min(macs[name] for name in candidates)
-    timings: dict[str, float] = {}
-    for name, run in candidates.items():
-        if macs[name] > PRUNE_FACTOR * cheapest:
-            continue
-        run()  # warm-up: allocator, one-time kernel selection
-        timings[name] = min(_time_once(run) for _ in range(MEASURE_REPEATS))
-    best = min(timings, key=timings.__getitem__)
-    _CHOICES[key] = best
-    _TIMINGS[key] = timings
-    return best
-
-
-def measured_choices() -> dict[Hashable, tuple[str, dict[str, float]]]:
-    """Everything measured so far: key -> (chosen formulation, {formulation: seconds})."""
-    return {key: (name, dict(_TIMINGS.get(key, {}))) for key, name in _CHOICES.items()}
-
-
-def clear_cache() -> None:
-    """Forget all measured choices (the next forward of each shape measures again)."""
-    _CHOICES.clear()
-    _TIMINGS.clear()
+        _DEFAULT_MODE[0] = previous

@@ -47,11 +47,24 @@ class Gate(nn.Module):
             nn.init.zeros_(self.expand.weight)
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
-        """Global average over everything but the batch and channel dimensions -> (B, C)."""
+        """Global average over everything but the batch and channel dimensions -> (B, C), in the
+        gate's parameter dtype (accumulated in that dtype, also for a bf16/fp16 ``h``)."""
+        dtype = self.reduce.weight.dtype
+        if h.dim() <= 2:
+            return h.to(dtype)
         if self.channels_last:
-            return h.flatten(1, -2).mean(1) if h.dim() > 2 else h
-        return h.flatten(2).mean(2) if h.dim() > 2 else h
+            return h.flatten(1, -2).mean(1, dtype=dtype)
+        return h.flatten(2).mean(2, dtype=dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.expand(torch.relu(self.reduce(self.pool(h))))
+        """a(h) in the parameters' dtype: under autocast too, because the gate weighs every kernel
+        of the layer and costs a few multiply-adds per sample."""
+        device_type = h.device.type
+        if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self._gate(self.pool(h))
+        return self._gate(self.pool(h))
+
+    def _gate(self, pooled: torch.Tensor) -> torch.Tensor:
+        logits = self.expand(torch.relu(self.reduce(pooled)))
         return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
