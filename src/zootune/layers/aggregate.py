@@ -298,10 +298,10 @@ class AggregatedLayer(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_gate)
             batch_gate /= dist.get_world_size()
-        if int(self.gate_updates) == 0:
-            self.gate_ema.copy_(batch_gate)
-        else:
-            self.gate_ema.mul_(self.lite_momentum).add_(batch_gate, alpha=1.0 - self.lite_momentum)
+        # The first update takes the batch gate as it is; branch-free (no host sync, no graph break
+        # under torch.compile).
+        smoothed = torch.add(self.gate_ema * self.lite_momentum, batch_gate, alpha=1.0 - self.lite_momentum)
+        self.gate_ema.copy_(torch.where(self.gate_updates == 0, batch_gate, smoothed))
         self.gate_updates += 1
 
     def _record(self, a: torch.Tensor) -> None:
