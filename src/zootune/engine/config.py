@@ -11,6 +11,8 @@ from zootune.errors import ZootuneError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+FORMULATION_MODES = ("time", "macs")
 
 
 @dataclass
@@ -27,6 +29,24 @@ class TrainConfig:
     - ``cosine``: ``f = (1 + cos(pi * t)) / 2`` with ``t`` the fraction of the post-warm-up steps done;
     - ``step``: ``f = gamma ** (epoch // step_size)`` (``step_size`` defaults to a third of the epochs);
     - ``constant``: ``f = 1``.
+
+    Speed (none of these changes what is computed beyond floating-point rounding):
+
+    - ``precision``: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: forward and loss under
+      ``torch.autocast`` on the device (validation too); fp16 adds a ``GradScaler`` (saved in the
+      checkpoint). bf16 works on the CPU as well.
+    - ``channels_last``: convolutional models and their 4-D inputs in channels-last memory format;
+      ``None``: on for CUDA models with 2-d convolutions, off on the CPU (measured no faster there:
+      docs/dev-notes/engine.md). The returned model is contiguous again.
+    - ``threads``: intra-op threads on the CPU; ``None``: 1 for small models or a busy machine, else
+      torch's default (:mod:`zootune.engine.threads`).
+    - ``formulations``: how aggregation layers (Zoo-Tuning) choose their exact formulation before
+      training (:func:`zootune.layers.autotune.tune`): ``"time"`` (measured; stored in the
+      checkpoint, so resuming is exact) or ``"macs"`` (fewest multiply-adds, the same on every
+      machine); ``None``: "time" (or "macs" inside the deprecated ``autotune.by_macs()`` block).
+
+    Several processes (``torchrun``): ``sync_bn`` makes BatchNorm layers normalise over the global
+    batch (:mod:`zootune.engine.sync_bn`) instead of each process's slice.
     """
 
     epochs: int = 10
@@ -53,6 +73,11 @@ class TrainConfig:
     # DDP must know when some parameters get no gradient in a step (Hub-Pathway's top-k pathways do);
     # the extra graph walk is cheap next to a forward pass.
     find_unused_parameters: bool = True
+    precision: str = "fp32"
+    channels_last: bool | None = None
+    threads: int | None = None
+    formulations: str | None = None
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives a list back
@@ -83,6 +108,12 @@ class TrainConfig:
             problems.append(f"grad_clip must be > 0 (got {self.grad_clip})")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             problems.append(f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1 (got {self.threads})")
+        if self.formulations is not None and self.formulations not in FORMULATION_MODES:
+            problems.append(f"formulations must be one of {', '.join(FORMULATION_MODES)} (got {self.formulations!r})")
         if len(self.betas) != 2:
             problems.append(f"betas must be two numbers (got {self.betas})")
         if problems:

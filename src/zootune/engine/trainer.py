@@ -8,13 +8,22 @@ Per step (the contract in :mod:`zootune.methods.base`)::
     (w_r * loss).backward()                                    # w_r = n_r W / N, 1 for one process
     optimizer.step(); module.after_optimizer_step()            # if defined
 
+The forward and the loss run under ``torch.autocast`` when ``precision`` is bf16/fp16 (fp16 scales the
+loss with a ``GradScaler``). Before the first step (once per process, outside any forward) the engine
+sets the intra-op thread count (:mod:`zootune.engine.threads`), converts BatchNorm layers for
+``sync_bn``, moves convolutional models to channels-last, and chooses the formulation of every
+aggregation layer (:func:`zootune.layers.autotune.tune`) on the first batch -- or reads the choices
+back from the checkpoint when resuming.
+
 After each epoch: validation (metric sums over all processes), best-on-validation state kept, an
-atomic checkpoint with every RNG state, ``metrics.jsonl`` / ``metrics.csv``. At the end the best state
-is loaded and ``module.finalize()`` (if defined) gives the model that is returned.
+atomic checkpoint with every RNG state and the formulation choices, ``metrics.jsonl`` /
+``metrics.csv``. At the end the best state is loaded and ``module.finalize()`` (if defined) gives the
+model that is returned. Under ``torchrun`` only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -26,10 +35,12 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from zootune.engine import distributed
+from zootune.engine.sync_bn import convert_sync_batchnorm, revert_sync_batchnorm
+from zootune.engine.threads import choose_threads, forward_macs
 from zootune.engine.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -40,11 +51,12 @@ from zootune.engine.checkpoint import (
     seed_everything,
 )
 from zootune.engine.config import TrainConfig
-from zootune.engine.evaluation import evaluation_sums, sums_to_metrics
+from zootune.engine.evaluation import _model_device, evaluation_sums, sums_to_metrics
 from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
 from zootune.errors import CheckpointError, DataError, NonFiniteLossError, ZootuneError
+from zootune.layers import autotune
 from zootune.methods.base import unwrap
 from zootune.tasks import Task
 
@@ -52,6 +64,7 @@ log = logging.getLogger(__name__)
 
 # Config fields that may change between a run and its resumption without changing its numbers.
 _RESUME_FREE_FIELDS = {"epochs", "progress", "num_workers", "eval_every", "device", "eval_batch_size"}
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -81,6 +94,23 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def _has_conv2d(module: nn.Module) -> bool:
+    from zootune.layers import AggregatedLayer
+
+    return any(isinstance(m, nn.Conv2d) or (isinstance(m, AggregatedLayer) and m.bank.dim() == 5)
+               for m in module.modules())
+
+
+@torch.no_grad()
+def _four_d_layout(module: nn.Module, memory_format: torch.memory_format) -> None:
+    """Every 4-d parameter and buffer (convolution kernels) in ``memory_format``, in place (the same
+    Parameter objects). ``module.to(memory_format=...)`` would refuse the 5-d banks of aggregation
+    layers; their kernels are built per step and follow the input's layout in the convolution."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=memory_format)
+
+
 def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     if best is None:
         return True
@@ -94,7 +124,9 @@ class Trainer:
     ``checkpoint.pt`` every epoch plus ``metrics.jsonl``/``metrics.csv``; ``resume=True`` continues
     from its checkpoint to the same numbers an uninterrupted run gives. ``callbacks``: objects with
     optional ``on_epoch_end(trainer, record)`` and ``on_fit_end(trainer, result)``, called on every
-    process (``trainer.dist.is_main`` tells rank 0).
+    process (``trainer.dist.is_main`` tells rank 0). ``example_input``: the batch (a tensor of the
+    training batch's shape) on which the engine chooses aggregation formulations and the thread count;
+    default: the first training batch (read once more, every random stream restored).
     """
 
     def __init__(
@@ -107,6 +139,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         resume: bool = False,
         callbacks: Sequence[Any] | None = None,
+        example_input: torch.Tensor | None = None,
     ):
         if config is None:
             config = TrainConfig()
@@ -129,6 +162,10 @@ class Trainer:
         self.best_epoch = 0
         self.best_val_metric: float | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
+        self.example_input = example_input
+        self._restored_formulations: dict | None = None
+        self._scaler: torch.amp.GradScaler | None = None
+        self._channels_last = False
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -151,7 +188,8 @@ class Trainer:
     def _restore(self, optimizer: torch.optim.Optimizer) -> None:
         path = self.checkpoint_path
         if not path.is_file():
-            log.warning("resume: no checkpoint at %s, starting from scratch", path)
+            if self.dist.is_main:
+                log.warning("resume: no checkpoint at %s, starting from scratch", path)
             return
         ckpt = load_checkpoint(path)
         try:
@@ -170,13 +208,13 @@ class Trainer:
             for k, v in self.config.to_dict().items()
             if k not in _RESUME_FREE_FIELDS and ckpt["config"].get(k) != v
         )
-        if changed:
+        if changed and self.dist.is_main:
             warnings.warn(
                 f"resuming {path} with changed training options ({', '.join(changed)}); the run will not "
                 "match an uninterrupted one",
                 stacklevel=3,
             )
-        if ckpt["config"].get("epochs") != self.config.epochs:
+        if ckpt["config"].get("epochs") != self.config.epochs and self.dist.is_main:
             log.warning(
                 "resume: epochs changed from %s to %s; a schedule that depends on the total changes",
                 ckpt["config"].get("epochs"),
@@ -188,12 +226,16 @@ class Trainer:
         self.best_epoch = int(ckpt["best_epoch"])
         self.best_val_metric = ckpt["best_val_metric"]
         self._best_state = ckpt["best_state"]
+        self._restored_formulations = ckpt.get("formulations")
+        if self._scaler is not None and ckpt.get("grad_scaler"):
+            self._scaler.load_state_dict(ckpt["grad_scaler"])
         rng_states = ckpt["rng"]
         if self.dist.rank < len(rng_states):
             restore_rng_state(rng_states[self.dist.rank])
         else:  # more processes than when it was written: fresh, distinct streams for the new ranks
             seed_everything(epoch_seed(self.config.seed, self.epoch, stream=1000 + self.dist.rank))
-        log.info("resumed from %s after epoch %d", path, self.epoch)
+        if self.dist.is_main:
+            log.info("resumed from %s after epoch %d", path, self.epoch)
 
     def _save_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
         # Every rank's RNG state (all must call the gather), written by rank 0.
@@ -214,6 +256,10 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "rng": rng_states,
                 "sampler": {"seed": self.config.seed, "epoch": self.epoch},
+                # Aggregation layers' formulations (chosen by timing): a resumed run computes what
+                # this one did, bit for bit, instead of timing again.
+                "formulations": autotune.formulation_choices(self.module),
+                "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
             },
             self.checkpoint_path,
         )
@@ -249,10 +295,21 @@ class Trainer:
                 f"the training dataset ({len(self.train_dataset)} samples) gives no batch to train on with "
                 f"batch_size={cfg.batch_size}, drop_last={cfg.drop_last} and {self.dist.world_size} process(es)"
             )
+        threads_before = torch.get_num_threads()
+        threads = choose_threads(cfg.threads, device, lambda: forward_macs(module, (self._example(sampler, device),)))
+        if threads is not None:
+            torch.set_num_threads(threads)
+        converted_bn = convert_sync_batchnorm(module, device) if cfg.sync_bn and self.dist.enabled else []
+        self._channels_last = cfg.channels_last if cfg.channels_last is not None else (
+            device.type == "cuda" and _has_conv2d(module))
+        if self._channels_last:
+            _four_d_layout(module, torch.channels_last)
+        self._scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         optimizer = build_optimizer(module, cfg)
         schedule = LRSchedule(cfg, steps_per_epoch)
         if self.resume:
             self._restore(optimizer)
+        self._choose_formulations(module, sampler, device)
 
         model: nn.Module = module
         if self.dist.enabled:
@@ -271,14 +328,73 @@ class Trainer:
                 for cb in self.callbacks:
                     if _hook(cb, "on_epoch_end"):
                         cb.on_epoch_end(self, record)
+            self._undo_speed_settings(module, converted_bn)
             result = self._finish(module, started)
         finally:
             if metric_log is not None:
                 metric_log.close()
+            self._undo_speed_settings(module, converted_bn)
+            torch.set_num_threads(threads_before)
         for cb in self.callbacks:
             if _hook(cb, "on_fit_end"):
                 cb.on_fit_end(self, result)
         return result
+
+    # ------------------------------------------------------------------ before the first step
+    def _undo_speed_settings(self, module: nn.Module, converted_bn) -> None:
+        """The architecture's own BatchNorm classes and a contiguous layout again (for the caller,
+        finalize() and saving: safetensors stores contiguous tensors only). Idempotent."""
+        revert_sync_batchnorm(converted_bn)
+        if self._channels_last:
+            _four_d_layout(module, torch.contiguous_format)
+            self._channels_last = False
+
+    def _autocast(self, device: torch.device):
+        """The autocast context of the forward passes (a no-op for fp32)."""
+        dtype = _AUTOCAST_DTYPES.get(self.config.precision)
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def _to_device(self, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self._channels_last and inputs.dim() == 4:
+            return inputs.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return inputs.to(device, non_blocking=True)
+
+    def _example(self, sampler: GlobalBatchSampler, device: torch.device) -> torch.Tensor:
+        """``example_input``, or this rank's first batch of the current epoch, read once more with
+        every random stream restored afterwards (datasets that augment draw from them)."""
+        if self.example_input is not None:
+            return self._to_device(self.example_input, device)
+        sampler.set_epoch(self.epoch)
+        indices = next(iter(sampler))
+        state = capture_rng_state()
+        try:
+            inputs = default_collate([self.train_dataset[i] for i in indices])[0]
+        finally:
+            restore_rng_state(state)
+        return self._to_device(inputs, device)
+
+    def _choose_formulations(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> None:
+        """Each aggregation layer's formulation: read back from the checkpoint when resuming, else
+        chosen once on an example batch (:func:`zootune.layers.autotune.tune`), outside any
+        forward; under several processes every rank uses rank 0's choices."""
+        if not any(layer.formulation == "auto" for layer in autotune.aggregated_layers(module).values()):
+            return
+        if self._restored_formulations is not None:
+            try:
+                autotune.load_formulation_choices(module, self._restored_formulations)
+            except ValueError as err:
+                raise CheckpointError(f"{self.checkpoint_path}: {err}") from None
+            return
+        example = self._example(sampler, device)
+        with self._autocast(device):
+            report = autotune.tune(module, example, mode=self.config.formulations, training=True)
+        if self.dist.enabled:
+            autotune.load_formulation_choices(module, distributed.all_gather_objects(
+                autotune.formulation_choices(module))[0])
+        if self.dist.is_main and report:
+            chosen = [choice.chosen for per_phase in report.values() for choice in per_phase.values()]
+            log.info("aggregation formulations (%s): %s", self.config.formulations or "default",
+                     {name: chosen.count(name) for name in sorted(set(chosen))})
 
     def _train_epoch(self, model, module, optimizer, schedule: LRSchedule, sampler: GlobalBatchSampler, device):
         cfg, task, world = self.config, self.task, self.dist.world_size
@@ -307,20 +423,28 @@ class Trainer:
             if set_progress is not None:
                 set_progress(self.step / schedule.total_steps)
             schedule.apply(optimizer, self.step)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            outputs = model(inputs)
-            loss = task.loss(outputs, targets)
-            if auxiliary_loss is not None:
-                loss = loss + auxiliary_loss(outputs, targets)
+            inputs, targets = self._to_device(inputs, device), targets.to(device, non_blocking=True)
+            with self._autocast(device):
+                outputs = model(inputs)
+                loss = task.loss(outputs, targets)
+                if auxiliary_loss is not None:
+                    loss = loss + auxiliary_loss(outputs, targets)
             optimizer.zero_grad(set_to_none=True)
             n = targets.shape[0]
             weight = rank_loss_weight(n, global_sizes[i], world) if world > 1 else 1.0
-            (loss * weight if weight != 1.0 else loss).backward()
+            weighted = loss * weight if weight != 1.0 else loss
+            (self._scaler.scale(weighted) if self._scaler is not None else weighted).backward()
             loss_value = float(loss.detach())
             self._check_finite(loss_value, epoch, i)  # before the step: the weights stay good
+            if self._scaler is not None:
+                self._scaler.unscale_(optimizer)  # clip (and step) on the true gradients
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            if self._scaler is not None:
+                self._scaler.step(optimizer)  # skipped when a gradient overflowed fp16
+                self._scaler.update()
+            else:
+                optimizer.step()
             if after_step is not None:
                 after_step()
             self.step += 1
@@ -398,19 +522,21 @@ class Trainer:
                     f"Try a lower learning rate (lr={cfg.lr:g}) or grad_clip"
                 )
         self.history.append(record)
-        log.info("epoch %d/%d %s", self.epoch, cfg.epochs, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
+        if self.dist.is_main:
+            log.info("epoch %d/%d %s", self.epoch, cfg.epochs, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
         self._save_checkpoint(optimizer)
 
     def _val_sums(self, module: nn.Module) -> torch.Tensor:
         cfg = self.config
-        return evaluation_sums(
-            module,
-            self.task,
-            self.val_dataset,
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
-            num_workers=cfg.num_workers,
-            shard=True,
-        )
+        with self._autocast(_model_device(module)):
+            return evaluation_sums(
+                module,
+                self.task,
+                self.val_dataset,
+                batch_size=cfg.eval_batch_size or cfg.batch_size,
+                num_workers=cfg.num_workers,
+                shard=True,
+            )
 
     def _finish(self, module: nn.Module, started: float) -> FitResult:
         if self._best_state is not None:
