@@ -1,10 +1,13 @@
 """Two processes (gloo on CPU, started with the environment torchrun gives each process) train to the
 same weights as one process with the same global batch; validation metrics are summed exactly over
-processes and only rank 0 writes files."""
+processes; with BatchNorm they do so only with ``sync_bn``; only rank 0 writes files and logs, and
+every rank uses rank 0's formulation choices."""
 
 from __future__ import annotations
 
+import builtins
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -18,6 +21,7 @@ from torch.utils.data import TensorDataset
 import zootune.engine.checkpoint as checkpoint_module
 import zootune.engine.metric_log as metric_log_module
 from zootune.engine import TrainConfig, Trainer
+from zootune.layers import AggregatedLayer, autotune
 from zootune.tasks import ClassificationTask
 
 from test_engine import Interrupt, KillAfter  # the same simulated kill as the one-process resume tests
@@ -25,20 +29,74 @@ from test_engine import Interrupt, KillAfter  # the same simulated kill as the o
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def train_tiny(out: Path, dropout: float = 0.0, kill_after: int | None = None, resume: bool = False) -> None:
-    """What every run executes. The model has no BatchNorm: under DDP BatchNorm normalises with each
-    process's own batch statistics (SyncBatchNorm needs GPUs), which legitimately differs from one
-    process. Dropout (per-process RNG streams) is only used to test resuming."""
+def _spy_on_writes(root: Path) -> list[str]:
+    """Record every file-system write under ``root`` by this process (open for writing, renames,
+    new folders, torch.save, the atomic writer)."""
+    writes: list[str] = []
+    root = str(root.resolve())
+
+    def note(path) -> None:
+        path = str(Path(path).resolve()) if isinstance(path, (str, os.PathLike)) else str(path)
+        if path.startswith(root):
+            writes.append(path)
+
+    real_open, real_replace, real_rename, real_makedirs = builtins.open, os.replace, os.rename, os.makedirs
+    real_mkdir, real_save, real_atomic = Path.mkdir, torch.save, checkpoint_module.atomic_write_bytes
+
+    def spy_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            note(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = spy_open
+    os.replace = lambda src, dst, *a, **k: (note(dst), real_replace(src, dst, *a, **k))[1]
+    os.rename = lambda src, dst, *a, **k: (note(dst), real_rename(src, dst, *a, **k))[1]
+    os.makedirs = lambda name, *a, **k: (note(name), real_makedirs(name, *a, **k))[1]
+    Path.mkdir = lambda self, *a, **k: (note(self), real_mkdir(self, *a, **k))[1]
+    torch.save = lambda obj, f, *a, **k: (note(f), real_save(obj, f, *a, **k))[1]
+
+    def atomic(path, data):
+        note(path)
+        real_atomic(path, data)
+
+    checkpoint_module.atomic_write_bytes = metric_log_module.atomic_write_bytes = atomic
+    return writes
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _model(kind: str, dropout: float) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Dropout(dropout), nn.Linear(12, 3))
+    if kind == "bn":
+        return nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3))
+    if kind == "lite":  # aggregation layers whose forward averages its gate over the processes
+        return nn.Sequential(AggregatedLayer([nn.Linear(5, 12) for _ in range(3)], lite=True), nn.Tanh(),
+                             AggregatedLayer([nn.Linear(12, 3) for _ in range(3)]))
+    raise ValueError(kind)
+
+
+def train_tiny(out: Path, dropout: float = 0.0, kill_after: int | None = None, resume: bool = False,
+               kind: str = "mlp", sync_bn: bool = False) -> None:
+    """What every run executes. ``kind="mlp"`` has no BatchNorm: under DDP BatchNorm normalises with
+    each process's own batch statistics unless ``sync_bn``. Dropout (per-process RNG streams) is only
+    used to test resuming."""
     rank = int(os.environ.get("RANK", "0"))
-    writes = []
-    if rank != 0:  # record any file a non-zero rank would write
-        real = checkpoint_module.atomic_write_bytes
-
-        def spy(path, data):
-            writes.append(str(path))
-            real(path, data)
-
-        checkpoint_module.atomic_write_bytes = metric_log_module.atomic_write_bytes = spy
+    writes, records = [], _Records()
+    zootune_log = logging.getLogger("zootune")
+    level = zootune_log.level
+    zootune_log.addHandler(records)
+    zootune_log.setLevel(logging.INFO)
+    if rank != 0:  # record any file a non-zero rank would write into the run folder
+        writes = _spy_on_writes(out / "run")
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 5, generator=g) * 2
@@ -48,23 +106,28 @@ def train_tiny(out: Path, dropout: float = 0.0, kill_after: int | None = None, r
         return TensorDataset(centers[y] + torch.randn(n, 5, generator=g), y)
 
     train, val = blobs(45), blobs(21)  # 45 = 4 x 10 + 5: the last global batch splits 3 / 2
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Dropout(dropout), nn.Linear(12, 3))
+    model = _model(kind, dropout)
     cfg = TrainConfig(epochs=3, batch_size=10, lr=0.1, optimizer="sgd", schedule="cosine", progress=False,
-                      device="cpu")
+                      device="cpu", sync_bn=sync_bn, formulations="time")
     callbacks = [KillAfter(kill_after)] if kill_after else []
     try:
         result = Trainer(model, ClassificationTask(3), train, val, cfg, out_dir=out / "run", resume=resume,
                          callbacks=callbacks).fit()
     except Interrupt:
         return
+    finally:
+        zootune_log.removeHandler(records)
+        zootune_log.setLevel(level)
     if rank == 0:
         torch.save({k: v.clone() for k, v in result.model.state_dict().items()}, out / "returned_state.pt")
         (out / "result.json").write_text(
             json.dumps({"history": result.history, "final": result.final_metrics, "best_epoch": result.best_epoch})
         )
-    summary = {"writes": writes, "checkpoint_path": str(result.checkpoint_path)}
-    (out / f"rank{rank}.json").write_text(json.dumps(summary))
+    summary = {"writes": list(writes), "checkpoint_path": str(result.checkpoint_path), "logs": records.messages,
+               "choices": autotune.formulation_choices(result.model),
+               "bn_classes": sorted({type(m).__name__ for m in result.model.modules() if "Norm" in type(m).__name__})}
+    with builtins.open(out / f"rank{rank}.json", "w") as f:  # outside the run folder
+        f.write(json.dumps(summary))
 
 
 def _worker(rank: int, world_size: int, port: int, out: Path, kwargs: dict) -> None:
@@ -160,3 +223,49 @@ def test_two_process_run_resumes_exactly(tmp_path, monkeypatch):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["rng"][1]["torch"], b["rng"][1]["torch"])
+
+
+def _one_process(out: Path, **kwargs) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_tiny(out, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_batchnorm_equals_one_process_only_with_sync_bn(tmp_path, monkeypatch):
+    """BatchNorm under DDP normalises each process's slice by default (a different function of the
+    global batch than one process computes); with sync_bn it normalises the global batch, and two
+    processes end where one process ends (weights and running statistics)."""
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    dirs = {name: tmp_path / name for name in ("one", "synced", "per_rank")}
+    for d in dirs.values():
+        d.mkdir()
+    _one_process(dirs["one"], kind="bn")
+    run_processes(2, dirs["synced"], kind="bn", sync_bn=True)
+    run_processes(2, dirs["per_rank"], kind="bn")
+    one, synced, per_rank = (torch.load(dirs[n] / "returned_state.pt", weights_only=True) for n in dirs)
+    for k in one:
+        torch.testing.assert_close(synced[k], one[k], atol=1e-5, rtol=1e-5, msg=k)
+    worst = max((per_rank[k].double() - one[k].double()).abs().max().item() for k in one if one[k].is_floating_point())
+    assert worst > 1e-3  # per-process statistics: a different training
+    # The returned model has the architecture's own BatchNorm class again.
+    assert json.loads((dirs["synced"] / "rank0.json").read_text())["bn_classes"] == ["BatchNorm1d"]
+
+
+def test_only_rank_0_writes_and_logs_and_every_rank_uses_its_formulations(tmp_path, monkeypatch):
+    """Lite aggregation layers, formulations timed on each rank: rank 1 writes nothing into the run
+    folder and logs nothing; both ranks end with rank 0's choices, which are in the checkpoint."""
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    run_processes(2, tmp_path, kind="lite")
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank1["writes"] == [] and rank1["logs"] == [] and rank1["checkpoint_path"] == "None"
+    assert any("epoch 3/3" in line for line in rank0["logs"])
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "metrics.csv", "metrics.jsonl"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert rank0["choices"] == rank1["choices"] == ckpt["formulations"]
+    assert set(rank0["choices"]) == {"0", "2"}
