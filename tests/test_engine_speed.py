@@ -334,3 +334,31 @@ def test_resume_after_kill_9_in_a_fresh_process_is_bit_exact_with_timed_formulat
     other = torch.load(control / "final.pt", weights_only=True)
     assert json.loads((control / "choices.json").read_text())["0"]["train"] == "outputs"
     assert not all(torch.equal(other[k], want[k]) for k in want)  # the stored choices mattered
+
+
+# ------------------------------------------------------------------ the fit command's flags
+
+
+def test_fit_flags_reach_the_engine(tmp_path, capsys):
+    import zootune.cli.main as cli
+    from test_cli import ARCH, FAST, write_images
+    from zootune.models import resnet_small
+    from zootune.zoo import save_state_dict
+
+    for split in ("train", "val"):
+        write_images(tmp_path / "data" / split, classes=2, per_class=4, seed=len(split))
+    torch.manual_seed(0)
+    zoo = []
+    for i in range(2):
+        zoo.append(tmp_path / f"m{i}.safetensors")
+        save_state_dict(zoo[-1], resnet_small(depth=10, width=4).state_dict())
+    argv = ["fit", *ARCH, "--zoo", *zoo, "--data", tmp_path / "data", "--method", "lite", *FAST,
+            "--out", tmp_path / "out", "--precision", "bf16", "--threads", "1", "--channels-last", "on",
+            "--device", "cpu"]
+    assert cli.main([str(a) for a in argv]) == 0
+    config = load_checkpoint(tmp_path / "out" / "train" / "checkpoint.pt")["config"]
+    assert (config["precision"], config["threads"], config["channels_last"], config["device"]) == ("bf16", 1, True, "cpu")
+    capsys.readouterr()
+    assert cli.main([str(a) for a in [*argv[:-8], "--out", tmp_path / "o2", "--precision", "fp8"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zootune: error:") and "precision" in err[0]

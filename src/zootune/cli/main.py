@@ -140,7 +140,9 @@ def cmd_fit(args) -> int:
     task = ClassificationTask(splits.num_classes)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
-                         max_steps_per_epoch=args.max_steps_per_epoch)
+                         max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
+                         precision=args.precision, sync_bn=args.sync_bn, threads=args.threads,
+                         channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
     out = Path(args.out)
     if spec.per_member and args.member is None:
         args.member = 0
@@ -343,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: this process's GPU when there is one, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision of the forward pass (fp16 adds loss scaling; default fp32)")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="channels-last memory format for convolutional models (auto: on for CUDA)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU intra-op threads (default: 1 for small models or a busy machine, else all cores)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch instead of each process's")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("export", help="write the trained model of a fit folder as safetensors + config.json")

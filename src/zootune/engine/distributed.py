@@ -3,6 +3,23 @@
 ``torchrun --nproc_per_node N script.py`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_from_env` joins the group (NCCL on GPUs, gloo on CPU).
 With ``WORLD_SIZE`` unset or 1 everything here is a no-op, so single-process code needs no branches.
+
+What W processes compute, against one process with the same global batch (``TrainConfig.batch_size``):
+
+- equal (up to float rounding, ~1e-6 relative; tested with 2 gloo processes): the samples of every
+  optimisation step (each global batch cut into W slices, :mod:`zootune.engine.sampler`), the
+  gradient (each rank's loss weighted by its slice size), the learning rate, the validation metrics
+  (sums over ranks), Lite Zoo-Tuning's gate ensemble (averaged over ranks every step), and
+  BatchNorm **only with** ``sync_bn=True`` (global-batch statistics, :mod:`zootune.engine.sync_bn`);
+- not equal: BatchNorm without ``sync_bn`` (each rank normalises its own slice: a different function
+  of the global batch, and different running statistics); random augmentation and dropout (each
+  rank draws from its own stream, seeded ``seed + rank``, so which random crop a sample gets depends
+  on W -- unless the dataset draws per sample from (seed, epoch, index)); a final global batch with
+  fewer than W (2W with BatchNorm) samples, which W processes drop.
+- bit-for-bit: a W-process run resumed on W processes equals the uninterrupted W-process run (every
+  rank's RNG state and the formulation choices are in rank 0's checkpoint).
+
+Only rank 0 writes the engine's files (checkpoint, metrics) and logs; :func:`is_main` tells callers.
 """
 
 from __future__ import annotations
@@ -67,6 +84,11 @@ def current() -> DistInfo:
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
+
+
+def is_main() -> bool:
+    """True in the process that writes files and prints: rank 0, or the only process."""
+    return current().is_main
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
