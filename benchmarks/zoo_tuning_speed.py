@@ -13,8 +13,8 @@ with random weights: speed does not depend on the values) it measures, interleav
 - peak memory of a training step: the growth of ru_maxrss (peak resident set) over one training step,
   measured in a fresh subprocess per model so peaks do not mix (tracemalloc does not see torch's
   allocations); ``--no-memory`` skips it;
-- a per-formulation table for the layers the autotuner measured: the choice and every timed
-  alternative (training keys: forward + backward).
+- a per-formulation table from ``zootune.tune`` (run once per model before timing): each layer's
+  choice and every timed alternative (training: forward + backward).
 
 Usage: python benchmarks/zoo_tuning_speed.py [--sizes 112,224,32] [--repeats 5] [--quick]
           [--threads 2] [--align kernel>1|all|none]
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from zootune.layers import AggregatedLayer, autotune
+from zootune.layers.autotune import tune
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.models import resnet50, resnet_small
 from zootune.models.heads import new_linear_head, replace_head
@@ -103,7 +104,7 @@ def timed(fn) -> float:
 def flops(model, x, train: bool) -> int | None:
     """Forward FLOPs, with every aggregation layer on its fewest-FLOPs formulation (per-sample
     kernels; Lite: the shared kernel), as the paper counts them; the autotuner may pick a
-    formulation with more FLOPs where it runs faster, and must not measure inside the counter."""
+    formulation with more FLOPs where it runs faster."""
     try:
         from zootune.cost import count_flops
     except ImportError:
@@ -126,6 +127,7 @@ def memory_probe(size: int, name: str, align: str) -> None:
     _, batch = setting(size)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, NUM_CLASSES, (batch,))
+    tune(model, x)
     step = make_step(model, (x, y))
     # ru_maxrss is a high-water mark, and building the m source models already set it higher than a
     # step reaches, so sample the *current* RSS during the step instead. One warm-up step first: the
@@ -172,9 +174,10 @@ def run_setting(size: int, repeats: int, align: str, memory: bool, threads: int)
     torch.manual_seed(1)
     x = torch.randn(batch_size, 3, size, size)
     y = torch.randint(0, NUM_CLASSES, (batch_size,))
+    reports = {name: tune(models[name], x) for name in ("full", "lite")}  # the explicit tuning step
     train = {name: make_step(models[name], (x, y)) for name in ("plain", "full", "lite")}
     infer = {name: make_infer(models[name], x) for name in ("plain", "full", "lite", "folded")}
-    for fn in (*train.values(), *infer.values()):  # warm-up; autotuning happens here
+    for fn in (*train.values(), *infer.values()):  # warm-up
         fn()
     times = {f"train/{n}": [] for n in train} | {f"infer/{n}": [] for n in infer}
     for _ in range(repeats):  # interleaved so that load changes hit every model alike
@@ -183,7 +186,7 @@ def run_setting(size: int, repeats: int, align: str, memory: bool, threads: int)
         for name, fn in infer.items():
             times[f"infer/{name}"].append(timed(fn))
     median = {key: statistics.median(values) for key, values in times.items()}
-    result = {"size": size, "batch": batch_size, "median_s": median}
+    result = {"size": size, "batch": batch_size, "median_s": median, "tune_reports": reports}
     result["ratios"] = {
         "train full / plain": median["train/full"] / median["train/plain"],
         "train lite / plain": median["train/lite"] / median["train/plain"],
@@ -205,16 +208,15 @@ def run_setting(size: int, repeats: int, align: str, memory: bool, threads: int)
     return result
 
 
-def formulation_table(limit: int) -> list[str]:
+def formulation_table(reports: dict, limit: int) -> list[str]:
     rows = []
-    for key, (chosen, timings) in autotune.measured_choices().items():
-        if not timings:
-            continue
-        kind, x_shape, bank_shape, _, conv, _, _, training = key[:8]
-        alternatives = ", ".join(f"{n} {t * 1e3:.1f}" for n, t in sorted(timings.items(), key=lambda kv: kv[1]))
-        geometry = f"stride {conv[0][0]}" if conv else ""
-        rows.append(f"  {kind} x{list(x_shape)} bank{list(bank_shape)} {geometry} "
-                    f"{'train' if training else 'infer'}: chose {chosen}; ms: {alternatives}")
+    for model_name, report in reports.items():
+        for layer, per_phase in report.items():
+            for phase, choice in per_phase.items():
+                if not choice.seconds:
+                    continue
+                alternatives = ", ".join(f"{n} {t * 1e3:.1f}" for n, t in sorted(choice.seconds.items(), key=lambda kv: kv[1]))
+                rows.append(f"  {model_name:<4} {layer:<28} {phase:<5}: chose {choice.chosen}; ms: {alternatives}")
     return rows[:limit]
 
 
@@ -240,7 +242,6 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, m = {NUM_SOURCES}, align = {args.align}, "
           f"{repeats} interleaved repeats (median)")
     for size in sizes:
-        autotune.clear_cache()
         result = run_setting(size, repeats, args.align, memory, args.threads)
         arch = "resnet_small(depth 18, width 16)" if size <= 32 else "resnet50"
         print(f"\n== {arch} at {size}x{size}, batch {result['batch']} ==")
@@ -252,8 +253,8 @@ def main(argv=None) -> None:
             print(f"  FLOPs {key:<26} {ratio:6.2f}x")
         for key, mib in result.get("peak_growth_mib", {}).items():
             print(f"  peak RSS growth, train step, {key:<7} {mib if mib is None else round(mib)} MiB")
-        print("  autotuner (per layer shape):")
-        print("\n".join(formulation_table(args.table_rows)))
+        print("  tune() choices (per layer and phase):")
+        print("\n".join(formulation_table(result["tune_reports"], args.table_rows)))
 
 
 if __name__ == "__main__":

@@ -84,21 +84,20 @@ def _time_once(run: Callable[[], None], device: torch.device) -> float:
 
 
 def measure(candidates: Mapping[str, Callable[[], None]], macs: Mapping[str, float],
-            device: torch.device | str = "cpu") -> LayerChoice:
-    """The fastest of ``candidates`` ({name: run once}) by measurement; ``macs[name]`` (the
-    multiply-add estimate) only prunes candidates costing more than ``PRUNE_FACTOR`` x the cheapest."""
+            device: torch.device | str = "cpu", repeats: int = MEASURE_REPEATS) -> LayerChoice:
+    """The fastest of ``candidates`` ({name: run once}) by measurement (one warm-up run, then the
+    minimum of ``repeats`` runs); ``macs[name]`` (the multiply-add estimate) only prunes candidates
+    costing more than ``PRUNE_FACTOR`` x the cheapest."""
     device = torch.device(device)
-    names = list(candidates)
-    if len(names) == 1:
-        return LayerChoice(names[0], {}, dict(macs))
-    cheapest = min(macs[name] for name in names)
+    cheapest = min(macs[name] for name in candidates)
+    survivors = [name for name in candidates if macs[name] <= PRUNE_FACTOR * cheapest]
+    if len(survivors) == 1:  # nothing to compare: no need to run anything
+        return LayerChoice(survivors[0], {}, dict(macs))
     seconds: dict[str, float] = {}
-    for name in names:
-        if macs[name] > PRUNE_FACTOR * cheapest:
-            continue
+    for name in survivors:
         run = candidates[name]
         run()  # warm-up: allocator, one-time kernel selection
-        seconds[name] = min(_time_once(run, device) for _ in range(MEASURE_REPEATS))
+        seconds[name] = min(_time_once(run, device) for _ in range(repeats))
     return LayerChoice(min(seconds, key=seconds.__getitem__), seconds, dict(macs))
 
 
@@ -171,7 +170,7 @@ def _layer_inputs(model: nn.Module, layers: dict[str, AggregatedLayer], example:
 
 
 def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training: bool = True,
-         phases: Sequence[str] | None = None) -> dict[str, dict[str, LayerChoice]]:
+         phases: Sequence[str] | None = None, repeats: int = MEASURE_REPEATS) -> dict[str, dict[str, LayerChoice]]:
     """Choose and store the formulation of every ``formulation="auto"`` aggregation layer of ``model``.
 
     Args:
@@ -183,6 +182,7 @@ def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training
             takes the fewest multiply-adds for its shape, deterministic).
         training: tune the training phase too (forward + backward); always the eval phase.
         phases: override ``training``: the phases to tune, from ("train", "eval").
+        repeats: timed runs per candidate after its warm-up run (the minimum counts).
 
     Returns ``{layer name: {phase: LayerChoice}}`` (what was chosen, and the measurements). Under
     ``torch.distributed`` every process must call it (a Lite layer averages its gate over
@@ -215,7 +215,7 @@ def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training
                 if mode == "macs":
                     report[name][phase] = LayerChoice(by_fewest_macs(list(runners), macs), {}, macs)
                     continue
-                choice = measure(runners, macs, x.device)
+                choice = measure(runners, macs, x.device, repeats)
                 layer.formulation_choice[phase] = choice.chosen
                 report[name][phase] = choice
     return report
