@@ -267,7 +267,7 @@ def _worker(out: str, epochs: int, prefer: str, kill_in_epoch: int | None, resum
     few batches of that epoch (1-based)."""
     torch.set_num_threads(1)
 
-    def measure(candidates, macs, device="cpu"):
+    def measure(candidates, macs, device="cpu", repeats=1):
         names = list(candidates)
         return autotune.LayerChoice(prefer if prefer in names else names[0], {n: 1.0 for n in names}, dict(macs))
 
