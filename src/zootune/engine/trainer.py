@@ -385,15 +385,19 @@ class Trainer:
             except ValueError as err:
                 raise CheckpointError(f"{self.checkpoint_path}: {err}") from None
             return
+        if autotune.resolve_mode(self.config.formulations) == "macs":
+            # Nothing to measure: every call takes the fewest multiply-adds for its shape.
+            autotune.clear_choices(module)
+            return
         example = self._example(sampler, device)
         with self._autocast(device):
-            report = autotune.tune(module, example, mode=self.config.formulations, training=True)
+            report = autotune.tune(module, example, mode="time", training=True)
         if self.dist.enabled:
             autotune.load_formulation_choices(module, distributed.all_gather_objects(
                 autotune.formulation_choices(module))[0])
         if self.dist.is_main and report:
             chosen = [choice.chosen for per_phase in report.values() for choice in per_phase.values()]
-            log.info("aggregation formulations (%s): %s", self.config.formulations or "default",
+            log.info("aggregation formulations chosen by timing: %s",
                      {name: chosen.count(name) for name in sorted(set(chosen))})
 
     def _train_epoch(self, model, module, optimizer, schedule: LRSchedule, sampler: GlobalBatchSampler, device):

@@ -169,6 +169,14 @@ def _layer_inputs(model: nn.Module, layers: dict[str, AggregatedLayer], example:
     return seen
 
 
+def resolve_mode(mode: str | None) -> str:
+    """``mode``, or for ``None`` the default: "time" ("macs" inside the deprecated by_macs() block)."""
+    mode = mode if mode is not None else (_DEFAULT_MODE[0] or "time")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
 def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training: bool = True,
          phases: Sequence[str] | None = None, repeats: int = MEASURE_REPEATS) -> dict[str, dict[str, LayerChoice]]:
     """Choose and store the formulation of every ``formulation="auto"`` aggregation layer of ``model``.
@@ -189,10 +197,7 @@ def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training
     processes in the training-mode forward it runs); ranks may choose differently -- the engine
     uses rank 0's choices everywhere.
     """
-    if mode is None:
-        mode = _DEFAULT_MODE[0] or "time"
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = resolve_mode(mode)
     phases = tuple(phases) if phases is not None else (("train", "eval") if training else ("eval",))
     if any(p not in PHASES for p in phases):
         raise ValueError(f"phases must be from {PHASES}, got {phases}")
