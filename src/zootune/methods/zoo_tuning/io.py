@@ -21,9 +21,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from zootune.errors import CheckpointError, ZooMismatchError
-from zootune.models.heads import find_head_name, set_submodule
+from zootune.models.heads import find_head_name, is_pointwise_conv, set_submodule
 from zootune.version import __version__
 
+_POINTWISE_HEADS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -53,12 +54,17 @@ def _head_spec(model: nn.Module, head_name: str | None) -> dict | None:
     if isinstance(head, nn.Linear):
         return {"type": "Linear", "in_features": head.in_features, "out_features": head.out_features,
                 "bias": head.bias is not None}
+    if is_pointwise_conv(head) and type(head) in _POINTWISE_HEADS.values():  # BiT's 1x1 conv head
+        return {"type": type(head).__name__, "in_features": head.in_channels, "out_features": head.out_channels,
+                "bias": head.bias is not None}
     return {"type": type(head).__name__}
 
 
 def _make_head(spec: dict | None, head: nn.Module | None) -> nn.Module | None:
     if head is not None or spec is None:
         return head
+    if spec["type"] in _POINTWISE_HEADS:
+        return _POINTWISE_HEADS[spec["type"]](spec["in_features"], spec["out_features"], 1, bias=spec["bias"])
     if spec["type"] != "Linear":
         raise CheckpointError(f"the saved head is a {spec['type']}; pass head=... (a module of that shape) to load it")
     return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
