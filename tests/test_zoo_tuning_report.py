@@ -13,7 +13,8 @@ from torch import nn
 
 from zootune.errors import ZootuneError
 from zootune.methods.zoo_tuning import ZooTuning
-from zootune.models import resnet50, resnet_small
+from zootune.models import resnet_small
+from zootune.models.resnet import Bottleneck, ResNet
 from zootune.models.heads import find_head_name, head_in_features
 
 
@@ -135,7 +136,7 @@ def test_conv_subclass_with_its_own_forward_is_listed_not_aggregated():
 def test_final_pointwise_conv_is_the_head_and_lite_folds_into_the_same_layout():
     zoo = zoo_of(PointwiseHeadNet)
     assert find_head_name(zoo[0]) == "fc" and head_in_features(zoo[0]) == 16
-    model = ZooTuning(zoo, num_outputs=4, lite=True)
+    model = ZooTuning(zoo, num_outputs=4, lite=True, formulation="grouped")  # Lite: shared kernel
     assert isinstance(model.model.fc, nn.Conv2d) and model.model.fc.out_channels == 4
     x = torch.randn(4, 3, 8, 8)
     model.train()
@@ -155,8 +156,7 @@ def test_named_conv_head_and_headless_resnet():
     zoo = zoo_of(PointwiseHeadNet)
     model = ZooTuning(zoo, num_outputs=4, head_name="fc")
     assert model.report.of("new head")[0].name == "fc"
-    with torch.device("meta"):
-        headless = resnet50()
+    headless = ResNet(Bottleneck, (1, 1, 1, 1), widths=(2, 4, 8, 16))
     headless.fc = nn.Identity()
     # the last 1x1 conv of a bottleneck is followed by its norm: not a head
     with pytest.raises(ZootuneError, match="cannot find a head"):
