@@ -118,7 +118,7 @@ def test_target_types_by_name_and_unknown_names_refused():
     by_class = ZooTuning(zoo, num_outputs=3, target_types=[nn.Linear], formulation="grouped")
     assert by_name.report.aggregated == by_class.report.aggregated == ["mlp.0", "mlp.2"]
     assert by_name.config.target_types == ["Linear"]
-    with pytest.raises(ZootuneError, match="unknown layer type 'lnear'"):
+    with pytest.raises(ZootuneError, match="unknown layer type .lnear. to aggregate"):
         ZooTuning(zoo, num_outputs=3, target_types=["lnear"])
 
 

@@ -30,8 +30,20 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    # A ``--method`` argument whose help lists the registered methods, filled in only when help is
+    # shown (importing every method then, not at start-up, keeps the other commands fast).
+    method_action: argparse.Action | None = None
+
     def error(self, message: str):  # noqa: D401 - argparse API
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def format_help(self) -> str:
+        if self.method_action is not None:
+            from zootune.methods.registry import available_methods
+
+            self.method_action.help = "the method to train (default %(default)s), one of: " + "; ".join(
+                f"{name} ({spec.help})" for name, spec in available_methods().items())
+        return super().format_help()
 
 
 def _split_list(text: str) -> list[str]:
@@ -111,13 +123,73 @@ def cmd_run(args) -> int:
 
 
 def _load_zoo(args):
+    """The zoo of ``--zoo``: checkpoint files of ``--arch``, or pretrained names (timm:..., torchvision:...,
+    hf-hub:...), whose architecture and preprocessing come with them (``args.arch`` is set to it)."""
     from zootune.cli.modelfile import resolve_arch
-    from zootune.zoo import Zoo
+    from zootune.zoo import Zoo, is_pretrained_name
 
+    named = [entry for entry in args.zoo if is_pretrained_name(entry)]
+    if named:
+        if len(named) != len(args.zoo):
+            files = [entry for entry in args.zoo if entry not in named]
+            raise ZootuneError(f"--zoo mixes pretrained names ({named[0]}) and checkpoint files ({files[0]}); "
+                               "give one kind (a file for a named member: NAME=PATH)")
+        if args.arch is not None or args.arch_kwargs:
+            raise ZootuneError("--arch/--arch-option are for checkpoint files; pretrained names bring their "
+                               "architecture (drop --arch)")
+        zoo = Zoo.from_pretrained(named)
+        args.arch, args.arch_kwargs = zoo.architecture, dict(zoo.arch_kwargs)
+        if zoo.data_config is not None:
+            shown = ", ".join(f"{k} {v}" for k, v in zoo.data_config.to_dict().items())
+            print(f"zoo: {len(zoo)} x {zoo.architecture}; the checkpoints' preprocessing: {shown}")
+        return zoo
+    if args.arch is None:
+        raise ZootuneError("--arch is required with checkpoint files (the architecture they hold; "
+                           "pretrained names such as timm:resnet50.a1_in1k need none)")
     missing = [p for p in args.zoo if not Path(p).is_file()]
     if missing:
         raise ZootuneError(f"zoo checkpoint {missing[0]} does not exist")
     return Zoo.from_checkpoints(args.zoo, arch=resolve_arch(args.arch), arch_kwargs=args.arch_kwargs)
+
+
+def _parse_layer_types(text: str) -> list[str]:
+    """``--aggregate conv,linear`` (or conv+linear): validated layer type names."""
+    from zootune.layers.targets import LAYER_TYPE_NAMES
+
+    names = [part.strip().lower() for part in text.replace("+", ",").split(",") if part.strip()]
+    unknown = [name for name in names if name not in LAYER_TYPE_NAMES]
+    if unknown or not names:
+        problem = f"unknown layer type {unknown[0]!r}" if unknown else "give at least one layer type"
+        raise argparse.ArgumentTypeError(
+            f"{problem}; choose from {', '.join(LAYER_TYPE_NAMES)} (comma-separated, e.g. conv,linear)")
+    return names
+
+
+def _add_layer_types(spec, options: dict, layer_types: list[str] | None) -> None:
+    """Put ``--aggregate`` into the method's options, if the method takes layer types."""
+    import inspect
+
+    if layer_types is None:
+        return
+    parameters = inspect.signature(spec.build).parameters.values()
+    if not any(p.name == "target_types" or p.kind is p.VAR_KEYWORD for p in parameters):
+        raise ZootuneError(f"method {spec.name!r} aggregates no layers: --aggregate does not apply to it")
+    if "target_types" in options:
+        raise ZootuneError("give the layer types once: --aggregate or --option target_types=..., not both")
+    options["target_types"] = layer_types
+
+
+def _print_build_reports() -> None:
+    """Methods log what they built (e.g. which layers are aggregated and why) at INFO: show it."""
+    import logging
+
+    logger = logging.getLogger("zootune.methods")
+    if not any(getattr(h, "_zootune_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._zootune_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def cmd_fit(args) -> int:
@@ -134,7 +206,9 @@ def cmd_fit(args) -> int:
         raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
     args.arch_kwargs = _parse_options(args.arch_option)
     options = _parse_options(args.option)
+    _add_layer_types(spec, options, args.aggregate)
     zoo = _load_zoo(args)
+    _print_build_reports()
     splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
                                test_fraction=args.test_fraction, seed=args.seed)
     task = ClassificationTask(splits.num_classes)
@@ -283,13 +357,16 @@ def cmd_rank(args) -> int:
 
 
 def _add_zoo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True,
-                   help="architecture of the zoo: a registered name (e.g. resnet50, resnet_small) or "
-                        "module:function returning your model")
+    p.add_argument("--arch",
+                   help="architecture of the checkpoint files: a registered name (e.g. resnet50, resnet_small), "
+                        "timm:ARCH, torchvision:ARCH, or module:function returning your model "
+                        "(not needed with pretrained names)")
     p.add_argument("--arch-option", action="append", metavar="KEY=VALUE",
                    help="keyword argument for the architecture builder, e.g. width=16 (repeatable)")
-    p.add_argument("--zoo", nargs="+", required=True, metavar="CKPT",
-                   help="checkpoints of the zoo members (.pth, .pt, .pth.tar, .safetensors)")
+    p.add_argument("--zoo", nargs="+", required=True, metavar="MEMBER",
+                   help="the zoo members: checkpoint files (.pth, .pt, .pth.tar, .safetensors) of --arch, or "
+                        "pretrained names loaded through the libraries' caches: timm:ARCH[.TAG], "
+                        "torchvision:ARCH[.WEIGHTS], hf-hub:ORG/NAME (NAME=PATH: that member's weights from a file)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes the model (safetensors + config.json), metrics.json and checkpoints.")
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
-    p.add_argument("--method", default="zoo-tuning", help="zoo-tuning, lite, finetune, ensemble, ... (default zoo-tuning)")
+    p.method_action = p.add_argument("--method", default="zoo-tuning", help="the method to train (default %(default)s)")
     p.add_argument("--member", type=int, help="zoo member index for per-member methods (finetune; default 0)")
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--lr", type=float, default=0.01)
@@ -339,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option passed to its build(), e.g. align=all (repeatable)")
+    p.add_argument("--aggregate", type=_parse_layer_types, metavar="TYPES",
+                   help="layer types to aggregate, comma-separated: conv, linear, conv1d, conv2d, conv3d "
+                        "(default: the method's, conv; a ViT needs conv,linear)")
     p.add_argument("--max-steps-per-epoch", type=_positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")

@@ -14,6 +14,7 @@ The state_dict holds buffers too (BatchNorm running statistics). Weights are loa
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.models import ARCHITECTURES, build_model
+from zootune.models import ARCHITECTURES, build_model, is_library_architecture
 from zootune.models.heads import find_head_name, head_in_features, replace_head
 from zootune.report import atomic_write_json
 from zootune.tasks import ClassificationTask
@@ -34,7 +35,10 @@ FORMAT = "zootune-model"
 
 
 def resolve_arch(arch: str):
-    """A registered architecture name, or ``module:function`` naming a user's builder (imported)."""
+    """A registered architecture name, ``timm:ARCH`` / ``torchvision:ARCH``, or ``module:function``
+    naming a user's builder (imported)."""
+    if is_library_architecture(arch):
+        return functools.partial(build_model, arch)
     if ":" in arch:
         module_name, _, function_name = arch.partition(":")
         try:
@@ -97,9 +101,12 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
 
 def _rebuild_method(info: dict) -> nn.Module:
     from zootune.experiment import select_methods
-    from zootune.zoo import Zoo
+    from zootune.zoo import Zoo, is_pretrained_name
 
-    zoo = Zoo.from_checkpoints(info["zoo"], arch=resolve_arch(info["arch"]), arch_kwargs=info.get("arch_kwargs") or {})
+    if all(is_pretrained_name(entry) for entry in info["zoo"]):
+        zoo = Zoo.from_pretrained(info["zoo"])
+    else:
+        zoo = Zoo.from_checkpoints(info["zoo"], arch=resolve_arch(info["arch"]), arch_kwargs=info.get("arch_kwargs") or {})
     task = ClassificationTask(info["num_classes"])
     # The required methods' modules only give the structure here: their weights are in the file.
     fitted: dict = {}
@@ -138,6 +145,8 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
 def export_info(model: nn.Module, *, arch: str, arch_kwargs: dict, num_classes: int, zoo_paths: list[str],
                 method: str, member: int | None, options: dict, head_name: str | None = None, **extra) -> dict:
     """config.json content for ``model`` (the finalized output of ``method``)."""
+    from zootune.zoo import is_pretrained_name
+
     try:
         is_plain = same_layout(model, plain_model(arch, arch_kwargs, num_classes, head_name))
     except ZootuneError:
@@ -151,7 +160,8 @@ def export_info(model: nn.Module, *, arch: str, arch_kwargs: dict, num_classes: 
         "method": method,
         "member": member,
         "options": options,
-        "zoo": [str(Path(p).resolve()) for p in zoo_paths],
+        # files by absolute path; pretrained names (timm:..., torchvision:...) as they are
+        "zoo": [p if is_pretrained_name(p) else str(Path(p).resolve()) for p in zoo_paths],
     }
     info.update(extra)
     return info

@@ -53,16 +53,12 @@ from torch import nn
 from zootune.errors import ZootuneError, ZooMismatchError
 from zootune.layers import FORMULATIONS, AggregatedLayer, is_aggregatable
 from zootune.layers.gate import GATE_ACTIVATIONS, GATE_INITS
+from zootune.layers.targets import resolve_layer_types
 from zootune.models.heads import find_head_name, head_in_features, new_linear_head, replace_head, set_submodule
 
 log = logging.getLogger(__name__)
 
 ALIGN_CHOICES = ("kernel>1", "all", "none")
-# Names accepted for target_types (CLI: --aggregate conv,linear), besides the classes themselves.
-LAYER_TYPE_NAMES: dict[str, tuple[type, ...]] = {
-    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv1d": (nn.Conv1d,), "conv2d": (nn.Conv2d,),
-    "conv3d": (nn.Conv3d,), "linear": (nn.Linear,),
-}
 # Parents that read a child layer's tensors directly instead of calling it: replacing the child by
 # an aggregation layer would break (or silently bypass) them. {parent type: (child, why)}.
 _READS_CHILD_WEIGHT: dict[type, tuple[str, str]] = {
@@ -242,25 +238,6 @@ def _matches(name: str, patterns: list[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
 
 
-def resolve_target_types(target_types) -> tuple[type, ...]:
-    """Layer classes from classes and/or names (``"conv"``, ``"linear"``, ``"Conv2d"``, ...)."""
-    if isinstance(target_types, (str, type)):
-        target_types = [target_types]
-    resolved: list[type] = []
-    for item in target_types:
-        if isinstance(item, type) and issubclass(item, nn.Module):
-            types = (item,)
-        elif isinstance(item, str) and item.lower() in LAYER_TYPE_NAMES:
-            types = LAYER_TYPE_NAMES[item.lower()]
-        else:
-            raise ZootuneError(f"target_types: unknown layer type {item!r}; use layer classes or the names "
-                               f"{', '.join(LAYER_TYPE_NAMES)}")
-        resolved += [t for t in types if t not in resolved]
-    if not resolved:
-        raise ZootuneError("target_types is empty: name at least one layer type to aggregate")
-    return tuple(resolved)
-
-
 def _check_same_architecture(members: Sequence[nn.Module], head: str | None = None) -> None:
     """Same keys, shapes and module types; the head (about to be replaced) may differ."""
     def outside_head(name: str) -> bool:
@@ -374,7 +351,7 @@ class ZooTuning(nn.Module):
             raise ZootuneError(f"bank_lr_scale must be 'auto', a number or a dict, got {bank_lr_scale!r}")
         if not gate_lr_scale > 0:
             raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
-        target_types = resolve_target_types(target_types)
+        target_types = resolve_layer_types(target_types)
         replacing_head = head is not None or num_outputs is not None
         resolved_head = find_head_name(members[0], head_name) if replacing_head else None
         _check_same_architecture(members, resolved_head)
