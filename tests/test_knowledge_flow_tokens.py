@@ -105,3 +105,16 @@ def test_a_flow_point_it_cannot_handle_is_refused_in_one_line():
         flow(x)
     flow = KnowledgeFlow(*models(), flow_points=["patch"], example_input=x)  # a conv map: channels first
     assert flow.student.patch.channel_dim == 1
+
+
+def test_default_flow_points_of_a_timm_style_model_come_from_its_feature_info():
+    from zootune.methods.knowledge_flow import default_flow_points
+
+    model = TinyViT()
+    model.feature_info = [{"module": "patch"}, {"module": "blocks.0"}, {"module": "blocks.1"}]
+    assert default_flow_points(model) == ["patch", "blocks.0", "blocks.1"]
+    model.feature_info = [{"module": f"blocks.{i % 2}"} for i in range(6)]
+    assert len(default_flow_points(model)) == 4  # at most the last four
+    del model.feature_info
+    with pytest.raises(ZootuneError, match="flow_points"):
+        default_flow_points(model)

@@ -28,7 +28,8 @@ Choices the paper leaves open (ours, each can be changed by an option):
   had the best validation metric when ``val_metrics`` is given (``zootune run`` passes them), else
   ``student_member`` (default 0) -- the same rule as distillation.
 - Flow points: ``layer1..layer4`` outputs for ResNet-like models (the input of each following stage /
-  of the pooling head); any list of module names for other architectures. Teacher and student share
+  of the pooling head); for timm models the last four modules of their ``feature_info`` (ConvNeXt's
+  and BiT's stages, a ViT's last four blocks); any list of module names for other architectures. Teacher and student share
   the architecture, so the feature at a flow point has the same shape in both.
 - Where the channels are: Q_j mixes channels, which are dim 1 of channels-first maps (B, C, H, W) but
   the last dim of token sequences (B, N, C) (ViT blocks) and of channels-last maps. The channel count
@@ -307,9 +308,15 @@ def probe_channels(model: nn.Module, names: Sequence[str], example_input: torch.
 
 
 def default_flow_points(model: nn.Module) -> list[str]:
+    """``layer1..layer4`` of a ResNet; for a timm model the last four of the modules its
+    ``feature_info`` lists (stage outputs; a ViT's last four blocks)."""
     modules = dict(model.named_modules())
     if all(name in modules for name in RESNET_FLOW_POINTS):
         return list(RESNET_FLOW_POINTS)
+    listed = [info.get("module") for info in getattr(model, "feature_info", None) or [] if isinstance(info, dict)]
+    listed = [name for name in listed if name and name in modules]
+    if listed:
+        return listed[-4:]
     raise ZootuneError(
         f"{type(model).__name__} has no layer1..layer4; name the flow points with flow_points=[...module names]"
     )
