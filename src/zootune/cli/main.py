@@ -180,15 +180,16 @@ def _add_layer_types(spec, options: dict, layer_types: list[str] | None) -> None
 
 
 def _print_build_reports() -> None:
-    """Methods log what they built (e.g. which layers are aggregated and why) at INFO: show it."""
+    """Methods log what they built (e.g. which layers are aggregated and why) at INFO: print it."""
     import logging
 
+    class PrintHandler(logging.Handler):
+        def emit(self, record):
+            print(self.format(record))  # the sys.stdout of the moment, not of the first call
+
     logger = logging.getLogger("zootune.methods")
-    if not any(getattr(h, "_zootune_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._zootune_cli = True
-        logger.addHandler(handler)
+    if not any(type(h).__name__ == "PrintHandler" for h in logger.handlers):
+        logger.addHandler(PrintHandler())
     logger.setLevel(logging.INFO)
 
 
