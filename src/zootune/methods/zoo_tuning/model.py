@@ -404,7 +404,7 @@ class ZooTuning(nn.Module):
             warnings.warn(
                 f"Zoo-Tuning aggregates only {100 * fraction:.1f}% of {self.report.model}'s parameters "
                 f"({len(targets)} layer(s)); the rest is averaged over the sources, mostly "
-                f"{_millions(sum(l.parameters for l in layers))} in {len(layers)} modules because: {reason}. "
+                f"{_millions(sum(l.parameters for l in layers))} parameters in {len(layers)} module(s) because: {reason}. "
                 "See ZooTuning(...).report", stacklevel=2)
 
     @staticmethod
