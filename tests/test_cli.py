@@ -21,7 +21,7 @@ from zootune.version import __version__
 pytest.importorskip("zootune.engine")
 from zootune.zoo import save_state_dict  # noqa: E402
 
-ARCH = ["--arch", "zootune.models:resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4"]
+ARCH = ["--arch", "resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4"]
 FAST = ["--epochs", "1", "--batch-size", "8", "--image-size", "16", "--max-steps-per-epoch", "2", "--no-progress"]
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 

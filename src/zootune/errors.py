@@ -25,3 +25,16 @@ class DataError(ZootuneError):
 
 class NonFiniteLossError(ZootuneError):
     """Training produced a NaN or infinite loss."""
+
+
+class UntrustedCodeError(ZootuneError):
+    """A file or option names code to import (``module:function``) and code was not trusted.
+
+    Loading a checkpoint, a model folder or a config never runs code from it: only registered names
+    (architectures, methods) are looked up. Importing a named builder needs ``trust_code=True``
+    (``--trust-code`` on the command line).
+    """
+
+
+class OptionError(ZootuneError):
+    """An option has an unknown name, a value of the wrong type, or a value out of range."""

@@ -111,21 +111,26 @@ def cmd_run(args) -> int:
 
 
 def _load_zoo(args):
-    from zootune.cli.modelfile import resolve_arch
+    from zootune.models import resolve_arch
+    from zootune.options import check_kwargs
     from zootune.zoo import Zoo
 
-    missing = [p for p in args.zoo if not Path(p).is_file()]
-    if missing:
-        raise ZootuneError(f"zoo checkpoint {missing[0]} does not exist")
-    return Zoo.from_checkpoints(args.zoo, arch=resolve_arch(args.arch), arch_kwargs=args.arch_kwargs)
+    builder = resolve_arch(args.arch, trust_code=args.trust_code)
+    arch_kwargs = check_kwargs(builder, args.arch_kwargs, what=f"architecture {args.arch!r}")
+    for path in args.zoo:
+        if not Path(path).exists():
+            raise ZootuneError(f"zoo checkpoint {path} does not exist")
+        if Path(path).is_dir():
+            raise ZootuneError(f"zoo checkpoint {path} is a folder, not a checkpoint file")
+    return Zoo.from_checkpoints(args.zoo, arch=builder, arch_kwargs=arch_kwargs)
 
 
 def cmd_fit(args) -> int:
-    from zootune.cli.modelfile import export_info, save_model_dir
     from zootune.data.image_folder import load_image_folder
     from zootune.engine import TrainConfig, evaluate
-    from zootune.experiment import fit_method, select_methods
+    from zootune.experiment import fit_with_requirements
     from zootune.methods.registry import get_method
+    from zootune.model_dir import export_info, save_model_dir
     from zootune.report import atomic_write_json
     from zootune.tasks import ClassificationTask
 
@@ -134,40 +139,29 @@ def cmd_fit(args) -> int:
         raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
     args.arch_kwargs = _parse_options(args.arch_option)
     options = _parse_options(args.option)
+    spec.parse_options(options)  # unknown names, types and ranges: before any work
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                         weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
+                         max_steps_per_epoch=args.max_steps_per_epoch)
     zoo = _load_zoo(args)
     splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
                                test_fraction=args.test_fraction, seed=args.seed)
     task = ClassificationTask(splits.num_classes)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
-                         max_steps_per_epoch=args.max_steps_per_epoch)
     out = Path(args.out)
-    if spec.per_member and args.member is None:
-        args.member = 0
-    # Methods this one needs (the ensemble needs the fine-tuned members) are trained first, each
-    # with its own checkpoint folder so that --resume continues any of them.
-    fitted: dict = {}
-    for required in select_methods([spec.name])[:-1]:
-        members = range(len(zoo)) if required.per_member else [None]
-        models = []
-        for member in members:
-            tag = required.name + (f"-{member}" if member is not None else "")
-            print(f"training {tag} (needed by {spec.name})")
-            models.append(fit_method(required, zoo, task, splits, config, member=member, fitted=fitted,
-                                     out_dir=out / "requires" / tag, resume=args.resume).model)
-        fitted[required.name] = models if required.per_member else models[0]
-    result = fit_method(spec, zoo, task, splits, config, member=args.member, fitted=fitted, options=options,
-                        out_dir=out / "train", resume=args.resume)
+    result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
+                                      out_dir=out, resume=args.resume, echo=print)
     metrics = {"val": evaluate(result.model, task, splits.val)}
     if splits.test is not None:
         metrics["test"] = evaluate(result.model, task, splits.test)
+    member = (args.member or 0) if spec.per_member else args.member
     info = export_info(
         result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
-        zoo_paths=args.zoo, method=spec.name, member=args.member, options=options,
+        zoo_paths=args.zoo, method=spec.name, member=member, options=options,
         class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
+        trust_code=args.trust_code,
     )
     save_model_dir(out / "model", result.model, info)
-    atomic_write_json(out / "metrics.json", {"method": spec.name, "member": args.member, "seconds": result.seconds,
+    atomic_write_json(out / "metrics.json", {"method": spec.name, "member": member, "seconds": result.seconds,
                                              "best_val_metric": result.val_metric, **metrics})
     shown = " ".join(f"{split} {task.metric_name} {m[task.metric_name]:.2f}" for split, m in metrics.items())
     print(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {out / 'model'} ({info['kind']})")
@@ -182,12 +176,12 @@ def _model_dir_of(run_dir: Path) -> Path:
 
 
 def cmd_export(args) -> int:
-    from zootune.cli.modelfile import load_model_dir, save_model_dir
+    from zootune.model_dir import load_model_dir, save_model_dir
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ZootuneError(f"run folder {run_dir} does not exist")
-    model, info = load_model_dir(_model_dir_of(run_dir))
+    model, info = load_model_dir(_model_dir_of(run_dir), trust_code=args.trust_code)
     info = {k: v for k, v in info.items() if k not in ("format", "zootune_version")}
     save_model_dir(args.out, model, info)
     print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {info['num_classes']} classes) to {args.out}")
@@ -209,12 +203,12 @@ def _evaluation_set(data: str, image_size: int):
 
 
 def cmd_evaluate(args) -> int:
-    from zootune.cli.modelfile import load_model_dir
     from zootune.engine import evaluate
     from zootune.errors import DataError
+    from zootune.model_dir import load_model_dir
     from zootune.tasks import ClassificationTask
 
-    model, info = load_model_dir(args.model_dir)
+    model, info = load_model_dir(args.model_dir, trust_code=args.trust_code)
     class_names, dataset, what = _evaluation_set(args.data, args.image_size or info.get("image_size") or 32)
     model_classes = info.get("class_names") or []
     if len(class_names) != info["num_classes"]:
@@ -284,12 +278,20 @@ def cmd_rank(args) -> int:
 
 def _add_zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", required=True,
-                   help="architecture of the zoo: a registered name (e.g. resnet50, resnet_small) or "
-                        "module:function returning your model")
+                   help="architecture of the zoo: a registered name (e.g. resnet50, resnet_small), "
+                        "timm:NAME or torchvision:NAME, or module:function returning your model "
+                        "(imported only with --trust-code)")
     p.add_argument("--arch-option", action="append", metavar="KEY=VALUE",
                    help="keyword argument for the architecture builder, e.g. width=16 (repeatable)")
     p.add_argument("--zoo", nargs="+", required=True, metavar="CKPT",
                    help="checkpoints of the zoo members (.pth, .pt, .pth.tar, .safetensors)")
+    _add_trust_argument(p)
+
+
+def _add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a module:function architecture (from the command line or a model folder's "
+                        "config.json) to be imported and run; without it such names are refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the trained model of a fit folder as safetensors + config.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `zootune fit` (or a model folder)")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
+    _add_trust_argument(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="evaluate an exported model on an image folder")
@@ -355,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder; its test/ split if it has one, else all images")
     p.add_argument("--image-size", type=_positive_int, help="default: the size the model was trained at")
     p.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_trust_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("zoo", help="the MiniZoo: build or list", description="The MiniZoo of small pretrained ResNets.")

@@ -230,17 +230,21 @@ class Zoo(Sequence):
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def new_model(self) -> nn.Module:
+    def new_model(self, seed: int | None = None) -> nn.Module:
         """A fresh instance of the zoo's architecture: same class and state_dict keys as a member.
 
-        Built by the zoo's builder (checkpoint zoos: the architecture's own initialisation with a
-        fixed seed); for a zoo from modules without a builder, a copy of member 0 whose layers are
-        re-initialised by their ``reset_parameters``.
+        Built by the zoo's builder (checkpoint zoos: the architecture's own initialisation); for a
+        zoo from modules without a builder, a copy of member 0 whose layers are re-initialised by
+        their ``reset_parameters``. ``seed`` draws the initialisation from that seed (the global
+        random stream is left as it was); without it the builder's draws come from the current stream.
         """
         if self._builder is not None:
-            return self._builder()
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                return self._builder()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BUILD_SEED)
+            torch.manual_seed(BUILD_SEED if seed is None else seed)
             return _reset_parameters(copy.deepcopy(self._members[0]))
 
     def to(self, *args, **kwargs) -> "Zoo":
