@@ -477,11 +477,16 @@ def test_kf_initial_student_weight_and_zero_transforms():
 # ---------------------------------------------------------------- scratch
 
 
-def test_scratch_is_the_architecture_freshly_initialised_from_the_seed():
+def test_scratch_is_the_architecture_freshly_initialised_from_the_seed(tmp_path):
     from zootune.zoo import Zoo
+    from zootune.zoo.checkpoint import save_state_dict
 
     zoo, task = tiny_zoo(), ClassificationTask(4)
-    for source in (zoo, Zoo.from_modules(list(zoo))):
+    paths = []
+    for i, member in enumerate(zoo):
+        paths.append(save_state_dict(tmp_path / f"m{i}.safetensors", member.state_dict()))
+    from_files = Zoo.from_checkpoints(paths, arch=lambda: resnet_small(num_classes=10, width=4))
+    for source in (zoo, Zoo.from_modules(list(zoo)), from_files):
         a = build_method("scratch", source, task, seed=1).finalize()
         b = build_method("scratch", source, task, seed=1).finalize()
         c = build_method("scratch", source, task, seed=2).finalize()

@@ -24,7 +24,17 @@ class DataError(ZootuneError):
 
 
 class NonFiniteLossError(ZootuneError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss (or weights).
+
+    ``checkpoint``: the last good checkpoint that was kept, or None when none had been written yet;
+    ``cause``: what happened, without advice; ``str()`` adds advice for Python callers (the CLI words
+    its own, with its flags).
+    """
+
+    def __init__(self, cause: str, *, checkpoint=None, advice: str = ""):
+        super().__init__(f"{cause}; {advice}" if advice else cause)
+        self.cause = cause
+        self.checkpoint = checkpoint
 
 
 class UntrustedCodeError(ZootuneError):

@@ -7,22 +7,34 @@ by the library.
 
 A problem caused by the user's input (:class:`zootune.errors.ZootuneError`, or bad arguments) is
 printed as ONE line ``zootune: error: ...`` on stderr with exit status 2. Any other exception is a
-bug in zootune and keeps its traceback. Ctrl-C exits with 130.
+bug in zootune and keeps its traceback. Ctrl-C exits with 130, SIGTERM with 143 (one line each;
+checkpoints already written are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from zootune.cli.args import (
+    parse_method_option_list,
+    parse_options,
+    parse_seeds,
+    positive_int,
+    seed_int,
+    split_list,
+)
 from zootune.errors import NonFiniteLossError, ZootuneError
 from zootune.version import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
 
 
 class _UsageError(Exception):
@@ -34,55 +46,6 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> [0, 1, 2]; a single number ``"3"`` -> three seeds [0, 1, 2]."""
-    try:
-        parts = [int(p) for p in _split_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be integers, e.g. 0,1,2 or 3 (got {text!r})") from None
-    if not parts:
-        raise argparse.ArgumentTypeError("give at least one seed")
-    if len(parts) == 1 and "," not in text:
-        if parts[0] < 1:
-            raise argparse.ArgumentTypeError(f"the number of seeds must be >= 1 (got {parts[0]})")
-        return list(range(parts[0]))
-    return parts
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _parse_value(text: str):
-    """An option value: JSON when it parses (numbers, true/false, null, lists), else the string."""
-    import json
-
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"True": True, "False": False, "None": None}.get(text, text)
-
-
-def _parse_options(items: Sequence[str] | None) -> dict:
-    options = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ZootuneError(f"--option expects key=value, got {item!r}")
-        options[key.replace("-", "_")] = _parse_value(value)
-    return options
-
-
 # --------------------------------------------------------------------------------------------------
 # Subcommands
 
@@ -92,21 +55,29 @@ def cmd_run(args) -> int:
 
     overrides = {}
     if args.targets is not None:
-        overrides["targets"] = None if args.targets == "all" else _split_list(args.targets)
+        overrides["targets"] = None if args.targets == "all" else split_list(args.targets)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
+    if args.option:
+        overrides["method_options"] = parse_method_option_list(args.option)
     if args.methods is not None:
-        overrides["methods"] = _split_list(args.methods)
+        overrides["methods"] = split_list(args.methods)
     for name in ("epochs", "batch_size", "lr", "optimizer", "max_steps_per_epoch"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     overrides.update(hub=args.hub, cache_dir=args.cache_dir, plots=not args.no_plots, progress=args.progress)
     config = RunConfig.quick(**overrides) if args.quick else RunConfig(**overrides)
+    from zootune.experiment import parse_method_options, resolve_targets, select_methods
+    from zootune.run_folder import RunFolder
+
+    parse_method_options(select_methods(config.methods, hub=config.hub), config.method_options)
+    resolve_targets(config.targets)
     out = Path(args.out) if args.out else Path("zootune-out") / time.strftime("%Y%m%d-%H%M%S")
-    if args.quick:
-        print("--quick: default target, one seed, short trainings (about 3 min on 2 CPU cores once "
-              "the MiniZoo is built; building it the first time is extra and cached)")
-    run_experiment(config, out)
+    with RunFolder(out, overwrite=args.overwrite, entries=("results.json", "results.md", "log.txt")):
+        if args.quick:
+            print("--quick: default target, one seed, short trainings (about 3 min on 2 CPU cores once "
+                  "the MiniZoo is built; building it the first time is extra and cached)")
+        run_experiment(config, out)
     return 0
 
 
@@ -125,6 +96,17 @@ def _load_zoo(args):
     return Zoo.from_checkpoints(args.zoo, arch=builder, arch_kwargs=arch_kwargs)
 
 
+def _methods():
+    from zootune.methods.registry import available_methods
+
+    return available_methods()
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK in the environment), or a plain process: the one that writes and prints."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def cmd_fit(args) -> int:
     from zootune.data.image_folder import load_image_folder
     from zootune.engine import TrainConfig, evaluate
@@ -132,39 +114,57 @@ def cmd_fit(args) -> int:
     from zootune.methods.registry import get_method
     from zootune.model_dir import export_info, save_model_dir
     from zootune.report import atomic_write_json
+    from zootune.run_folder import RunFolder
     from zootune.tasks import ClassificationTask
 
+    # Everything the user typed is checked before any file is read or any model is built.
     spec = get_method(args.method)
     if spec.hub:
         raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
-    args.arch_kwargs = _parse_options(args.arch_option)
-    options = _parse_options(args.option)
-    spec.parse_options(options)  # unknown names, types and ranges: before any work
+    if args.source_data is not None and not spec.needs_source_data:
+        raise ZootuneError(f"method {spec.name!r} uses no source data; --source-data is for "
+                           f"{', '.join(n for n, s in _methods().items() if s.needs_source_data) or 'none'}")
+    args.arch_kwargs = parse_options(args.arch_option)
+    options = parse_options(args.option)
+    spec.parse_options(options)  # unknown names, types and ranges
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
                          max_steps_per_epoch=args.max_steps_per_epoch)
-    zoo = _load_zoo(args)
-    splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
-                               test_fraction=args.test_fraction, seed=args.seed)
-    task = ClassificationTask(splits.num_classes)
-    out = Path(args.out)
-    result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
-                                      out_dir=out, resume=args.resume, echo=print)
-    metrics = {"val": evaluate(result.model, task, splits.val)}
-    if splits.test is not None:
-        metrics["test"] = evaluate(result.model, task, splits.test)
-    member = (args.member or 0) if spec.per_member else args.member
-    info = export_info(
-        result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
-        zoo_paths=args.zoo, method=spec.name, member=member, options=options,
-        class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
-        trust_code=args.trust_code,
-    )
-    save_model_dir(out / "model", result.model, info)
-    atomic_write_json(out / "metrics.json", {"method": spec.name, "member": member, "seconds": result.seconds,
-                                             "best_val_metric": result.val_metric, **metrics})
+    main_process = _is_main_process()
+    say = print if main_process else (lambda *_a, **_k: None)
+    with RunFolder(args.out, resume=args.resume, overwrite=args.overwrite, writer=main_process) as folder:
+        zoo = _load_zoo(args)
+        if args.member is not None and not 0 <= args.member < len(zoo):
+            raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
+        splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
+                                   test_fraction=args.test_fraction, seed=args.seed)
+        source = None
+        if args.source_data is not None:
+            source = load_image_folder(args.source_data, image_size=args.image_size, seed=args.seed)
+        task = ClassificationTask(splits.num_classes)
+        result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
+                                          source=source, out_dir=folder.path, resume=args.resume, echo=say)
+        metrics = {"val": evaluate(result.model, task, splits.val)}
+        if splits.test is not None:
+            metrics["test"] = evaluate(result.model, task, splits.test)
+        member = (args.member or 0) if spec.per_member else args.member
+        info = export_info(
+            result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
+            zoo_paths=args.zoo, method=spec.name, member=member, options=options,
+            class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
+            trust_code=args.trust_code,
+        )
+
+        def write_model(tmp: Path) -> None:
+            # the model, its config and its metrics are one unit: renamed into place together
+            save_model_dir(tmp, result.model, info)
+            atomic_write_json(tmp / "metrics.json", {"method": spec.name, "member": member,
+                                                      "seconds": result.seconds,
+                                                      "best_val_metric": result.val_metric, **metrics})
+
+        model_dir = folder.commit("model", write_model)
     shown = " ".join(f"{split} {task.metric_name} {m[task.metric_name]:.2f}" for split, m in metrics.items())
-    print(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {out / 'model'} ({info['kind']})")
+    say(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {model_dir} ({info['kind']})")
     return 0
 
 
@@ -178,12 +178,21 @@ def _model_dir_of(run_dir: Path) -> Path:
 def cmd_export(args) -> int:
     from zootune.model_dir import load_model_dir, save_model_dir
 
+    from zootune.run_folder import check_writable_folder, commit_folder
+
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise ZootuneError(f"run folder {run_dir} does not exist")
+        raise ZootuneError(f"run folder {run_dir} does not exist" if not run_dir.exists()
+                           else f"{run_dir} is a file, not a run or model folder")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ZootuneError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ZootuneError(f"--out {out} is not empty: --overwrite replaces it, or choose another folder")
+    check_writable_folder(out.parent, "the folder of --out")
     model, info = load_model_dir(_model_dir_of(run_dir), trust_code=args.trust_code)
     info = {k: v for k, v in info.items() if k not in ("format", "zootune_version")}
-    save_model_dir(args.out, model, info)
+    commit_folder(out, lambda tmp: save_model_dir(tmp, model, info))
     print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {info['num_classes']} classes) to {args.out}")
     return 0
 
@@ -261,7 +270,7 @@ def cmd_rank(args) -> int:
     from zootune.methods.logme import rank_zoo
     from zootune.report import format_text_table
 
-    args.arch_kwargs = _parse_options(args.arch_option)
+    args.arch_kwargs = parse_options(args.arch_option)
     zoo = _load_zoo(args)
     splits = load_image_folder(args.data, image_size=args.image_size)
     dataset = splits.train.with_transform(None)  # score un-augmented images
@@ -306,17 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="default target, 1 seed, short trainings: <= 3 min on 2 CPU cores with the MiniZoo built")
     p.add_argument("--targets", help="comma-separated target names, or 'all' (default: all; --quick: the default target)")
-    p.add_argument("--seeds", type=_parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
+    p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
     p.add_argument("--methods", help="comma-separated methods (default: every one that applies); "
                                      "methods they need (finetune for ensemble/distill) are added")
     p.add_argument("--hub", action="store_true", help="also run hub methods (Hub-Pathway) on the MiniZoo hub")
-    p.add_argument("--epochs", type=_positive_int, help="epochs per training")
-    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--epochs", type=positive_int, help="epochs per training")
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
                    help="for every training (default sgd; the landmark target uses adamw, see docs/landmarks.md)")
-    p.add_argument("--max-steps-per-epoch", type=_positive_int, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", help="output folder (default ./zootune-out/<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results that --out holds")
+    p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
+                   help="an option of one method, e.g. lite:align=none (repeatable; checked before any training)")
     p.add_argument("--cache-dir", help="MiniZoo/data cache (default $ZOOTUNE_CACHE or ~/.cache/zootune)")
     p.add_argument("--no-plots", action="store_true", help="do not write plots")
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
@@ -330,34 +342,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--method", default="zoo-tuning", help="zoo-tuning, lite, finetune, ensemble, ... (default zoo-tuning)")
     p.add_argument("--member", type=int, help="zoo member index for per-member methods (finetune; default 0)")
-    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=_positive_int, default=48)
+    p.add_argument("--batch-size", type=positive_int, default=48)
     p.add_argument("--optimizer", default="sgd", help="sgd (Nesterov momentum 0.9), adam or adamw")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--image-size", type=_positive_int, default=32)
+    p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.2, help="for a single folder of classes")
     p.add_argument("--test-fraction", type=float, default=0.0, help="for a single folder of classes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of everything random (0..2**32-1)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option passed to its build(), e.g. align=all (repeatable)")
-    p.add_argument("--max-steps-per-epoch", type=_positive_int, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoints (a new --lr, --epochs or --weight-decay "
+                        "takes effect from the next step; the schedule is recomputed for the new --epochs)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    p.add_argument("--source-data", metavar="FOLDER",
+                   help="image folder of the source task, for methods that re-train it (PAC-Net's Allocate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("export", help="write the trained model of a fit folder as safetensors + config.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `zootune fit` (or a model folder)")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     _add_trust_argument(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="evaluate an exported model on an image folder")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model folder (model.safetensors + config.json)")
     p.add_argument("--data", required=True, help="image folder; its test/ split if it has one, else all images")
-    p.add_argument("--image-size", type=_positive_int, help="default: the size the model was trained at")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--image-size", type=positive_int, help="default: the size the model was trained at")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     _add_trust_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -375,13 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rank", help="rank zoo members by LogME transferability on your data")
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
-    p.add_argument("--image-size", type=_positive_int, default=32)
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.set_defaults(func=cmd_rank)
 
     from zootune.cli.rl import add_rl_parser
 
-    add_rl_parser(sub, _positive_int, _parse_seeds)
+    add_rl_parser(sub, positive_int, parse_seeds)
     return parser
 
 
@@ -389,10 +407,27 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (checkpoints kept, one line) but with its own exit status."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
+
+
+def _nan_advice(e: NonFiniteLossError, command: str | None) -> str:
+    if command != "fit":
+        return "try a lower --lr"
+    if e.checkpoint is not None:
+        return "rerun the same command with a lower --lr and --resume to continue from that checkpoint"
+    return "rerun with a lower --lr (nothing to resume from)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zootune`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _can_handle_signals() else None
     try:
         args = parser.parse_args(argv)
         if not hasattr(args, "func"):
@@ -405,19 +440,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zootune: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as e:
-        print(f"zootune: error: {_one_line(e)}; the last good checkpoint is kept: lower --lr and rerun "
-              "with --resume to continue from it", file=sys.stderr)
+        print(f"zootune: error: {_one_line(e.cause)}; {_nan_advice(e, getattr(args, 'command', None))}",
+              file=sys.stderr)
         return EXIT_USAGE
     except ZootuneError as e:
         print(f"zootune: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
         if getattr(args, "command", None) == "fit":
             hint = "checkpoints are written every epoch: the same command with --resume continues"
         else:
             hint = "the trainings that finished are listed in the run folder's log.txt"
-        print(f"zootune: interrupted; {hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"zootune: {what}; {hint}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _can_handle_signals() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def cmd_rl(args) -> int:
-    from zootune.cli.main import _split_list
+    from zootune.cli.args import split_list
     from zootune.rl import RLRunConfig, run_rl_transfer
 
     overrides = {"progress": not args.no_progress, "plots": not args.no_plots, "cache_dir": args.cache_dir,
@@ -18,7 +18,7 @@ def cmd_rl(args) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.methods is not None:
-        overrides["methods"] = _split_list(args.methods)
+        overrides["methods"] = split_list(args.methods)
     config = RLRunConfig.quick(**overrides) if args.quick else RLRunConfig(**overrides)
     if args.steps is not None:
         config.dqn = replace(config.dqn, steps=args.steps, eval_every=max(1, args.steps // 10),
