@@ -189,9 +189,15 @@ def load_model_dir(model_dir: str | os.PathLike, *, trust_code: bool = False) ->
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{model_dir / MODEL_FILE} does not match its config.json: {first}") from None
+        raise CheckpointError(f"{model_dir / MODEL_FILE} does not match its config.json: {_load_error_detail(e)}") from None
     return model.eval(), info
+
+
+def _load_error_detail(error: RuntimeError) -> str:
+    """The informative line of load_state_dict's error (the first key or shape that differs)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    detail = next((line for line in lines[1:] if line), lines[0] if lines else str(error))
+    return detail[:300]
 
 
 def export_info(model: nn.Module, *, arch: str, arch_kwargs: dict, num_classes: int, zoo_paths: list[str],

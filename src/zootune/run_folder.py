@@ -26,8 +26,9 @@ from typing import Callable, Sequence
 from zootune.errors import ZootuneError
 
 LOCK_NAME = ".zootune.lock"
-# What a run leaves in its folder: any of these means the folder holds a run.
-RUN_ENTRIES = ("model", "train", "requires", "metrics.json", "results.json")
+# What a run leaves in its folder that marks it as holding a run: its results, or a training
+# checkpoint (logs of a run that failed before its first checkpoint do not count: nothing to lose).
+RUN_ENTRIES = ("model", "train/checkpoint.pt", "requires/*/checkpoint.pt", "metrics.json", "results.json")
 
 
 def _is_stale_temporary(name: str) -> bool:
@@ -92,8 +93,12 @@ class RunFolder:
                     "replaces it, or choose another --out")
             if held and self.overwrite:
                 for name in held:
-                    target = self.path / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                    # the whole top-level entry: a checkpoint's folder goes with its logs
+                    target = self.path / Path(name).parts[0]
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    elif target.exists():
+                        target.unlink()
         except BaseException:
             self.close()
             raise
@@ -121,8 +126,8 @@ class RunFolder:
             self._lock = None
 
     def held_entries(self) -> list[str]:
-        """The run entries present in the folder (what marks it as holding a run)."""
-        return [name for name in self.entries if (self.path / name).exists()]
+        """The run entries present in the folder (glob patterns relative to it)."""
+        return sorted({str(p.relative_to(self.path)) for pattern in self.entries for p in self.path.glob(pattern)})
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete temporary files and folders of interrupted atomic writes, anywhere in the folder."""

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -124,7 +125,7 @@ def cmd_fit(args) -> int:
     if args.source_data is not None and not spec.needs_source_data:
         raise ZootuneError(f"method {spec.name!r} uses no source data; --source-data is for "
                            f"{', '.join(n for n, s in _methods().items() if s.needs_source_data) or 'none'}")
-    args.arch_kwargs = parse_options(args.arch_option)
+    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
     options = parse_options(args.option)
     spec.parse_options(options)  # unknown names, types and ranges
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -270,7 +271,7 @@ def cmd_rank(args) -> int:
     from zootune.methods.logme import rank_zoo
     from zootune.report import format_text_table
 
-    args.arch_kwargs = parse_options(args.arch_option)
+    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
     zoo = _load_zoo(args)
     splits = load_image_folder(args.data, image_size=args.image_size)
     dataset = splits.train.with_transform(None)  # score un-augmented images
@@ -428,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = None
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _can_handle_signals() else None
+    warning_context = warnings.catch_warnings()
+    warning_context.__enter__()
+    warnings.showwarning = _one_line_warning  # a library's multi-line warning becomes one line
     try:
         args = parser.parse_args(argv)
         if not hasattr(args, "func"):
@@ -455,8 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zootune: {what}; {hint}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED
     finally:
+        warning_context.__exit__(None, None, None)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    print(f"zootune: warning: {_one_line(message)}", file=sys.stderr)
 
 
 def _can_handle_signals() -> bool:

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -75,7 +76,10 @@ def _torch_load(path: Path) -> Any:
             f"{'; the file is empty' if not head else ''}); zootune reads .pt/.pth/.pth.tar files written "
             "by torch.save and .safetensors files")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing or reading; what it decides is reported below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Weights only load failed" in text:

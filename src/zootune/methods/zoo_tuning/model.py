@@ -187,6 +187,10 @@ class ZooTuning(nn.Module):
             raise ZootuneError(f"lite_momentum must be in [0, 1), got {lite_momentum}")
         if not (bank_lr_scale == "auto" or isinstance(bank_lr_scale, (int, float, dict))):
             raise ZootuneError(f"bank_lr_scale must be 'auto', a number or a dict, got {bank_lr_scale!r}")
+        scales = bank_lr_scale.values() if isinstance(bank_lr_scale, dict) else (
+            [] if bank_lr_scale == "auto" else [bank_lr_scale])
+        if not all(isinstance(v, (int, float)) and v > 0 for v in scales):
+            raise ZootuneError(f"bank_lr_scale must be 'auto' or > 0, got {bank_lr_scale!r}")
         if not gate_lr_scale > 0:
             raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
         _check_same_architecture(members)
