@@ -31,6 +31,7 @@ from zootune.cli.args import (
     split_list,
 )
 from zootune.errors import NonFiniteLossError, ZootuneError
+from zootune.methods.registry import DEFAULT_METHOD
 from zootune.version import __version__
 
 EXIT_USAGE = 2
@@ -101,6 +102,10 @@ def _methods():
     from zootune.methods.registry import available_methods
 
     return available_methods()
+
+
+def _method_list() -> str:
+    return ", ".join(_methods())
 
 
 def _is_main_process() -> bool:
@@ -317,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default target, 1 seed, short trainings: <= 3 min on 2 CPU cores with the MiniZoo built")
     p.add_argument("--targets", help="comma-separated target names, or 'all' (default: all; --quick: the default target)")
     p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
-    p.add_argument("--methods", help="comma-separated methods (default: every one that applies); "
-                                     "methods they need (finetune for ensemble/distill) are added")
-    p.add_argument("--hub", action="store_true", help="also run hub methods (Hub-Pathway) on the MiniZoo hub")
+    p.add_argument("--methods", help="comma-separated methods (default: every one that applies; "
+                                     f"registered: {_method_list()}); the methods they require are added first")
+    p.add_argument("--hub", action="store_true",
+                   help="also run hub methods (members of different architectures) on the MiniZoo hub")
     p.add_argument("--epochs", type=positive_int, help="epochs per training")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float)
@@ -329,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default ./zootune-out/<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace the results that --out holds")
     p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
-                   help="an option of one method, e.g. lite:align=none (repeatable; checked before any training)")
+                   help="an option of one method (repeatable; checked before any training)")
     p.add_argument("--cache-dir", help="MiniZoo/data cache (default $ZOOTUNE_CACHE or ~/.cache/zootune)")
     p.add_argument("--no-plots", action="store_true", help="do not write plots")
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
@@ -341,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes the model (safetensors + config.json), metrics.json and checkpoints.")
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
-    p.add_argument("--method", default="zoo-tuning", help="zoo-tuning, lite, finetune, ensemble, ... (default zoo-tuning)")
-    p.add_argument("--member", type=int, help="zoo member index for per-member methods (finetune; default 0)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"one of: {_method_list()} (default {DEFAULT_METHOD})")
+    p.add_argument("--member", type=int, help="zoo member index for per-member methods (default 0)")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=positive_int, default=48)
@@ -353,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.0, help="for a single folder of classes")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of everything random (0..2**32-1)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option passed to its build(), e.g. align=all (repeatable)")
+                   help="an option of the method (repeatable; unknown names and wrong types are refused before any work)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true",
@@ -361,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "takes effect from the next step; the schedule is recomputed for the new --epochs)")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--source-data", metavar="FOLDER",
-                   help="image folder of the source task, for methods that re-train it (PAC-Net's Allocate)")
+                   help="image folder of the source task, for methods that re-train a source task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fit)
 

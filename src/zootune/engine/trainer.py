@@ -44,7 +44,7 @@ from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
 from zootune.errors import CheckpointError, DataError, NonFiniteLossError, ZootuneError
-from zootune.methods.base import unwrap
+from zootune.engine.distributed import unwrap
 from zootune.tasks import Task
 
 log = logging.getLogger(__name__)

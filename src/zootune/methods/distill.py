@@ -178,6 +178,7 @@ register_method(
         name="distill",
         help="distil the fine-tuned members (averaged soft predictions) into one model",
         build=build,
+        plain_model=True,
         config=DistillConfig,
         requires=("finetune",),
         task_types=(ClassificationTask,),  # soft targets are class distributions

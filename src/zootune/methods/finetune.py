@@ -114,6 +114,7 @@ register_method(
         name="finetune",
         help="fine-tune one zoo member with a new head (run once per member)",
         build=build,
+        plain_model=True,
         config=FineTuneConfig,
         per_member=True,
     )

@@ -205,6 +205,7 @@ register_method(
         help="Fisher-weighted average of the members (Fisher on the target, through a linear probe), "
              "then fine-tune (NeurIPS 2022)",
         build=build,
+        plain_model=True,
         config=FisherMergeConfig,
     )
 )

@@ -477,6 +477,7 @@ register_method(
         name="knowledge-flow",
         help="Knowledge Flow: frozen teachers' features flow into a student; teachers dropped at the end",
         build=build,
+        plain_model=True,
         config=KnowledgeFlowConfig,
     )
 )

@@ -74,6 +74,7 @@ class MethodSpec:
     classes it supports (None: any). ``in_default_run=False`` (with ``default_run_note`` saying why):
     left out of ``zootune run`` unless named. ``needs_source_data``: uses ``ctx.source``.
     ``reports_gates``: the built module has ``record_gates()``/``gate_statistics()`` (gate heatmaps).
+    ``plain_model``: what ``finalize()`` returns is a plain model of the zoo's architecture.
     """
 
     name: str
@@ -89,6 +90,7 @@ class MethodSpec:
     default_run_note: str = ""
     needs_source_data: bool = False
     reports_gates: bool = False
+    plain_model: bool = False  # finalize() gives a plain model of the zoo's architecture (no method modules)
     # Instead of a config dataclass: options are the keyword parameters of this callable (a
     # constructor), less those ``build`` fills itself (``options_exclude``); parsed to a dict.
     options_of: Callable | None = None
@@ -128,6 +130,7 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+DEFAULT_METHOD = "zoo-tuning"  # what `zootune fit` trains when no --method is given
 
 # Modules that register methods when imported, in the order tables list them.
 _METHOD_MODULES = (
@@ -184,5 +187,5 @@ def build_method(name: str, zoo, task, *, options: Mapping[str, Any] | None = No
     return spec.build(BuildContext(zoo=zoo, task=task, config=spec.parse_options(options), **context))
 
 
-__all__ = ["BuildContext", "MethodSpec", "METHODS", "available_methods", "build_method", "get_method",
+__all__ = ["BuildContext", "DEFAULT_METHOD", "MethodSpec", "METHODS", "available_methods", "build_method", "get_method",
            "register_method"]

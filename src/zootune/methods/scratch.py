@@ -45,6 +45,7 @@ register_method(
         name="scratch",
         help="the zoo's architecture trained from random initialisation (no transfer): does the zoo help?",
         build=build,
+        plain_model=True,
         config=FineTuneConfig,
     )
 )

@@ -87,6 +87,7 @@ register_method(
         name="soup",
         help="average the members' weights (uniform soup), new head, then fine-tune",
         build=build,
+        plain_model=True,
         config=SoupConfig,
     )
 )

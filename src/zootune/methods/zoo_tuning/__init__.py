@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.methods.zoo_tuning.fold import merge_and_unload
-from zootune.methods.zoo_tuning.io import load_folded, load_pretrained, save_folded, save_pretrained
+from zootune.methods.zoo_tuning.io import load_folded, save_folded, save_pretrained
 from zootune.methods.zoo_tuning.model import ZooTuning, ZooTuningConfig
+
+load_pretrained = ZooTuning.load_pretrained
 from zootune.models.heads import head_in_features
 
 
@@ -39,6 +41,7 @@ register_method(MethodSpec(
     name="lite",
     help="Lite Zoo-Tuning: batch-shared gates, folded into one plain model for inference",
     build=_builder(lite=True),
+    plain_model=True,
     **_OPTIONS,
 ))
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from zootune.errors import ZootuneError, ZooMismatchError
 from zootune.layers import FORMULATIONS, AggregatedLayer, is_aggregatable
+from zootune.methods.zoo_tuning import io as zt_io
 from zootune.layers.gate import GATE_ACTIVATIONS, GATE_INITS
 from zootune.models.heads import find_head_name, head_in_features, new_linear_head, set_submodule
 
@@ -327,14 +328,10 @@ class ZooTuning(nn.Module):
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory) -> None:
         """Write ``model.safetensors`` and ``config.json`` (see :mod:`zootune.methods.zoo_tuning.io`)."""
-        from zootune.methods.zoo_tuning.io import save_pretrained
-
-        save_pretrained(self, directory)
+        zt_io.save_pretrained(self, directory)
 
     @classmethod
     def load_pretrained(cls, directory, zoo_or_builder, head: nn.Module | None = None) -> "ZooTuning":
         """Rebuild a saved model; ``zoo_or_builder`` is the zoo or a callable returning one fresh
         model of the zoo's architecture (its weights are overwritten by the saved ones)."""
-        from zootune.methods.zoo_tuning.io import load_pretrained
-
-        return load_pretrained(directory, zoo_or_builder, head=head)
+        return zt_io.load_pretrained(cls, directory, zoo_or_builder, head=head)
