@@ -20,7 +20,7 @@ from zootune.methods.registry import available_methods
 from zootune.zoo import save_state_dict
 
 FAST = ["--epochs", "1", "--batch-size", "8", "--image-size", "16", "--max-steps-per-epoch", "1", "--no-progress"]
-ARCH = ["--arch", f"{__name__}:tiny_net"]  # this module is importable by name under pytest
+ARCH = ["--arch", f"{__name__}:tiny_net", "--trust-code"]  # this module is importable by name under pytest
 
 
 class TinyNet(nn.Module):
@@ -97,7 +97,8 @@ def test_aggregate_linear_reaches_the_method_and_the_report_is_printed(workspace
     info = json.loads((tmp_path / "both" / "model" / "config.json").read_text())
     assert info["options"]["target_types"] == ["conv", "linear"]
     # the saved full model is rebuilt from the zoo with the same options, and evaluates
-    code, out, _ = run_cli(["evaluate", tmp_path / "both" / "model", "--data", workspace / "data"], capsys)
+    code, out, _ = run_cli(["evaluate", tmp_path / "both" / "model", "--data", workspace / "data", "--trust-code"],
+                           capsys)
     assert code == 0 and "acc" in out
     # the same through --option, which used to end in a traceback
     code, _, err = run_cli(fit(workspace, tmp_path / "opt", "--option", 'target_types=["Linear"]'), capsys)
@@ -135,7 +136,7 @@ def test_pretrained_name_without_the_library_says_what_to_install(workspace, tmp
 def test_every_architecture_the_docs_name_is_registered_without_importing_it():
     code = (
         "import sys\n"
-        "from zootune.cli.modelfile import resolve_arch\n"
+        "from zootune.models import resolve_arch\n"
         "from zootune.models import ARCHITECTURES\n"
         "names = ['resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet_small', 'resnet10_small',\n"
         "         'resnet18_small', 'vit_tiny32', 'mixer_tiny32', 'minizoo_resnet10_w8', 'minatar_qnet']\n"

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.errors import ZootuneError
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.models.features import FeatureEntry, FeatureFn, feature_extractor
 from zootune.tasks import ClassificationTask, Task
 
@@ -438,8 +438,8 @@ class HubPathway(nn.Module):
         return torch.bincount(top_index.flatten(), minlength=len(self.members))
 
 
-def _build(zoo, task, *, member=None, fitted=None, **options) -> nn.Module:
-    return HubPathway(as_hub(zoo), task, **options)
+def _build(ctx: BuildContext) -> nn.Module:
+    return HubPathway(as_hub(ctx.zoo), ctx.task, **dict(ctx.config or {}))
 
 
 register_method(
@@ -448,6 +448,8 @@ register_method(
         help="Hub-Pathway (NeurIPS 2022): route each input to k of a hub's models of any architectures",
         build=_build,
         hub=True,
+        options_of=HubPathway.__init__,
+        options_exclude=("hub", "task_or_num_outputs"),
     )
 )
 

@@ -76,7 +76,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,8 @@ from torch import nn
 from zootune.errors import ZootuneError
 from zootune.methods.distill import pick_student_member
 from zootune.methods.finetune import check_member_index, copy_with_new_head
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
+from zootune.options import require
 from zootune.models.heads import set_submodule
 from zootune.tasks import ClassificationTask, Task
 
@@ -526,53 +528,63 @@ class KnowledgeFlow(nn.Module):
                 old.copy_(new)
 
 
-def build(
-    zoo: Sequence[nn.Module],
-    task: Task,
-    *,
-    member=None,
-    fitted=None,
-    teachers: str = "pretrained",
-    student_member: int | None = None,
-    flow_points: Sequence[str] | None = None,
-    lambda1: float = 10.0,
-    mix_lr_mult: float = 10.0,
-    student_only_from: float = 0.9,
-    example_input: torch.Tensor | None = None,
-    head_name: str | None = None,
-    lambda2: float = LAMBDA2_DEFAULT,
-    val_metrics: Sequence[float] | None = None,
-    initial_student_weight: float | None = INITIAL_STUDENT_WEIGHT_DEFAULT,
-    transform_init: str = "identity",
-    channel_dim: int | None = None,
-) -> KnowledgeFlow:
+@dataclass
+class KnowledgeFlowConfig:
+    """Options of ``knowledge-flow`` (see the module docstring for each choice)."""
+
+    teachers: Literal["pretrained", "finetuned"] = "pretrained"
+    student_member: int | None = None  # default: the best fine-tuned member on validation, else 0
+    flow_points: list[str] | None = None  # module names; default: the ResNet stages, or a timm model's feature_info
+    lambda1: float = 10.0
+    mix_lr_mult: float = 10.0
+    student_only_from: float = 0.9
+    head_name: str | None = None
+    lambda2: float = LAMBDA2_DEFAULT
+    initial_student_weight: float | None = INITIAL_STUDENT_WEIGHT_DEFAULT
+    transform_init: Literal["identity", "zero"] = "identity"
+    channel_dim: int | None = None  # None: located from the features; 1 channels first; -1 tokens
+
+    def __post_init__(self):
+        require(self.channel_dim in (None, 1, -1),
+                f"channel_dim must be 1 (channels first), -1 (channels last) or None, got {self.channel_dim!r}")
+        require(self.lambda1 >= 0, f"lambda1 must be >= 0, got {self.lambda1}")
+        require(self.lambda2 >= 0, f"lambda2 must be >= 0, got {self.lambda2}")
+        require(self.mix_lr_mult > 0, f"mix_lr_mult must be > 0, got {self.mix_lr_mult}")
+        require(0.0 <= self.student_only_from <= 1.0, f"student_only_from must be in [0, 1], got {self.student_only_from}")
+        require(self.initial_student_weight is None or 0.0 < self.initial_student_weight < 1.0,
+                f"initial_student_weight must be in (0, 1), got {self.initial_student_weight}")
+
+
+def build(ctx: BuildContext) -> KnowledgeFlow:
     """Knowledge Flow from the zoo into a copy of a pretrained member with a new head: the best by
-    ``val_metrics`` (fine-tuned members' validation metrics) when given, else ``student_member``."""
-    index = pick_student_member(len(zoo), val_metrics, task.higher_is_better, student_member)
-    index = check_member_index(zoo, index)
-    student, _ = copy_with_new_head(zoo[index], task, head_name)
-    if teachers == "pretrained":
+    ``ctx.member_val_metrics`` (fine-tuned members' validation metrics) when known, else
+    ``student_member``. The example input that traces the flow points' shapes is a few training
+    images when ``ctx.data`` is given."""
+    config, task, zoo = ctx.config or KnowledgeFlowConfig(), ctx.task, ctx.zoo
+    index = pick_student_member(len(zoo), ctx.member_val_metrics, task.higher_is_better, config.student_member)
+    student, _ = copy_with_new_head(zoo[check_member_index(zoo, index)], task, config.head_name)
+    if config.teachers == "pretrained":
         # Copies: the teachers are frozen (requires_grad off), which must not leak into the user's zoo.
         teacher_models = [copy.deepcopy(m) for m in zoo]
-    elif teachers == "finetuned":
-        if not fitted or "finetune" not in fitted:
-            raise ZootuneError("teachers='finetuned' needs the fine-tuned members: run method 'finetune' first")
-        teacher_models = list(fitted["finetune"])
     else:
-        raise ZootuneError(f"teachers must be 'pretrained' or 'finetuned', got {teachers!r}")
+        teacher_models = list(ctx.required("finetune"))
+    example_input = None
+    if ctx.data is not None:
+        train = ctx.data.train
+        example_input = torch.stack([train[i][0] for i in range(min(2, len(train)))])
     return KnowledgeFlow(
         student,
         teacher_models,
-        flow_points=flow_points,
-        lambda1=lambda1,
-        mix_lr_mult=mix_lr_mult,
-        student_only_from=student_only_from,
+        flow_points=config.flow_points,
+        lambda1=config.lambda1,
+        mix_lr_mult=config.mix_lr_mult,
+        student_only_from=config.student_only_from,
         example_input=example_input,
         # KL between softmaxes is meaningful for class logits only.
-        lambda2=lambda2 if isinstance(task, ClassificationTask) else 0.0,
-        initial_student_weight=initial_student_weight,
-        transform_init=transform_init,
-        channel_dim=channel_dim,
+        lambda2=config.lambda2 if isinstance(task, ClassificationTask) else 0.0,
+        initial_student_weight=config.initial_student_weight,
+        transform_init=config.transform_init,
+        channel_dim=config.channel_dim,
     )
 
 
@@ -581,5 +593,7 @@ register_method(
         name="knowledge-flow",
         help="Knowledge Flow: frozen teachers' features flow into a student; teachers dropped at the end",
         build=build,
+        plain_model=True,
+        config=KnowledgeFlowConfig,
     )
 )

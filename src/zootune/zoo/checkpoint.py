@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,8 +67,19 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"cannot read {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle"
+            f"{'; the file is empty' if not head else ''}); zootune reads .pt/.pth/.pth.tar files written "
+            "by torch.save and .safetensors files")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing or reading; what it decides is reported below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Weights only load failed" in text:

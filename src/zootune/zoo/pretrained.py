@@ -24,6 +24,7 @@ file that would run code is refused instead.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import tempfile
@@ -37,7 +38,6 @@ import torch
 from torch import nn
 
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.models.library import import_library
 from zootune.zoo.preprocessing import DataConfig, from_timm, from_torchvision
 
 SCHEMES = ("timm", "torchvision", "hf-hub")
@@ -46,6 +46,14 @@ _TRUE = ("1", "true", "yes", "on")
 # Weight files timm looks for in a Hugging Face repo, in its order.
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
                    "open_clip_pytorch_model.bin")
+
+
+def import_library(library: str, what: str):
+    try:
+        return importlib.import_module(library)
+    except ImportError as err:
+        raise ZootuneError(f"{what} needs {library}, which is not installed here ({err}); "
+                           f"`pip install {library}`") from None
 
 
 class NotCachedError(ZootuneError):

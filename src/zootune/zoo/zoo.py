@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, overload
 import torch
 from torch import nn
 
-from zootune.errors import ZooMismatchError, ZootuneError
+from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
 from zootune.models import build_model
 from zootune.models.heads import find_head_name
 from zootune.zoo.checkpoint import load_state_dict_file
@@ -184,6 +184,7 @@ class Zoo(Sequence):
         template: nn.Module | None = None
         for path, file_remap in zip(paths, remaps):
             state = load_state_dict_file(path)
+            _check_finite(state, path)
             # Seeded builds are identical: build once, then give each member the template's
             # structure with the checkpoint's tensors themselves (no initialisation, no copy of
             # the 25M loaded values); only what the file does not cover (head, counters) is cloned.
@@ -201,8 +202,7 @@ class Zoo(Sequence):
             members.append(model)
         if names is None:
             names = _unique_names([checkpoint_stem(p) for p in paths])
-        return cls(members, names, head_name=head_name, builder=functools.partial(_build_seeded, builder),
-                   sources=[str(p) for p in paths])
+        return cls(members, names, head_name=head_name, builder=builder, sources=[str(p) for p in paths])
 
     @classmethod
     def from_pretrained(
@@ -302,17 +302,18 @@ class Zoo(Sequence):
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def new_model(self) -> nn.Module:
+    def new_model(self, seed: int | None = None) -> nn.Module:
         """A fresh instance of the zoo's architecture: same class and state_dict keys as a member.
 
-        Built by the zoo's builder (checkpoint zoos: the architecture's own initialisation with a
-        fixed seed); for a zoo from modules without a builder, a copy of member 0 whose layers are
-        re-initialised by their ``reset_parameters``.
+        Built by the zoo's builder (checkpoint zoos: the architecture's own initialisation); for a
+        zoo from modules without a builder, a copy of member 0 whose layers are re-initialised by
+        their ``reset_parameters``. The initialisation is drawn from ``seed`` (default: a fixed
+        one), leaving the global random stream as it was.
         """
         if self._builder is not None:
-            return self._builder()
+            return _build_seeded(self._builder, BUILD_SEED if seed is None else seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BUILD_SEED)
+            torch.manual_seed(BUILD_SEED if seed is None else seed)
             return _reset_parameters(copy.deepcopy(self._members[0]))
 
     def to(self, *args, **kwargs) -> "Zoo":
@@ -373,9 +374,19 @@ def _find_head_or_none(model: nn.Module, head_name: str | None) -> str | None:
         return None
 
 
-def _build_seeded(builder: Callable[[], nn.Module]) -> nn.Module:
+def _check_finite(state: Mapping[str, torch.Tensor], path) -> None:
+    """A checkpoint whose weights hold NaN or infinity is refused, naming the file and the tensor
+    (training from it would fail later with a message blaming the learning rate)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"zoo checkpoint {path}: tensor {key} holds {bad} non-finite value(s) (NaN or "
+                                  "infinity); the file is damaged or was saved from a diverged training")
+
+
+def _build_seeded(builder: Callable[[], nn.Module], seed: int = BUILD_SEED) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BUILD_SEED)
+        torch.manual_seed(seed)
         model = builder()
     if not isinstance(model, nn.Module):
         raise ZootuneError(f"the architecture builder returned a {type(model).__name__}, not an nn.Module")

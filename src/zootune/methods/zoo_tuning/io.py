@@ -116,11 +116,13 @@ def save_pretrained(zoo_tuning, directory) -> None:
     _write(directory, zoo_tuning, config)
 
 
-def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[], nn.Module],
-                    head: nn.Module | None = None):
-    """Rebuild a :class:`ZooTuning` saved by :func:`save_pretrained` and load its weights."""
-    from zootune.methods.zoo_tuning.model import ZooTuning
+_TARGET_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
 
+
+def load_pretrained(cls, directory, zoo_or_builder: Sequence[nn.Module] | Callable[[], nn.Module],
+                    head: nn.Module | None = None):
+    """Rebuild a model of class ``cls`` (:class:`ZooTuning`) saved by :func:`save_pretrained` and
+    load its weights. The config names layer types only from a fixed list; nothing is imported."""
     config, tensors = _read(directory)
     if config.get("format") != "zoo-tuning":
         raise CheckpointError(f"{directory} holds a {config.get('format')!r} model, not a Zoo-Tuning one")
@@ -130,7 +132,12 @@ def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[]
     # the multipliers measured on the original zoo (a builder's copies would all measure m)
     lr_scales = options.pop("lr_scales", {})
     options["bank_lr_scale"] = lr_scales if lr_scales else options.get("bank_lr_scale", "auto")
-    target_types = tuple(getattr(nn, name) for name in options.pop("target_types"))
+    names = options.pop("target_types")
+    unknown = [n for n in names if n not in _TARGET_TYPES]
+    if unknown:
+        raise CheckpointError(f"{directory}: unknown layer type(s) {unknown} in config.json; "
+                              f"known: {', '.join(_TARGET_TYPES)}")
+    target_types = tuple(_TARGET_TYPES[name] for name in names)
     if callable(zoo_or_builder) and not isinstance(zoo_or_builder, nn.Module):
         template = zoo_or_builder()
         members = [template] * num_sources  # weights are overwritten by the saved bank
@@ -138,7 +145,10 @@ def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[]
         members = list(zoo_or_builder)
         if len(members) != num_sources:
             raise ZooMismatchError(f"the saved model aggregates {num_sources} sources; the zoo has {len(members)}")
-    model = ZooTuning(members, head=_make_head(config.get("head"), head), target_types=target_types, **options)
+    try:
+        model = cls(members, head=_make_head(config.get("head"), head), target_types=target_types, **options)
+    except TypeError as err:
+        raise CheckpointError(f"{directory}: config.json does not fit {cls.__name__} ({err})") from None
     _load_state(model, tensors, directory)
     return model
 

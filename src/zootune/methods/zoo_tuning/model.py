@@ -52,6 +52,7 @@ from torch import nn
 
 from zootune.errors import ZootuneError, ZooMismatchError
 from zootune.layers import FORMULATIONS, AggregatedLayer, is_aggregatable
+from zootune.methods.zoo_tuning import io as zt_io
 from zootune.layers.gate import GATE_ACTIVATIONS, GATE_INITS
 from zootune.layers.targets import resolve_layer_types
 from zootune.models.heads import find_head_name, head_in_features, new_linear_head, replace_head, set_submodule
@@ -349,6 +350,10 @@ class ZooTuning(nn.Module):
             raise ZootuneError(f"lite_momentum must be in [0, 1), got {lite_momentum}")
         if not (bank_lr_scale == "auto" or isinstance(bank_lr_scale, (int, float, dict))):
             raise ZootuneError(f"bank_lr_scale must be 'auto', a number or a dict, got {bank_lr_scale!r}")
+        scales = bank_lr_scale.values() if isinstance(bank_lr_scale, dict) else (
+            [] if bank_lr_scale == "auto" else [bank_lr_scale])
+        if not all(isinstance(v, (int, float)) and v > 0 for v in scales):
+            raise ZootuneError(f"bank_lr_scale must be 'auto' or > 0, got {bank_lr_scale!r}")
         if not gate_lr_scale > 0:
             raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
         target_types = resolve_layer_types(target_types)
@@ -497,14 +502,10 @@ class ZooTuning(nn.Module):
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory) -> None:
         """Write ``model.safetensors`` and ``config.json`` (see :mod:`zootune.methods.zoo_tuning.io`)."""
-        from zootune.methods.zoo_tuning.io import save_pretrained
-
-        save_pretrained(self, directory)
+        zt_io.save_pretrained(self, directory)
 
     @classmethod
     def load_pretrained(cls, directory, zoo_or_builder, head: nn.Module | None = None) -> "ZooTuning":
         """Rebuild a saved model; ``zoo_or_builder`` is the zoo or a callable returning one fresh
         model of the zoo's architecture (its weights are overwritten by the saved ones)."""
-        from zootune.methods.zoo_tuning.io import load_pretrained
-
-        return load_pretrained(directory, zoo_or_builder, head=head)
+        return zt_io.load_pretrained(cls, directory, zoo_or_builder, head=head)
