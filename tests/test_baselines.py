@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.errors import ZooMismatchError, ZootuneError
-from zootune.methods import distill, ensemble, finetune, knowledge_flow, soup
+from zootune.methods import distill, ensemble, knowledge_flow, soup
 from zootune.methods.registry import build_method, get_method
 from zootune.models import resnet_small
 from zootune.tasks import ClassificationTask

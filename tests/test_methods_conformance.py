@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from zootune.data.datasets import DatasetSplits, ImageDataset
 from zootune.engine import TrainConfig, Trainer

@@ -15,7 +15,7 @@ pytest.importorskip("minatar")
 
 import zootune.cli.main as cli
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.methods.registry import build_method, get_method
+from zootune.methods.registry import build_method
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.rl import (
     GAMES,

@@ -3,7 +3,6 @@ resuming with a new learning rate after a NaN, and SIGTERM."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

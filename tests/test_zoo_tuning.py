@@ -7,7 +7,7 @@ from torch import nn
 
 from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
 from zootune.layers import AggregatedLayer
-from zootune.methods.registry import build_method, get_method
+from zootune.methods.registry import build_method
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.models import resnet_small
 from zootune.tasks import ClassificationTask

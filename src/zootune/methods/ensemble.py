@@ -32,7 +32,7 @@ from torch import nn
 from zootune.errors import ZootuneError
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.options import require
-from zootune.tasks import ClassificationTask, Task
+from zootune.tasks import ClassificationTask
 
 COMBINE_MODES = ("prob", "logit")
 

@@ -89,7 +89,7 @@ from zootune.methods.finetune import check_member_index, copy_with_new_head
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.options import require
 from zootune.models.heads import set_submodule
-from zootune.tasks import ClassificationTask, Task
+from zootune.tasks import ClassificationTask
 
 RESNET_FLOW_POINTS = ("layer1", "layer2", "layer3", "layer4")
 LAMBDA2_DEFAULT = 0.1  # chosen on validation (docs/baselines.md)

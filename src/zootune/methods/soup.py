@@ -33,7 +33,6 @@ from zootune.errors import ZooMismatchError, ZootuneError
 from zootune.methods.finetune import FineTune, FineTuneConfig, fine_tune
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.models.heads import find_head_name
-from zootune.tasks import Task
 
 BN_STATS_MODES = ("mean", "reset")
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from zootune.engine.checkpoint import seed_everything
 from zootune.errors import ZootuneError
-from zootune.methods.registry import build_method, get_method
+from zootune.methods.registry import build_method
 from zootune.report import (
     atomic_write_json,
     atomic_write_text,

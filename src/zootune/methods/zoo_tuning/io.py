@@ -2,15 +2,13 @@
 
 A directory holds ``model.safetensors`` (the state_dict, buffers included: BatchNorm running
 statistics and Lite's ā) and ``config.json`` (zootune version, method, options, architecture).
-Files are written atomically (temporary file in the same directory, then ``os.replace``), and
+Files are written atomically (:mod:`zootune.atomic`), and
 loading never unpickles anything (safetensors only).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +18,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from zootune.atomic import atomic_write_bytes
 from zootune.errors import CheckpointError, ZooMismatchError
 from zootune.models.heads import find_head_name, is_pointwise_conv, set_submodule
 from zootune.version import __version__
@@ -27,24 +26,6 @@ from zootune.version import __version__
 _POINTWISE_HEADS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _head_spec(model: nn.Module, head_name: str | None) -> dict | None:
@@ -74,8 +55,8 @@ def _write(directory, module: nn.Module, config: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, save_safetensors_bytes(tensors))
-    _atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors_bytes(tensors))
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
 
 
 def _read(directory) -> tuple[dict, dict[str, torch.Tensor]]:
