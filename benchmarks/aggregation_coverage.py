@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated subset of the names below")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else list(MODELS)
-    print(f"| model | aggregated, default (conv) | aggregated, conv + linear |")
+    print("| model | aggregated, default (conv) | aggregated, conv + linear |")
     print("|---|---:|---:|")
     for name in names:
         conv, n_conv = coverage(name, MODELS.get(name, {}), ("conv",))

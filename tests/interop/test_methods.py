@@ -11,7 +11,6 @@ from interop_helpers import (
     CLASSES, FAMILIES, SIZE, build, family_params, images, labels, make_members, needs_both, needs_timm,
     train_step,
 )
-from torch import nn
 
 from zootune.data.datasets import DatasetSplits, ImageDataset
 from zootune.engine import TrainConfig
