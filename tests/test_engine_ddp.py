@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import zootune.atomic as atomic_module
 import zootune.engine.checkpoint as checkpoint_module
-import zootune.engine.metric_log as metric_log_module
 from zootune.engine import TrainConfig, Trainer
 from zootune.layers import AggregatedLayer, autotune
 from zootune.tasks import ClassificationTask
@@ -41,7 +41,7 @@ def _spy_on_writes(root: Path) -> list[str]:
             writes.append(path)
 
     real_open, real_replace, real_rename, real_makedirs = builtins.open, os.replace, os.rename, os.makedirs
-    real_mkdir, real_save, real_atomic = Path.mkdir, torch.save, checkpoint_module.atomic_write_bytes
+    real_mkdir, real_save, real_atomic = Path.mkdir, torch.save, atomic_module.atomic_write
 
     def spy_open(file, mode="r", *args, **kwargs):
         if any(c in mode for c in "wax+"):
@@ -55,11 +55,11 @@ def _spy_on_writes(root: Path) -> list[str]:
     Path.mkdir = lambda self, *a, **k: (note(self), real_mkdir(self, *a, **k))[1]
     torch.save = lambda obj, f, *a, **k: (note(f), real_save(obj, f, *a, **k))[1]
 
-    def atomic(path, data):
+    def atomic(path, write):  # every write of the library goes through zootune.atomic
         note(path)
-        real_atomic(path, data)
+        return real_atomic(path, write)
 
-    checkpoint_module.atomic_write_bytes = metric_log_module.atomic_write_bytes = atomic
+    checkpoint_module.atomic_write = atomic_module.atomic_write = atomic
     return writes
 
 

@@ -54,6 +54,11 @@ multiply-adds per sample; it weighs every kernel), the convolutions and matmuls 
 dtype, and the eval-time cache holds the aligned bank in the parameters' dtype, so it is the same
 with and without autocast.
 
+Convolution subclasses whose forward is a known variant of the plain one -- dynamic "same" padding,
+weight standardisation (timm's ``Conv2dSame``, ``StdConv2d``) -- are aggregated as
+:mod:`zootune.layers.variants` describes (input padding, and a kernel transform per source and after
+aggregation); other subclasses with their own forward are not aggregatable.
+
 Lite Zoo-Tuning: in training the gate is the batch mean ā_batch = mean_b a(h_b) (one shared kernel);
 a buffer keeps the temporal ensemble ā <- α ā + (1 - α) ā_batch (α = ``lite_momentum`` = 0.9; the
 first update sets ā = ā_batch, before it ā = 1/m), updated without gradient and, under
@@ -76,6 +81,7 @@ from torch import nn
 from zootune.layers.align import ChannelAlign, align_bank
 from zootune.layers.gate import GATE_INITS
 from zootune.layers.gate import Gate
+from zootune.layers.variants import variant_of
 
 FORMULATIONS = ("grouped", "bmm", "stacked", "outputs")
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -93,8 +99,10 @@ def _autocast_off(device_type: str):
 
 
 def is_aggregatable(module: nn.Module) -> bool:
-    """True for Conv1d/2d/3d and Linear layers (subclasses only if they keep the plain forward)."""
-    return isinstance(module, (*_CONV_TYPES, nn.Linear)) and type(module).forward in _SUPPORTED_FORWARDS
+    """True for Conv1d/2d/3d and Linear layers: subclasses only if they keep the plain forward or
+    their forward is a known variant of it (:mod:`zootune.layers.variants`)."""
+    return isinstance(module, (*_CONV_TYPES, nn.Linear)) and (
+        type(module).forward in _SUPPORTED_FORWARDS or variant_of(module) is not None)
 
 
 def _sources_shape_check(sources: Sequence[nn.Module]) -> None:
@@ -147,6 +155,8 @@ class AggregatedLayer(nn.Module):
         self.lite = lite
         self.lite_momentum = float(lite_momentum)
         self.formulation = formulation
+        # A known variant of the plain conv (dynamic "same" padding, weight standardisation), or None.
+        self.variant = None if type(first).forward in _SUPPORTED_FORWARDS else variant_of(first)
         weight = first.weight
         with torch.no_grad():
             self.bank = nn.Parameter(torch.stack([s.weight.detach() for s in sources]).clone())
@@ -195,9 +205,13 @@ class AggregatedLayer(nn.Module):
         return (align_bank(align_weight, bank) if bank is not None else None,
                 align_bank(align_weight, bias) if bias is not None else None)
 
+    def _source_bank(self) -> torch.Tensor:
+        """The source kernels as their layers use them (standardised for a standardising variant)."""
+        return self.bank if self.variant is None else self.variant.source_bank(self.bank)
+
     def aligned_bank(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W~, b~): the bank and bias bank after channel alignment."""
-        return self._aligned(self.bank, self.bias_bank, self._align_weight())
+        return self._aligned(self._source_bank(), self.bias_bank, self._align_weight())
 
     def fold(self, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One kernel for a shared gate g (m,): W = sum_i g_i W~_i, b = sum_i g_i b~_i."""
@@ -235,7 +249,7 @@ class AggregatedLayer(nn.Module):
             bank, bias = self._cached(self.aligned_bank)
             align_weight = None
         else:
-            bank, bias, align_weight = self.bank, self.bias_bank, self._align_weight()
+            bank, bias, align_weight = self._source_bank(), self.bias_bank, self._align_weight()
         name = self._choose(x, align_weight is not None, self.applicable_formulations())
         return self._formulation(name)(x, a, bank, bias, align_weight)
 
@@ -250,7 +264,7 @@ class AggregatedLayer(nn.Module):
             # costs more than the layer itself (few pixels, wide layers) -- the m source outputs
             # aligned and mixed after one conv ("outputs"). Both are exact.
             name = self._choose(x, align_weight is not None, self.lite_training_formulations())
-            return self._formulation(name)(x, batch_gate, self.bank, self.bias_bank, align_weight)
+            return self._formulation(name)(x, batch_gate, self._source_bank(), self.bias_bank, align_weight)
         if self.recording:
             self._record(self.gate(x))
         if self._inference():
@@ -261,8 +275,9 @@ class AggregatedLayer(nn.Module):
 
     # ----------------------------------------------------------------- choosing a formulation
     def lite_training_formulations(self) -> tuple[str, ...]:
-        """Lite training's candidates: the shared kernel, or the aligned outputs when aligning."""
-        return ("shared", "outputs") if self.align is not None else ("shared",)
+        """Lite training's candidates: the shared kernel, or the aligned outputs when aligning (and
+        the kernel enters the convolution linearly: not for a weight-standardising variant)."""
+        return ("shared", "outputs") if self.align is not None and self._linear_in_kernel() else ("shared",)
 
     def candidate_formulations(self, phase: str) -> tuple[str, ...]:
         """The formulations a forward in ``phase`` ("train": module in training mode, "eval")
@@ -324,6 +339,8 @@ class AggregatedLayer(nn.Module):
     # a (B, m) per-sample gates, or (m,) for "shared" and Lite's "outputs"; the raw bank and bias
     # bank with align_weight T (m, C_out, C_out), or an already aligned bank with T = None.
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant is not None:
+            x = self.variant.pad_input(x)
         if self.is_linear or self.padding_mode == "zeros":
             return x
         return F.pad(x, self._pre_pad, mode=self.padding_mode)
@@ -350,7 +367,12 @@ class AggregatedLayer(nn.Module):
             self._conv_padding if isinstance(self._conv_padding, tuple) else (self._conv_padding,))
         if all(k == 1 for k in self.bank.shape[3:]) and self.groups == 1 and padding_free:
             names.insert(1, "bmm")
+        if not self._linear_in_kernel():  # the kernel transform needs each sample's own kernel
+            names = [name for name in names if name in ("grouped", "bmm")]
         return tuple(names)
+
+    def _linear_in_kernel(self) -> bool:
+        return self.variant is None or self.variant.linear_in_kernel
 
     def _run_conv(self, x, weight, bias, groups):
         return self._conv(x, weight, bias, self.stride, self._conv_padding, self.dilation, groups)
@@ -358,6 +380,8 @@ class AggregatedLayer(nn.Module):
     def _shared_kernel(self, x, weight, bias):
         if self.is_linear:
             return F.linear(x, weight, bias)
+        if self.variant is not None:
+            weight = self.variant.kernel(weight, out_dim=0)
         return self._run_conv(x, weight, bias, self.groups)
 
     def _shared(self, x, gate, bank, bias, align_weight):
@@ -372,6 +396,8 @@ class AggregatedLayer(nn.Module):
         bank, bias = self._aligned(bank, bias, align_weight)
         batch = a.shape[0]
         weights = (a @ bank.reshape(self.num_sources, -1)).view(batch, *bank.shape[1:])
+        if self.variant is not None:
+            weights = self.variant.kernel(weights, out_dim=1)
         return weights, (a @ bias if bias is not None else None)
 
     def _conv_grouped(self, x, a, bank, bias, align_weight):
@@ -521,7 +547,7 @@ class AggregatedLayer(nn.Module):
                 bank, bias = self.aligned_bank()
                 align_weight = None
             else:
-                bank, bias, align_weight = self.bank, self.bias_bank, self._align_weight()
+                bank, bias, align_weight = self._source_bank(), self.bias_bank, self._align_weight()
             inputs = [t.detach() if t is not None else None for t in (x, a, bank, bias, align_weight)]
 
         def runner(name: str) -> Callable[[], None]:
