@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision of the forward pass (fp16 adds loss scaling; default fp32)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="channels-last memory format for convolutional models (auto: on for CUDA)")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=positive_int,
                    help="CPU intra-op threads (default: 1 for small models or a busy machine, else all cores)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch instead of each process's")
