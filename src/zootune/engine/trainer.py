@@ -382,9 +382,11 @@ class Trainer:
         return self._to_device(inputs, device)
 
     def _choose_formulations(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> None:
-        """Each aggregation layer's formulation: read back from the checkpoint when resuming, else
-        chosen once on an example batch (:func:`zootune.layers.autotune.tune`), outside any
-        forward; under several processes every rank uses rank 0's choices."""
+        """Each aggregation layer's training formulation: read back from the checkpoint when
+        resuming, else chosen once on an example batch (:func:`zootune.layers.autotune.tune`),
+        outside any forward; under several processes every rank uses rank 0's choices. Evaluation
+        keeps the fewest-multiply-adds rule, so the trained model's numbers do not depend on where
+        it is evaluated."""
         if not any(layer.formulation == "auto" for layer in autotune.aggregated_layers(module).values()):
             return
         if self._restored_formulations is not None:

@@ -42,7 +42,8 @@ In training the alignment T_i W_i costs m*C_out*|W| multiply-adds per step whate
 and cached until a parameter changes.
 
 With ``formulation="auto"`` the forward runs the formulation stored in ``formulation_choice``
-(``{"train": name, "eval": name}``, set by :func:`zootune.layers.autotune.tune`, an explicit step
+(``{"train": name}``, and ``"eval"`` if tuned for inference; set by
+:func:`zootune.layers.autotune.tune`, an explicit step
 that times the candidates once before training, outside any forward); a layer that was never tuned
 takes, per call, the candidate with the fewest multiply-adds for the input's shape (deterministic
 and cheap: a few integer products). A fixed name makes every layer use that formulation. All
@@ -133,7 +134,7 @@ class AggregatedLayer(nn.Module):
     Parameters: ``bank`` (m, C_out, C_in/groups, *k) or (m, C_out, C_in); ``bias_bank`` (m, C_out)
     when the sources have a bias; ``align.weight`` (m, C_out, C_out); ``gate.*``.
     Buffers (Lite): ``gate_ema`` (m,), ``gate_updates`` (number of EMA updates so far).
-    ``formulation_choice``: ``{"train": name, "eval": name}`` chosen by
+    ``formulation_choice``: ``{"train": name}`` (and ``"eval"``) chosen by
     :func:`zootune.layers.autotune.tune` (empty: not tuned); a plain attribute, not state, so that
     models and their files do not change with the machine they were tuned on.
     """

@@ -5,7 +5,7 @@ ways whose speed depends on the shape (batch, channels, pixels, kernel), the dty
 format, the device and whether a backward pass follows. :func:`tune` runs once, outside any
 forward (the engine calls it before the first step)::
 
-    choices = tune(model, example_batch, mode="time")   # {layer name: {"train": name, "eval": name}}
+    report = tune(model, example_batch, mode="time")    # layer.formulation_choice = {"train": name}
 
 It runs the model once on the example batch (under ``no_grad``, every buffer and random generator
 restored afterwards) to see the shape, dtype and memory format of each layer's input, then, per
@@ -18,6 +18,11 @@ formulation; it never measures anything and never starts a backward pass, so it 
 ``mode="macs"`` stores nothing: a layer without a stored choice takes, per call, the candidate with
 the fewest multiply-adds for the input's shape (ties: the candidates' order), which is the same on
 every machine and every run (``zootune run`` uses it so that one command gives one set of numbers).
+
+The engine tunes the training phase only: in eval mode an untuned layer takes the fewest
+multiply-adds, so a trained model evaluates to the same numbers in every process (during training,
+after loading it elsewhere, after an export) whatever the machine's timing said. Tune the eval phase
+(``training=False``) for a model that is only deployed.
 
 Measuring is kept cheap: candidates whose multiply-add count is more than ``PRUNE_FACTOR`` times the
 cheapest one's are not timed at all, each survivor runs once to warm up and then ``MEASURE_REPEATS``
@@ -188,7 +193,8 @@ def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training
             memory format training will use; run under the autocast context training will use.
         mode: ``"time"`` (measure, store the fastest) or ``"macs"`` (store nothing: every call
             takes the fewest multiply-adds for its shape, deterministic).
-        training: tune the training phase too (forward + backward); always the eval phase.
+        training: tune the training phase (forward + backward, the layer in training mode);
+            ``False``: the eval phase (forward without gradients) instead.
         phases: override ``training``: the phases to tune, from ("train", "eval").
         repeats: timed runs per candidate after its warm-up run (the minimum counts).
 
@@ -198,7 +204,7 @@ def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training
     uses rank 0's choices everywhere.
     """
     mode = resolve_mode(mode)
-    phases = tuple(phases) if phases is not None else (("train", "eval") if training else ("eval",))
+    phases = tuple(phases) if phases is not None else (("train",) if training else ("eval",))
     if any(p not in PHASES for p in phases):
         raise ValueError(f"phases must be from {PHASES}, got {phases}")
     layers = {name: layer for name, layer in aggregated_layers(model).items() if layer.formulation == "auto"}
