@@ -87,10 +87,8 @@ def test_lite_folds_into_the_family_class_and_loads_strictly(family, tmp_path):
         torch.testing.assert_close(lite(x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=False, raises=RuntimeError,
-                   reason="Lite's shared kernel mixes the bf16 gate with the fp32 bank under autocast "
-                          "(issue 14; fixed in layers/aggregate.py on the AMP branch)")
 def test_lite_trains_under_bf16_autocast(family):
+    """Issue 14: Lite's shared kernel once mixed the bf16 gate with the fp32 bank under autocast."""
     model = zoo_tuning(family, lite=True)
     loss = train_step(model, images(), labels(), autocast=True)
     assert torch.isfinite(torch.tensor(loss))
