@@ -31,6 +31,23 @@ def _global_world() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """y = sum over processes of x; its backward is the sum over processes of dL/dy (every process's
+    loss depends on y), the gradient of the sum of all processes' losses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
 class CpuSyncBatchNorm(_BatchNorm):
     """A BatchNorm layer (any dimension) that normalises over all processes' samples in training.
 
@@ -44,8 +61,7 @@ class CpuSyncBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and _global_world()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce  # differentiable collectives
-
+        all_reduce = _SumOverProcesses.apply
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = (1, -1, *([1] * (x.dim() - 2)))
