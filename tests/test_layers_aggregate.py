@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -290,21 +290,38 @@ def _within_bound(got, want, magnitude, what):
     assert excess <= 1e-12, f"{what}: beyond {BF16_BOUND:.3g} x sum of |terms| by {excess:.3g}"
 
 
-@settings(max_examples=25, deadline=None)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 on a GPU means fp32 here (TF32 convolutions would round to 10 bits)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=layer_cases(), lite=st.booleans(), seed=st.integers(0, 2**16))
-def test_every_formulation_under_bf16_autocast_agrees_with_float64(case, lite, seed):
-    """fp32 parameters, forward under torch.autocast(cpu, bf16): outputs and the gradients of the
+def test_every_formulation_under_bf16_autocast_agrees_with_float64(device, no_tf32, case, lite, seed):
+    """fp32 parameters, forward under torch.autocast(device, bf16): outputs and the gradients of the
     input, the bank, the bias bank, the alignment and the gate output, for each training formulation
     and the eval path (Lite: shared and outputs in training, the folded kernel in eval), against the
-    same layer in float64, elementwise within the bound above."""
+    same layer in float64, elementwise within the bound above. (CUDA when a GPU is present.)"""
     make, shape, m, align, gate, channels_last = case
     torch.manual_seed(seed)
     layer, _ = _perturbed_layer(make, m, align or lite, gate)
     layer.lite = lite
+    layer.to(device)
     reference = _double_copy(layer)
     layer.float()
     gate_out, gate_ref = _GateOutput(layer), _GateOutput(reference)
-    x = _input(shape, channels_last, dtype=torch.float32)
+    x = _input(shape, channels_last, dtype=torch.float32).detach().to(device).requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
     checked = ["input", "bank", "bias_bank", "align.weight", "gate output"]
     for name in layer.candidate_formulations("train"):
@@ -315,7 +332,7 @@ def test_every_formulation_under_bf16_autocast_agrees_with_float64(case, lite, s
         leaves = [x64, reference.bank, reference.bias_bank, reference._align_weight(), gate_ref.value]
         want_grads = torch.autograd.grad(want, [t for t in leaves if t is not None], grad_out)
         magnitude, magnitude_grads = _magnitudes(reference, x64.detach(), grad_out)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             got = layer(x)
         assert got.dtype == torch.bfloat16, name  # the layer's work ran in bf16...
         assert gate_out.value.dtype == torch.float32  # ...and the gate in fp32
@@ -333,7 +350,7 @@ def test_every_formulation_under_bf16_autocast_agrees_with_float64(case, lite, s
     with torch.no_grad():
         want = reference(x64)
         magnitude, _ = _magnitudes(reference, x64.detach(), torch.ones_like(want))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             _within_bound(layer(x), want, magnitude, "eval")
             _within_bound(layer(x), want, magnitude, "eval, cached")
         # The cache holds the bank in the parameters' dtype: the same layer without autocast is fp32.
