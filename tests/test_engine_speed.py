@@ -194,11 +194,13 @@ def test_forward_macs_counts_one_forward_and_changes_nothing():
 def test_formulations_are_tuned_once_before_training_and_stored(tmp_path, monkeypatch):
     calls = []
     real_tune = autotune.tune
-    monkeypatch.setattr(autotune, "tune", lambda *a, **k: calls.append(k) or real_tune(*a, **k))
+    monkeypatch.setattr(autotune, "tune", lambda model, example, **k: calls.append({**k, "example": example})
+                        or real_tune(model, example, **k))
     net = agg_net()
     Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=2, formulations="time"),
             out_dir=tmp_path).fit()
     assert len(calls) == 1 and calls[0]["mode"] == "time"
+    assert calls[0]["example"].shape == (8, 3, 8, 8)  # the first training batch
     stored = load_checkpoint(tmp_path / "checkpoint.pt")["formulations"]
     layers = autotune.aggregated_layers(net)
     assert set(stored) == set(layers) and stored == autotune.formulation_choices(net)
@@ -211,6 +213,10 @@ def test_formulations_are_tuned_once_before_training_and_stored(tmp_path, monkey
     Trainer(fresh, ClassificationTask(3), Images(24), None, quiet(epochs=3, formulations="time"),
             out_dir=tmp_path, resume=True).fit()
     assert calls == [] and autotune.formulation_choices(fresh) == stored
+    # a given example batch is what the tuning sees
+    Trainer(agg_net(), ClassificationTask(3), Images(24), None, quiet(epochs=1, formulations="time"),
+            example_input=torch.randn(5, 3, 8, 8)).fit()
+    assert calls[-1]["example"].shape == (5, 3, 8, 8)
 
 
 def test_macs_mode_stores_no_choice_and_fixed_formulations_are_not_tuned(tmp_path):
