@@ -130,7 +130,9 @@ def test_image_folder_single_root_split(tmp_path):
     assert image.shape == (3, 16, 16)
     assert torch.allclose(image[:, 3, 3], _expected_pixel(COLORS[splits.class_names[label]]), atol=1e-4)
     again = load_image_folder(tmp_path, image_size=16, val_fraction=0.2, test_fraction=0.2, seed=0)
-    assert torch.equal(splits.val.images, again.val.images)
+    assert splits.val.paths == again.val.paths and torch.equal(splits.val.labels, again.val.labels)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(splits.val, again.val))
+    assert not set(splits.train.paths) & set(splits.val.paths)
 
 
 def test_image_folder_separate_split_folders(tmp_path):
@@ -141,7 +143,7 @@ def test_image_folder_separate_split_folders(tmp_path):
     assert splits.val.labels.tolist() == [0, 0, 1, 1, 2, 2]
     names, whole = load_unsplit_image_folder(tmp_path / "test", image_size=8)
     assert names == sorted(COLORS) and whole.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert whole.transform is None
+    assert whole.transform is None and splits.train.transform is not None
 
 
 def _message(excinfo):
@@ -191,6 +193,13 @@ def test_image_folder_errors(tmp_path):
     (mismatch / "val" / "red").rename(mismatch / "val" / "crimson")
     with pytest.raises(DataError, match=r"only in train \['red'\], only in val \['crimson'\]"):
         load_image_folder(mismatch)
+
+    no_val = tmp_path / "no_val"  # train/ and test/ but no val/: the message names val/, not test/
+    _write_class_folders(no_val / "train")
+    _write_class_folders(no_val / "test")
+    with pytest.raises(DataError, match=r"has train/ but no val/") as e:
+        load_image_folder(no_val)
+    assert "test/ is optional" in _message(e)
 
 
 # ----------------------------------------------------------------------------- target suite

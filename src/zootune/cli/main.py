@@ -63,6 +63,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {value}")
+    return value
+
+
+def _mebibytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}")
+    return value
+
+
+def _folder_options(args) -> dict:
+    """Keyword arguments of zootune.data.image_folder's loaders from the data flags."""
+    options = {"max_pixels": args.max_image_pixels}
+    if args.cache_budget is not None:
+        options["cache_budget"] = int(args.cache_budget * 2**20)
+    return options
+
+
+def _num_workers(args, image_size: int) -> int:
+    from zootune.data.loading import default_num_workers
+
+    return default_num_workers(image_size) if args.workers == "auto" else args.workers
+
+
 def _parse_value(text: str):
     """An option value: JSON when it parses (numbers, true/false, null, lists), else the string."""
     import json
@@ -136,11 +172,13 @@ def cmd_fit(args) -> int:
     options = _parse_options(args.option)
     zoo = _load_zoo(args)
     splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
-                               test_fraction=args.test_fraction, seed=args.seed)
+                               test_fraction=args.test_fraction, seed=args.seed, augment=args.augment,
+                               **_folder_options(args))
     task = ClassificationTask(splits.num_classes)
+    workers = _num_workers(args, args.image_size)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
-                         max_steps_per_epoch=args.max_steps_per_epoch)
+                         max_steps_per_epoch=args.max_steps_per_epoch, num_workers=workers)
     out = Path(args.out)
     if spec.per_member and args.member is None:
         args.member = 0
@@ -158,9 +196,9 @@ def cmd_fit(args) -> int:
         fitted[required.name] = models if required.per_member else models[0]
     result = fit_method(spec, zoo, task, splits, config, member=args.member, fitted=fitted, options=options,
                         out_dir=out / "train", resume=args.resume)
-    metrics = {"val": evaluate(result.model, task, splits.val)}
+    metrics = {"val": evaluate(result.model, task, splits.val, num_workers=workers)}
     if splits.test is not None:
-        metrics["test"] = evaluate(result.model, task, splits.test)
+        metrics["test"] = evaluate(result.model, task, splits.test, num_workers=workers)
     info = export_info(
         result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
         zoo_paths=args.zoo, method=spec.name, member=args.member, options=options,
@@ -194,17 +232,17 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _evaluation_set(data: str, image_size: int):
+def _evaluation_set(data: str, image_size: int, options: dict):
     """(class names, dataset, what): a train/val[/test] folder's test split (else its val split); a
     single folder of class folders is evaluated whole, without augmentation."""
     from zootune.data import image_folder
     root = Path(data).expanduser()
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        splits = image_folder.load_image_folder(root, image_size=image_size)
-        if splits.test is not None:
-            return splits.class_names, splits.test, "test split"
-        return splits.class_names, splits.val, "val split"
-    class_names, dataset = image_folder.load_unsplit_image_folder(root, image_size=image_size)
+    folders = image_folder.split_folders(root) if root.is_dir() else None
+    if folders is not None:  # only the evaluated split is read
+        split = "test" if "test" in folders else "val"
+        class_names, dataset = image_folder.load_unsplit_image_folder(folders[split], image_size=image_size, **options)
+        return class_names, dataset, f"{split} split"
+    class_names, dataset = image_folder.load_unsplit_image_folder(root, image_size=image_size, **options)
     return class_names, dataset, "all images"
 
 
@@ -215,7 +253,8 @@ def cmd_evaluate(args) -> int:
     from zootune.tasks import ClassificationTask
 
     model, info = load_model_dir(args.model_dir)
-    class_names, dataset, what = _evaluation_set(args.data, args.image_size or info.get("image_size") or 32)
+    image_size = args.image_size or info.get("image_size") or 32
+    class_names, dataset, what = _evaluation_set(args.data, image_size, _folder_options(args))
     model_classes = info.get("class_names") or []
     if len(class_names) != info["num_classes"]:
         raise DataError(
@@ -228,7 +267,7 @@ def cmd_evaluate(args) -> int:
             f"classes ({', '.join(model_classes)})"
         )
     task = ClassificationTask(info["num_classes"])
-    metrics = evaluate(model, task, dataset, batch_size=args.batch_size)
+    metrics = evaluate(model, task, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, image_size))
     print(f"{args.model_dir} on {args.data} ({what}, {len(dataset)} images): "
           + " ".join(f"{k} {v:.4f}" if k == "loss" else f"{k} {v:.2f}" for k, v in metrics.items()))
     return 0
@@ -269,9 +308,9 @@ def cmd_rank(args) -> int:
 
     args.arch_kwargs = _parse_options(args.arch_option)
     zoo = _load_zoo(args)
-    splits = load_image_folder(args.data, image_size=args.image_size)
+    splits = load_image_folder(args.data, image_size=args.image_size, augment=None, **_folder_options(args))
     dataset = splits.train.with_transform(None)  # score un-augmented images
-    ranking = rank_zoo(zoo, dataset, batch_size=args.batch_size)
+    ranking = rank_zoo(zoo, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, args.image_size))
     rows = [[str(i + 1), name, f"{score:.4f}"] for i, (name, score) in enumerate(ranking)]
     print(f"LogME transferability on {args.data} ({len(dataset)} training images; higher is better):")
     print(format_text_table(("rank", "model", "LogME"), rows))
@@ -290,6 +329,25 @@ def _add_zoo_arguments(p: argparse.ArgumentParser) -> None:
                    help="keyword argument for the architecture builder, e.g. width=16 (repeatable)")
     p.add_argument("--zoo", nargs="+", required=True, metavar="CKPT",
                    help="checkpoints of the zoo members (.pth, .pt, .pth.tar, .safetensors)")
+
+
+AUGMENT_CHOICES = ("paper", "light", "no-flip", "none")  # zootune.data.transforms.AUGMENT_PRESETS
+
+
+def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False) -> None:
+    if augment:
+        p.add_argument("--augment", choices=AUGMENT_CHOICES, default="paper",
+                       help="training augmentation: paper = random-resized crop (scale 0.08-1) of the original "
+                            "+ horizontal flip; light = crop scale 0.35-1 + flip; no-flip = paper's crop only; "
+                            "none = the evaluation centre crop (default paper)")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="DataLoader worker processes decoding images, or 'auto' (default): CPUs - 1 (at most 8) "
+                        "for --image-size >= 96, none for smaller images")
+    p.add_argument("--cache-budget", type=_mebibytes, metavar="MIB",
+                   help="MiB of decoded pixels that may be kept in RAM to skip re-decoding (default 512; 0: stream "
+                        "every image from disk)")
+    p.add_argument("--max-image-pixels", type=_positive_int, default=89_478_485, metavar="N",
+                   help="refuse images with more pixels than this (default 89478485, Pillow's warning threshold)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option passed to its build(), e.g. align=all (repeatable)")
     p.add_argument("--max-steps-per-epoch", type=_positive_int, help=argparse.SUPPRESS)
+    _add_folder_arguments(p, augment=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -355,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder; its test/ split if it has one, else all images")
     p.add_argument("--image-size", type=_positive_int, help="default: the size the model was trained at")
     p.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_folder_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("zoo", help="the MiniZoo: build or list", description="The MiniZoo of small pretrained ResNets.")
@@ -373,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--image-size", type=_positive_int, default=32)
     p.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_folder_arguments(p)
     p.set_defaults(func=cmd_rank)
 
     from zootune.cli.rl import add_rl_parser

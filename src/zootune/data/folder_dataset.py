@@ -1,0 +1,214 @@
+"""A dataset of image files decoded on demand, with per-sample seeded augmentation and an optional
+uint8 RAM cache.
+
+Memory does not grow with the number of images: the dataset holds paths and labels; each item is
+read from its file (:func:`zootune.data.decode.read_rgb`) when asked for -- in ``DataLoader`` workers
+when ``num_workers > 0`` -- and transformed (:mod:`zootune.data.transforms`).
+
+Keys. ``dataset[(index, sample_seed)]`` draws the item's augmentation from
+``torch.Generator().manual_seed(sample_seed)``; the engine's batch sampler yields such keys with
+``sample_seed = f(run seed, epoch, index)`` (:func:`zootune.engine.sampler.sample_seed`), so the crops
+and flips of a run depend on nothing else: not on the number of workers, their scheduling, the number
+of processes, or an interruption and ``--resume``. A plain ``dataset[index]`` (any other sampler)
+draws that seed from torch's global RNG instead, which is reproducible under ``torch.manual_seed``
+with ``num_workers=0``. Without augmentation the key's seed is ignored.
+
+Cache (:class:`PixelCache`). When a split fits a memory budget its pixels are decoded once, in
+threads, into one uint8 tensor (shared with fork-started workers, and passed to spawn-started ones
+through shared memory): training splits keep the decoded originals, evaluation splits the final
+evaluation crops. Either is exactly what decoding the file gives, so the cache changes speed, never a
+number.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from zootune.data.decode import DEFAULT_MAX_PIXELS, default_scan_threads, read_rgb, scan_images, size_warnings_ignored
+from zootune.data.transforms import (
+    EVAL_CROP_FRACTION, MEAN, STD, RandomResizedCropFlip, ResizeCenterCrop, folder_train_transform, to_normalized_chw,
+)
+from zootune.errors import DataError
+
+DECODED = "decoded"  # cache of whole decoded images (serves training and evaluation)
+EVAL_CROPS = "eval"  # cache of final evaluation crops (serves evaluation only)
+
+
+class PixelCache:
+    """uint8 images of various shapes packed in one flat tensor: item ``i`` is
+    ``flat[offsets[i]:offsets[i] + h*w*3].view(h, w, 3)`` with ``(h, w) = shapes[i]``."""
+
+    def __init__(self, kind: str, flat: torch.Tensor, offsets: torch.Tensor, shapes: torch.Tensor):
+        self.kind = kind
+        self.flat = flat
+        self.offsets = offsets
+        self.shapes = shapes
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel()
+
+    def pixels(self, index: int) -> np.ndarray:
+        h, w = self.shapes[index].tolist()
+        start = int(self.offsets[index])
+        return self.flat[start:start + h * w * 3].view(h, w, 3).numpy()
+
+
+def cache_bytes(kind: str, sizes: np.ndarray, image_size: int) -> int:
+    """Bytes a :class:`PixelCache` of ``kind`` needs for images of (width, height) ``sizes``."""
+    if kind == EVAL_CROPS:
+        return len(sizes) * image_size * image_size * 3
+    return int((sizes[:, 0] * sizes[:, 1]).sum()) * 3
+
+
+class ImageFolderDataset(Dataset):
+    """``(image, label)`` items from image files: ``image`` float32 (3, ``image_size``, ``image_size``)
+    normalised with ``mean``/``std``, ``label`` an int.
+
+    ``augment``: a preset name of :data:`zootune.data.transforms.AUGMENT_PRESETS` (``"paper"``,
+    ``"light"``, ``"no-flip"``, ``"none"``), a :class:`~zootune.data.transforms.RandomResizedCropFlip`,
+    or None for the evaluation transform (:class:`~zootune.data.transforms.ResizeCenterCrop` with
+    ``crop_fraction``). ``mean``/``std`` default to the statistics every zootune dataset uses
+    (ImageNet's); pass a pretrained model's own to match its preprocessing.
+    """
+
+    # The engine's batch sampler yields (index, sample_seed) keys to datasets that declare this.
+    accepts_sample_seeds = True
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        labels: Sequence[int] | torch.Tensor,
+        image_size: int,
+        augment: str | RandomResizedCropFlip | None = None,
+        *,
+        crop_fraction: float = EVAL_CROP_FRACTION,
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache: PixelCache | None = None,
+    ):
+        self.paths = [Path(p) for p in paths]
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {tuple(std)}")
+        self.image_size = int(image_size)
+        self.transform = folder_train_transform(augment, self.image_size)
+        self.eval_transform = ResizeCenterCrop(self.image_size, crop_fraction)
+        self.crop_fraction = crop_fraction
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.max_pixels = max_pixels
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        if isinstance(key, (tuple, list)):
+            index, seed = int(key[0]), key[1]
+        else:
+            index, seed = int(key), None
+        if self.transform is None:
+            pixels = self._eval_pixels(index)
+        else:
+            if seed is None:  # not from the engine's sampler: a seed from torch's global RNG
+                seed = int(torch.randint(0, 2**62, ()).item())
+            generator = torch.Generator().manual_seed(int(seed))
+            pixels = self.transform(self._decoded(index), generator)
+        return to_normalized_chw(pixels, self.mean, self.std), int(self.labels[index])
+
+    def _decoded(self, index: int) -> Image.Image:
+        if self.cache is not None and self.cache.kind == DECODED:
+            return Image.fromarray(self.cache.pixels(index), mode="RGB")
+        return read_rgb(self.paths[index], self.max_pixels)
+
+    def _eval_pixels(self, index: int) -> np.ndarray:
+        if self.cache is not None and self.cache.kind == EVAL_CROPS:
+            return self.cache.pixels(index)
+        return self.eval_transform(self._decoded(index))
+
+    # ----------------------------------------------------------------------------- variants
+    def with_transform(self, augment: str | RandomResizedCropFlip | None) -> "ImageFolderDataset":
+        """The same files (and cache, where it still applies) with another augmentation; None gives
+        the evaluation transform (e.g. to score un-augmented training images)."""
+        other = ImageFolderDataset(
+            self.paths, self.labels, self.image_size, augment, crop_fraction=self.crop_fraction,
+            mean=self.mean, std=self.std, max_pixels=self.max_pixels,
+        )
+        if self.cache is not None and (self.cache.kind == DECODED or other.transform is None):
+            other.cache = self.cache
+        return other
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageFolderDataset":
+        """A new dataset of the items ``indices`` (no cache)."""
+        indices = [int(i) for i in indices]
+        other = self.with_transform(self.transform)
+        other.paths = [self.paths[i] for i in indices]
+        other.labels = self.labels[indices] if indices else self.labels[:0]
+        other.cache = None
+        return other
+
+    # ----------------------------------------------------------------------------- cache
+    def fill_cache(
+        self, kind: str | None = None, threads: int | None = None, sizes: np.ndarray | None = None
+    ) -> "ImageFolderDataset":
+        """Decode every image once into a :class:`PixelCache` (``kind`` defaults to :data:`DECODED` for
+        an augmented dataset, :data:`EVAL_CROPS` otherwise), reading files in ``threads`` threads
+        (Pillow releases the GIL while decoding). ``sizes``: the (width, height) of every file from
+        :func:`zootune.data.decode.scan_images` (scanned here when not given). Returns ``self``."""
+        kind = kind or (DECODED if self.transform is not None else EVAL_CROPS)
+        if kind not in (DECODED, EVAL_CROPS):
+            raise ValueError(f"cache kind must be {DECODED!r} or {EVAL_CROPS!r}, got {kind!r}")
+        if kind == EVAL_CROPS and self.transform is not None:
+            raise ValueError("an augmented dataset needs the decoded images, not evaluation crops")
+        if sizes is None:
+            sizes = scan_images(self.paths, self.max_pixels)
+        # Each item's byte count is known from the header (an EXIF rotation swaps height and width,
+        # not their product), so the buffer is allocated once and filled in place.
+        if kind == EVAL_CROPS:
+            counts = torch.full((len(self),), self.image_size * self.image_size * 3, dtype=torch.int64)
+        else:
+            counts = torch.as_tensor(np.asarray(sizes)[:, 0] * np.asarray(sizes)[:, 1] * 3, dtype=torch.int64)
+        offsets = torch.zeros(len(self), dtype=torch.int64)
+        if len(self) > 1:
+            offsets[1:] = torch.cumsum(counts, 0)[:-1]
+        flat = torch.empty(int(counts.sum()), dtype=torch.uint8)
+        flat_view = flat.numpy()
+        shapes = torch.zeros(len(self), 2, dtype=torch.int64)
+
+        def decode(index: int) -> None:
+            image = read_rgb(self.paths[index], self.max_pixels, guard_warnings=False)
+            pixels = self.eval_transform(image) if kind == EVAL_CROPS else np.asarray(image)
+            if pixels.size != counts[index]:
+                raise DataError(f"{self.paths[index]} changed while it was read (size differs from its header)")
+            start = int(offsets[index])
+            flat_view[start:start + pixels.size] = pixels.reshape(-1)
+            shapes[index] = torch.tensor(pixels.shape[:2])
+
+        threads = threads or default_scan_threads()
+        with size_warnings_ignored():
+            if threads > 1 and len(self) > 16:
+                with ThreadPoolExecutor(threads) as pool:
+                    for _ in pool.map(decode, range(len(self)), chunksize=16):
+                        pass
+            else:
+                for index in range(len(self)):
+                    decode(index)
+        self.cache = PixelCache(kind, flat, offsets, shapes)
+        return self
+
+    def __repr__(self) -> str:
+        cache = f", cache={self.cache.kind} {self.cache.nbytes / 2**20:.1f} MiB" if self.cache is not None else ""
+        return (f"ImageFolderDataset({len(self)} images, image_size={self.image_size}, "
+                f"transform={self.transform or self.eval_transform!r}{cache})")
