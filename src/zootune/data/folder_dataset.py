@@ -5,8 +5,8 @@ Memory does not grow with the number of images: the dataset holds paths and labe
 read from its file (:func:`zootune.data.decode.read_rgb`) when asked for -- in ``DataLoader`` workers
 when ``num_workers > 0`` -- and transformed (:mod:`zootune.data.transforms`).
 
-Keys. ``dataset[(index, sample_seed)]`` draws the item's augmentation from
-``torch.Generator().manual_seed(sample_seed)``; the engine's batch sampler yields such keys with
+Keys. ``dataset[(index, sample_seed)]`` draws the item's augmentation from its own
+``random.Random(sample_seed)`` (not the global ``random`` state); the engine's batch sampler yields such keys with
 ``sample_seed = f(run seed, epoch, index)`` (:func:`zootune.engine.sampler.sample_seed`), so the crops
 and flips of a run depend on nothing else: not on the number of workers, their scheduling, the number
 of processes, or an interruption and ``--resume``. A plain ``dataset[index]`` (any other sampler)
@@ -23,6 +23,7 @@ number.
 from __future__ import annotations
 
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +35,8 @@ from torch.utils.data import Dataset
 
 from zootune.data.decode import DEFAULT_MAX_PIXELS, default_scan_threads, read_rgb, scan_images, size_warnings_ignored
 from zootune.data.transforms import (
-    EVAL_CROP_FRACTION, MEAN, STD, RandomResizedCropFlip, ResizeCenterCrop, folder_train_transform, to_normalized_chw,
+    EVAL_CROP_FRACTION, MEAN, STD, RandomResizedCropFlip, ResizeCenterCrop, folder_train_transform,
+    normalization_table, to_normalized_chw,
 )
 from zootune.errors import DataError
 
@@ -44,22 +46,25 @@ EVAL_CROPS = "eval"  # cache of final evaluation crops (serves evaluation only)
 
 class PixelCache:
     """uint8 images of various shapes packed in one flat tensor: item ``i`` is
-    ``flat[offsets[i]:offsets[i] + h*w*3].view(h, w, 3)`` with ``(h, w) = shapes[i]``."""
+    ``flat[offsets[i]:offsets[i] + h*w*3]`` viewed as (h, w, 3) with ``(h, w) = shapes[i]``.
 
-    def __init__(self, kind: str, flat: torch.Tensor, offsets: torch.Tensor, shapes: torch.Tensor):
+    ``flat`` is a tensor so that spawn-started DataLoader workers receive it through shared memory
+    (torch's pickling) rather than as a copy; fork-started ones share its pages anyway."""
+
+    def __init__(self, kind: str, flat: torch.Tensor, offsets: np.ndarray, shapes: np.ndarray):
         self.kind = kind
         self.flat = flat
-        self.offsets = offsets
-        self.shapes = shapes
+        self.offsets = [int(o) for o in offsets]
+        self.shapes = [(int(h), int(w)) for h, w in shapes]
 
     @property
     def nbytes(self) -> int:
         return self.flat.numel()
 
     def pixels(self, index: int) -> np.ndarray:
-        h, w = self.shapes[index].tolist()
-        start = int(self.offsets[index])
-        return self.flat[start:start + h * w * 3].view(h, w, 3).numpy()
+        h, w = self.shapes[index]
+        start = self.offsets[index]
+        return self.flat.numpy()[start:start + h * w * 3].reshape(h, w, 3)
 
 
 def cache_bytes(kind: str, sizes: np.ndarray, image_size: int) -> int:
@@ -108,6 +113,8 @@ class ImageFolderDataset(Dataset):
         self.crop_fraction = crop_fraction
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self._table = normalization_table(self.mean, self.std)
+        self._label_list = self.labels.tolist()  # indexing a list is ~100x cheaper than a tensor
         self.max_pixels = max_pixels
         self.cache = cache
 
@@ -119,24 +126,25 @@ class ImageFolderDataset(Dataset):
             index, seed = int(key[0]), key[1]
         else:
             index, seed = int(key), None
+        label = self._label_list[index]
         if self.transform is None:
-            pixels = self._eval_pixels(index)
-        else:
-            if seed is None:  # not from the engine's sampler: a seed from torch's global RNG
-                seed = int(torch.randint(0, 2**62, ()).item())
-            generator = torch.Generator().manual_seed(int(seed))
-            pixels = self.transform(self._decoded(index), generator)
-        return to_normalized_chw(pixels, self.mean, self.std), int(self.labels[index])
+            return to_normalized_chw(self._eval_pixels(index), table=self._table), label
+        if seed is None:  # not from the engine's sampler: a seed from torch's global RNG
+            seed = int(torch.randint(0, 2**62, ()).item())
+        return self.transform(self._original(index), random.Random(int(seed)), self._table), label
 
-    def _decoded(self, index: int) -> Image.Image:
+    def _original(self, index: int) -> np.ndarray:
+        """The decoded image, uint8 (H, W, 3)."""
         if self.cache is not None and self.cache.kind == DECODED:
-            return Image.fromarray(self.cache.pixels(index), mode="RGB")
-        return read_rgb(self.paths[index], self.max_pixels)
+            return self.cache.pixels(index)
+        return np.asarray(read_rgb(self.paths[index], self.max_pixels))
 
     def _eval_pixels(self, index: int) -> np.ndarray:
         if self.cache is not None and self.cache.kind == EVAL_CROPS:
             return self.cache.pixels(index)
-        return self.eval_transform(self._decoded(index))
+        if self.cache is not None and self.cache.kind == DECODED:
+            return self.eval_transform(Image.fromarray(self.cache.pixels(index), mode="RGB"))
+        return self.eval_transform(read_rgb(self.paths[index], self.max_pixels))
 
     # ----------------------------------------------------------------------------- variants
     def with_transform(self, augment: str | RandomResizedCropFlip | None) -> "ImageFolderDataset":
@@ -156,6 +164,7 @@ class ImageFolderDataset(Dataset):
         other = self.with_transform(self.transform)
         other.paths = [self.paths[i] for i in indices]
         other.labels = self.labels[indices] if indices else self.labels[:0]
+        other._label_list = other.labels.tolist()
         other.cache = None
         return other
 
@@ -205,7 +214,7 @@ class ImageFolderDataset(Dataset):
             else:
                 for index in range(len(self)):
                     decode(index)
-        self.cache = PixelCache(kind, flat, offsets, shapes)
+        self.cache = PixelCache(kind, flat, offsets.numpy(), shapes.numpy())
         return self
 
     def __repr__(self) -> str:

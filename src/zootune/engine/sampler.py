@@ -10,7 +10,7 @@ optimisation steps of one process with the same global batch.
 Per-sample augmentation seeds: for a dataset that declares ``accepts_sample_seeds = True`` (e.g.
 :class:`zootune.data.folder_dataset.ImageFolderDataset`) the sampler yields ``(index, sample_seed)``
 keys with ``sample_seed = sample_seed(run seed, epoch, index)``; the dataset draws that sample's crop
-and flip from a generator seeded with it. The augmentation of a run is then a function of (seed,
+and flip from a ``random.Random`` seeded with it. The augmentation of a run is then a function of (seed,
 epoch, index) only: the same with 0 or N DataLoader workers, whatever order the workers finish in,
 on any number of processes, and after ``--resume`` (no RNG state to carry).
 """
