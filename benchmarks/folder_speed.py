@@ -13,8 +13,14 @@ another tree's (``--compare-src``, e.g. the main checkout before the streaming l
 each in a fresh process with OMP_NUM_THREADS=1; the medians of ``--repeats`` (wall, training seconds
 printed by fit, CPU seconds: the least sensitive to other load) and the ratios are printed.
 
+``--malloc-mmap-threshold BYTES`` runs both trees with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed: the
+old loader happened to free a large temporary, which raises glibc's dynamic mmap threshold, so the
+model's activations were then served from the heap; the streaming loader frees none, and every
+activation above 128 KiB is mmapped and page-faulted in at every step (dev note).
+
 Usage: python benchmarks/folder_speed.py pipeline [--repeats 3] [--batches 6]
        python benchmarks/folder_speed.py fit32 --compare-src /path/to/other/src [--repeats 3]
+                                         [--malloc-mmap-threshold 33554432]
 """
 
 from __future__ import annotations
@@ -110,13 +116,13 @@ def pipeline(args) -> None:
             print(f"| {name} | {what} | " + " | ".join(f"{c:.0f}" for c in cells) + " | |")
 
 
-def _fit_once(src: Path, folder: Path, zoo: Path, out: Path) -> tuple[float, float, float]:
+def _fit_once(src: Path, folder: Path, zoo: Path, out: Path, extra_env: dict) -> tuple[float, float, float]:
     """(wall seconds, training seconds printed by fit, CPU seconds of the process and its children)."""
     command = [sys.executable, "-m", "zootune", "fit", "--arch", "resnet10_small",
                "--arch-option", "width=8", "--zoo", str(zoo), "--data", str(folder), "--method", "finetune",
                "--epochs", "3", "--batch-size", "64", "--image-size", "32", "--no-progress", "--out", str(out)]
     # one intra-op thread: on a shared 2-core machine a second one mostly waits (see tests/conftest.py)
-    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1", **extra_env)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -140,12 +146,16 @@ def fit32(args) -> None:
     torch.manual_seed(0)
     torch.save(resnet_small(depth=10, width=8).state_dict(), zoo)
     trees = {"this tree": SRC, "compared": Path(args.compare_src).resolve()}
+    # glibc raises its mmap threshold (up to 32 MiB) after freeing a large block; a process that never
+    # frees one gets every activation above 128 KiB from mmap and page-faults it in at every step.
+    extra_env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
+    print(f"extra environment: {extra_env or 'none'}")
     times: dict = {name: [] for name in trees}
     for repeat in range(args.repeats):
         for name, src in trees.items():
             out = workdir / "fit_out"
             shutil.rmtree(out, ignore_errors=True)
-            times[name].append(_fit_once(src, folder, zoo, out))
+            times[name].append(_fit_once(src, folder, zoo, out, extra_env))
             wall, train, cpu = times[name][-1]
             print(f"  {name} run {repeat + 1}: {wall:.1f} s wall, {train:.1f} s training, {cpu:.1f} s CPU", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f}")
@@ -165,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=6, help="batches per measurement (halved at 224 px)")
     parser.add_argument("--compare-src", help="fit32: the other tree's src folder")
+    parser.add_argument("--malloc-mmap-threshold", type=int,
+                        help="fit32: set MALLOC_MMAP_THRESHOLD_ (bytes) for both trees' processes")
     parser.add_argument("--workdir", help="where images are written (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     temporary = args.workdir is None
