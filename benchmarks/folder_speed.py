@@ -3,9 +3,11 @@ workers should be, and whether small folders got slower than the old in-memory l
 
 ``pipeline``: images/s of iterating a training split (decode, random-resized crop, flip, normalise,
 collate) with 0, 1 and 2 workers, alone and with a training step of a model after every batch, for
-a 32-px folder (2,000 PNGs of 32x32, resnet_small width 8, batch 64; streamed and RAM-cached) and a
-224-px folder (JPEGs of 256-320 px, ResNet-50, batch 8; streamed). Settings are interleaved and
-repeated; the median is printed.
+a 32-px folder (2,000 PNGs of 32x32, resnet_small width 8, batch 64, ``--batches`` batches: one
+epoch by default; streamed and RAM-cached) and a 224-px folder (JPEGs of 256-320 px, ResNet-50, batch
+8, ``--batches-224`` batches; streamed). A new DataLoader per measurement, as the engine makes one
+per epoch, so worker start-up is included. Settings are interleaved and repeated; the median is
+printed.
 
 ``fit32``: wall time of ``zootune fit`` (finetune of one random resnet_small member, 3 epochs, batch
 64, --image-size 32) on a 2,000-image 32-px folder, once with this tree's ``src`` and once with
@@ -18,7 +20,7 @@ old loader happened to free a large temporary, which raises glibc's dynamic mmap
 model's activations were then served from the heap; the streaming loader frees none, and every
 activation above 128 KiB is mmapped and page-faulted in at every step (dev note).
 
-Usage: python benchmarks/folder_speed.py pipeline [--repeats 3] [--batches 6]
+Usage: python benchmarks/folder_speed.py pipeline [--repeats 3] [--batches 25] [--batches-224 5] [--threads 1]
        python benchmarks/folder_speed.py fit32 --compare-src /path/to/other/src [--repeats 3]
                                          [--malloc-mmap-threshold 33554432]
 """
@@ -70,6 +72,7 @@ def pipeline(args) -> None:
     from zootune.engine.sampler import GlobalBatchSampler
     from zootune.models import resnet50, resnet_small
 
+    torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     small = write_small_folder(workdir / "small32")
     pool = jpeg_pool(workdir, 200 + 20)
@@ -86,7 +89,7 @@ def pipeline(args) -> None:
         train = load_image_folder(folder, image_size=size, cache_budget=budget).train
         model = build()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        batches = args.batches if size <= 32 else max(3, args.batches // 2)
+        batches = args.batches if size <= 32 else args.batches_224
 
         def run(workers: int, with_model: bool) -> float:
             sampler = GlobalBatchSampler(len(train), batch, seed=0, max_batches=batches, sample_seeds=True)
@@ -173,7 +176,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("pipeline", "fit32"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=6, help="batches per measurement (halved at 224 px)")
+    parser.add_argument("--batches", type=int, default=25, help="batches per measurement at 32 px (25: one epoch of 1,600)")
+    parser.add_argument("--batches-224", type=int, default=5, help="batches per measurement at 224 px")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="pipeline: torch intra-op threads of the main process (1: a second one mostly waits on a "
+                             "shared 2-core machine)")
     parser.add_argument("--compare-src", help="fit32: the other tree's src folder")
     parser.add_argument("--malloc-mmap-threshold", type=int,
                         help="fit32: set MALLOC_MMAP_THRESHOLD_ (bytes) for both trees' processes")

@@ -1,8 +1,10 @@
 """A dataset of image files decoded on demand, with per-sample seeded augmentation and an optional
 uint8 RAM cache.
 
-Memory does not grow with the number of images: the dataset holds paths and labels; each item is
-read from its file (:func:`zootune.data.decode.read_rgb`) when asked for -- in ``DataLoader`` workers
+Memory hardly grows with the number of images: the dataset holds paths and labels (about a hundred
+bytes per image, in numpy buffers: a list of Python objects would be copied page by page into every
+forked worker as reference counts change -- PyTorch's known "leak" with lists in datasets); each item
+is read from its file (:func:`zootune.data.decode.read_rgb`) when asked for -- in ``DataLoader`` workers
 when ``num_workers > 0`` -- and transformed (:mod:`zootune.data.transforms`).
 
 Keys. ``dataset[(index, sample_seed)]`` draws the item's augmentation from its own
@@ -44,6 +46,23 @@ DECODED = "decoded"  # cache of whole decoded images (serves training and evalua
 EVAL_CROPS = "eval"  # cache of final evaluation crops (serves evaluation only)
 
 
+class PackedPaths:
+    """File paths as one buffer of encoded bytes plus offsets (numpy), indexable like a list."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        encoded = [os.fsencode(p) for p in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> Path:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return Path(os.fsdecode(self.blob[start:end].tobytes()))
+
+
 class PixelCache:
     """uint8 images of various shapes packed in one flat tensor: item ``i`` is
     ``flat[offsets[i]:offsets[i] + h*w*3]`` viewed as (h, w, 3) with ``(h, w) = shapes[i]``.
@@ -54,16 +73,16 @@ class PixelCache:
     def __init__(self, kind: str, flat: torch.Tensor, offsets: np.ndarray, shapes: np.ndarray):
         self.kind = kind
         self.flat = flat
-        self.offsets = [int(o) for o in offsets]
-        self.shapes = [(int(h), int(w)) for h, w in shapes]
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.shapes = np.asarray(shapes, dtype=np.int64)
 
     @property
     def nbytes(self) -> int:
         return self.flat.numel()
 
     def pixels(self, index: int) -> np.ndarray:
-        h, w = self.shapes[index]
-        start = self.offsets[index]
+        h, w = self.shapes[index].tolist()
+        start = int(self.offsets[index])
         return self.flat.numpy()[start:start + h * w * 3].reshape(h, w, 3)
 
 
@@ -101,10 +120,10 @@ class ImageFolderDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cache: PixelCache | None = None,
     ):
-        self.paths = [Path(p) for p in paths]
+        self._paths = paths if isinstance(paths, PackedPaths) else PackedPaths(paths)
         self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        if len(self.paths) != len(self.labels):
-            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        if len(self._paths) != len(self.labels):
+            raise ValueError(f"{len(self._paths)} paths but {len(self.labels)} labels")
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {tuple(std)}")
         self.image_size = int(image_size)
@@ -114,19 +133,24 @@ class ImageFolderDataset(Dataset):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._table = normalization_table(self.mean, self.std)
-        self._label_list = self.labels.tolist()  # indexing a list is ~100x cheaper than a tensor
+        self._label_array = self.labels.numpy()  # indexing numpy is ~20x cheaper than a tensor
         self.max_pixels = max_pixels
         self.cache = cache
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self._paths)
+
+    @property
+    def paths(self) -> list[Path]:
+        """The image files, in item order."""
+        return [self._paths[i] for i in range(len(self._paths))]
 
     def __getitem__(self, key) -> tuple[torch.Tensor, int]:
         if isinstance(key, (tuple, list)):
             index, seed = int(key[0]), key[1]
         else:
             index, seed = int(key), None
-        label = self._label_list[index]
+        label = int(self._label_array[index])
         if self.transform is None:
             return to_normalized_chw(self._eval_pixels(index), table=self._table), label
         if seed is None:  # not from the engine's sampler: a seed from torch's global RNG
@@ -137,35 +161,25 @@ class ImageFolderDataset(Dataset):
         """The decoded image, uint8 (H, W, 3)."""
         if self.cache is not None and self.cache.kind == DECODED:
             return self.cache.pixels(index)
-        return np.asarray(read_rgb(self.paths[index], self.max_pixels))
+        return np.asarray(read_rgb(self._paths[index], self.max_pixels))
 
     def _eval_pixels(self, index: int) -> np.ndarray:
         if self.cache is not None and self.cache.kind == EVAL_CROPS:
             return self.cache.pixels(index)
         if self.cache is not None and self.cache.kind == DECODED:
             return self.eval_transform(Image.fromarray(self.cache.pixels(index), mode="RGB"))
-        return self.eval_transform(read_rgb(self.paths[index], self.max_pixels))
+        return self.eval_transform(read_rgb(self._paths[index], self.max_pixels))
 
     # ----------------------------------------------------------------------------- variants
     def with_transform(self, augment: str | RandomResizedCropFlip | None) -> "ImageFolderDataset":
         """The same files (and cache, where it still applies) with another augmentation; None gives
         the evaluation transform (e.g. to score un-augmented training images)."""
         other = ImageFolderDataset(
-            self.paths, self.labels, self.image_size, augment, crop_fraction=self.crop_fraction,
+            self._paths, self.labels, self.image_size, augment, crop_fraction=self.crop_fraction,
             mean=self.mean, std=self.std, max_pixels=self.max_pixels,
         )
         if self.cache is not None and (self.cache.kind == DECODED or other.transform is None):
             other.cache = self.cache
-        return other
-
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageFolderDataset":
-        """A new dataset of the items ``indices`` (no cache)."""
-        indices = [int(i) for i in indices]
-        other = self.with_transform(self.transform)
-        other.paths = [self.paths[i] for i in indices]
-        other.labels = self.labels[indices] if indices else self.labels[:0]
-        other._label_list = other.labels.tolist()
-        other.cache = None
         return other
 
     # ----------------------------------------------------------------------------- cache
@@ -185,25 +199,25 @@ class ImageFolderDataset(Dataset):
             sizes = scan_images(self.paths, self.max_pixels)
         # Each item's byte count is known from the header (an EXIF rotation swaps height and width,
         # not their product), so the buffer is allocated once and filled in place.
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         if kind == EVAL_CROPS:
-            counts = torch.full((len(self),), self.image_size * self.image_size * 3, dtype=torch.int64)
+            counts = np.full(len(self), self.image_size * self.image_size * 3, dtype=np.int64)
         else:
-            counts = torch.as_tensor(np.asarray(sizes)[:, 0] * np.asarray(sizes)[:, 1] * 3, dtype=torch.int64)
-        offsets = torch.zeros(len(self), dtype=torch.int64)
-        if len(self) > 1:
-            offsets[1:] = torch.cumsum(counts, 0)[:-1]
+            counts = sizes[:, 0] * sizes[:, 1] * 3
+        offsets = np.zeros(len(self), dtype=np.int64)
+        np.cumsum(counts[:-1], out=offsets[1:])
         flat = torch.empty(int(counts.sum()), dtype=torch.uint8)
         flat_view = flat.numpy()
-        shapes = torch.zeros(len(self), 2, dtype=torch.int64)
+        shapes = np.zeros((len(self), 2), dtype=np.int64)
 
         def decode(index: int) -> None:
-            image = read_rgb(self.paths[index], self.max_pixels, guard_warnings=False)
+            image = read_rgb(self._paths[index], self.max_pixels, guard_warnings=False)
             pixels = self.eval_transform(image) if kind == EVAL_CROPS else np.asarray(image)
             if pixels.size != counts[index]:
-                raise DataError(f"{self.paths[index]} changed while it was read (size differs from its header)")
-            start = int(offsets[index])
+                raise DataError(f"{self._paths[index]} changed while it was read (size differs from its header)")
+            start = offsets[index]
             flat_view[start:start + pixels.size] = pixels.reshape(-1)
-            shapes[index] = torch.tensor(pixels.shape[:2])
+            shapes[index] = pixels.shape[:2]
 
         threads = threads or default_scan_threads()
         with size_warnings_ignored():
@@ -214,7 +228,7 @@ class ImageFolderDataset(Dataset):
             else:
                 for index in range(len(self)):
                     decode(index)
-        self.cache = PixelCache(kind, flat, offsets.numpy(), shapes.numpy())
+        self.cache = PixelCache(kind, flat, offsets, shapes)
         return self
 
     def __repr__(self) -> str:
