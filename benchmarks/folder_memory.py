@@ -5,7 +5,8 @@ JPEGs of random sizes 256-320 px in 10 classes -- one pool of the largest count,
 hard links to the first N of them, in ``train/``, plus a fixed ``val/`` of 20 images -- and a zoo of
 3 randomly initialised ResNet-50s saved as checkpoint files (``torch.save`` of the state_dict), then
 runs ``zootune fit`` once per folder size, each in a fresh process: ``--image-size 224``, batch 8,
-``--max-steps-per-epoch`` steps of one epoch (the point is memory, not accuracy).
+``--max-steps-per-epoch`` steps of one epoch (the point is memory, not accuracy), ``--method
+finetune`` by default.
 
 While each process runs, the tree it heads (the fit process and its DataLoader workers) is sampled
 every 50 ms from /proc: the sum of RSS (resident pages; pages shared between the process and its
@@ -16,8 +17,11 @@ to the smallest size. Acceptance (issue 13): peak at 8k within 15 % of the peak 
 ``--cache-budget`` is passed to ``zootune fit`` for every size (MiB; omit it for fit's default, under
 which a folder whose decoded images fit the budget is cached in RAM -- a bounded, one-off amount).
 
+``--src`` runs another source tree's ``zootune`` (e.g. the checkout before streaming, whose loader
+held every image as float32: compare with small ``--sizes`` only, it needs ~0.6 GB per 1,000 images).
+
 Usage: python benchmarks/folder_memory.py [--sizes 1000,4000,8000] [--steps 2] [--workdir DIR]
-          [--method zoo-tuning] [--cache-budget MIB] [--workers N] [--keep]
+          [--method finetune] [--cache-budget MIB] [--workers N] [--repeats 1] [--src DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,8 +173,9 @@ def run_fit(folder: Path, zoo: list[Path], out: Path, args) -> dict:
         command += ["--cache-budget", str(args.cache_budget)]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
+    env = dict(os.environ, PYTHONPATH=str(Path(args.src).resolve())) if args.src else None
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     monitor = TreeMemoryPeak(process.pid)
     output, _ = process.communicate()
     monitor.stop()
@@ -190,11 +196,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,4000,8000", help="training images per folder")
     parser.add_argument("--steps", type=int, default=2, help="optimisation steps (--max-steps-per-epoch)")
-    parser.add_argument("--method", default="zoo-tuning")
+    parser.add_argument("--method", default="finetune",
+                        help="method trained (default finetune: the zoo is loaded whole, the step is one ResNet-50's; "
+                             "zoo-tuning takes ~4x longer here, mostly its formulation autotuner)")
     parser.add_argument("--cache-budget", type=float, help="MiB, passed to zootune fit (default: fit's default)")
     parser.add_argument("--workers", help="passed to zootune fit (default: fit's default, 'auto')")
     parser.add_argument("--workdir", help="where the images and the zoo are written (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep a temporary workdir")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per size; the median peak is reported")
+    parser.add_argument("--src", help="run zootune from this source tree (PYTHONPATH), e.g. an older checkout's src")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -207,13 +217,20 @@ def main(argv=None) -> int:
         zoo = make_zoo(workdir)
         print(f"{len(pool)} JPEGs and a zoo of {len(zoo)} ResNet-50 checkpoints in {workdir} "
               f"({time.perf_counter() - t0:.0f} s)")
+        runs: dict = {n: [] for n in sizes}
+        for _ in range(args.repeats):  # sizes interleaved, so a change in the machine's load hits all
+            for n in sizes:
+                out = workdir / f"out_{n}"
+                shutil.rmtree(out, ignore_errors=True)
+                run = run_fit(folders[n], zoo, out, args)
+                runs[n].append(run)
+                print(f"  {n} images: peak RSS {run['peak_rss_mib']:.0f} MiB, PSS {run['peak_pss_mib']:.0f} MiB, "
+                      f"{run['processes']} process(es), {run['seconds']:.0f} s", flush=True)
         rows = {}
         for n in sizes:
-            out = workdir / f"out_{n}"
-            shutil.rmtree(out, ignore_errors=True)
-            rows[n] = run_fit(folders[n], zoo, out, args)
-            print(f"  {n} images: peak RSS {rows[n]['peak_rss_mib']:.0f} MiB, PSS {rows[n]['peak_pss_mib']:.0f} MiB, "
-                  f"{rows[n]['processes']} process(es), {rows[n]['seconds']:.0f} s", flush=True)
+            rows[n] = dict(runs[n][0])
+            for key in ("peak_rss_mib", "peak_pss_mib", "seconds"):
+                rows[n][key] = statistics.median(r[key] for r in runs[n])
         print(f"\ncommand (last): {rows[sizes[-1]]['command']}")
         first = sizes[0]
         print(f"\n| train images | peak RSS (MiB, summed over the process tree) | peak PSS (MiB) | processes | "
