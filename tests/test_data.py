@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 
 import numpy as np
@@ -39,6 +40,26 @@ def test_random_resized_crop_area_and_aspect_follow_scale_and_ratio():
         area = ch * cw / (h * w)
         assert 0.25 * 0.95 <= area <= 0.5 * 1.05
         assert 0.5 * 0.95 <= cw / ch <= 2.0 * 1.05
+
+
+def test_tensor_crop_draws_the_global_rng_as_written():
+    """The built-in targets' crops (global torch RNG) are the formula's draws in this order: area,
+    aspect (per try), then top, left -- so their augmentation, and their numbers, stay as they were."""
+
+    def naive_box(h, w, scale, ratio):
+        for _ in range(10):
+            area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
+            aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(()).item())
+            cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return int(torch.randint(0, h - ch + 1, ()).item()), int(torch.randint(0, w - cw + 1, ()).item()), ch, cw
+        raise AssertionError("no fitting crop in this test's settings")
+
+    crop = RandomResizedCrop(16, scale=(0.35, 1.0))
+    torch.manual_seed(5)
+    boxes = [crop.crop_box(32, 32) for _ in range(50)]
+    torch.manual_seed(5)
+    assert boxes == [naive_box(32, 32, (0.35, 1.0), (3 / 4, 4 / 3)) for _ in range(50)]
 
 
 def test_full_scale_square_crop_is_identity():

@@ -120,10 +120,11 @@ def _probe(path: Path, max_pixels: int) -> tuple[int, int, str | None]:
 
 def default_scan_threads() -> int:
     """Threads for scanning and cache filling: opening headers waits on the disk more than on a core."""
-    return min(32, 4 * _usable_cpus())
+    return min(32, 4 * usable_cpus())
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

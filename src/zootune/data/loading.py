@@ -1,20 +1,23 @@
 """DataLoader helpers shared by the engine and the CLI: the default number of workers, and worker
 errors reported as the one line they were raised with.
 
-Default workers (:func:`default_num_workers`), measured with ``benchmarks/folder_speed.py`` (numbers
-and the command in docs/dev-notes/data-and-minizoo.md): decoding and cropping a 224-px photo costs a few
-milliseconds, as much as a small part of a step, so it belongs in workers that run beside the model;
-a 32-px image costs tens of microseconds and a worker's start-up and inter-process copies cost more
-than they save. Rule: images of ``image_size`` >= 96 get ``min(8, usable CPUs - 1)`` workers (none
-on one CPU), smaller ones none. ``TrainConfig.num_workers`` itself stays 0 by default: the built-in
-tensor targets draw augmentation from the global RNG, whose stream would change with workers.
+Default workers (:func:`default_num_workers`): images of ``image_size`` >= 96 get
+``min(8, usable CPUs - 1)`` workers (none on one CPU), smaller ones none. Measured with
+``python benchmarks/folder_speed.py pipeline`` on 2 shared CPU cores (numbers in
+docs/dev-notes/data-and-minizoo.md): at 32 px 0 workers was fastest in every setting, alone and
+with a training step (a 32-px item costs tens of microseconds; a worker's start-up and the copies
+between processes cost more); at 224 px on this CPU the ResNet-50 step dwarfs decoding and the
+worker count made no difference. Workers are for machines whose step is fast (a GPU): one process
+decodes and crops a few hundred 224-px images per second, less than a GPU trains on. The threshold
+lies between the two measured sizes. ``TrainConfig.num_workers`` itself stays 0 by default: the
+built-in tensor targets draw augmentation from the global RNG, whose stream would change with workers.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from zootune.data.decode import _usable_cpus
+from zootune.data.decode import usable_cpus
 from zootune.errors import ZootuneError
 
 SMALL_IMAGE_SIZE = 96  # below this, decoding in the main process is cheaper than workers
@@ -23,7 +26,7 @@ MAX_DEFAULT_WORKERS = 8
 
 def default_num_workers(image_size: int, cpus: int | None = None) -> int:
     """DataLoader workers for an image folder read at ``image_size`` (rule in the module docstring)."""
-    cpus = _usable_cpus() if cpus is None else cpus
+    cpus = usable_cpus() if cpus is None else cpus
     if image_size < SMALL_IMAGE_SIZE:
         return 0
     return max(0, min(MAX_DEFAULT_WORKERS, cpus - 1))
