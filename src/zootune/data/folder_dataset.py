@@ -133,7 +133,7 @@ class ImageFolderDataset(Dataset):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._table = normalization_table(self.mean, self.std)
-        self._label_array = self.labels.numpy()  # indexing numpy is ~20x cheaper than a tensor
+        self._label_array = self.labels.numpy()  # indexing numpy costs far less than indexing a tensor
         self.max_pixels = max_pixels
         self.cache = cache
 

@@ -94,8 +94,9 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # Where random numbers come from: torch's global RNG (None), a torch.Generator, or a random.Random
-# instance owned by one sample (image folders: seeding one costs ~1 us, a torch.Generator ~5 us plus
-# ~2 us per draw, which at 32 px was a measurable part of an item's cost).
+# instance owned by one sample (image folders: creating and seeding a random.Random and drawing from
+# it costs less than a torch.Generator, whose every draw is a tensor op -- part of why a 32-px folder
+# item now costs no more than the old in-memory one; dev note).
 Rng = Union[None, torch.Generator, random.Random]
 
 
@@ -215,7 +216,7 @@ def default_train_transform(size: int, flip: bool = True, scale: tuple[float, fl
 # central size x size crop. Evaluation resizes with Pillow's bilinear filter (antialiased when
 # shrinking, as torchvision on PIL images) and gives uint8 (size, size, 3) pixels; training crops are
 # normalised and resized with torch's antialiased bilinear :func:`resize` (the targets' filter), which
-# measured faster than Pillow's for a crop at 32 px and at 224 px (dev note of this part).
+# was faster than Pillow's in a quick timing of a crop at 32 px and at 224 px (dev note).
 
 EVAL_CROP_FRACTION = 0.875
 
@@ -329,8 +330,8 @@ def to_normalized_chw(
     pixels_hwc_uint8: np.ndarray, mean: Sequence[float] = MEAN, std: Sequence[float] = STD, table: np.ndarray | None = None
 ) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W): ``(x / 255 - mean[c]) / std[c]``, looked up in
-    :func:`normalization_table` (pass ``table`` to reuse one): a lookup per pixel is 3x faster than
-    the arithmetic at 224 px and gives the same bits."""
+    :func:`normalization_table` (pass ``table`` to reuse one): a lookup per pixel was faster than
+    the arithmetic in a quick timing at 224 px, and gives the same bits."""
     table = normalization_table(mean, std) if table is None else table
     height, width = pixels_hwc_uint8.shape[:2]
     out = np.empty((3, height, width), dtype=np.float32)
