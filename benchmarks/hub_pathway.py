@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from zootune.cost import measure_cost
-from zootune.data.cache import atomic_write_bytes, atomic_write_json
+from zootune.atomic import atomic_write_bytes, atomic_write_json
 from zootune.data.targets import TARGETS, get_target
 from zootune.engine import TrainConfig, evaluate
 from zootune.experiment import RunConfig, fit_method

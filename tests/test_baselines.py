@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.errors import ZooMismatchError, ZootuneError
-from zootune.methods import distill, ensemble, finetune, knowledge_flow, soup
-from zootune.methods.registry import get_method
+from zootune.methods import distill, ensemble, knowledge_flow, soup
+from zootune.methods.registry import build_method, get_method
 from zootune.models import resnet_small
 from zootune.tasks import ClassificationTask
 
@@ -51,7 +51,7 @@ def test_finetune_new_head_and_zoo_untouched():
     zoo = tiny_zoo()
     before = {k: v.clone() for k, v in zoo[1].state_dict().items()}
     task = ClassificationTask(4)
-    model = finetune.build(zoo, task, member=1)
+    model = build_method('finetune', zoo, task, member=1)
     plain = model.finalize()
     assert plain.fc.out_features == 4
     # Backbone starts from member 1 exactly; the member itself is not modified.
@@ -60,12 +60,12 @@ def test_finetune_new_head_and_zoo_untouched():
         if not key.startswith("fc."):
             assert torch.equal(plain.state_dict()[key], value)
     with pytest.raises(ZootuneError):
-        finetune.build(zoo, task, member=3)
+        build_method('finetune', zoo, task, member=3)
 
 
 def test_finetune_param_groups_apply_backbone_multiplier():
     zoo = tiny_zoo()
-    model = finetune.build(zoo, ClassificationTask(4), member=0, backbone_lr_mult=0.1)
+    model = build_method('finetune', zoo, ClassificationTask(4), options={'backbone_lr_mult': 0.1}, member=0)
     groups = model.param_groups(0.5)
     by_name = {g["name"]: g for g in groups}
     assert by_name["head"]["lr"] == pytest.approx(0.5)
@@ -89,7 +89,7 @@ def test_finetune_param_groups_apply_backbone_multiplier():
 
 
 def test_finetune_zero_multiplier_freezes_backbone():
-    model = finetune.build(tiny_zoo(), ClassificationTask(3), backbone_lr_mult=0.0)
+    model = build_method('finetune', tiny_zoo(), ClassificationTask(3), options={'backbone_lr_mult': 0.0})
     groups = model.param_groups(0.1)
     assert [g["name"] for g in groups] == ["head"]
 
@@ -99,8 +99,8 @@ def test_finetune_zero_multiplier_freezes_backbone():
 
 def test_ensemble_probability_average_equals_plain_mean():
     task = ClassificationTask(4)
-    members = [finetune.build(tiny_zoo(), task, member=i).finalize() for i in range(3)]
-    model = get_method("ensemble").build(None, task, fitted={"finetune": members})
+    members = [build_method('finetune', tiny_zoo(), task, member=i).finalize() for i in range(3)]
+    model = build_method("ensemble", None, task, fitted={"finetune": members})
     model.train()  # members must still run in eval mode
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_ensemble_logit_average_and_errors():
     with pytest.raises(ZootuneError):
         ensemble.Ensemble(members, combine="median")
     with pytest.raises(ZootuneError):
-        ensemble.build(None, ClassificationTask(3), fitted=None)
+        build_method('ensemble', None, ClassificationTask(3), fitted=None)
 
 
 # ---------------------------------------------------------------- distillation
@@ -162,8 +162,8 @@ def test_distill_loss_matches_plain_formula():
 def test_distill_teachers_run_only_in_training_and_are_dropped():
     task = ClassificationTask(4)
     zoo = tiny_zoo()
-    fitted = [finetune.build(zoo, task, member=i).finalize() for i in range(3)]
-    model = distill.build(zoo, task, fitted={"finetune": fitted}, val_metrics=[50.0, 80.0, 60.0])
+    fitted = [build_method('finetune', zoo, task, member=i).finalize() for i in range(3)]
+    model = build_method('distill', zoo, task, fitted={"finetune": fitted}, member_val_metrics=[50.0, 80.0, 60.0])
     calls = []
     for t in model.teachers:
         t.register_forward_hook(lambda *_: calls.append(1))
@@ -187,7 +187,7 @@ def test_distill_teachers_run_only_in_training_and_are_dropped():
 def test_soup_weights_equal_elementwise_mean():
     zoo = tiny_zoo()
     task = ClassificationTask(4)
-    model = soup.build(zoo, task).finalize()
+    model = build_method('soup', zoo, task).finalize()
     state = model.state_dict()
     for key in zoo[0].state_dict():
         if key.startswith("fc."):
@@ -217,7 +217,7 @@ def test_soup_bn_reset_and_mismatch():
 def kf_model(m=2, **kw):
     zoo = tiny_zoo(m)
     task = ClassificationTask(4)
-    return zoo, knowledge_flow.build(zoo, task, **kw)
+    return zoo, build_method('knowledge-flow', zoo, task, options={**kw})
 
 
 def test_kf_flow_point_matches_plain_mixture():
@@ -355,24 +355,29 @@ def test_kf_generic_model_with_named_flow_point():
 # ---------------------------------------------------------------- student from the best-validated member
 
 
-def test_run_passes_finetune_val_metrics_and_student_is_that_member():
-    from zootune.experiment import _method_options
+def test_member_val_metrics_reach_later_methods_and_student_is_that_member():
+    from zootune.experiment import FittedSet
 
     zoo, task = tiny_zoo(), ClassificationTask(4)
-    fitted = [finetune.build(zoo, task, member=i).finalize() for i in range(3)]
+    fitted = [build_method('finetune', zoo, task, member=i).finalize() for i in range(3)]
     val = [40.0, 55.0, 90.0]  # member 2 validated best
+    # What the run hands on: a per-member method's validation metrics, once every member ran.
+    done = FittedSet()
+    fits = [type("F", (), {"model": m, "val_metric": v})() for m, v in zip(fitted, val)]
+    done.add(get_method("finetune"), fits[:2], len(zoo))
+    assert done.member_val_metrics is None  # two of three members: no ranking to hand on
+    done.add(get_method("finetune"), fits, len(zoo))
+    assert done.member_val_metrics == val and done.models["finetune"] == fitted
     for name in ("distill", "knowledge-flow"):
-        options = _method_options(get_method(name), None, val)
-        assert options == {"val_metrics": val}
-        built = get_method(name).build(zoo, task, fitted={"finetune": fitted}, **options)
+        built = build_method(name, zoo, task, fitted={"finetune": fitted}, member_val_metrics=val)
         student = built.finalize()
         for key, value in zoo[2].state_dict().items():
             if not key.startswith("fc."):  # the head is the task's new one
                 assert torch.equal(student.state_dict()[key], value), (name, key)
-    # Methods whose build has no val_metrics get nothing; the user's own choice is kept.
-    assert _method_options(get_method("soup"), None, val) == {}
-    assert _method_options(get_method("distill"), {"student_member": 0}, val) == {"student_member": 0}
-    assert _method_options(get_method("distill"), None, []) == {}
+    # The user's own choice wins over the ranking.
+    student = build_method("distill", zoo, task, options={"student_member": 0}, fitted={"finetune": fitted},
+                           member_val_metrics=val).finalize()
+    assert torch.equal(student.state_dict()["conv1.weight"], zoo[0].state_dict()["conv1.weight"])
 
 
 def test_distill_logit_average_matches_plain_formula():
@@ -386,7 +391,7 @@ def test_distill_logit_average_matches_plain_formula():
     # ... which differs from averaging the probabilities.
     assert not torch.allclose(got, distill.averaged_teacher_probs([t1, t2], temperature, average="probs"))
     with pytest.raises(ZootuneError):
-        distill.build(tiny_zoo(), ClassificationTask(4), fitted={"finetune": [MLP()]}, average="median")
+        build_method('distill', tiny_zoo(), ClassificationTask(4), options={'average': "median"}, fitted={"finetune": [MLP()]})
 
 
 # ---------------------------------------------------------------- Knowledge Flow's lambda2 term
@@ -467,3 +472,29 @@ def test_kf_initial_student_weight_and_zero_transforms():
     fp.teacher_features = None
     with pytest.raises(ZootuneError):
         kf_model(initial_student_weight=1.0)
+
+
+# ---------------------------------------------------------------- scratch
+
+
+def test_scratch_is_the_architecture_freshly_initialised_from_the_seed(tmp_path):
+    from zootune.zoo import Zoo
+    from zootune.zoo.checkpoint import save_state_dict
+
+    zoo, task = tiny_zoo(), ClassificationTask(4)
+    paths = []
+    for i, member in enumerate(zoo):
+        paths.append(save_state_dict(tmp_path / f"m{i}.safetensors", member.state_dict()))
+    from_files = Zoo.from_checkpoints(paths, arch=lambda: resnet_small(num_classes=10, width=4))
+    for source in (zoo, Zoo.from_modules(list(zoo)), from_files):
+        a = build_method("scratch", source, task, seed=1).finalize()
+        b = build_method("scratch", source, task, seed=1).finalize()
+        c = build_method("scratch", source, task, seed=2).finalize()
+        assert set(a.state_dict()) == set(zoo[0].state_dict()) and a.fc.out_features == 4
+        for key, value in a.state_dict().items():
+            if key.startswith("fc.") or not value.is_floating_point():
+                continue
+            assert torch.equal(value, b.state_dict()[key]), key  # same seed, same model
+            if key.endswith("weight") and value.dim() > 1:
+                assert not torch.equal(value, c.state_dict()[key]), key  # another seed, another draw
+                assert all(not torch.equal(value, m.state_dict()[key]) for m in zoo), key  # no member's weights

@@ -21,7 +21,7 @@ from zootune.version import __version__
 pytest.importorskip("zootune.engine")
 from zootune.zoo import save_state_dict  # noqa: E402
 
-ARCH = ["--arch", "zootune.models:resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4"]
+ARCH = ["--arch", "resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4"]
 FAST = ["--epochs", "1", "--batch-size", "8", "--image-size", "16", "--max-steps-per-epoch", "2", "--no-progress"]
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
@@ -151,7 +151,8 @@ def test_non_finite_loss_and_interrupt_messages(workspace, tmp_path, capsys, mon
     import zootune.engine
 
     def nan_fit(self):
-        raise NonFiniteLossError("loss is nan at epoch 2, step 5")
+        raise NonFiniteLossError("loss is nan at epoch 2, step 5; the last good checkpoint is kept",
+                                 checkpoint=tmp_path / "train" / "checkpoint.pt", advice="python advice")
 
     monkeypatch.setattr(zootune.engine.Trainer, "fit", nan_fit)
     argv = ["fit", *ARCH, "--zoo", workspace / "m0.safetensors", "--data", workspace / "data", *FAST,
@@ -185,7 +186,7 @@ def test_fit_export_evaluate_round_trip(fitted_run, workspace, tmp_path, capsys)
 
     code, out, _ = run_cli(["evaluate", tmp_path / "exported", "--data", workspace / "data"], capsys)
     assert code == 0
-    test = json.loads((fitted_run / "metrics.json").read_text())["test"]
+    test = json.loads((fitted_run / "model" / "metrics.json").read_text())["test"]
     assert f"loss {test['loss']:.4f} acc {test['acc']:.2f}" in out and "9 images" in out
 
 
@@ -200,7 +201,7 @@ def test_zoo_tuning_fit_exports_a_model_that_evaluates_the_same(method, kind, wo
     # Lite folds into the plain architecture; full Zoo-Tuning is rebuilt from the zoo, then loaded
     assert json.loads((out / "model" / "config.json").read_text())["kind"] == kind
     code, printed, _ = run_cli(["evaluate", out / "model", "--data", workspace / "data"], capsys)
-    test = json.loads((out / "metrics.json").read_text())["test"]
+    test = json.loads((out / "model" / "metrics.json").read_text())["test"]
     assert code == 0 and f"loss {test['loss']:.4f} acc {test['acc']:.2f}" in printed
 
 
@@ -209,11 +210,12 @@ def test_run_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
 
     seen = {}
     monkeypatch.setattr(zootune.experiment, "run_experiment", lambda config, out: seen.update(config=config, out=out))
-    code, _, _ = run_cli(["run", "--seeds", "3", "--targets", "a,b", "--methods", "finetune,lite", "--epochs", "4",
-                          "--no-plots", "--out", tmp_path], capsys)
+    code, _, _ = run_cli(["run", "--seeds", "3", "--targets", "count,polygons", "--methods", "finetune,lite",
+                          "--epochs", "4", "--no-plots", "--option", "lite:align=none", "--out", tmp_path], capsys)
     config = seen["config"]
     assert code == 0 and seen["out"] == tmp_path
-    assert config.seeds == [0, 1, 2] and config.targets == ["a", "b"] and config.methods == ["finetune", "lite"]
+    assert config.seeds == [0, 1, 2] and config.targets == ["count", "polygons"]
+    assert config.methods == ["finetune", "lite"] and config.method_options == {"lite": {"align": "none"}}
     assert config.epochs == 4 and config.plots is False
     code, printed, _ = run_cli(["run", "--quick", "--seeds", "5,7", "--out", tmp_path], capsys)
     quick = seen["config"]

@@ -224,8 +224,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nan_before_any_checkpoint_says_so():
-    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet") as caught:
         Trainer(BlowsUp(at=0.0), ClassificationTask(3), blobs(32), None, quiet(epochs=1, batch_size=8)).fit()
+    assert caught.value.checkpoint is None and "kept" not in caught.value.cause
 
 
 # ------------------------------------------------------------------ data checks

@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import zootune.engine.checkpoint as checkpoint_module
-import zootune.engine.metric_log as metric_log_module
 from zootune.engine import TrainConfig, Trainer
 from zootune.tasks import ClassificationTask
 
@@ -31,14 +30,16 @@ def train_tiny(out: Path, dropout: float = 0.0, kill_after: int | None = None, r
     process. Dropout (per-process RNG streams) is only used to test resuming."""
     rank = int(os.environ.get("RANK", "0"))
     writes = []
-    if rank != 0:  # record any file a non-zero rank would write
-        real = checkpoint_module.atomic_write_bytes
+    if rank != 0:  # record any file a non-zero rank would write (every write goes through zootune.atomic)
+        import zootune.atomic as atomic_module
 
-        def spy(path, data):
+        real = atomic_module.atomic_write
+
+        def spy(path, write):
             writes.append(str(path))
-            real(path, data)
+            return real(path, write)
 
-        checkpoint_module.atomic_write_bytes = metric_log_module.atomic_write_bytes = spy
+        checkpoint_module.atomic_write = atomic_module.atomic_write = spy
 
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 5, generator=g) * 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zootune.errors import ZootuneError
-from zootune.experiment import DEFAULT_EXCLUDED, RunConfig, run_experiment, select_methods, state_dict_checksum
+from zootune.experiment import RunConfig, default_excluded, run_experiment, select_methods, state_dict_checksum
 from zootune.methods.registry import available_methods
 from zootune.models import resnet_small
 
@@ -46,7 +46,7 @@ def test_select_methods_puts_requirements_first_and_rejects_unknown():
     default = [s.name for s in select_methods()]
     registered = available_methods()
     assert not any(registered[n].hub for n in default)
-    assert not set(default) & set(DEFAULT_EXCLUDED)
+    assert not set(default) & set(default_excluded())
     assert any(registered[n].hub for n in (s.name for s in select_methods(hub=True))) == any(
         s.hub for s in registered.values())
     with pytest.raises(ZootuneError, match="unknown method"):

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zootune.errors import ZootuneError
 from zootune.methods.hub_pathway import Hub, HubPathway, balance_loss, cv_squared, smooth_load
-from zootune.methods.registry import get_method
+from zootune.methods.registry import build_method, get_method
 from zootune.models import build_model, mixer_tiny32, resnet_small, vit_tiny32
 from zootune.tasks import ClassificationTask
 
@@ -328,7 +328,7 @@ def test_inference_flops_are_k_over_m_of_the_ensemble_plus_generator():
 def test_registered_as_hub_method_and_builds_from_a_task():
     spec = get_method("hub-pathway")
     assert spec.hub and spec.trains
-    model = spec.build(tiny_hub_models(), ClassificationTask(NUM_CLASSES), k=3, exploit_weight=0.5)
+    model = build_method(spec.name, tiny_hub_models(), ClassificationTask(NUM_CLASSES), options={'k': 3, 'exploit_weight': 0.5})
     assert isinstance(model, HubPathway) and model.k == 3 and model.exploit_weight == 0.5
     assert model(images(4)).shape == (4, NUM_CLASSES)
     assert model.finalize() is model

@@ -310,7 +310,7 @@ def test_cli_fit_with_folder_options(tmp_path, capsys):
     write_folder(tmp_path / "data" / "val", per_class=2, seed=1)
     torch.manual_seed(0)
     save_state_dict(tmp_path / "m.safetensors", resnet_small(depth=10, width=4).state_dict())
-    base = ["fit", "--arch", "zootune.models:resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4",
+    base = ["fit", "--arch", "resnet10_small", "--arch-option", "width=4",
             "--zoo", tmp_path / "m.safetensors", "--data", tmp_path / "data", "--method", "finetune",
             "--epochs", "1", "--batch-size", "4", "--image-size", "16", "--no-progress"]
     code = cli.main([str(a) for a in [*base, "--workers", "2", "--augment", "no-flip", "--cache-budget", "0",

@@ -21,7 +21,7 @@ from zootune.data.targets import (
 from zootune.data.transforms import MEAN, STD
 from zootune.engine import TrainConfig, Trainer, evaluate
 from zootune.errors import DataError, ZootuneError
-from zootune.methods.registry import get_method
+from zootune.methods.registry import build_method, get_method
 from zootune.models import resnet_small
 from zootune.tasks import ClassificationTask, LandmarkTask
 from zootune.zoo import Zoo
@@ -279,8 +279,8 @@ def test_landmarks_go_through_the_same_zoo_tuning_class_as_classification(method
     zoo = tiny_zoo()
     task = LandmarkTask(lm.NUM_LANDMARKS)
     spec = get_method(method)
-    built = spec.build(zoo, task)
-    assert type(built) is type(spec.build(zoo, ClassificationTask(4))) is ZooTuning
+    built = build_method(spec.name, zoo, task)
+    assert type(built) is type(build_method(spec.name, zoo, ClassificationTask(4))) is ZooTuning
     assert built(faces[0].images[:2]).shape == (2, 2 * lm.NUM_LANDMARKS)
     train, val = faces
     config = TrainConfig(epochs=3, batch_size=16, optimizer="adamw", lr=3e-3, progress=False, seed=0)
@@ -300,10 +300,10 @@ def test_ensemble_returns_the_mean_of_the_members_coordinates(faces):
     members = []
     for i in range(2):
         torch.manual_seed(i)
-        members.append(get_method("finetune").build(zoo, task, member=i).finalize().eval())
+        members.append(build_method("finetune", zoo, task, member=i).finalize().eval())
         with torch.no_grad():  # make the members' predictions differ clearly
             members[-1].fc.bias.add_(0.1 * i)
-    ensemble = get_method("ensemble").build(zoo, task, fitted={"finetune": members})
+    ensemble = build_method("ensemble", zoo, task, fitted={"finetune": members})
     x = faces[1].images[:5]
     expected = (members[0](x) + members[1](x)) / 2  # a plain average of (x, y) coordinates
     assert torch.allclose(ensemble(x), expected, atol=1e-6)
@@ -314,14 +314,14 @@ def test_soup_and_finetune_build_landmark_heads():
     task = LandmarkTask(lm.NUM_LANDMARKS)
     zoo = tiny_zoo(2)
     for method in ("soup", "finetune"):
-        model = get_method(method).build(zoo, task).finalize()
+        model = build_method(method, zoo, task).finalize()
         assert model.fc.out_features == 2 * lm.NUM_LANDMARKS and torch.all(model.fc.bias == 0.5)
 
 
 @pytest.mark.parametrize("method", ["knowledge-flow", "hub-pathway"])
 def test_other_zoo_methods_train_on_a_landmark_task(method, faces):
     task = LandmarkTask(lm.NUM_LANDMARKS)
-    model = get_method(method).build(tiny_zoo(2), task)
+    model = build_method(method, tiny_zoo(2), task)
     x, y = faces[0].images[:8], faces[0].landmarks[:8]
     outputs = model(x)
     assert outputs.shape == (8, 2 * lm.NUM_LANDMARKS)
@@ -336,7 +336,7 @@ def test_other_zoo_methods_train_on_a_landmark_task(method, faces):
 def test_distillation_refuses_a_landmark_task_with_one_clear_error():
     zoo = tiny_zoo(2)
     with pytest.raises(ZootuneError, match="classification only"):
-        get_method("distill").build(zoo, LandmarkTask(3), fitted={"finetune": list(zoo)})
+        build_method("distill", zoo, LandmarkTask(3), fitted={"finetune": list(zoo)})
 
 
 def test_comparison_run_on_a_landmark_target_selects_the_lowest_nme(tmp_path, faces):

@@ -173,19 +173,19 @@ def test_kendall_tau_equals_plain_pairwise_count():
             assert kendall_tau(a, b) == pytest.approx(plain_tau_b(a, b))
 
 
-def test_logme_vs_finetune_orients_tau_by_the_metric():
-    from zootune.experiment import logme_vs_finetune
+def test_logme_vs_members_orients_tau_by_the_metric():
+    from zootune.experiment import logme_vs_members
 
     scores = {"a": 0.9, "b": 0.5, "c": 0.1, "unranked": 0.0}
     accuracy = {"a": 70.0, "b": 80.0, "c": 60.0}  # "unranked" has no fine-tune: left out
-    cell = logme_vs_finetune(scores, accuracy, higher_is_better=True)
+    cell = logme_vs_members(scores, accuracy, higher_is_better=True)
     assert set(cell["scores"]) == {"a", "b", "c"}
     assert cell["top_match"] is False  # LogME's best (a) is not the best fine-tuned (b)
     assert cell["kendall_tau"] == pytest.approx(plain_tau_b([0.9, 0.5, 0.1], [70.0, 80.0, 60.0]))
     # An error metric (lower is better): LogME agreeing with the order of quality gives tau = +1.
     error = {"a": 1.0, "b": 2.0, "c": 3.0}
-    assert logme_vs_finetune(scores, error, higher_is_better=False)["kendall_tau"] == pytest.approx(1.0)
-    assert logme_vs_finetune(scores, error, higher_is_better=False)["top_match"] is True
+    assert logme_vs_members(scores, error, higher_is_better=False)["kendall_tau"] == pytest.approx(1.0)
+    assert logme_vs_members(scores, error, higher_is_better=False)["top_match"] is True
     # Undefined cases are None (JSON null), not NaN.
-    assert logme_vs_finetune(scores, {"a": 50.0, "b": 50.0}, True)["kendall_tau"] is None
-    assert logme_vs_finetune(scores, {"a": 50.0}, True)["kendall_tau"] is None
+    assert logme_vs_members(scores, {"a": 50.0, "b": 50.0}, True)["kendall_tau"] is None
+    assert logme_vs_members(scores, {"a": 50.0}, True)["kendall_tau"] is None

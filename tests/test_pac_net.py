@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.methods.pac_net import PACNet, build, magnitude_masks
+from zootune.methods.pac_net import PACNet, magnitude_masks
+from zootune.methods.registry import build_method
 from zootune.methods.pac_net.masked import MaskedLayer
 from zootune.models import resnet_small
 from zootune.tasks import ClassificationTask
@@ -333,13 +334,15 @@ def test_registry_build_without_source_data_is_prune_calibrate():
     members = [tiny_resnet(), tiny_resnet()]
     original = snapshot(members[1])
     with pytest.warns(UserWarning, match="prune-calibrate"):
-        net = spec.build(members, ClassificationTask(5), member=1, prune_fraction="0.5", l2_lambda="0.1")
+        net = build_method(spec.name, members, ClassificationTask(5), options={"prune_fraction": 0.5, "l2_lambda": 0.1}, member=1)
     assert net.stage == "calibrate" and net.mode == "prune-calibrate" and net.l2_lambda == 0.1
     assert net(torch.randn(2, 3, 16, 16)).shape == (2, 5)
     for k, v in members[1].state_dict().items():
         assert torch.equal(v, original[k])  # the zoo member itself is not changed
     with pytest.raises(ZootuneError, match="unknown pac-net option"):
-        build(members, ClassificationTask(5), prune_ratio=0.5)
+        build_method("pac-net", members, ClassificationTask(5), options={"prune_ratio": 0.5})
+    with pytest.raises(ZootuneError, match="prune_fraction.*must be a number"):
+        build_method("pac-net", members, ClassificationTask(5), options={"prune_fraction": "0.5"})
 
 
 # ---- through the shared engine -------------------------------------------------------------
@@ -382,32 +385,37 @@ def test_engine_allocate_then_calibrate_moves_only_the_intended_entries(optimize
 
 
 def test_registry_build_with_source_data_runs_allocate():
+    from types import SimpleNamespace
+
     from zootune.engine import TrainConfig
 
     members = [tiny_resnet(num_classes=3)]
-    config = TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.05, weight_decay=0.1,
-                         schedule="constant", progress=False)
+    source = SimpleNamespace(train=tensor_dataset(16), val=None, task=ClassificationTask(3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the full method must not warn "prune-calibrate"
-        net = build(members, ClassificationTask(4), source_data=tensor_dataset(16),
-                    source_task=ClassificationTask(3), allocate_config=config)
-    assert net.mode == "prune-allocate-calibrate" and net.stage == "calibrate"
+        net = build_method("pac-net", members, ClassificationTask(4), options={"allocate_epochs": 1,
+                           "allocate_batch_size": 8}, source=source, train_config=TrainConfig(progress=False))
+    assert net.mode == "prune-allocate-calibrate" and net.stage == "calibrate" and net.allocate_steps == 2
     for layer in net.masked_layers():
         assert torch.equal(layer.source_weight, layer.weight.detach())
         assert (layer.source_weight[~layer.essential_mask] == 0).all()
     from zootune.errors import DataError
 
     with pytest.raises(DataError, match="outputs"):
-        build(members, ClassificationTask(4), source_data=tensor_dataset(16), source_task=ClassificationTask(5))
+        build_method("pac-net", members, ClassificationTask(4),
+                     source=SimpleNamespace(train=tensor_dataset(16), val=None, task=ClassificationTask(5)))
 
 
-def test_cli_style_source_data_name_runs_allocate_on_that_dataset():
-    # The CLI passes options as parsed JSON values and the source data as a dataset name.
+def test_source_splits_from_the_suite_run_allocate_on_that_dataset():
+    # A source task given as DatasetSplits (what `zootune fit --source-data FOLDER` reads).
+    from zootune.data import get_target
+
     members = [resnet_small(num_classes=10, depth=10, width=4)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        net = build(members, ClassificationTask(3), source_data="digits8x8", allocate_epochs=1,
-                    allocate_batch_size=256, prune_fraction=0.5, scope="global")
+        net = build_method("pac-net", members, ClassificationTask(3), source=get_target("digits8x8"),
+                           options={"allocate_epochs": 1, "allocate_batch_size": 256, "prune_fraction": 0.5,
+                                    "scope": "global"})
     assert net.mode == "prune-allocate-calibrate" and net.allocate_steps == 3  # ceil(~540 / 256)
     zeros = sum(int((~layer.essential_mask).sum()) for layer in net.masked_layers())
     assert zeros == round(0.5 * sum(layer.essential_mask.numel() for layer in net.masked_layers()))

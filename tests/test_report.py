@@ -120,12 +120,12 @@ def test_plots_skip_with_a_note_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_markdown_shows_logme_rankings_and_kendall_tau():
-    from zootune.experiment import logme_vs_finetune
+    from zootune.experiment import logme_vs_members
 
     results = _results()
     per_target = {
-        "alpha": logme_vs_finetune({"m0": 0.3, "m1": 0.9, "m2": -0.2}, {"m0": 55.0, "m1": 60.0, "m2": 61.0}),
-        "beta": logme_vs_finetune({"m0": 0.1, "m1": 0.2, "m2": 0.3}, {"m0": 50.0, "m1": 60.0, "m2": 65.0}),
+        "alpha": logme_vs_members({"m0": 0.3, "m1": 0.9, "m2": -0.2}, {"m0": 55.0, "m1": 60.0, "m2": 61.0}),
+        "beta": logme_vs_members({"m0": 0.1, "m1": 0.2, "m2": 0.3}, {"m0": 50.0, "m1": 60.0, "m2": 65.0}),
     }
     taus = [per_target[t]["kendall_tau"] for t in ("alpha", "beta")]
     assert taus == [pytest.approx(-1 / 3), pytest.approx(1.0)]
@@ -190,10 +190,10 @@ def test_run_stores_logme_scores_and_tau_against_the_finetuned_members(tmp_path)
         assert cell["scores"][name] == pytest.approx(logme_score(features, train.labels), rel=1e-6)
     # Accuracies: the fine-tuned rows' test metric; tau: the plain pairwise formula on both.
     rows = {row["member"]: row for row in results["methods"] if row["member"]}
-    assert cell["finetune_test"] == {n: pytest.approx(rows[n]["targets"]["t"]["test"][0]) for n in rows}
+    assert cell["member_test"] == {n: pytest.approx(rows[n]["targets"]["t"]["test"][0]) for n in rows}
     names = sorted(rows)
     x = [cell["scores"][n] for n in names]
-    y = [cell["finetune_test"][n] for n in names]
+    y = [cell["member_test"][n] for n in names]
     pairs = [(i, j) for i in range(3) for j in range(i + 1, 3)]
     signs = [((x[i] > x[j]) - (x[i] < x[j]), (y[i] > y[j]) - (y[i] < y[j])) for i, j in pairs]
     untied_x, untied_y = sum(a != 0 for a, _ in signs), sum(b != 0 for _, b in signs)

@@ -15,7 +15,7 @@ pytest.importorskip("minatar")
 
 import zootune.cli.main as cli
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.methods.registry import get_method
+from zootune.methods.registry import build_method
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.rl import (
     GAMES,
@@ -214,7 +214,7 @@ def test_rl_path_builds_the_same_zoo_tuning_class_as_classification_and_trains_t
     zoo = tiny_zoo()
     task = RLTask()
     rl_model = build_q_network("zoo-tuning", zoo, task, seed=0)
-    classifier = get_method("zoo-tuning").build(zoo, ClassificationTask(3))
+    classifier = build_method("zoo-tuning", zoo, ClassificationTask(3))
     assert type(rl_model) is type(classifier) is ZooTuning
     assert rl_model.model.head.out_features == 6 and list(rl_model.aggregated_layers()) == ["conv"]
     wide = build_q_network("zoo-tuning", zoo, task, seed=0, aggregate="conv+linear")

@@ -7,7 +7,7 @@ from torch import nn
 
 from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
 from zootune.layers import AggregatedLayer
-from zootune.methods.registry import get_method
+from zootune.methods.registry import build_method
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.models import resnet_small
 from zootune.tasks import ClassificationTask
@@ -130,8 +130,8 @@ def test_gate_statistics_are_mean_gates_over_the_pass():
 def test_registry_builds_both_methods_with_task_head():
     zoo = tiny_zoo(2)
     task = ClassificationTask(5)
-    full = get_method("zoo-tuning").build(zoo, task, formulation="grouped")
-    lite = get_method("lite").build(zoo, task, formulation="stacked")
+    full = build_method("zoo-tuning", zoo, task, options={'formulation': "grouped"})
+    lite = build_method("lite", zoo, task, options={'formulation': "stacked"})
     assert not full.config.lite and lite.config.lite
     assert full(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     assert all(layer.formulation == "stacked" for layer in lite.aggregated_layers().values())

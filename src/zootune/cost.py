@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from zootune.errors import ZootuneError
-from zootune.methods.base import unwrap
+from zootune.engine.distributed import unwrap
 
 __all__ = [
     "Cost", "conv_backward_flop", "count_cost", "count_flops", "count_macs", "count_params",

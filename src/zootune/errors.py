@@ -24,4 +24,27 @@ class DataError(ZootuneError):
 
 
 class NonFiniteLossError(ZootuneError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss (or weights).
+
+    ``checkpoint``: the last good checkpoint that was kept, or None when none had been written yet;
+    ``cause``: what happened, without advice; ``str()`` adds advice for Python callers (the CLI words
+    its own, with its flags).
+    """
+
+    def __init__(self, cause: str, *, checkpoint=None, advice: str = ""):
+        super().__init__(f"{cause}; {advice}" if advice else cause)
+        self.cause = cause
+        self.checkpoint = checkpoint
+
+
+class UntrustedCodeError(ZootuneError):
+    """A file or option names code to import (``module:function``) and code was not trusted.
+
+    Loading a checkpoint, a model folder or a config never runs code from it: only registered names
+    (architectures, methods) are looked up. Importing a named builder needs ``trust_code=True``
+    (``--trust-code`` on the command line).
+    """
+
+
+class OptionError(ZootuneError):
+    """An option has an unknown name, a value of the wrong type, or a value out of range."""

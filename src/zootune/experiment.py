@@ -3,11 +3,16 @@
 For each target task and seed, each selected method is built from the zoo
 (:func:`zootune.methods.registry.get_method`), trained with the shared engine
 (:class:`zootune.engine.Trainer`, model selection on the validation split), finalized, and
-evaluated once on the test split. Methods that need other methods' trained models (the ensemble and
-distillation need the fine-tuned members: ``MethodSpec.requires``) receive those of the same target
-and seed. Costs per sample come from :func:`zootune.cost.measure_cost` on the training-time module
-and the finalized inference module, never from hand-typed numbers. For Zoo-Tuning the mean gate
-weight of every aggregated layer over the validation split is recorded for the heatmap.
+evaluated once on the test split. Methods that need other methods' trained models
+(``MethodSpec.requires``) receive those of the same target and seed. Costs per sample come from
+:func:`zootune.cost.measure_cost` on the training-time module and the finalized inference module,
+never from hand-typed numbers. For methods that report gates (``MethodSpec.reports_gates``) the mean
+gate weight of every aggregated layer over the validation split is recorded for the heatmap.
+
+The run goes target -> seed -> method (:func:`run_experiment`, :func:`_run_target`,
+:func:`_run_seed`); every trained model gives one typed :class:`MethodResult`, and the rows of the
+table are grouped from those records at the end (:func:`_rows`). No method is named here: what the
+run does with a method follows from its :class:`~zootune.methods.registry.MethodSpec`.
 
 The result is one JSON-serialisable dictionary (``results.json``)::
 
@@ -19,16 +24,17 @@ The result is one JSON-serialisable dictionary (``results.json``)::
                                        "cost": {...}}},
                   "mean", "mean_std", "cost": {...}}],
      "gates": {method: {target: {layer: [one mean gate weight per member]}}},
-     "logme": {"targets": {target: {"scores", "finetune_test", "kendall_tau", "top_match"}},
+     "logme": {"targets": {target: {"scores", "member_test", "kendall_tau", "top_match"}},
                "mean_kendall_tau"},
      "seconds"}
 
 ``mean`` is the mean over targets of the per-target test mean; ``mean_std`` the standard deviation
-over seeds of the per-seed mean over targets. The row "finetune (best on val)" picks, per target and
-seed, the fine-tuned member with the best validation metric: the honest single-model baseline.
-``logme``: when the single fine-tunes run, each member's LogME score on the target's training images
-(frozen features, one pass) and Kendall's tau between that ranking and the members' fine-tuned test
-metric (mean over seeds) -- how well ranking without training would have picked the member.
+over seeds of the per-seed mean over targets. For a per-member method (``MethodSpec.per_member``,
+e.g. fine-tuning) the row "<method> (best on val)" picks, per target and seed, the member with the
+best validation metric: the honest single-model baseline. ``logme``: when a per-member method runs,
+each member's LogME score on the target's training images (frozen features, one pass) and Kendall's
+tau between that ranking and the members' test metric (mean over seeds) -- how well ranking without
+training would have picked the member.
 """
 
 from __future__ import annotations
@@ -39,26 +45,19 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from zootune.errors import ZootuneError
 from zootune.layers import autotune
-from zootune.methods.registry import MethodSpec, available_methods, get_method
+from zootune.methods.registry import BuildContext, MethodSpec, available_methods, get_method
 from zootune.report import atomic_write_json, atomic_write_text, mean_std, results_markdown, results_table
 from zootune.tasks import ClassificationTask
 from zootune.version import __version__
 
-# Registered methods that ``zootune run`` leaves out unless named with --methods, and why.
-DEFAULT_EXCLUDED = {
-    # PAC-Net transfers ONE source model and needs that model's source data for its Allocate step;
-    # the MiniZoo run has no per-member source data to hand, so it would run a degraded variant.
-    "pac-net": "single-source method that needs source data (name it with --methods to run it)",
-}
-
-BEST_SINGLE_ID = "finetune:best-on-val"
+BEST_ON_VAL = "best-on-val"  # id suffix of a per-member method's "best on val" row
 
 
 @dataclass
@@ -66,9 +65,10 @@ class RunConfig:
     """What ``zootune run`` compares and how long it trains.
 
     ``targets=None`` means every target of the suite; ``methods=None`` every registered method that
-    applies (hub methods only with ``hub=True``; see ``DEFAULT_EXCLUDED``). Every training uses the
-    same optimiser settings (as the paper's Table 1 does); ``method_options`` passes keyword options
-    to a method's ``build`` (``{"zoo-tuning": {"align": "all"}}``).
+    applies (hub methods only with ``hub=True``; methods with ``MethodSpec.in_default_run=False`` only
+    when named). Every training uses the same optimiser settings (as the paper's Table 1 does);
+    ``method_options`` gives a method its options (``{"zoo-tuning": {"align": "all"}}``), checked
+    against the method's declared options before anything is trained.
     """
 
     # Budget of the full default (4 targets x 3 seeds x 11 trainings, ~20 min on 2 quiet CPU cores):
@@ -92,7 +92,7 @@ class RunConfig:
     cache_dir: str | None = None
     plots: bool = True
     progress: bool = False
-    deterministic: bool = True  # choose Zoo-Tuning's exact formulations by MACs, not by timing
+    deterministic: bool = True  # choose exact formulations by multiply-adds, not by timing
     method_options: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
@@ -149,12 +149,18 @@ def member_names(zoo: Sequence[nn.Module]) -> list[str]:
     return list(names) if names is not None else [f"member{i}" for i in range(len(zoo))]
 
 
+def default_excluded() -> dict[str, str]:
+    """Registered methods that ``zootune run`` leaves out unless named, with the reason."""
+    return {name: spec.default_run_note or "left out of the default comparison"
+            for name, spec in available_methods().items() if not spec.in_default_run}
+
+
 def select_methods(names: Sequence[str] | None = None, hub: bool = False) -> list[MethodSpec]:
     """The methods to run, in registry order, with every method a selected one ``requires`` added
     before it. Unknown names raise :class:`ZootuneError` listing the known ones."""
     registered = available_methods()
     if names is None:
-        wanted = [n for n, s in registered.items() if (hub or not s.hub) and n not in DEFAULT_EXCLUDED]
+        wanted = [n for n, s in registered.items() if (hub or not s.hub) and s.in_default_run]
     else:
         wanted = [get_method(n).name for n in names]
     ordered: list[str] = []
@@ -171,6 +177,17 @@ def select_methods(names: Sequence[str] | None = None, hub: bool = False) -> lis
     for name in sorted(wanted, key=list(registered).index):
         add(name)
     return [registered[n] for n in ordered]
+
+
+def parse_method_options(specs: Sequence[MethodSpec], method_options: dict | None) -> dict[str, Any]:
+    """Every selected method's options, checked before any work (:meth:`MethodSpec.parse_options`);
+    options for a method that is not selected are refused too (a typo would otherwise be ignored)."""
+    method_options = dict(method_options or {})
+    names = {spec.name for spec in specs}
+    stray = sorted(set(method_options) - names)
+    if stray:
+        raise ZootuneError(f"options given for method(s) not in this run: {', '.join(stray)}")
+    return {spec.name: spec.parse_options(method_options.get(spec.name)) for spec in specs}
 
 
 def resolve_targets(names: Sequence[str] | None) -> list[str]:
@@ -214,7 +231,7 @@ def _example_input(dataset, n: int = 16) -> torch.Tensor:
 
 
 def _record_gates(module: nn.Module, task, dataset, batch_size: int) -> dict[str, list[float]] | None:
-    """Mean gate weight per aggregated layer over ``dataset`` (Zoo-Tuning's gate statistics API)."""
+    """Mean gate weight per aggregated layer over ``dataset`` (the gate statistics API)."""
     if not (hasattr(module, "record_gates") and hasattr(module, "gate_statistics")):
         return None
     from zootune.engine import evaluate
@@ -225,7 +242,7 @@ def _record_gates(module: nn.Module, task, dataset, batch_size: int) -> dict[str
 
 
 # --------------------------------------------------------------------------------------------------
-# One method on one target and seed
+# Fitting one method, with what it requires (shared by `zootune run` and `zootune fit`)
 
 
 @dataclass
@@ -239,6 +256,19 @@ class Fitted:
     cost: dict | None = None
 
 
+@dataclass
+class FittedSet:
+    """The methods fitted so far for one target and seed: what later methods may require."""
+
+    models: dict[str, Any] = field(default_factory=dict)  # method -> finalized model (a list per member)
+    member_val_metrics: list[float] | None = None  # a per-member method's validation metrics, zoo order
+
+    def add(self, spec: MethodSpec, fits: Sequence[Fitted], zoo_size: int) -> None:
+        self.models[spec.name] = [f.model for f in fits] if spec.per_member else fits[0].model
+        if spec.per_member and len(fits) == zoo_size:
+            self.member_val_metrics = [f.val_metric for f in fits]
+
+
 def fit_method(
     spec: MethodSpec,
     zoo,
@@ -248,14 +278,16 @@ def fit_method(
     *,
     member: int | None = None,
     fitted: dict | None = None,
-    options: dict | None = None,
+    options=None,
+    member_val_metrics: Sequence[float] | None = None,
+    source=None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     eval_batch_size: int = 256,
     cost_input: torch.Tensor | None = None,
 ) -> Fitted:
-    """Build ``spec`` on ``zoo`` for ``task``, train it on ``splits.train`` (selection on
-    ``splits.val``) unless ``spec.trains`` is False, and finalize it.
+    """Build ``spec`` on ``zoo`` for ``task`` (a :class:`BuildContext` with the data splits), train
+    it on ``splits.train`` (selection on ``splits.val``) unless ``spec.trains`` is False, and finalize it.
 
     With ``cost_input`` the costs are measured (:func:`zootune.cost.measure_cost`): the training
     columns on the module as built, before training (what training runs: e.g. Knowledge Flow's
@@ -265,9 +297,14 @@ def fit_method(
     from zootune.cost import measure_cost
     from zootune.engine import Trainer, evaluate
 
+    config = spec.parse_options(options)
     torch.manual_seed(train_config.seed)  # the new heads and gates are initialised from this seed
-    requires = {name: (fitted or {})[name] for name in spec.requires}
-    built = spec.build(zoo, task, member=member, fitted=requires, **(options or {}))
+    fitted = fitted or {}
+    ctx = BuildContext(zoo=zoo, task=task, config=config, data=splits, source=source,
+                       fitted={name: fitted[name] for name in spec.requires if name in fitted},
+                       member=member, member_val_metrics=member_val_metrics, train_config=train_config,
+                       seed=train_config.seed)
+    built = spec.build(ctx)
     train_cost = None
     if cost_input is not None:
         # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
@@ -293,55 +330,113 @@ def fit_method(
     return Fitted(built, model, float(val_metric), seconds, cost)
 
 
-def _method_options(spec: MethodSpec, options: dict | None, finetune_val: Sequence[float]) -> dict:
-    """``options`` plus ``val_metrics`` (the fine-tuned members' validation metrics, zoo order) for a
-    method whose ``build`` takes them (distillation and Knowledge Flow start their student from the
-    best-validated member), unless the user set it or the fine-tunes have not run."""
-    import inspect
+def fit_members(
+    spec: MethodSpec,
+    zoo,
+    task,
+    splits,
+    train_config,
+    done: FittedSet,
+    *,
+    members: Sequence[int] | None = None,
+    options=None,
+    source=None,
+    out_dir: Callable[[int | None], Path | None] | None = None,
+    resume: bool = False,
+    eval_batch_size: int = 256,
+    cost_input: torch.Tensor | None = None,
+) -> list[tuple[int | None, Fitted]]:
+    """Fit ``spec`` once, or once per zoo member (``members``, default all) for a per-member method;
+    what it requires is taken from ``done``, and its models are added to ``done``."""
+    chosen = (list(range(len(zoo))) if members is None else list(members)) if spec.per_member else [None]
+    fits = []
+    for member in chosen:
+        fits.append((member, fit_method(
+            spec, zoo, task, splits, train_config, member=member, fitted=done.models, options=options,
+            member_val_metrics=done.member_val_metrics, source=source,
+            out_dir=out_dir(member) if out_dir is not None else None, resume=resume,
+            eval_batch_size=eval_batch_size, cost_input=cost_input)))
+    done.add(spec, [f for _, f in fits], len(zoo))
+    return fits
 
-    options = dict(options or {})
-    if finetune_val and "val_metrics" not in options and "student_member" not in options:
-        if "val_metrics" in inspect.signature(spec.build).parameters:
-            options["val_metrics"] = list(finetune_val)
-    return options
+
+def fit_with_requirements(
+    spec: MethodSpec,
+    zoo,
+    task,
+    splits,
+    train_config,
+    *,
+    member: int | None = None,
+    options=None,
+    source=None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    echo: Callable[[str], None] | None = None,
+    eval_batch_size: int = 256,
+) -> tuple[Fitted, FittedSet]:
+    """``zootune fit``: the methods ``spec`` requires (every member of a per-member one; with their
+    defaults, each in ``out_dir/requires/<method>[-<member>]`` so that ``resume`` continues any of
+    them), then ``spec`` itself in ``out_dir/train`` (a per-member method: ``member``, default 0)."""
+    done = FittedSet()
+    root = Path(out_dir) if out_dir is not None else None
+
+    def folder(name: str):
+        if root is None:
+            return None
+        return lambda m: root / "requires" / (name if m is None else f"{name}-{m}")
+
+    for required in select_methods([spec.name])[:-1]:
+        if echo is not None:
+            echo(f"training {required.name} (needed by {spec.name})")
+        fit_members(required, zoo, task, splits, train_config, done, out_dir=folder(required.name),
+                    resume=resume, eval_batch_size=eval_batch_size)
+    fits = fit_members(spec, zoo, task, splits, train_config, done, members=[member or 0], options=options,
+                       source=source, out_dir=None if root is None else (lambda _m: root / "train"),
+                       resume=resume, eval_batch_size=eval_batch_size)
+    return fits[0][1], done
 
 
-def logme_vs_finetune(
-    logme_scores: dict[str, float], finetune_metrics: dict[str, float], higher_is_better: bool = True
+# --------------------------------------------------------------------------------------------------
+# LogME against the members' fine-tuned results
+
+
+def logme_vs_members(
+    logme_scores: dict[str, float], member_metrics: dict[str, float], higher_is_better: bool = True
 ) -> dict:
-    """How well LogME's ranking of the zoo predicts the fine-tuned members' test metric on a target.
+    """How well LogME's ranking of the zoo predicts the members' trained test metric on a target.
 
-    Returns ``{"scores", "finetune_test", "kendall_tau", "top_match"}``: Kendall's tau-b
+    Returns ``{"scores", "member_test", "kendall_tau", "top_match"}``: Kendall's tau-b
     (:func:`zootune.methods.logme.kendall_tau`; ties counted as scipy does) between the LogME scores and
-    the fine-tuned metrics of the members both have (negated when lower is better, so tau = 1 always
-    means "LogME ranks the members in the order fine-tuning does"); None when undefined (fewer than
+    the members' metrics for the members both have (negated when lower is better, so tau = 1 always
+    means "LogME ranks the members in the order training does"); None when undefined (fewer than
     two members, or one of the lists constant). ``top_match``: whether LogME's best member is (one of)
-    the best fine-tuned: what a user who fine-tunes only LogME's pick gets.
+    the best trained: what a user who trains only LogME's pick gets.
     """
     import math
 
     from zootune.methods.logme import kendall_tau
 
-    names = [n for n in logme_scores if n in finetune_metrics]
+    names = [n for n in logme_scores if n in member_metrics]
     sign = 1.0 if higher_is_better else -1.0
     tau = None
     if len(names) >= 2:
-        value = kendall_tau([logme_scores[n] for n in names], [sign * finetune_metrics[n] for n in names])
+        value = kendall_tau([logme_scores[n] for n in names], [sign * member_metrics[n] for n in names])
         tau = value if math.isfinite(value) else None
     top_match = None
     if names:
         best_logme = max(names, key=lambda n: logme_scores[n])
-        top_match = sign * finetune_metrics[best_logme] == max(sign * finetune_metrics[n] for n in names)
+        top_match = sign * member_metrics[best_logme] == max(sign * member_metrics[n] for n in names)
     return {
         "scores": {n: float(logme_scores[n]) for n in names},
-        "finetune_test": {n: float(finetune_metrics[n]) for n in names},
+        "member_test": {n: float(member_metrics[n]) for n in names},
         "kendall_tau": tau,
         "top_match": top_match,
     }
 
 
 def _logme_summary(per_target: dict[str, dict]) -> dict:
-    """``{"targets": {target: logme_vs_finetune(...)}, "mean_kendall_tau"}`` (mean over the targets
+    """``{"targets": {target: logme_vs_members(...)}, "mean_kendall_tau"}`` (mean over the targets
     where tau is defined; None if none is)."""
     taus = [cell["kendall_tau"] for cell in per_target.values() if cell["kendall_tau"] is not None]
     return {"targets": per_target, "mean_kendall_tau": sum(taus) / len(taus) if taus else None}
@@ -357,17 +452,147 @@ def _logme_scores(zoo, dataset, batch_size: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The comparison
+# The comparison: target -> seed -> method, one typed record per trained model
 
 
-def _new_row(row_id: str, label: str, method: str, member: str | None) -> dict:
-    return {"id": row_id, "label": label, "method": method, "member": member, "targets": {}, "cost": None}
+@dataclass
+class MethodResult:
+    """One trained model (one member of a per-member method) on one target and seed."""
+
+    row_id: str
+    label: str
+    method: str
+    member: str | None
+    target: str
+    seed: int
+    test: float
+    val: float
+    seconds: float
+    cost: dict | None = None  # measured on the first seed
+    gates: dict[str, list[float]] | None = None  # first seed, methods that report gates
+    chosen: str | None = None  # a "best on val" row: the row it picked
+
+
+@dataclass
+class _RunContext:
+    config: RunConfig
+    specs: list[MethodSpec]
+    options: dict[str, Any]
+    zoo: Any
+    hub: Any
+    log: RunLog
+
+
+def _best_on_val(spec: MethodSpec, records: list[MethodResult], higher_is_better: bool) -> MethodResult:
+    best = records[0]
+    for record in records[1:]:
+        if record.val > best.val if higher_is_better else record.val < best.val:
+            best = record
+    return MethodResult(row_id=f"{spec.name}:{BEST_ON_VAL}", label=f"{spec.name} (best on val)", method=spec.name,
+                        member=None, target=best.target, seed=best.seed, test=best.test, val=best.val,
+                        seconds=0.0, cost=best.cost, chosen=best.row_id)
+
+
+def _run_seed(run: _RunContext, target: str, splits, task, seed: int, first_seed: bool,
+              example: torch.Tensor) -> list[MethodResult]:
+    """Every method on one target and seed; requirements are fitted once and shared."""
+    from zootune.engine import evaluate
+
+    config, log = run.config, run.log
+    train_config = _train_config(config, seed)
+    done = FittedSet()
+    records: list[MethodResult] = []
+    for spec in run.specs:
+        if not spec.supports(task):
+            if first_seed:
+                log(f"{spec.name}: skipped on {target} (supports "
+                    f"{', '.join(t.__name__ for t in spec.task_types)} only)")
+            continue
+        source = run.hub if spec.hub else run.zoo
+        names = member_names(source)
+        fits = fit_members(spec, source, task, splits, train_config, done, options=run.options[spec.name],
+                           eval_batch_size=config.eval_batch_size,
+                           # the architecture is the same for every seed: measure once per target
+                           cost_input=example if first_seed else None)
+        method_records = []
+        for member, result in fits:
+            test = float(evaluate(result.model, task, splits.test, batch_size=config.eval_batch_size)[task.metric_name])
+            member_name = None if member is None else names[member]
+            row_id = spec.name if member is None else f"{spec.name}:{member_name}"
+            label = spec.name if member is None else f"{spec.name} [{member_name}]"
+            record = MethodResult(row_id, label, spec.name, member_name, target, seed, test, result.val_metric,
+                                  round(result.seconds, 2), cost=result.cost if first_seed else None)
+            if first_seed and spec.reports_gates:
+                record.gates = _record_gates(result.built, task, splits.val, config.eval_batch_size)
+                if record.gates is None:
+                    log(f"{spec.name}: no gate statistics API; gate heatmap skipped")
+            log(f"{target} seed {seed} {label}: val {result.val_metric:.2f} test {test:.2f} "
+                f"{task.metric_name} ({result.seconds:.1f} s)")
+            method_records.append(record)
+        records += method_records
+        if spec.per_member:
+            records.append(_best_on_val(spec, method_records, task.higher_is_better))
+    return records
+
+
+def _run_target(run: _RunContext, target: str, splits, task) -> tuple[list[MethodResult], dict | None]:
+    """Every seed on one target; and LogME's ranking against the first per-member method's results."""
+    config, log = run.config, run.log
+    # costs per sample at the training batch size: per-step work (Zoo-Tuning's alignment of the
+    # bank) is shared by the batch in training, as measure_cost's per-sample numbers assume
+    example = _example_input(splits.train, n=config.batch_size)
+    kind = (f"{splits.num_classes} classes" if isinstance(task, ClassificationTask)
+            else f"{type(task).__name__}, {task.metric_name}")
+    log(f"target {target}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, {kind}")
+    per_member = next((spec for spec in run.specs if spec.per_member and not spec.hub and spec.supports(task)), None)
+    logme_scores = None
+    if per_member is not None:
+        try:
+            logme_scores = _logme_scores(run.zoo, splits.train, config.eval_batch_size)
+        except ZootuneError as error:
+            log(f"target {target}: LogME ranking skipped ({error})")
+    records: list[MethodResult] = []
+    for index, seed in enumerate(config.seeds):
+        records += _run_seed(run, target, splits, task, seed, index == 0, example)
+    if logme_scores is None:
+        return records, None
+    tests: dict[str, list[float]] = {}
+    for record in records:
+        if record.method == per_member.name and record.member is not None:
+            tests.setdefault(record.member, []).append(record.test)
+    cell = logme_vs_members(logme_scores, {m: sum(v) / len(v) for m, v in tests.items()}, task.higher_is_better)
+    tau = cell["kendall_tau"]
+    log(f"target {target}: LogME ranking {', '.join(sorted(logme_scores, key=logme_scores.get, reverse=True))}"
+        f"; Kendall tau vs {per_member.name} test {task.metric_name}: {'-' if tau is None else f'{tau:.2f}'}")
+    return records, cell
+
+
+def _rows(records: list[MethodResult], targets: list[str], seeds: list[int]) -> tuple[list[dict], dict]:
+    """The table's rows (in the order rows first appear) and the gate statistics, from the records."""
+    rows: dict[str, dict] = {}
+    gates: dict[str, dict] = {}
+    for r in records:
+        row = rows.setdefault(r.row_id, {"id": r.row_id, "label": r.label, "method": r.method, "member": r.member,
+                                         "targets": {}, "cost": None})
+        cell = row["targets"].setdefault(r.target, {"test": [], "val": [], "seconds": []})
+        cell["test"].append(r.test)
+        cell["val"].append(r.val)
+        cell["seconds"].append(r.seconds)
+        if r.chosen is not None:
+            cell.setdefault("chosen", []).append(r.chosen)
+        if r.cost is not None:
+            cell["cost"] = r.cost
+        if r.gates:
+            gates.setdefault(r.method, {})[r.target] = r.gates
+    ordered = list(rows.values())
+    _summarise(ordered, targets, seeds)
+    return ordered, gates
 
 
 def _summarise(rows: list[dict], targets: list[str], seeds: list[int]) -> None:
     for row in rows:
         per_seed_means = []
-        for target, cell in row["targets"].items():
+        for cell in row["targets"].values():
             cell["test_mean"], cell["test_std"] = mean_std(cell["test"])
             cell["val_mean"], cell["val_std"] = mean_std(cell["val"])
         if all(t in row["targets"] for t in targets):
@@ -379,6 +604,23 @@ def _summarise(rows: list[dict], targets: list[str], seeds: list[int]) -> None:
             row["mean"], row["mean_std"] = None, None
         if row["cost"] is None and row["targets"]:
             row["cost"] = next(iter(row["targets"].values())).get("cost")
+
+
+def _load_zoo(config: RunConfig, log: RunLog) -> tuple[Any, list | None, float]:
+    """The MiniZoo, built first where members are missing (timed apart from the run)."""
+    from zootune.minizoo import build_minizoo, list_minizoo, load_minizoo
+
+    build_seconds = 0.0
+    missing = [r["name"] for r in list_minizoo(cache_dir=config.cache_dir) if not (r["built"] and r["checksum_ok"])]
+    if missing:
+        # Pretraining is a one-time cost (cached): timed and reported apart from the run.
+        log(f"building MiniZoo members {', '.join(missing)} (once; cached for later runs)")
+        build_start = time.perf_counter()
+        build_minizoo(cache_dir=config.cache_dir, progress=config.progress)
+        build_seconds = time.perf_counter() - build_start
+        log(f"MiniZoo built in {build_seconds:.0f} s (not counted in the run's time)")
+    zoo = load_minizoo(cache_dir=config.cache_dir, build_if_missing=False)
+    return zoo, list_minizoo(cache_dir=config.cache_dir), build_seconds
 
 
 def run_experiment(
@@ -399,59 +641,42 @@ def run_experiment(
     ``load_target(name, seed) -> DatasetSplits`` to :func:`zootune.data.targets.get_target`; tests
     pass tiny ones. ``target_names`` then overrides the suite's names.
     """
-    from zootune.engine import evaluate
+    specs = select_methods(config.methods, hub=config.hub)
+    options = parse_method_options(specs, config.method_options)  # before any work
+    if load_target is None:
+        from functools import partial
 
+        from zootune.data.targets import get_target
+
+        load_target = partial(get_target, cache_dir=config.cache_dir)
+        targets = resolve_targets(config.targets)
+    else:
+        targets = list(target_names or config.targets or [])
+        if not targets:
+            raise ZootuneError("no targets given")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir / "log.txt", echo)
     started = time.perf_counter()
     cleanup = contextlib.ExitStack()
     if config.deterministic:
-        # Zoo-Tuning's formulation chosen by multiply-adds, not by timing (which depends on load):
-        # the same command then gives the same numbers on the same machine.
+        # Exact formulations chosen by multiply-adds, not by timing (which depends on load): the same
+        # command then gives the same numbers on the same machine.
         cleanup.enter_context(autotune.by_macs())
     try:
-        specs = select_methods(config.methods, hub=config.hub)
-        if load_target is None:
-            from functools import partial
-
-            from zootune.data.targets import get_target
-
-            load_target = partial(get_target, cache_dir=config.cache_dir)
-            targets = resolve_targets(config.targets)
-        else:
-            targets = list(target_names or config.targets or [])
-            if not targets:
-                raise ZootuneError("no targets given")
         manifest, build_seconds = None, 0.0
         if zoo is None:
-            from zootune.minizoo import build_minizoo, list_minizoo, load_minizoo
-
-            missing = [r["name"] for r in list_minizoo(cache_dir=config.cache_dir)
-                       if not (r["built"] and r["checksum_ok"])]
-            if missing:
-                # Pretraining is a one-time cost (cached): timed and reported apart from the run.
-                log(f"building MiniZoo members {', '.join(missing)} (once; cached for later runs)")
-                build_start = time.perf_counter()
-                build_minizoo(cache_dir=config.cache_dir, progress=config.progress)
-                build_seconds = time.perf_counter() - build_start
-                log(f"MiniZoo built in {build_seconds:.0f} s (not counted in the run's time)")
-            zoo = load_minizoo(cache_dir=config.cache_dir, build_if_missing=False)
-            manifest = list_minizoo(cache_dir=config.cache_dir)
+            zoo, manifest, build_seconds = _load_zoo(config, log)
         if hub is None and any(spec.hub for spec in specs):
             from zootune.minizoo.hub import load_hub
 
             hub = load_hub(cache_dir=config.cache_dir)
         names = member_names(zoo)
-        log(
-            f"zootune {__version__}: {len(specs)} methods ({', '.join(s.name for s in specs)}) on "
-            f"{len(targets)} targets ({', '.join(targets)}) x {len(config.seeds)} seeds; zoo: {', '.join(names)}"
-        )
-
-        rows: dict[str, dict] = {}
-        gates: dict[str, dict] = {}
-        logme: dict[str, dict] = {}  # target -> LogME scores vs fine-tuned accuracies (Kendall's tau)
-        rank_with_logme = any(spec.name == "finetune" for spec in specs)
+        log(f"zootune {__version__}: {len(specs)} methods ({', '.join(s.name for s in specs)}) on "
+            f"{len(targets)} targets ({', '.join(targets)}) x {len(config.seeds)} seeds; zoo: {', '.join(names)}")
+        run = _RunContext(config, specs, options, zoo, hub, log)
+        records: list[MethodResult] = []
+        logme: dict[str, dict] = {}
         metric_name, higher_is_better = None, True
         for target in targets:
             splits = load_target(target, seed=config.data_seed)
@@ -462,98 +687,11 @@ def run_experiment(
                     f"target {target!r} is scored by {task.metric_name}, the targets before it by "
                     f"{metric_name}; run targets with different metrics separately")
             metric_name, higher_is_better = task.metric_name, task.higher_is_better
-            # costs per sample at the training batch size: per-step work (Zoo-Tuning's alignment of
-            # the bank) is shared by the batch in training, as measure_cost's per-sample numbers assume
-            example = _example_input(splits.train, n=config.batch_size)
-            kind = (f"{splits.num_classes} classes" if isinstance(task, ClassificationTask)
-                    else f"{type(task).__name__}, {task.metric_name}")
-            log(f"target {target}: {len(splits.train)} train / {len(splits.val)} val / "
-                f"{len(splits.test)} test, {kind}")
-            logme_scores = None
-            if rank_with_logme:
-                try:
-                    logme_scores = _logme_scores(zoo, splits.train, config.eval_batch_size)
-                except ZootuneError as error:
-                    log(f"target {target}: LogME ranking skipped ({error})")
-            for seed_index, seed in enumerate(config.seeds):
-                train_config = _train_config(config, seed)
-                fitted: dict[str, object] = {}
-                finetune_val: list[float] = []  # the fine-tuned members' validation metrics, zoo order
-                best_single = None
-                for spec in specs:
-                    if not spec.supports(task):
-                        if seed_index == 0:
-                            log(f"{spec.name}: skipped on {target} (supports "
-                                f"{', '.join(t.__name__ for t in spec.task_types)} only)")
-                        continue
-                    source = hub if spec.hub else zoo
-                    members = range(len(source)) if spec.per_member else [None]
-                    per_member_models = []
-                    for member in members:
-                        if member is None:
-                            row_id, label, member_name = spec.name, spec.name, None
-                        else:
-                            member_name = member_names(source)[member]
-                            row_id, label = f"{spec.name}:{member_name}", f"{spec.name} [{member_name}]"
-                        result = fit_method(
-                            spec, source, task, splits, train_config, member=member, fitted=fitted,
-                            options=_method_options(spec, config.method_options.get(spec.name), finetune_val),
-                            eval_batch_size=config.eval_batch_size,
-                            # the architecture is the same for every seed: measure once per target
-                            cost_input=example if seed_index == 0 else None,
-                        )
-                        test = evaluate(result.model, task, splits.test, batch_size=config.eval_batch_size)
-                        test_metric = float(test[metric_name])
-                        row = rows.setdefault(row_id, _new_row(row_id, label, spec.name, member_name))
-                        cell = row["targets"].setdefault(target, {"test": [], "val": [], "seconds": []})
-                        cell["test"].append(test_metric)
-                        cell["val"].append(result.val_metric)
-                        cell["seconds"].append(round(result.seconds, 2))
-                        if seed_index == 0:
-                            cell["cost"] = result.cost
-                            if spec.name in ("zoo-tuning", "lite"):
-                                stats = _record_gates(result.built, task, splits.val, config.eval_batch_size)
-                                if stats:
-                                    gates.setdefault(spec.name, {})[target] = stats
-                                elif stats is None:
-                                    log(f"{spec.name}: no gate statistics API; gate heatmap skipped")
-                        log(f"{target} seed {seed} {label}: val {result.val_metric:.2f} test {test_metric:.2f} "
-                            f"{metric_name} ({result.seconds:.1f} s)")
-                        per_member_models.append(result.model)
-                        if spec.name == "finetune":
-                            finetune_val.append(result.val_metric)
-                            if best_single is None or (
-                                result.val_metric > best_single[0] if higher_is_better
-                                else result.val_metric < best_single[0]
-                            ):
-                                best_single = (result.val_metric, test_metric, row_id)
-                    fitted[spec.name] = per_member_models if spec.per_member else per_member_models[0]
-                if best_single is not None:
-                    row = rows.setdefault(BEST_SINGLE_ID, _new_row(BEST_SINGLE_ID, "finetune (best on val)", "finetune", None))
-                    cell = row["targets"].setdefault(target, {"test": [], "val": [], "seconds": [], "chosen": []})
-                    cell["test"].append(best_single[1])
-                    cell["val"].append(best_single[0])
-                    cell["seconds"].append(0.0)
-                    cell["chosen"].append(best_single[2])
-                    if seed_index == 0:
-                        cell["cost"] = rows[best_single[2]]["targets"][target]["cost"]
-
-            if logme_scores is not None:
-                finetune_test = {
-                    row["member"]: sum(row["targets"][target]["test"]) / len(row["targets"][target]["test"])
-                    for row in rows.values()
-                    if row["method"] == "finetune" and row["member"] is not None and target in row["targets"]
-                }
-                logme[target] = logme_vs_finetune(logme_scores, finetune_test, higher_is_better)
-                tau = logme[target]["kendall_tau"]
-                log(f"target {target}: LogME ranking {', '.join(sorted(logme_scores, key=logme_scores.get, reverse=True))}"
-                    f"; Kendall tau vs fine-tuned test {metric_name}: {'-' if tau is None else f'{tau:.2f}'}")
-
-        ordered = [r for r in rows.values() if r["id"] != BEST_SINGLE_ID]
-        if BEST_SINGLE_ID in rows:  # right after the single fine-tunes
-            position = max(i for i, r in enumerate(ordered) if r["method"] == "finetune") + 1
-            ordered.insert(position, rows[BEST_SINGLE_ID])
-        _summarise(ordered, targets, list(config.seeds))
+            target_records, logme_cell = _run_target(run, target, splits, task)
+            records += target_records
+            if logme_cell is not None:
+                logme[target] = logme_cell
+        rows, gates = _rows(records, targets, list(config.seeds))
         results = {
             "zootune_version": __version__,
             "config": config.to_dict(),
@@ -566,7 +704,7 @@ def run_experiment(
                 "checksums": {n: state_dict_checksum(m) for n, m in zip(names, zoo)},
                 "manifest": manifest,
             },
-            "methods": ordered,
+            "methods": rows,
             "gates": gates,
             "logme": _logme_summary(logme),
             "seconds": round(time.perf_counter() - started - build_seconds, 1),
@@ -598,5 +736,5 @@ def load_results(path: str | Path) -> dict:
         return json.load(f)
 
 
-__all__ = ["RunConfig", "Fitted", "fit_method", "run_experiment", "select_methods", "load_results",
-           "state_dict_checksum", "DEFAULT_EXCLUDED"]
+__all__ = ["RunConfig", "Fitted", "FittedSet", "MethodResult", "fit_method", "fit_members", "fit_with_requirements",
+           "run_experiment", "select_methods", "load_results", "state_dict_checksum", "default_excluded"]

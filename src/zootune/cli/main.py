@@ -7,22 +7,36 @@ by the library.
 
 A problem caused by the user's input (:class:`zootune.errors.ZootuneError`, or bad arguments) is
 printed as ONE line ``zootune: error: ...`` on stderr with exit status 2. Any other exception is a
-bug in zootune and keeps its traceback. Ctrl-C exits with 130.
+bug in zootune and keeps its traceback. Ctrl-C exits with 130, SIGTERM with 143 (one line each;
+checkpoints already written are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
+from zootune.cli.args import (
+    parse_method_option_list,
+    parse_options,
+    parse_seeds,
+    positive_int,
+    seed_int,
+    split_list,
+)
 from zootune.errors import NonFiniteLossError, ZootuneError
+from zootune.methods.registry import DEFAULT_METHOD
 from zootune.version import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
 
 
 class _UsageError(Exception):
@@ -32,35 +46,6 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> [0, 1, 2]; a single number ``"3"`` -> three seeds [0, 1, 2]."""
-    try:
-        parts = [int(p) for p in _split_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be integers, e.g. 0,1,2 or 3 (got {text!r})") from None
-    if not parts:
-        raise argparse.ArgumentTypeError("give at least one seed")
-    if len(parts) == 1 and "," not in text:
-        if parts[0] < 1:
-            raise argparse.ArgumentTypeError(f"the number of seeds must be >= 1 (got {parts[0]})")
-        return list(range(parts[0]))
-    return parts
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _workers(text: str) -> int | str:
@@ -99,26 +84,6 @@ def _num_workers(args, image_size: int) -> int:
     return default_num_workers(image_size) if args.workers == "auto" else args.workers
 
 
-def _parse_value(text: str):
-    """An option value: JSON when it parses (numbers, true/false, null, lists), else the string."""
-    import json
-
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"True": True, "False": False, "None": None}.get(text, text)
-
-
-def _parse_options(items: Sequence[str] | None) -> dict:
-    options = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ZootuneError(f"--option expects key=value, got {item!r}")
-        options[key.replace("-", "_")] = _parse_value(value)
-    return options
-
-
 # --------------------------------------------------------------------------------------------------
 # Subcommands
 
@@ -128,87 +93,184 @@ def cmd_run(args) -> int:
 
     overrides = {}
     if args.targets is not None:
-        overrides["targets"] = None if args.targets == "all" else _split_list(args.targets)
+        overrides["targets"] = None if args.targets == "all" else split_list(args.targets)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
+    if args.option:
+        overrides["method_options"] = parse_method_option_list(args.option)
     if args.methods is not None:
-        overrides["methods"] = _split_list(args.methods)
+        overrides["methods"] = split_list(args.methods)
     for name in ("epochs", "batch_size", "lr", "optimizer", "max_steps_per_epoch"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     overrides.update(hub=args.hub, cache_dir=args.cache_dir, plots=not args.no_plots, progress=args.progress)
     config = RunConfig.quick(**overrides) if args.quick else RunConfig(**overrides)
+    from zootune.experiment import parse_method_options, resolve_targets, select_methods
+    from zootune.run_folder import RunFolder
+
+    parse_method_options(select_methods(config.methods, hub=config.hub), config.method_options)
+    resolve_targets(config.targets)
     out = Path(args.out) if args.out else Path("zootune-out") / time.strftime("%Y%m%d-%H%M%S")
-    if args.quick:
-        print("--quick: default target, one seed, short trainings (about 3 min on 2 CPU cores once "
-              "the MiniZoo is built; building it the first time is extra and cached)")
-    run_experiment(config, out)
+    with RunFolder(out, overwrite=args.overwrite, entries=("results.json", "results.md", "log.txt")):
+        if args.quick:
+            print("--quick: default target, one seed, short trainings (about 3 min on 2 CPU cores once "
+                  "the MiniZoo is built; building it the first time is extra and cached)")
+        run_experiment(config, out)
     return 0
 
 
 def _load_zoo(args):
-    from zootune.cli.modelfile import resolve_arch
-    from zootune.zoo import Zoo
+    """The zoo of ``--zoo``: checkpoint files of ``--arch``, or pretrained names (timm:..., torchvision:...,
+    hf-hub:...), whose architecture and preprocessing come with them (``args.arch`` is set to it)."""
+    from zootune.models import resolve_arch
+    from zootune.options import check_kwargs
+    from zootune.zoo import Zoo, is_pretrained_name
 
-    missing = [p for p in args.zoo if not Path(p).is_file()]
-    if missing:
-        raise ZootuneError(f"zoo checkpoint {missing[0]} does not exist")
-    return Zoo.from_checkpoints(args.zoo, arch=resolve_arch(args.arch), arch_kwargs=args.arch_kwargs)
+    named = [entry for entry in args.zoo if is_pretrained_name(entry)]
+    if named:
+        if len(named) != len(args.zoo):
+            files = [entry for entry in args.zoo if entry not in named]
+            raise ZootuneError(f"--zoo mixes pretrained names ({named[0]}) and checkpoint files ({files[0]}); "
+                               "give one kind (a file for a named member: NAME=PATH)")
+        if args.arch is not None or args.arch_kwargs:
+            raise ZootuneError("--arch/--arch-option are for checkpoint files; pretrained names bring their "
+                               "architecture (drop --arch)")
+        zoo = Zoo.from_pretrained(named)
+        args.arch, args.arch_kwargs = zoo.architecture, dict(zoo.arch_kwargs)
+        if zoo.data_config is not None and _is_main_process():
+            shown = ", ".join(f"{k} {v}" for k, v in zoo.data_config.to_dict().items())
+            print(f"zoo: {len(zoo)} x {zoo.architecture}; the checkpoints' preprocessing: {shown}")
+        return zoo
+    if args.arch is None:
+        raise ZootuneError("--arch is required with checkpoint files (the architecture they hold; "
+                           "pretrained names such as timm:resnet50.a1_in1k need none)")
+    builder = resolve_arch(args.arch, trust_code=args.trust_code)
+    arch_kwargs = check_kwargs(builder, args.arch_kwargs, what=f"architecture {args.arch!r}")
+    for path in args.zoo:
+        if not Path(path).exists():
+            raise ZootuneError(f"zoo checkpoint {path} does not exist")
+        if Path(path).is_dir():
+            raise ZootuneError(f"zoo checkpoint {path} is a folder, not a checkpoint file")
+    return Zoo.from_checkpoints(args.zoo, arch=builder, arch_kwargs=arch_kwargs)
+
+
+def _parse_layer_types(text: str) -> list[str]:
+    """``--aggregate conv,linear`` (or conv+linear): validated layer type names."""
+    from zootune.layers.targets import LAYER_TYPE_NAMES
+
+    names = [part.strip().lower() for part in text.replace("+", ",").split(",") if part.strip()]
+    unknown = [name for name in names if name not in LAYER_TYPE_NAMES]
+    if unknown or not names:
+        problem = f"unknown layer type {unknown[0]!r}" if unknown else "give at least one layer type"
+        raise argparse.ArgumentTypeError(
+            f"{problem}; choose from {', '.join(LAYER_TYPE_NAMES)} (comma-separated, e.g. conv,linear)")
+    return names
+
+
+def _add_layer_types(spec, options: dict, layer_types: list[str] | None) -> None:
+    """Put ``--aggregate`` into the method's options, if the method takes layer types."""
+    if layer_types is None:
+        return
+    if "target_types" not in spec.option_names():
+        raise ZootuneError(f"method {spec.name!r} aggregates no layers: --aggregate does not apply to it")
+    if "target_types" in options:
+        raise ZootuneError("give the layer types once: --aggregate or --option target_types=..., not both")
+    options["target_types"] = layer_types
+
+
+def _print_build_reports() -> None:
+    """Methods log what they built (e.g. which layers are aggregated and why) at INFO: print it."""
+    import logging
+
+    class PrintHandler(logging.Handler):
+        def emit(self, record):
+            print(self.format(record))  # the sys.stdout of the moment, not of the first call
+
+    logger = logging.getLogger("zootune.methods")
+    if not any(type(h).__name__ == "PrintHandler" for h in logger.handlers):
+        logger.addHandler(PrintHandler())
+    logger.setLevel(logging.INFO)
+
+
+def _methods():
+    from zootune.methods.registry import available_methods
+
+    return available_methods()
+
+
+def _method_list() -> str:
+    return ", ".join(_methods())
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK in the environment), or a plain process: the one that writes and prints."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def cmd_fit(args) -> int:
-    from zootune.cli.modelfile import export_info, save_model_dir
     from zootune.data.image_folder import load_image_folder
     from zootune.engine import TrainConfig, evaluate
-    from zootune.experiment import fit_method, select_methods
+    from zootune.experiment import fit_with_requirements
     from zootune.methods.registry import get_method
+    from zootune.model_dir import export_info, save_model_dir
     from zootune.report import atomic_write_json
+    from zootune.run_folder import RunFolder
     from zootune.tasks import ClassificationTask
 
+    # Everything the user typed is checked before any file is read or any model is built.
     spec = get_method(args.method)
     if spec.hub:
         raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
-    args.arch_kwargs = _parse_options(args.arch_option)
-    options = _parse_options(args.option)
-    zoo = _load_zoo(args)
-    splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
-                               test_fraction=args.test_fraction, seed=args.seed, augment=args.augment,
-                               **_folder_options(args))
-    task = ClassificationTask(splits.num_classes)
+    if args.source_data is not None and not spec.needs_source_data:
+        raise ZootuneError(f"method {spec.name!r} uses no source data; --source-data is for "
+                           f"{', '.join(n for n, s in _methods().items() if s.needs_source_data) or 'none'}")
+    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
+    options = parse_options(args.option)
+    _add_layer_types(spec, options, args.aggregate)
+    spec.parse_options(options)  # unknown names, types and ranges
     workers = _num_workers(args, args.image_size)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
                          max_steps_per_epoch=args.max_steps_per_epoch, num_workers=workers)
-    out = Path(args.out)
-    if spec.per_member and args.member is None:
-        args.member = 0
-    # Methods this one needs (the ensemble needs the fine-tuned members) are trained first, each
-    # with its own checkpoint folder so that --resume continues any of them.
-    fitted: dict = {}
-    for required in select_methods([spec.name])[:-1]:
-        members = range(len(zoo)) if required.per_member else [None]
-        models = []
-        for member in members:
-            tag = required.name + (f"-{member}" if member is not None else "")
-            print(f"training {tag} (needed by {spec.name})")
-            models.append(fit_method(required, zoo, task, splits, config, member=member, fitted=fitted,
-                                     out_dir=out / "requires" / tag, resume=args.resume).model)
-        fitted[required.name] = models if required.per_member else models[0]
-    result = fit_method(spec, zoo, task, splits, config, member=args.member, fitted=fitted, options=options,
-                        out_dir=out / "train", resume=args.resume)
-    metrics = {"val": evaluate(result.model, task, splits.val, num_workers=workers)}
-    if splits.test is not None:
-        metrics["test"] = evaluate(result.model, task, splits.test, num_workers=workers)
-    info = export_info(
-        result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
-        zoo_paths=args.zoo, method=spec.name, member=args.member, options=options,
-        class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
-    )
-    save_model_dir(out / "model", result.model, info)
-    atomic_write_json(out / "metrics.json", {"method": spec.name, "member": args.member, "seconds": result.seconds,
-                                             "best_val_metric": result.val_metric, **metrics})
+    main_process = _is_main_process()
+    say = print if main_process else (lambda *_a, **_k: None)
+    with RunFolder(args.out, resume=args.resume, overwrite=args.overwrite, writer=main_process) as folder:
+        zoo = _load_zoo(args)
+        if main_process:
+            _print_build_reports()
+        if args.member is not None and not 0 <= args.member < len(zoo):
+            raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
+        splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
+                                   test_fraction=args.test_fraction, seed=args.seed, augment=args.augment,
+                                   **_folder_options(args))
+        source = None
+        if args.source_data is not None:
+            source = load_image_folder(args.source_data, image_size=args.image_size, seed=args.seed,
+                                       augment=args.augment, **_folder_options(args))
+        task = ClassificationTask(splits.num_classes)
+        result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
+                                          source=source, out_dir=folder.path, resume=args.resume, echo=say)
+        metrics = {"val": evaluate(result.model, task, splits.val, num_workers=workers)}
+        if splits.test is not None:
+            metrics["test"] = evaluate(result.model, task, splits.test, num_workers=workers)
+        member = (args.member or 0) if spec.per_member else args.member
+        info = export_info(
+            result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
+            zoo_paths=args.zoo, method=spec.name, member=member, options=options,
+            class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
+            trust_code=args.trust_code,
+        )
+
+        def write_model(tmp: Path) -> None:
+            # the model, its config and its metrics are one unit: renamed into place together
+            save_model_dir(tmp, result.model, info)
+            atomic_write_json(tmp / "metrics.json", {"method": spec.name, "member": member,
+                                                      "seconds": result.seconds,
+                                                      "best_val_metric": result.val_metric, **metrics})
+
+        model_dir = folder.commit("model", write_model)
     shown = " ".join(f"{split} {task.metric_name} {m[task.metric_name]:.2f}" for split, m in metrics.items())
-    print(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {out / 'model'} ({info['kind']})")
+    say(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {model_dir} ({info['kind']})")
     return 0
 
 
@@ -220,14 +282,23 @@ def _model_dir_of(run_dir: Path) -> Path:
 
 
 def cmd_export(args) -> int:
-    from zootune.cli.modelfile import load_model_dir, save_model_dir
+    from zootune.model_dir import load_model_dir, save_model_dir
+
+    from zootune.run_folder import check_writable_folder, commit_folder
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise ZootuneError(f"run folder {run_dir} does not exist")
-    model, info = load_model_dir(_model_dir_of(run_dir))
+        raise ZootuneError(f"run folder {run_dir} does not exist" if not run_dir.exists()
+                           else f"{run_dir} is a file, not a run or model folder")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ZootuneError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ZootuneError(f"--out {out} is not empty: --overwrite replaces it, or choose another folder")
+    check_writable_folder(out.parent, "the folder of --out")
+    model, info = load_model_dir(_model_dir_of(run_dir), trust_code=args.trust_code)
     info = {k: v for k, v in info.items() if k not in ("format", "zootune_version")}
-    save_model_dir(args.out, model, info)
+    commit_folder(out, lambda tmp: save_model_dir(tmp, model, info))
     print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {info['num_classes']} classes) to {args.out}")
     return 0
 
@@ -247,12 +318,12 @@ def _evaluation_set(data: str, image_size: int, options: dict):
 
 
 def cmd_evaluate(args) -> int:
-    from zootune.cli.modelfile import load_model_dir
     from zootune.engine import evaluate
     from zootune.errors import DataError
+    from zootune.model_dir import load_model_dir
     from zootune.tasks import ClassificationTask
 
-    model, info = load_model_dir(args.model_dir)
+    model, info = load_model_dir(args.model_dir, trust_code=args.trust_code)
     image_size = args.image_size or info.get("image_size") or 32
     class_names, dataset, what = _evaluation_set(args.data, image_size, _folder_options(args))
     model_classes = info.get("class_names") or []
@@ -306,7 +377,7 @@ def cmd_rank(args) -> int:
     from zootune.methods.logme import rank_zoo
     from zootune.report import format_text_table
 
-    args.arch_kwargs = _parse_options(args.arch_option)
+    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
     zoo = _load_zoo(args)
     splits = load_image_folder(args.data, image_size=args.image_size, augment=None, **_folder_options(args))
     dataset = splits.train.with_transform(None)  # score un-augmented images
@@ -322,13 +393,23 @@ def cmd_rank(args) -> int:
 
 
 def _add_zoo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True,
-                   help="architecture of the zoo: a registered name (e.g. resnet50, resnet_small) or "
-                        "module:function returning your model")
+    p.add_argument("--arch",
+                   help="architecture of the checkpoint files: a registered name (e.g. resnet50, resnet_small), "
+                        "timm:NAME or torchvision:NAME, or module:function returning your model "
+                        "(imported only with --trust-code); not needed with pretrained names")
     p.add_argument("--arch-option", action="append", metavar="KEY=VALUE",
                    help="keyword argument for the architecture builder, e.g. width=16 (repeatable)")
-    p.add_argument("--zoo", nargs="+", required=True, metavar="CKPT",
-                   help="checkpoints of the zoo members (.pth, .pt, .pth.tar, .safetensors)")
+    p.add_argument("--zoo", nargs="+", required=True, metavar="MEMBER",
+                   help="the zoo members: checkpoint files (.pth, .pt, .pth.tar, .safetensors) of --arch, or "
+                        "pretrained names loaded through the libraries' caches: timm:ARCH[.TAG], "
+                        "torchvision:ARCH[.WEIGHTS], hf-hub:ORG/NAME (NAME=PATH: that member's weights from a file)")
+    _add_trust_argument(p)
+
+
+def _add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a module:function architecture (from the command line or a model folder's "
+                        "config.json) to be imported and run; without it such names are refused")
 
 
 AUGMENT_CHOICES = ("paper", "light", "no-flip", "none")  # zootune.data.transforms.AUGMENT_PRESETS
@@ -346,7 +427,7 @@ def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False) -> 
     p.add_argument("--cache-budget", type=_mebibytes, metavar="MIB",
                    help="MiB of decoded pixels that may be kept in RAM to skip re-decoding (default 512; 0: stream "
                         "every image from disk)")
-    p.add_argument("--max-image-pixels", type=_positive_int, default=89_478_485, metavar="N",
+    p.add_argument("--max-image-pixels", type=positive_int, default=89_478_485, metavar="N",
                    help="refuse images with more pixels than this (default 89478485, Pillow's warning threshold)")
 
 
@@ -362,17 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="default target, 1 seed, short trainings: <= 3 min on 2 CPU cores with the MiniZoo built")
     p.add_argument("--targets", help="comma-separated target names, or 'all' (default: all; --quick: the default target)")
-    p.add_argument("--seeds", type=_parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
-    p.add_argument("--methods", help="comma-separated methods (default: every one that applies); "
-                                     "methods they need (finetune for ensemble/distill) are added")
-    p.add_argument("--hub", action="store_true", help="also run hub methods (Hub-Pathway) on the MiniZoo hub")
-    p.add_argument("--epochs", type=_positive_int, help="epochs per training")
-    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
+    p.add_argument("--methods", help="comma-separated methods (default: every one that applies; "
+                                     f"registered: {_method_list()}); the methods they require are added first")
+    p.add_argument("--hub", action="store_true",
+                   help="also run hub methods (members of different architectures) on the MiniZoo hub")
+    p.add_argument("--epochs", type=positive_int, help="epochs per training")
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
                    help="for every training (default sgd; the landmark target uses adamw, see docs/landmarks.md)")
-    p.add_argument("--max-steps-per-epoch", type=_positive_int, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", help="output folder (default ./zootune-out/<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results that --out holds")
+    p.add_argument("--option", action="append", metavar="METHOD:KEY=VALUE",
+                   help="an option of one method (repeatable; checked before any training)")
     p.add_argument("--cache-dir", help="MiniZoo/data cache (default $ZOOTUNE_CACHE or ~/.cache/zootune)")
     p.add_argument("--no-plots", action="store_true", help="do not write plots")
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
@@ -384,37 +469,48 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes the model (safetensors + config.json), metrics.json and checkpoints.")
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
-    p.add_argument("--method", default="zoo-tuning", help="zoo-tuning, lite, finetune, ensemble, ... (default zoo-tuning)")
-    p.add_argument("--member", type=int, help="zoo member index for per-member methods (finetune; default 0)")
-    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"one of: {_method_list()} (default {DEFAULT_METHOD})")
+    p.add_argument("--member", type=int, help="zoo member index for per-member methods (default 0)")
+    p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=_positive_int, default=48)
+    p.add_argument("--batch-size", type=positive_int, default=48)
     p.add_argument("--optimizer", default="sgd", help="sgd (Nesterov momentum 0.9), adam or adamw")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--image-size", type=_positive_int, default=32)
+    p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.2, help="for a single folder of classes")
     p.add_argument("--test-fraction", type=float, default=0.0, help="for a single folder of classes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of everything random (0..2**32-1)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option passed to its build(), e.g. align=all (repeatable)")
-    p.add_argument("--max-steps-per-epoch", type=_positive_int, help=argparse.SUPPRESS)
+                   help="an option of the method (repeatable; unknown names and wrong types are refused before any work)")
+    p.add_argument("--aggregate", type=_parse_layer_types, metavar="TYPES",
+                   help="layer types to aggregate, comma-separated: conv, linear, conv1d, conv2d, conv3d "
+                        "(default: the method's, conv; a ViT needs conv,linear)")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
     _add_folder_arguments(p, augment=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoints (a new --lr, --epochs or --weight-decay "
+                        "takes effect from the next step; the schedule is recomputed for the new --epochs)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    p.add_argument("--source-data", metavar="FOLDER",
+                   help="image folder of the source task, for methods that re-train a source task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("export", help="write the trained model of a fit folder as safetensors + config.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `zootune fit` (or a model folder)")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    _add_trust_argument(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="evaluate an exported model on an image folder")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model folder (model.safetensors + config.json)")
     p.add_argument("--data", required=True, help="image folder; its test/ split if it has one, else all images")
-    p.add_argument("--image-size", type=_positive_int, help="default: the size the model was trained at")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--image-size", type=positive_int, help="default: the size the model was trained at")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     _add_folder_arguments(p)
+    _add_trust_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("zoo", help="the MiniZoo: build or list", description="The MiniZoo of small pretrained ResNets.")
@@ -431,14 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rank", help="rank zoo members by LogME transferability on your data")
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
-    p.add_argument("--image-size", type=_positive_int, default=32)
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     _add_folder_arguments(p)
     p.set_defaults(func=cmd_rank)
 
     from zootune.cli.rl import add_rl_parser
 
-    add_rl_parser(sub, _positive_int, _parse_seeds)
+    add_rl_parser(sub, positive_int, parse_seeds)
     return parser
 
 
@@ -446,10 +542,30 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (checkpoints kept, one line) but with its own exit status."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated()
+
+
+def _nan_advice(e: NonFiniteLossError, command: str | None) -> str:
+    if command != "fit":
+        return "try a lower --lr"
+    if e.checkpoint is not None:
+        return "rerun the same command with a lower --lr and --resume to continue from that checkpoint"
+    return "rerun with a lower --lr (nothing to resume from)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zootune`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _can_handle_signals() else None
+    warning_context = warnings.catch_warnings()
+    warning_context.__enter__()
+    warnings.showwarning = _one_line_warning  # a library's multi-line warning becomes one line
     try:
         args = parser.parse_args(argv)
         if not hasattr(args, "func"):
@@ -462,19 +578,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zootune: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as e:
-        print(f"zootune: error: {_one_line(e)}; the last good checkpoint is kept: lower --lr and rerun "
-              "with --resume to continue from it", file=sys.stderr)
+        print(f"zootune: error: {_one_line(e.cause)}; {_nan_advice(e, getattr(args, 'command', None))}",
+              file=sys.stderr)
         return EXIT_USAGE
     except ZootuneError as e:
         print(f"zootune: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
         if getattr(args, "command", None) == "fit":
             hint = "checkpoints are written every epoch: the same command with --resume continues"
         else:
             hint = "the trainings that finished are listed in the run folder's log.txt"
-        print(f"zootune: interrupted; {hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"zootune: {what}; {hint}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED
+    finally:
+        warning_context.__exit__(None, None, None)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    print(f"zootune: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _can_handle_signals() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

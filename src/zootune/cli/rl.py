@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def cmd_rl(args) -> int:
-    from zootune.cli.main import _split_list
+    from zootune.cli.args import split_list
     from zootune.rl import RLRunConfig, run_rl_transfer
 
     overrides = {"progress": not args.no_progress, "plots": not args.no_plots, "cache_dir": args.cache_dir,
@@ -18,7 +18,7 @@ def cmd_rl(args) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.methods is not None:
-        overrides["methods"] = _split_list(args.methods)
+        overrides["methods"] = split_list(args.methods)
     config = RLRunConfig.quick(**overrides) if args.quick else RLRunConfig(**overrides)
     if args.steps is not None:
         config.dqn = replace(config.dqn, steps=args.steps, eval_every=max(1, args.steps // 10),
@@ -46,10 +46,11 @@ def add_rl_parser(sub, positive_int, parse_seeds) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, help="DQN environment steps per target run (default 15000)")
     p.add_argument("--source-steps", type=positive_int, help="DQN steps per source agent (default 30000)")
     p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
-    p.add_argument("--methods", help="comma-separated, from scratch, finetune-best, zoo-tuning, lite (default: all)")
+    p.add_argument("--methods", help="comma-separated RL transfer methods (default: all; docs/rl.md lists them, "
+                                     "and an unknown name is answered with the list)")
     p.add_argument("--finetune-each", action="store_true", help="also fine-tune every source agent")
     p.add_argument("--aggregate", choices=("conv", "conv+linear"),
-                   help="layers Zoo-Tuning aggregates: conv (default) or conv+linear (also the hidden Linear)")
+                   help="layers the zoo methods aggregate: conv (default) or conv+linear (also the hidden Linear)")
     p.add_argument("--out", help="output folder (default ./zootune-out/rl-<timestamp>)")
     p.add_argument("--cache-dir", help="where the RL zoo is cached (default $ZOOTUNE_CACHE or ~/.cache/zootune)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")

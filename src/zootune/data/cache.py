@@ -11,10 +11,11 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from zootune.atomic import atomic_write_bytes, atomic_write_json
 
 
 def user_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -28,31 +29,15 @@ def user_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "zootune"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_manifest(path: str | os.PathLike, manifest: dict) -> None:
+    """A cache manifest, keys sorted (stable diffs between builds)."""
+    atomic_write_json(path, manifest, sort_keys=True)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

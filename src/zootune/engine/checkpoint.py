@@ -8,7 +8,6 @@ and every process's RNG state, which is what makes a resumed run equal an uninte
 
 from __future__ import annotations
 
-import io
 import os
 import random
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zootune.data.cache import atomic_write_bytes
+from zootune.atomic import atomic_write
 from zootune.errors import CheckpointError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -25,11 +24,8 @@ FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that never leaves a partial file under ``path``: the bytes are serialised in
-    memory first, then written to a temporary file beside it and renamed over it (``os.replace``)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    """``torch.save`` that never leaves a partial file under ``path`` (:func:`zootune.atomic.atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:

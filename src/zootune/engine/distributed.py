@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from zootune.errors import ZootuneError
 
@@ -93,3 +94,10 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if current().enabled:
         dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from zootune.data.cache import atomic_write_bytes
+from zootune.atomic import atomic_write_bytes
 
 
 def _tensorboard_writer(log_dir: Path):

@@ -19,7 +19,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,13 +45,15 @@ from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
 from zootune.errors import CheckpointError, DataError, NonFiniteLossError, ZootuneError
-from zootune.methods.base import unwrap
+from zootune.engine.distributed import unwrap
 from zootune.tasks import Task
 
 log = logging.getLogger(__name__)
 
 # Config fields that may change between a run and its resumption without changing its numbers.
 _RESUME_FREE_FIELDS = {"epochs", "progress", "num_workers", "eval_every", "device", "eval_batch_size"}
+# Optimizer-group settings taken from the resuming run's config, not from the checkpoint.
+_RESUMED_HYPERPARAMETERS = ("initial_lr", "lr", "weight_decay", "momentum", "nesterov", "betas")
 
 
 @dataclass
@@ -162,20 +163,27 @@ class Trainer:
                 f"{path} does not fit this model ({str(err).splitlines()[0]}); was it written by another method "
                 "or architecture?"
             ) from None
+        # The optimizer's saved groups carry the old run's rates and weight decay: the ones this run was
+        # configured with take effect from the next step instead (lr(step) = new initial_lr * f(step)).
+        configured = [{k: g[k] for k in _RESUMED_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{path}: optimizer state does not fit this model's parameters ({err})") from None
+        for group, values in zip(optimizer.param_groups, configured):
+            group.update(values)
         changed = sorted(
             k
             for k, v in self.config.to_dict().items()
             if k not in _RESUME_FREE_FIELDS and ckpt["config"].get(k) != v
         )
         if changed:
-            warnings.warn(
-                f"resuming {path} with changed training options ({', '.join(changed)}); the run will not "
-                "match an uninterrupted one",
-                stacklevel=3,
+            old = ckpt["config"]
+            log.warning(
+                "resume: %s changed (%s); from step %d on the new values apply: lr(step) = lr * f(step) with the "
+                "schedule f of the new settings, so the run will not match an uninterrupted one",
+                ", ".join(changed), ", ".join(f"{k} {old.get(k)} -> {getattr(self.config, k)}" for k in changed),
+                int(ckpt["step"]) + 1,
             )
         if ckpt["config"].get("epochs") != self.config.epochs:
             log.warning(
@@ -371,15 +379,14 @@ class Trainer:
             bad = distributed.all_reduce_sum(torch.tensor([float(bad)])).item() > 0
         if not bad:
             return
-        kept = (
-            f"the last good checkpoint ({self.checkpoint_path}, after epoch {self.epoch}) is kept"
-            if self.checkpoint_path is not None and self.checkpoint_path.is_file()
-            else "no checkpoint was written yet"
-        )
+        checkpoint = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.is_file() else None
+        kept = (f"the last good checkpoint ({checkpoint}, after epoch {self.epoch}) is kept" if checkpoint is not None
+                else "no checkpoint had been written yet")
         raise NonFiniteLossError(
             f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {batch_index + 1} "
-            f"(optimizer step {self.step + 1}); training stopped and {kept}. Try a lower learning rate "
-            f"(lr={self.config.lr:g}), warmup_epochs or grad_clip"
+            f"(optimizer step {self.step + 1}); training stopped and {kept}",
+            checkpoint=checkpoint,
+            advice=f"try a lower learning rate (lr={self.config.lr:g}), warmup_epochs or grad_clip",
         )
 
     def _after_epoch(self, module: nn.Module, optimizer, record: dict) -> None:
@@ -397,9 +404,13 @@ class Trainer:
             self.best_epoch = self.epoch
         for name, tensor in module.state_dict().items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                checkpoint = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.is_file() else None
                 raise NonFiniteLossError(
-                    f"{name} became non-finite in epoch {self.epoch}; training stopped before saving. "
-                    f"Try a lower learning rate (lr={cfg.lr:g}) or grad_clip"
+                    f"{name} became non-finite during epoch {self.epoch} although the loss stayed finite; "
+                    "training stopped before saving" + (f" and the last good checkpoint ({checkpoint}) is kept"
+                                                        if checkpoint is not None else ""),
+                    checkpoint=checkpoint,
+                    advice=f"try a lower learning rate (lr={cfg.lr:g}) or grad_clip",
                 )
         self.history.append(record)
         log.info("epoch %d/%d %s", self.epoch, cfg.epochs, {k: round(v, 4) for k, v in record.items() if k != "epoch"})

@@ -46,6 +46,11 @@ device, training) key and keeps the fastest (:mod:`zootune.layers.autotune`); a 
 run independent of timing noise. All formulations agree up to floating-point rounding; the
 simple per-sample loop they must equal is in ``tests/test_layers_aggregate.py``.
 
+Convolution subclasses whose forward is a known variant of the plain one -- dynamic "same" padding,
+weight standardisation (timm's ``Conv2dSame``, ``StdConv2d``) -- are aggregated as
+:mod:`zootune.layers.variants` describes (input padding, and a kernel transform per source and after
+aggregation); other subclasses with their own forward are not aggregatable.
+
 Lite Zoo-Tuning: in training the gate is the batch mean ā_batch = mean_b a(h_b) (one shared kernel);
 a buffer keeps the temporal ensemble ā <- α ā + (1 - α) ā_batch (α = ``lite_momentum`` = 0.9; the
 first update sets ā = ā_batch, before it ā = 1/m), updated without gradient and, under
@@ -68,6 +73,7 @@ from zootune.layers import autotune
 from zootune.layers.align import ChannelAlign, align_bank
 from zootune.layers.gate import GATE_INITS
 from zootune.layers.gate import Gate
+from zootune.layers.variants import variant_of
 
 FORMULATIONS = ("grouped", "bmm", "stacked", "outputs")
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -78,8 +84,10 @@ _SUPPORTED_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, 
 
 
 def is_aggregatable(module: nn.Module) -> bool:
-    """True for Conv1d/2d/3d and Linear layers (subclasses only if they keep the plain forward)."""
-    return isinstance(module, (*_CONV_TYPES, nn.Linear)) and type(module).forward in _SUPPORTED_FORWARDS
+    """True for Conv1d/2d/3d and Linear layers: subclasses only if they keep the plain forward or
+    their forward is a known variant of it (:mod:`zootune.layers.variants`)."""
+    return isinstance(module, (*_CONV_TYPES, nn.Linear)) and (
+        type(module).forward in _SUPPORTED_FORWARDS or variant_of(module) is not None)
 
 
 def _sources_shape_check(sources: Sequence[nn.Module]) -> None:
@@ -128,6 +136,8 @@ class AggregatedLayer(nn.Module):
         self.lite = lite
         self.lite_momentum = float(lite_momentum)
         self.formulation = formulation
+        # A known variant of the plain conv (dynamic "same" padding, weight standardisation), or None.
+        self.variant = None if type(first).forward in _SUPPORTED_FORWARDS else variant_of(first)
         weight = first.weight
         with torch.no_grad():
             self.bank = nn.Parameter(torch.stack([s.weight.detach() for s in sources]).clone())
@@ -175,9 +185,13 @@ class AggregatedLayer(nn.Module):
         return (align_bank(align_weight, bank) if bank is not None else None,
                 align_bank(align_weight, bias) if bias is not None else None)
 
+    def _source_bank(self) -> torch.Tensor:
+        """The source kernels as their layers use them (standardised for a standardising variant)."""
+        return self.bank if self.variant is None else self.variant.source_bank(self.bank)
+
     def aligned_bank(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W~, b~): the bank and bias bank after channel alignment."""
-        return self._aligned(self.bank, self.bias_bank, self._align_weight())
+        return self._aligned(self._source_bank(), self.bias_bank, self._align_weight())
 
     def fold(self, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One kernel for a shared gate g (m,): W = sum_i g_i W~_i, b = sum_i g_i b~_i."""
@@ -212,7 +226,7 @@ class AggregatedLayer(nn.Module):
             bank, bias = self._cached(self.aligned_bank)
             align_weight = None
         else:
-            bank, bias, align_weight = self.bank, self.bias_bank, self._align_weight()
+            bank, bias, align_weight = self._source_bank(), self.bias_bank, self._align_weight()
         if self.formulation == "auto":
             name = self._autotune(x, a, bank, bias, align_weight, self.applicable_formulations())
         else:
@@ -232,12 +246,13 @@ class AggregatedLayer(nn.Module):
             # Shared kernel (fold, then one conv), or -- when the alignment matmul m*C_out*|W|
             # costs more than the layer itself (few pixels, wide layers) -- the m source outputs
             # aligned and mixed after one conv ("outputs"). Both are exact.
-            names = ("shared", "outputs") if align_weight is not None else ("shared",)
+            names = ("shared", "outputs") if align_weight is not None and self._linear_in_kernel() else ("shared",)
+            bank = self._source_bank()
             if self.formulation == "auto":
-                name = self._autotune(x, batch_gate, self.bank, self.bias_bank, align_weight, names)
+                name = self._autotune(x, batch_gate, bank, self.bias_bank, align_weight, names)
             else:
-                name = "outputs" if self.formulation == "outputs" else "shared"
-            return self._formulation(name)(x, batch_gate, self.bank, self.bias_bank, align_weight)
+                name = "outputs" if self.formulation == "outputs" and "outputs" in names else "shared"
+            return self._formulation(name)(x, batch_gate, bank, self.bias_bank, align_weight)
         if self.recording:
             self._record(self.gate(x))
         if self._inference():
@@ -278,6 +293,8 @@ class AggregatedLayer(nn.Module):
     # a (B, m) per-sample gates, or (m,) for "shared" and Lite's "outputs"; the raw bank and bias
     # bank with align_weight T (m, C_out, C_out), or an already aligned bank with T = None.
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant is not None:
+            x = self.variant.pad_input(x)
         if self.is_linear or self.padding_mode == "zeros":
             return x
         return F.pad(x, self._pre_pad, mode=self.padding_mode)
@@ -304,7 +321,12 @@ class AggregatedLayer(nn.Module):
             self._conv_padding if isinstance(self._conv_padding, tuple) else (self._conv_padding,))
         if all(k == 1 for k in self.bank.shape[3:]) and self.groups == 1 and padding_free:
             names.insert(1, "bmm")
+        if not self._linear_in_kernel():  # the kernel transform needs each sample's own kernel
+            names = [name for name in names if name in ("grouped", "bmm")]
         return tuple(names)
+
+    def _linear_in_kernel(self) -> bool:
+        return self.variant is None or self.variant.linear_in_kernel
 
     def _run_conv(self, x, weight, bias, groups):
         return self._conv(x, weight, bias, self.stride, self._conv_padding, self.dilation, groups)
@@ -312,6 +334,8 @@ class AggregatedLayer(nn.Module):
     def _shared_kernel(self, x, weight, bias):
         if self.is_linear:
             return F.linear(x, weight, bias)
+        if self.variant is not None:
+            weight = self.variant.kernel(weight, out_dim=0)
         return self._run_conv(x, weight, bias, self.groups)
 
     def _shared(self, x, gate, bank, bias, align_weight):
@@ -324,6 +348,8 @@ class AggregatedLayer(nn.Module):
         bank, bias = self._aligned(bank, bias, align_weight)
         batch = a.shape[0]
         weights = (a @ bank.reshape(self.num_sources, -1)).view(batch, *bank.shape[1:])
+        if self.variant is not None:
+            weights = self.variant.kernel(weights, out_dim=1)
         return weights, (a @ bias if bias is not None else None)
 
     def _conv_grouped(self, x, a, bank, bias, align_weight):

@@ -38,9 +38,3 @@ class MethodModule(Protocol):
 
     def finalize(self) -> nn.Module: ...
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model

@@ -32,7 +32,8 @@ for five teachers); in eval mode and after :meth:`Distill.finalize` only the stu
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,27 @@ from torch import nn
 
 from zootune.errors import ZootuneError
 from zootune.methods.finetune import check_member_index, copy_with_new_head
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
+from zootune.options import require
 from zootune.tasks import ClassificationTask, Task
 
 ALPHA_DEFAULT = 0.1  # weight of the distillation term; chosen on validation (module docstring)
+
+
+@dataclass
+class DistillConfig:
+    """Options of ``distill`` (see the module docstring)."""
+
+    temperature: float = 4.0
+    alpha: float = ALPHA_DEFAULT
+    average: Literal["probs", "logits"] = "probs"
+    student_member: int | None = None  # default: the best fine-tuned member on validation, else 0
+    head_name: str | None = None
+
+    def __post_init__(self):
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        require(self.average in ("probs", "logits"), f"average must be 'probs' or 'logits', got {self.average!r}")
 
 
 def averaged_teacher_probs(
@@ -87,10 +105,7 @@ class Distill(nn.Module):
         super().__init__()
         if len(teachers) == 0:
             raise ZootuneError("distillation needs at least one teacher (fine-tuned member)")
-        if temperature <= 0:
-            raise ZootuneError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ZootuneError(f"alpha must be in [0, 1], got {alpha}")
+        DistillConfig(temperature=temperature, alpha=alpha, average=average)  # the rules live there
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         for p in self.teachers.parameters():
@@ -99,7 +114,6 @@ class Distill(nn.Module):
         self.task = task
         self.temperature = float(temperature)
         self.alpha = float(alpha)
-        averaged_teacher_probs([torch.zeros(1, 2)], 1.0, average)  # rejects an unknown ``average`` now
         self.average = average
         self._teacher_probs: torch.Tensor | None = None
 
@@ -140,34 +154,23 @@ def pick_student_member(
     return values.index(best)
 
 
-def build(
-    zoo: Sequence[nn.Module],
-    task: Task,
-    *,
-    member=None,
-    fitted=None,
-    temperature: float = 4.0,
-    alpha: float = ALPHA_DEFAULT,
-    average: str = "probs",
-    student_member: int | None = None,
-    val_metrics: Sequence[float] | None = None,
-    head_name: str | None = None,
-) -> Distill:
-    """Distil ``fitted["finetune"]`` into a copy of a pretrained zoo member with a new head."""
-    if not fitted or "finetune" not in fitted:
-        raise ZootuneError("distillation needs the fine-tuned members as teachers: run method 'finetune' first")
+def build(ctx: BuildContext) -> Distill:
+    """Distil the fine-tuned members (``ctx.fitted["finetune"]``) into a copy of a pretrained zoo
+    member with a new head: the best by ``ctx.member_val_metrics`` when known, else ``student_member``."""
+    config = ctx.config or DistillConfig()
+    teachers = list(ctx.required("finetune"))
+    task = ctx.task
     if not isinstance(task, ClassificationTask):  # its soft targets are class distributions
         raise ZootuneError(
             f"distillation matches the teachers' class probabilities and is for classification only, not {task!r}; "
             "leave it out (e.g. --methods finetune,ensemble,soup,zoo-tuning,lite)"
         )
-    index = pick_student_member(len(zoo), val_metrics, task.higher_is_better, student_member)
-    index = check_member_index(zoo, index)
-    student, _ = copy_with_new_head(zoo[index], task, head_name)
+    index = pick_student_member(len(ctx.zoo), ctx.member_val_metrics, task.higher_is_better, config.student_member)
+    student, _ = copy_with_new_head(ctx.zoo[check_member_index(ctx.zoo, index)], task, config.head_name)
     # The fitted members are used as they are (not copied): they are finished models, and five
     # ResNet-50 copies would double the memory.
-    teachers = list(fitted["finetune"])
-    return Distill(student, teachers, task, temperature=temperature, alpha=alpha, average=average)
+    return Distill(student, teachers, task, temperature=config.temperature, alpha=config.alpha,
+                   average=config.average)
 
 
 register_method(
@@ -175,6 +178,8 @@ register_method(
         name="distill",
         help="distil the fine-tuned members (averaged soft predictions) into one model",
         build=build,
+        plain_model=True,
+        config=DistillConfig,
         requires=("finetune",),
         task_types=(ClassificationTask,),  # soft targets are class distributions
     )

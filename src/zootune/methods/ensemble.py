@@ -23,14 +23,16 @@ Cost: every input runs all m members (train = inference = m models), the paper's
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
 from zootune.errors import ZootuneError
-from zootune.methods.registry import MethodSpec, register_method
-from zootune.tasks import ClassificationTask, Task
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
+from zootune.options import require
+from zootune.tasks import ClassificationTask
 
 COMBINE_MODES = ("prob", "logit")
 
@@ -68,16 +70,21 @@ class Ensemble(nn.Module):
         return torch.logsumexp(log_probs, dim=0) - math.log(len(outputs))
 
 
-def build(zoo, task: Task, *, member=None, fitted=None, combine: str | None = None) -> Ensemble:
-    """The ensemble of ``fitted["finetune"]`` (the fine-tuned members, one per zoo member).
+@dataclass
+class EnsembleConfig:
+    # "prob": mean of probabilities (classification's default); "logit": plain mean of the outputs
+    combine: Literal["prob", "logit"] | None = None
 
-    ``combine`` defaults to ``"prob"`` for classification and ``"logit"`` (plain mean) otherwise.
-    """
-    if not fitted or "finetune" not in fitted:
-        raise ZootuneError("the ensemble needs the fine-tuned members: run method 'finetune' first")
+    def __post_init__(self):
+        require(self.combine in (None, *COMBINE_MODES), f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
+
+
+def build(ctx: BuildContext) -> Ensemble:
+    """The ensemble of ``ctx.fitted["finetune"]`` (the fine-tuned members, one per zoo member)."""
+    combine = (ctx.config or EnsembleConfig()).combine
     if combine is None:
-        combine = "prob" if isinstance(task, ClassificationTask) else "logit"
-    return Ensemble(list(fitted["finetune"]), combine=combine)
+        combine = "prob" if isinstance(ctx.task, ClassificationTask) else "logit"
+    return Ensemble(list(ctx.required("finetune")), combine=combine)
 
 
 register_method(
@@ -85,6 +92,7 @@ register_method(
         name="ensemble",
         help="average the predictions of the fine-tuned members (probabilities for classification)",
         build=build,
+        config=EnsembleConfig,
         requires=("finetune",),
         trains=False,
     )

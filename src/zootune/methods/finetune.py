@@ -16,13 +16,15 @@ Learning rates (an optional discriminative rate, as is common in transfer learni
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from zootune.errors import ZootuneError
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
+from zootune.options import require
 from zootune.models.heads import find_head_name, head_in_features, replace_head
 from zootune.tasks import Task
 
@@ -84,19 +86,27 @@ class FineTune(nn.Module):
         return self.model
 
 
-def build(
-    zoo: Sequence[nn.Module],
-    task: Task,
-    *,
-    member: int | None = None,
-    fitted=None,
-    backbone_lr_mult: float = 1.0,
-    head_name: str | None = None,
-) -> FineTune:
-    """Fine-tune zoo member ``member`` (default 0) with a new head for ``task``."""
-    index = check_member_index(zoo, member)
-    model, name = copy_with_new_head(zoo[index], task, head_name)
-    return FineTune(model, name, backbone_lr_mult)
+@dataclass
+class FineTuneConfig:
+    """Options of ``finetune`` (and of ``scratch``, ``soup`` and ``fisher-merge``, which fine-tune too)."""
+
+    backbone_lr_mult: float = 1.0  # lr(backbone) / lr(head); 0 freezes the backbone (linear probing)
+    head_name: str | None = None  # the members' head, when it is not found automatically
+
+    def __post_init__(self):
+        require(self.backbone_lr_mult >= 0, f"backbone_lr_mult must be >= 0, got {self.backbone_lr_mult}")
+
+
+def fine_tune(model: nn.Module, task: Task, config: FineTuneConfig | None = None) -> FineTune:
+    """``model`` (copied) with a new head for ``task``, wrapped for fine-tuning."""
+    config = config or FineTuneConfig()
+    new, name = copy_with_new_head(model, task, config.head_name)
+    return FineTune(new, name, config.backbone_lr_mult)
+
+
+def build(ctx: BuildContext) -> FineTune:
+    """Fine-tune zoo member ``ctx.member`` (default 0) with a new head for ``ctx.task``."""
+    return fine_tune(ctx.zoo[check_member_index(ctx.zoo, ctx.member)], ctx.task, ctx.config)
 
 
 register_method(
@@ -104,6 +114,8 @@ register_method(
         name="finetune",
         help="fine-tune one zoo member with a new head (run once per member)",
         build=build,
+        plain_model=True,
+        config=FineTuneConfig,
         per_member=True,
     )
 )

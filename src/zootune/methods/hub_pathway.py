@@ -30,8 +30,13 @@ Choices (the paper's text leaves them open):
 
 - **Generator** φ: conv3x3(C→w, stride 2)-BN-ReLU-conv3x3(w→2w, stride 2)-BN-ReLU-global average
   pool, on the input average-pooled down to at most ``generator_input_size`` pixels a side (so its
-  cost does not grow with the resolution). ``W_g`` and ``W_noise`` are zero-initialised, so every
-  model starts equally likely (Shazeer et al. 2017 do the same).
+  cost does not grow with the resolution). ``W_noise`` and the biases are zero-initialised and
+  ``W_g`` ~ N(0, ``GATE_INIT_STD``²) with a small std, so every model starts equally likely on
+  average. Shazeer et al. 2017 zero-initialise W_g too; but then every clean logit is exactly 0, the
+  noise-free routing of evaluation is one tie for every input, and top-k breaks ties by index: every
+  image went to the same two models. The small random W_g breaks the ties differently per input
+  (the routing of an untrained generator is spread over the hub), while in training the noise
+  (σ = softplus(0) ≈ 0.69 at the start) still dominates it.
 - **Noise**: noisy top-k gating of Shazeer et al., "Outrageously Large Neural Networks", ICLR 2017;
   the softmax is over the kept *noisy* logits, as there. Off in ``eval()``.
 - **k** = 2 by default; any 1 ≤ k ≤ m.
@@ -67,9 +72,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.errors import ZootuneError
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.models.features import FeatureEntry, FeatureFn, feature_extractor
 from zootune.tasks import ClassificationTask, Task
+
+GATE_INIT_STD = 0.01  # small next to the initial noise std softplus(0) ~ 0.69 (tie-breaking only)
 
 
 def _per_member(value, names: list[str], what: str) -> list:
@@ -209,9 +216,12 @@ class PathwayGenerator(nn.Module):
         )
         self.gate = nn.Linear(2 * width, num_paths)
         self.noise = nn.Linear(2 * width, num_paths)
-        for linear in (self.gate, self.noise):  # equal logits at the start: no model is favoured
+        for linear in (self.gate, self.noise):  # no model is favoured at the start
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+        # ...but no exact ties either: evaluation's noise-free top-k would send every input to the
+        # same lowest-index models (see the module docstring)
+        nn.init.normal_(self.gate.weight, 0.0, GATE_INIT_STD)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[-1] > self.input_size or x.shape[-2] > self.input_size:
@@ -428,8 +438,8 @@ class HubPathway(nn.Module):
         return torch.bincount(top_index.flatten(), minlength=len(self.members))
 
 
-def _build(zoo, task, *, member=None, fitted=None, **options) -> nn.Module:
-    return HubPathway(as_hub(zoo), task, **options)
+def _build(ctx: BuildContext) -> nn.Module:
+    return HubPathway(as_hub(ctx.zoo), ctx.task, **dict(ctx.config or {}))
 
 
 register_method(
@@ -438,6 +448,8 @@ register_method(
         help="Hub-Pathway (NeurIPS 2022): route each input to k of a hub's models of any architectures",
         build=_build,
         hub=True,
+        options_of=HubPathway.__init__,
+        options_exclude=("hub", "task_or_num_outputs"),
     )
 )
 

@@ -28,8 +28,17 @@ Choices the paper leaves open (ours, each can be changed by an option):
   had the best validation metric when ``val_metrics`` is given (``zootune run`` passes them), else
   ``student_member`` (default 0) -- the same rule as distillation.
 - Flow points: ``layer1..layer4`` outputs for ResNet-like models (the input of each following stage /
-  of the pooling head); any list of module names for other architectures. Teacher and student share
+  of the pooling head); for timm models the last four modules of their ``feature_info`` (ConvNeXt's
+  and BiT's stages, a ViT's last four blocks); any list of module names for other architectures. Teacher and student share
   the architecture, so the feature at a flow point has the same shape in both.
+- Where the channels are: Q_j mixes channels, which are dim 1 of channels-first maps (B, C, H, W) but
+  the last dim of token sequences (B, N, C) (ViT blocks) and of channels-last maps. The channel count
+  C comes from the flow-point module's last layer (Conv, BatchNorm/GroupNorm, Linear, LayerNorm) or
+  from the output probed with ``example_input``; the dim is the one of size C in the output (probed,
+  else the first teacher feature), dim 1 or the last. When both have size C, the last layer decides
+  (a Conv or a BatchNorm/GroupNorm: channels first; a Linear or LayerNorm: channels last);
+  ``channel_dim=1`` or ``-1`` says it explicitly. An output with C at neither end is refused in one
+  line, never guessed (a transform over the wrong dim would mix tokens, silently).
 - Q_j initialised to the identity (zero bias) when channel counts agree: at the start the flow is a
   convex combination of the teachers' own features, which the student's next layer can already use
   (``transform_init="zero"`` starts with Q_j = 0 instead).
@@ -67,7 +76,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +86,10 @@ from torch import nn
 from zootune.errors import ZootuneError
 from zootune.methods.distill import pick_student_member
 from zootune.methods.finetune import check_member_index, copy_with_new_head
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
+from zootune.options import require
 from zootune.models.heads import set_submodule
-from zootune.tasks import ClassificationTask, Task
+from zootune.tasks import ClassificationTask
 
 RESNET_FLOW_POINTS = ("layer1", "layer2", "layer3", "layer4")
 LAMBDA2_DEFAULT = 0.1  # chosen on validation (docs/baselines.md)
@@ -90,12 +101,14 @@ class _TeacherFeaturesReached(Exception):
 
 
 class ChannelTransform(nn.Module):
-    """Q(h) = W h + b applied along dim 1 of a (B, C, ...) tensor: a 1x1 convolution for feature maps,
-    a Linear for vectors. ``init="identity"``: W = I when the channel counts agree (else Kaiming
-    uniform); ``init="zero"``: W = 0 (the teacher adds nothing until Q is learned)."""
+    """Q(h) = W h + b applied along the channel dim: dim 1 of a (B, C, ...) tensor (a 1x1 convolution
+    for feature maps, a Linear for vectors) or, with ``channel_dim=-1``, the last dim of (B, ..., C)
+    tokens. ``init="identity"``: W = I when the channel counts agree (else Kaiming uniform);
+    ``init="zero"``: W = 0 (the teacher adds nothing until Q is learned)."""
 
-    def __init__(self, in_channels: int, out_channels: int, init: str = "identity"):
+    def __init__(self, in_channels: int, out_channels: int, init: str = "identity", channel_dim: int = 1):
         super().__init__()
+        self.channel_dim = channel_dim
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels))
         self.bias = nn.Parameter(torch.zeros(out_channels))
         if init == "zero":
@@ -108,6 +121,8 @@ class ChannelTransform(nn.Module):
             nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == -1:
+            return F.linear(h, self.weight, self.bias)
         if h.dim() == 4:
             return F.conv2d(h, self.weight[:, :, None, None], self.bias)
         if h.dim() == 2:
@@ -131,11 +146,17 @@ class FlowPoint(nn.Module):
         num_teachers: int,
         initial_student_weight: float | None = None,
         transform_init: str = "identity",
+        channel_dim: int | None = 1,
+        layer_hint: int | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
+        # None: found from the first teacher feature (the dim of size teacher_channels)
+        self.channel_dim = channel_dim
+        self.layer_hint = layer_hint
         self.transforms = nn.ModuleList(
-            ChannelTransform(teacher_channels, student_channels, transform_init) for _ in range(num_teachers)
+            ChannelTransform(teacher_channels, student_channels, transform_init, channel_dim or 1)
+            for _ in range(num_teachers)
         )
         self.mix_logits = nn.Parameter(torch.zeros(num_teachers + 1))  # theta: [student, teacher_1..m]
         if initial_student_weight is not None:
@@ -144,6 +165,11 @@ class FlowPoint(nn.Module):
             with torch.no_grad():
                 self.mix_logits[0] = math.log(w_s * num_teachers / (1.0 - w_s))
         self.teacher_features: list[torch.Tensor] | None = None
+
+    def set_channel_dim(self, dim: int) -> None:
+        self.channel_dim = dim
+        for transform in self.transforms:
+            transform.channel_dim = dim
 
     def mix_weights(self) -> torch.Tensor:
         """(w_s, w_1, ..., w_m) = softmax(theta)."""
@@ -155,7 +181,15 @@ class FlowPoint(nn.Module):
             return h
         w = self.mix_weights()
         out = w[0] * h
+        if self.channel_dim is None:
+            self.set_channel_dim(locate_channels(tuple(self.teacher_features[0].shape),
+                                                 self.transforms[0].weight.shape[1], self.layer_hint))
         for j, (transform, h_t) in enumerate(zip(self.transforms, self.teacher_features)):
+            if h_t.dim() < 2 or h_t.shape[self.channel_dim] != transform.weight.shape[1]:
+                raise ZootuneError(
+                    f"knowledge flow: a teacher feature of shape {tuple(h_t.shape)} has not "
+                    f"{transform.weight.shape[1]} channels at dim {self.channel_dim}; pass example_input=... "
+                    "or channel_dim=1 (channels first) / -1 (channels last, tokens)")
             flowed = transform(h_t)
             if flowed.shape != h.shape:
                 raise ZootuneError(
@@ -173,27 +207,86 @@ def previous_iterate_kl(previous_logits: torch.Tensor, logits: torch.Tensor) -> 
     return (log_p_prev.exp() * (log_p_prev - log_p)).sum(dim=1).mean()
 
 
-def output_channels(module: nn.Module) -> int:
-    """Channels of a module's output, read from its last registered BatchNorm/Conv/Linear."""
+def output_layout(module: nn.Module) -> tuple[int, int] | None:
+    """(channels, channel dim) of a module's output, read from its last registered layer that says:
+    BatchNorm/GroupNorm/Conv -> (C, 1), channels first; Linear/LayerNorm -> (C, -1), channels last
+    (tokens). None when no such layer is found."""
     for sub in reversed(list(module.modules())):
         if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            return sub.num_features
+            return sub.num_features, 1
+        if isinstance(sub, nn.GroupNorm):
+            return sub.num_channels, 1
         if isinstance(sub, nn.modules.conv._ConvNd):
-            return sub.out_channels
+            return sub.out_channels, 1
         if isinstance(sub, nn.Linear):
-            return sub.out_features
-    raise ZootuneError(
-        f"cannot tell the output channels of {type(module).__name__}; pass example_input=... to probe them"
-    )
+            return sub.out_features, -1
+        if isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) == 1:
+            return sub.normalized_shape[0], -1
+    return None
 
 
-def probe_channels(model: nn.Module, names: Sequence[str], example_input: torch.Tensor) -> list[int]:
-    """Channels (dim 1) of the outputs of ``names`` in one forward of ``example_input`` (eval mode)."""
-    found: dict[str, int] = {}
-    handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda _m, _i, out, name=name: found.__setitem__(name, out.shape[1])
+def output_channels(module: nn.Module) -> int:
+    """Channels of a module's output, read from its last registered BatchNorm/Conv/Linear/norm layer."""
+    layout = output_layout(module)
+    if layout is None:
+        raise ZootuneError(
+            f"cannot tell the output channels of {type(module).__name__}; pass example_input=... to probe them"
         )
+    return layout[0]
+
+
+def locate_channels(shape: tuple[int, ...], channels: int, hint: int | None = None) -> int:
+    """The channel dim (1 or -1) of an output of ``shape`` with ``channels`` channels: the end of size
+    ``channels``; when both ends have it, ``hint`` (the last layer's kind) decides."""
+    if len(shape) == 2 and shape[1] == channels:
+        return 1
+    first, last = len(shape) > 2 and shape[1] == channels, len(shape) > 2 and shape[-1] == channels
+    if first and last and hint is not None:
+        return hint
+    if first != last:
+        return 1 if first else -1
+    raise ZootuneError(
+        f"knowledge flow: cannot tell where the {channels} channels are in a feature of shape {shape} "
+        + ("(both dim 1 and the last have that size)" if first else "(neither dim 1 nor the last has that size)")
+        + "; pass channel_dim=1 (channels first) or -1 (channels last, tokens), or another flow point")
+
+
+def _layout(name: str, module: nn.Module, shape: tuple[int, ...] | None,
+            forced: int | None) -> tuple[int, int | None, int | None]:
+    """(channels, channel dim -- None: decided on the first teacher feature --, the last layer's hint)."""
+    layer = output_layout(module)
+    hint = layer[1] if layer is not None else None
+    if shape is None:
+        if layer is None:
+            raise ZootuneError(f"flow point {name!r}: cannot tell the output channels of {type(module).__name__} "
+                               "(no Conv/Linear/norm layer in it); pass example_input=... to probe them")
+        return layer[0], forced, hint
+    if forced is not None:
+        return shape[forced], forced, hint
+    if len(shape) == 2:
+        return shape[1], 1, hint
+    if layer is None and len(shape) == 4:
+        return shape[1], 1, hint  # a feature map and no layer to say otherwise: channels first
+    if layer is None or layer[0] not in (shape[1], shape[-1]):
+        raise ZootuneError(
+            f"flow point {name!r}: cannot tell where the channels are in its output of shape {shape}"
+            + (f" (its last layer has {layer[0]})" if layer is not None else "")
+            + "; pass channel_dim=1 (channels first) or -1 (channels last, tokens)")
+    return layer[0], locate_channels(shape, layer[0], hint), hint
+
+
+def probe_shapes(model: nn.Module, names: Sequence[str], example_input: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the outputs of ``names`` in one forward of ``example_input`` (eval mode)."""
+    found: dict[str, tuple[int, ...]] = {}
+
+    def keep(name, out):
+        if not isinstance(out, torch.Tensor):
+            raise ZootuneError(f"flow point {name!r} returns a {type(out).__name__}, not a tensor; choose "
+                               "a module whose output is one feature tensor")
+        found[name] = tuple(out.shape)
+
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: keep(name, out))
         for name in names
     ]
     was_training = model.training
@@ -205,13 +298,27 @@ def probe_channels(model: nn.Module, names: Sequence[str], example_input: torch.
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ZootuneError(f"flow point {missing[0]!r} is never called by the model's forward")
     return [found[name] for name in names]
 
 
+def probe_channels(model: nn.Module, names: Sequence[str], example_input: torch.Tensor) -> list[int]:
+    """Channels (dim 1) of the outputs of ``names`` in one forward of ``example_input`` (eval mode)."""
+    return [shape[1] for shape in probe_shapes(model, names, example_input)]
+
+
 def default_flow_points(model: nn.Module) -> list[str]:
+    """``layer1..layer4`` of a ResNet; for a timm model the last four of the modules its
+    ``feature_info`` lists (stage outputs; a ViT's last four blocks)."""
     modules = dict(model.named_modules())
     if all(name in modules for name in RESNET_FLOW_POINTS):
         return list(RESNET_FLOW_POINTS)
+    listed = [info.get("module") for info in getattr(model, "feature_info", None) or [] if isinstance(info, dict)]
+    listed = [name for name in listed if name and name in modules]
+    if listed:
+        return listed[-4:]
     raise ZootuneError(
         f"{type(model).__name__} has no layer1..layer4; name the flow points with flow_points=[...module names]"
     )
@@ -236,8 +343,11 @@ class KnowledgeFlow(nn.Module):
         lambda2: float = 0.0,
         initial_student_weight: float | None = None,
         transform_init: str = "identity",
+        channel_dim: int | None = None,
     ):
         super().__init__()
+        if channel_dim not in (None, 1, -1):
+            raise ZootuneError(f"channel_dim must be 1 (channels first), -1 (channels last) or None, got {channel_dim!r}")
         if len(teachers) == 0:
             raise ZootuneError("knowledge flow needs at least one teacher")
         if lambda1 < 0 or lambda2 < 0 or mix_lr_mult <= 0:
@@ -254,21 +364,25 @@ class KnowledgeFlow(nn.Module):
             for i, teacher in enumerate(teachers):
                 if name not in dict(teacher.named_modules()):
                     raise ZootuneError(f"flow point {name!r} is not a module of teacher {i}")
-        if example_input is not None:
-            student_channels = probe_channels(student, self.flow_points, example_input)
-            teacher_channels = probe_channels(teachers[0], self.flow_points, example_input)
-        else:
-            student_channels = [output_channels(student.get_submodule(n)) for n in self.flow_points]
-            teacher_channels = [output_channels(teachers[0].get_submodule(n)) for n in self.flow_points]
+        layouts = []  # per model, per flow point: (channels, dim or None, the last layer's hint)
+        for model in (student, teachers[0]):
+            shapes = (probe_shapes(model, self.flow_points, example_input) if example_input is not None
+                      else [None] * len(self.flow_points))
+            layouts.append([_layout(name, model.get_submodule(name), shape, channel_dim)
+                            for name, shape in zip(self.flow_points, shapes)])
+        student_channels = [layout[0] for layout in layouts[0]]
+        teacher_channels = [layout[0] for layout in layouts[1]]
+        channel_dims = [layout[1] for layout in layouts[1]]
+        hints = [layout[2] for layout in layouts[1]]
 
         self.teachers = nn.ModuleList(teachers)
         for p in self.teachers.parameters():
             p.requires_grad_(False)
         self.teachers.eval()
         # Wrap the student's flow-point modules in place (the wrapper keeps the original as base_layer).
-        for name, c_s, c_t in zip(self.flow_points, student_channels, teacher_channels):
+        for name, c_s, c_t, dim, hint in zip(self.flow_points, student_channels, teacher_channels, channel_dims, hints):
             flow_point = FlowPoint(
-                student.get_submodule(name), c_s, c_t, len(teachers), initial_student_weight, transform_init
+                student.get_submodule(name), c_s, c_t, len(teachers), initial_student_weight, transform_init, dim, hint
             )
             set_submodule(student, name, flow_point)
         self.student = student
@@ -414,51 +528,63 @@ class KnowledgeFlow(nn.Module):
                 old.copy_(new)
 
 
-def build(
-    zoo: Sequence[nn.Module],
-    task: Task,
-    *,
-    member=None,
-    fitted=None,
-    teachers: str = "pretrained",
-    student_member: int | None = None,
-    flow_points: Sequence[str] | None = None,
-    lambda1: float = 10.0,
-    mix_lr_mult: float = 10.0,
-    student_only_from: float = 0.9,
-    example_input: torch.Tensor | None = None,
-    head_name: str | None = None,
-    lambda2: float = LAMBDA2_DEFAULT,
-    val_metrics: Sequence[float] | None = None,
-    initial_student_weight: float | None = INITIAL_STUDENT_WEIGHT_DEFAULT,
-    transform_init: str = "identity",
-) -> KnowledgeFlow:
+@dataclass
+class KnowledgeFlowConfig:
+    """Options of ``knowledge-flow`` (see the module docstring for each choice)."""
+
+    teachers: Literal["pretrained", "finetuned"] = "pretrained"
+    student_member: int | None = None  # default: the best fine-tuned member on validation, else 0
+    flow_points: list[str] | None = None  # module names; default: the ResNet stages, or a timm model's feature_info
+    lambda1: float = 10.0
+    mix_lr_mult: float = 10.0
+    student_only_from: float = 0.9
+    head_name: str | None = None
+    lambda2: float = LAMBDA2_DEFAULT
+    initial_student_weight: float | None = INITIAL_STUDENT_WEIGHT_DEFAULT
+    transform_init: Literal["identity", "zero"] = "identity"
+    channel_dim: int | None = None  # None: located from the features; 1 channels first; -1 tokens
+
+    def __post_init__(self):
+        require(self.channel_dim in (None, 1, -1),
+                f"channel_dim must be 1 (channels first), -1 (channels last) or None, got {self.channel_dim!r}")
+        require(self.lambda1 >= 0, f"lambda1 must be >= 0, got {self.lambda1}")
+        require(self.lambda2 >= 0, f"lambda2 must be >= 0, got {self.lambda2}")
+        require(self.mix_lr_mult > 0, f"mix_lr_mult must be > 0, got {self.mix_lr_mult}")
+        require(0.0 <= self.student_only_from <= 1.0, f"student_only_from must be in [0, 1], got {self.student_only_from}")
+        require(self.initial_student_weight is None or 0.0 < self.initial_student_weight < 1.0,
+                f"initial_student_weight must be in (0, 1), got {self.initial_student_weight}")
+
+
+def build(ctx: BuildContext) -> KnowledgeFlow:
     """Knowledge Flow from the zoo into a copy of a pretrained member with a new head: the best by
-    ``val_metrics`` (fine-tuned members' validation metrics) when given, else ``student_member``."""
-    index = pick_student_member(len(zoo), val_metrics, task.higher_is_better, student_member)
-    index = check_member_index(zoo, index)
-    student, _ = copy_with_new_head(zoo[index], task, head_name)
-    if teachers == "pretrained":
+    ``ctx.member_val_metrics`` (fine-tuned members' validation metrics) when known, else
+    ``student_member``. The example input that traces the flow points' shapes is a few training
+    images when ``ctx.data`` is given."""
+    config, task, zoo = ctx.config or KnowledgeFlowConfig(), ctx.task, ctx.zoo
+    index = pick_student_member(len(zoo), ctx.member_val_metrics, task.higher_is_better, config.student_member)
+    student, _ = copy_with_new_head(zoo[check_member_index(zoo, index)], task, config.head_name)
+    if config.teachers == "pretrained":
         # Copies: the teachers are frozen (requires_grad off), which must not leak into the user's zoo.
         teacher_models = [copy.deepcopy(m) for m in zoo]
-    elif teachers == "finetuned":
-        if not fitted or "finetune" not in fitted:
-            raise ZootuneError("teachers='finetuned' needs the fine-tuned members: run method 'finetune' first")
-        teacher_models = list(fitted["finetune"])
     else:
-        raise ZootuneError(f"teachers must be 'pretrained' or 'finetuned', got {teachers!r}")
+        teacher_models = list(ctx.required("finetune"))
+    example_input = None
+    if ctx.data is not None:
+        train = ctx.data.train
+        example_input = torch.stack([train[i][0] for i in range(min(2, len(train)))])
     return KnowledgeFlow(
         student,
         teacher_models,
-        flow_points=flow_points,
-        lambda1=lambda1,
-        mix_lr_mult=mix_lr_mult,
-        student_only_from=student_only_from,
+        flow_points=config.flow_points,
+        lambda1=config.lambda1,
+        mix_lr_mult=config.mix_lr_mult,
+        student_only_from=config.student_only_from,
         example_input=example_input,
         # KL between softmaxes is meaningful for class logits only.
-        lambda2=lambda2 if isinstance(task, ClassificationTask) else 0.0,
-        initial_student_weight=initial_student_weight,
-        transform_init=transform_init,
+        lambda2=config.lambda2 if isinstance(task, ClassificationTask) else 0.0,
+        initial_student_weight=config.initial_student_weight,
+        transform_init=config.transform_init,
+        channel_dim=config.channel_dim,
     )
 
 
@@ -467,5 +593,7 @@ register_method(
         name="knowledge-flow",
         help="Knowledge Flow: frozen teachers' features flow into a student; teachers dropped at the end",
         build=build,
+        plain_model=True,
+        config=KnowledgeFlowConfig,
     )
 )

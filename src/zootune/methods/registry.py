@@ -1,53 +1,146 @@
-"""Names of methods for the CLI's ``--method`` and the ``zootune run`` comparison.
+"""The method contract: what a method declares (:class:`MethodSpec`) and what it receives
+(:class:`BuildContext`), and the names for ``--method`` and the ``zootune run`` comparison.
 
-Each method file registers a :class:`MethodSpec` when imported. ``build`` has the signature::
+Each method file registers a :class:`MethodSpec` when imported (timm's ``@register_model``, PEFT's
+tuner mapping). The experiment and the CLI know methods only through these fields: nothing above
+``methods/`` names a method.
 
-    build(zoo, task, *, member=None, fitted=None, **options) -> nn.Module
-
-- ``zoo``: a :class:`zootune.Zoo` (or a :class:`zootune.Hub` for hub methods);
-- ``task``: a :class:`zootune.tasks.Task` (gives the head, loss, metric);
-- ``member``: the zoo member's index for ``per_member`` methods (single fine-tune);
-- ``fitted``: trained models of the methods named in ``requires`` (e.g. the ensemble and
-  distillation receive ``fitted["finetune"]``, the list of fine-tuned members);
-- ``options``: method-specific keyword options (documented on the method).
+``spec.build(ctx)`` returns the module the engine trains (or, with ``trains=False``, uses as it is).
+``ctx`` holds the zoo, the task, the method's validated options (an instance of ``spec.config``),
+the target's data splits, the fitted models of the methods named in ``requires``, the zoo member
+for ``per_member`` methods, the members' validation metrics when their fine-tunes ran, and the
+training configuration. A method that needs data (a Fisher, a ranking, a source task) computes it
+in ``build`` from ``ctx.data`` through the engine. When a saved model folder is loaded, ``build`` is
+called with ``ctx.rebuilding = True`` and no data: it must then give the module's structure (the
+weights come from the file).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
 from zootune.errors import ZootuneError
 
 
+@dataclass
+class BuildContext:
+    """Everything a method's ``build`` receives (see the module docstring)."""
+
+    zoo: Sequence[nn.Module]  # a zootune.Zoo, or a zootune.Hub for hub methods
+    task: Any  # a zootune.tasks.Task
+    config: Any = None  # the method's options: an instance of spec.config (None if it has none)
+    data: Any = None  # the target's DatasetSplits (train / val / test); None when rebuilding a saved model
+    source: Any = None  # DatasetSplits of a source task, for methods that need one (needs_source_data)
+    fitted: Mapping[str, Any] = field(default_factory=dict)  # finalized models of spec.requires
+    member: int | None = None  # the zoo member of a per_member method
+    member_val_metrics: Sequence[float] | None = None  # each member's fine-tuned validation metric, when run
+    train_config: Any = None  # the zootune.engine.TrainConfig the target is trained with
+    seed: int = 0
+    rebuilding: bool = False  # only the structure is wanted: a saved model's weights come from its file
+
+    def __post_init__(self):
+        if self.fitted is None:
+            self.fitted = {}
+
+    def require_data(self, why: str):
+        """``self.data``, or a ZootuneError saying the method needs the target's data and why."""
+        if self.data is None:
+            raise ZootuneError(f"this method needs the target's training data ({why}): pass data=DatasetSplits")
+        return self.data
+
+    def required(self, name: str):
+        """The fitted model(s) of required method ``name``, or a ZootuneError saying what to run first."""
+        if name not in self.fitted:
+            raise ZootuneError(f"this method needs the models of method {name!r}: fit {name!r} first")
+        return self.fitted[name]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
+    """What a method is, for the experiment and the CLI.
+
+    ``config``: the dataclass of its options (checked by :func:`zootune.options.parse_config` before
+    any work; ``None``: no options). ``requires``: methods whose fitted models ``build`` receives in
+    ``ctx.fitted``. ``trains=False``: the built module is used as it is (an ensemble of fitted
+    members). ``per_member``: run once per zoo member; the member with the best validation metric is
+    the "best on val" single-model row, and the members' validation metrics reach later methods as
+    ``ctx.member_val_metrics``. ``hub``: expects a :class:`zootune.Hub`. ``task_types``: the task
+    classes it supports (None: any). ``in_default_run=False`` (with ``default_run_note`` saying why):
+    left out of ``zootune run`` unless named. ``needs_source_data``: uses ``ctx.source``.
+    ``reports_gates``: the built module has ``record_gates()``/``gate_statistics()`` (gate heatmaps).
+    ``plain_model``: what ``finalize()`` returns is a plain model of the zoo's architecture.
+    """
+
     name: str
     help: str
-    build: Callable[..., nn.Module]
-    requires: tuple[str, ...] = ()  # methods whose fitted models ``build`` receives in ``fitted``
-    trains: bool = True  # False: the built model is used as it is (e.g. an ensemble of fitted members)
-    per_member: bool = False  # run once per zoo member
-    hub: bool = False  # expects a zootune.Hub (members of different architectures)
-    task_types: tuple[type, ...] | None = None  # the Task classes it supports; None: any task
+    build: Callable[[BuildContext], nn.Module]
+    config: type | None = None
+    requires: tuple[str, ...] = ()
+    trains: bool = True
+    per_member: bool = False
+    hub: bool = False
+    task_types: tuple[type, ...] | None = None
+    in_default_run: bool = True
+    default_run_note: str = ""
+    needs_source_data: bool = False
+    reports_gates: bool = False
+    plain_model: bool = False  # finalize() gives a plain model of the zoo's architecture (no method modules)
+    # Instead of a config dataclass: options are the keyword parameters of this callable (a
+    # constructor), less those ``build`` fills itself (``options_exclude``); parsed to a dict.
+    options_of: Callable | None = None
+    options_exclude: tuple[str, ...] = ()
 
     def supports(self, task) -> bool:
         return self.task_types is None or isinstance(task, self.task_types)
 
+    def parse_options(self, options: Mapping[str, Any] | Any | None):
+        """The options as an instance of ``config``: a dict is checked field by field (unknown names,
+        types, ranges: :class:`zootune.errors.OptionError`); an instance passes as it is."""
+        from zootune.errors import OptionError
+        from zootune.options import check_kwargs, parse_config
+
+        if self.options_of is not None:
+            if options is not None and not isinstance(options, Mapping):
+                raise OptionError(f"options of {self.name!r} must be a dict")
+            return check_kwargs(self.options_of, options, what=self.name, exclude=self.options_exclude)
+        if self.config is None:
+            if options:
+                raise OptionError(f"method {self.name!r} takes no options, got {', '.join(sorted(options))}")
+            return None
+        if isinstance(options, self.config):
+            return options
+        if options is not None and not isinstance(options, Mapping):
+            raise OptionError(f"options of {self.name!r} must be a dict or a {self.config.__name__}")
+        return parse_config(self.config, options, what=self.name)
+
+    def option_names(self) -> list[str]:
+        if self.options_of is not None:
+            import inspect
+
+            params = inspect.signature(self.options_of).parameters.values()
+            return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                    and p.name not in self.options_exclude and p.name != "self"]
+        return [] if self.config is None else [f.name for f in dataclasses.fields(self.config) if f.init]
+
 
 METHODS: dict[str, MethodSpec] = {}
+DEFAULT_METHOD = "zoo-tuning"  # what `zootune fit` trains when no --method is given
 
 # Modules that register methods when imported, in the order tables list them.
 _METHOD_MODULES = (
     "zootune.methods.finetune",
+    "zootune.methods.scratch",
     "zootune.methods.ensemble",
     "zootune.methods.distill",
     "zootune.methods.knowledge_flow",
     "zootune.methods.soup",
+    "zootune.methods.fisher_merge",
     "zootune.methods.zoo_tuning",
     "zootune.methods.hub_pathway",
     "zootune.methods.pac_net",
@@ -65,9 +158,18 @@ def _load_all() -> None:
             importlib.import_module(module)
 
 
+def _table_position(spec: MethodSpec) -> int:
+    module = getattr(spec.build, "__module__", "") or ""
+    for i, name in enumerate(_METHOD_MODULES):
+        if module == name or module.startswith(name + "."):
+            return i
+    return len(_METHOD_MODULES)
+
+
 def available_methods() -> dict[str, MethodSpec]:
+    """Every registered method, in table order (the order of ``_METHOD_MODULES``)."""
     _load_all()
-    return dict(METHODS)
+    return dict(sorted(METHODS.items(), key=lambda item: _table_position(item[1])))
 
 
 def get_method(name: str) -> MethodSpec:
@@ -75,3 +177,15 @@ def get_method(name: str) -> MethodSpec:
     if name not in methods:
         raise ZootuneError(f"unknown method {name!r}; choose from: {', '.join(methods)}")
     return methods[name]
+
+
+def build_method(name: str, zoo, task, *, options: Mapping[str, Any] | None = None, **context) -> nn.Module:
+    """Build registered method ``name`` from Python: ``build_method("lite", zoo, task,
+    options={"align": "none"}, data=splits)``; ``context`` fills the other :class:`BuildContext`
+    fields (``data``, ``fitted``, ``member``, ``member_val_metrics``, ``train_config``, ...)."""
+    spec = get_method(name)
+    return spec.build(BuildContext(zoo=zoo, task=task, config=spec.parse_options(options), **context))
+
+
+__all__ = ["BuildContext", "DEFAULT_METHOD", "MethodSpec", "METHODS", "available_methods", "build_method", "get_method",
+           "register_method"]

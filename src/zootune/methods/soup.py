@@ -23,16 +23,16 @@ Choices (ours):
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
 from zootune.errors import ZooMismatchError, ZootuneError
-from zootune.methods.finetune import FineTune, copy_with_new_head
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.finetune import FineTune, FineTuneConfig, fine_tune
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.models.heads import find_head_name
-from zootune.tasks import Task
 
 BN_STATS_MODES = ("mean", "reset")
 
@@ -69,20 +69,16 @@ def uniform_soup(
     return soup
 
 
-def build(
-    zoo: Sequence[nn.Module],
-    task: Task,
-    *,
-    member=None,
-    fitted=None,
-    bn_stats: str = "mean",
-    backbone_lr_mult: float = 1.0,
-    head_name: str | None = None,
-) -> FineTune:
+@dataclass
+class SoupConfig(FineTuneConfig):
+    bn_stats: Literal["mean", "reset"] = "mean"  # running statistics: averaged, or reset to 0/1
+
+
+def build(ctx: BuildContext) -> FineTune:
     """Uniform soup of the zoo with a new head, fine-tuned like ``finetune``."""
-    soup = uniform_soup(list(zoo), head_name=head_name, bn_stats=bn_stats)
-    model, name = copy_with_new_head(soup, task, head_name)
-    return FineTune(model, name, backbone_lr_mult)
+    config = ctx.config or SoupConfig()
+    return fine_tune(uniform_soup(list(ctx.zoo), head_name=config.head_name, bn_stats=config.bn_stats),
+                     ctx.task, config)
 
 
 register_method(
@@ -90,5 +86,7 @@ register_method(
         name="soup",
         help="average the members' weights (uniform soup), new head, then fine-tune",
         build=build,
+        plain_model=True,
+        config=SoupConfig,
     )
 )

@@ -24,7 +24,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from zootune.data.cache import atomic_write_bytes, atomic_write_json, read_manifest, sha256_file, user_cache_dir
+from zootune.atomic import atomic_write_bytes
+from zootune.data.cache import atomic_write_manifest, read_manifest, sha256_file, user_cache_dir
 from zootune.errors import CheckpointError
 from zootune.minizoo.members import MEMBERS, MemberSpec
 from zootune.minizoo.pretrain import get_member, pretrain
@@ -138,7 +139,7 @@ def build_minizoo(
         }
         manifest["members"][spec.name] = row
         manifest["format"] = MANIFEST_FORMAT
-        atomic_write_json(folder / "manifest.json", manifest)
+        atomic_write_manifest(folder / "manifest.json", manifest)
         rows.append(row)
         if progress:
             print(

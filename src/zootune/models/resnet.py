@@ -173,6 +173,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "resnet50": resnet50,
     "resnet101": resnet101,
+    "resnet_small": resnet_small,
     "resnet10_small": lambda num_classes=10, **kw: resnet_small(num_classes, depth=10, **kw),
     "resnet18_small": lambda num_classes=10, **kw: resnet_small(num_classes, depth=18, **kw),
 }

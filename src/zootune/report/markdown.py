@@ -20,7 +20,7 @@ def logme_section(results: dict) -> list[str]:
               "LogME's top = fine-tuned best", "Kendall τ"]
     rows = []
     for target, cell in per_target.items():
-        scores, tested = cell.get("scores", {}), cell.get("finetune_test", {})
+        scores, tested = cell.get("scores", {}), cell.get("member_test", {})
         by_logme = sorted(scores, key=scores.get, reverse=True)
         by_test = sorted(tested, key=tested.get, reverse=higher_is_better)
         tau = cell.get("kendall_tau")

@@ -40,7 +40,7 @@ from zootune.engine.checkpoint import seed_everything
 from zootune.engine.config import OPTIMIZERS, TrainConfig
 from zootune.engine.optim import build_optimizer
 from zootune.errors import NonFiniteLossError, ZootuneError
-from zootune.methods.base import unwrap
+from zootune.engine.distributed import unwrap
 from zootune.rl.envs import NUM_ACTIONS, OBSERVATION_SHAPE, make_env, observe
 from zootune.rl.replay import ReplayBuffer
 from zootune.rl.task import RLTask

@@ -31,7 +31,7 @@ from torch import nn
 
 from zootune.engine.checkpoint import seed_everything
 from zootune.errors import ZootuneError
-from zootune.methods.registry import get_method
+from zootune.methods.registry import build_method
 from zootune.report import (
     atomic_write_json,
     atomic_write_text,
@@ -117,11 +117,11 @@ def build_q_network(method: str, zoo, task: RLTask, seed: int, aggregate: str = 
     torch.manual_seed(seed)
     if method == "scratch":
         fresh = minatar_qnet(task.num_actions)  # random init drawn from the seeded generator
-        return get_method("finetune").build([fresh], task)
+        return build_method("finetune", [fresh], task)
     if method == "finetune":
-        return get_method("finetune").build(zoo, task, member=member)
+        return build_method("finetune", zoo, task, member=member)
     if method in ("zoo-tuning", "lite"):
-        return get_method(method).build(zoo, task, target_types=AGGREGATE_CHOICES[aggregate])
+        return build_method(method, zoo, task, options={'target_types': AGGREGATE_CHOICES[aggregate]})
     raise ZootuneError(f"unknown RL method {method!r}")
 
 

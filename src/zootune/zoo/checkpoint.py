@@ -15,12 +15,13 @@ import json
 import os
 import pickle
 import re
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from zootune.atomic import atomic_write
 from zootune.errors import CheckpointError
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -66,8 +67,19 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"cannot read {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle"
+            f"{'; the file is empty' if not head else ''}); zootune reads .pt/.pth/.pth.tar files written "
+            "by torch.save and .safetensors files")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols before refusing or reading; what it decides is reported below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Weights only load failed" in text:
@@ -135,21 +147,11 @@ def save_state_dict(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.name.endswith(SAFETENSORS_SUFFIX):
-            from safetensors.torch import save_file
+    if path.name.endswith(SAFETENSORS_SUFFIX):
+        from safetensors.torch import save_file
 
-            save_file(tensors, tmp, metadata=meta or None)
-        else:
-            torch.save({"state_dict": tensors, "metadata": meta}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta or None))
+    return atomic_write(path, lambda tmp: torch.save({"state_dict": tensors, "metadata": meta}, tmp))
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, overload
 import torch
 from torch import nn
 
-from zootune.errors import ZooMismatchError, ZootuneError
+from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
 from zootune.models import build_model
 from zootune.models.heads import find_head_name
 from zootune.zoo.checkpoint import load_state_dict_file
-from zootune.zoo.remap import Remap, backbone_shapes, match_state_dict
+from zootune.zoo.preprocessing import DataConfig, disagreements
+from zootune.zoo.remap import Remap, backbone_shapes, is_head_key, match_state_dict
 
 CHECKPOINT_SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
@@ -61,12 +62,17 @@ class Zoo(Sequence):
     """A named, ordered sequence of pretrained ``nn.Module`` s sharing one architecture.
 
     ``len(zoo)``, ``zoo[i]`` (or ``zoo["name"]``), ``iter(zoo)`` give the members; ``zoo[1:3]`` is a
-    smaller Zoo. Build one with :meth:`from_modules` or :meth:`from_checkpoints`.
+    smaller Zoo. Build one with :meth:`from_modules`, :meth:`from_checkpoints` or
+    :meth:`from_pretrained` (timm / torchvision / Hugging Face hub names).
 
     Attributes:
         names: one name per member (file stems, or ``member0``, ``member1``, ...).
         head_name: dotted name of the members' head (``fc`` for a ResNet), found with
             :func:`zootune.models.heads.find_head_name` unless given.
+        data_configs: per member, the preprocessing its checkpoint expects
+            (:class:`zootune.zoo.preprocessing.DataConfig`; None where unknown, e.g. checkpoint files).
+        architecture, arch_kwargs: the ``build_model`` name of the architecture and its arguments,
+            where known (``"timm:resnet50"`` for a zoo by name).
     """
 
     def __init__(
@@ -77,6 +83,9 @@ class Zoo(Sequence):
         head_name: str | None = None,
         builder: Callable[[], nn.Module] | None = None,
         sources: Iterable[str | None] | None = None,
+        data_configs: Iterable[DataConfig | None] | None = None,
+        architecture: str | None = None,
+        arch_kwargs: Mapping[str, Any] | None = None,
     ):
         self._members: tuple[nn.Module, ...] = tuple(members)
         if not self._members:
@@ -98,6 +107,11 @@ class Zoo(Sequence):
         self.sources: tuple[str | None, ...] = (
             tuple(sources) if sources is not None else (None,) * len(self._members)
         )
+        self.data_configs: tuple[DataConfig | None, ...] = (
+            tuple(data_configs) if data_configs is not None else (None,) * len(self._members)
+        )
+        self.architecture = architecture
+        self.arch_kwargs = dict(arch_kwargs or {})
         self._check_same_architecture()
 
     # --- construction -------------------------------------------------------------------------
@@ -170,6 +184,7 @@ class Zoo(Sequence):
         template: nn.Module | None = None
         for path, file_remap in zip(paths, remaps):
             state = load_state_dict_file(path)
+            _check_finite(state, path)
             # Seeded builds are identical: build once, then give each member the template's
             # structure with the checkpoint's tensors themselves (no initialisation, no copy of
             # the 25M loaded values); only what the file does not cover (head, counters) is cloned.
@@ -187,8 +202,63 @@ class Zoo(Sequence):
             members.append(model)
         if names is None:
             names = _unique_names([checkpoint_stem(p) for p in paths])
-        return cls(members, names, head_name=head_name, builder=functools.partial(_build_seeded, builder),
-                   sources=[str(p) for p in paths])
+        return cls(members, names, head_name=head_name, builder=builder, sources=[str(p) for p in paths])
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        names: Iterable[str],
+        *,
+        head_name: str | None = None,
+        offline: bool | None = None,
+    ) -> "Zoo":
+        """Members by name through timm's / torchvision's own pretrained machinery and caches:
+        ``timm:ARCH[.TAG]``, ``torchvision:ARCH[.WEIGHTS]``, ``hf-hub:ORG/NAME``, each optionally
+        ``=PATH`` for a local weights file (:mod:`zootune.zoo.pretrained`).
+
+        All members must share one architecture. A member built by another library's class whose
+        weights have the same keys and shapes as member 0's (timm's and torchvision's ResNet-50) is
+        loaded into member 0's class, after checking that both compute the same outputs. Each
+        member's preprocessing comes from its pretrained config (:attr:`data_configs`);
+        members that disagree are reported (a warning, and :attr:`preprocessing_notes`).
+
+        Raises:
+            ZooMismatchError: members of different architectures (use :class:`zootune.Hub`).
+            NotCachedError: a member is not cached and cannot be downloaded (offline).
+        """
+        import warnings
+
+        from zootune.zoo.pretrained import load_pretrained
+
+        loaded = load_pretrained(list(names), offline=offline).loaded
+        reference = loaded[0]
+        reference_head = _find_head_or_none(reference.model, head_name)
+        models = [reference.model] + [_in_reference_class(reference, member, reference_head) for member in loaded[1:]]
+        try:
+            zoo = cls(models, [m.name for m in loaded], head_name=head_name, sources=[m.source for m in loaded],
+                      data_configs=[m.data_config for m in loaded], architecture=reference.architecture,
+                      arch_kwargs=reference.arch_kwargs)
+        except ZooMismatchError as err:
+            architectures = ", ".join(f"{m.name} is {m.architecture}" for m in loaded)
+            raise ZooMismatchError(f"{err} ({architectures}); models of different architectures make a "
+                                   "zootune.Hub (e.g. Hub(load_pretrained([...])))") from None
+        notes = zoo.preprocessing_notes
+        if notes:
+            warnings.warn(f"zoo members expect different preprocessing; using {zoo.names[0]}'s: "
+                          + "; ".join(notes), stacklevel=2)
+        return zoo
+
+    @property
+    def data_config(self) -> DataConfig | None:
+        """The preprocessing to feed this zoo: the first member's that is known (None if none is)."""
+        return next((config for config in self.data_configs if config is not None), None)
+
+    @property
+    def preprocessing_notes(self) -> list[str]:
+        """Where members' preprocessing differs from the first one's (empty when they agree or are unknown)."""
+        if all(config is None for config in self.data_configs):
+            return []
+        return disagreements(self.data_configs, self.names)
 
     # --- sequence protocol --------------------------------------------------------------------
 
@@ -206,7 +276,9 @@ class Zoo(Sequence):
             picked = range(len(self))[index]
             return Zoo([self._members[i] for i in picked], [self._names[i] for i in picked],
                        head_name=self.head_name, builder=self._builder,
-                       sources=[self.sources[i] for i in picked])
+                       sources=[self.sources[i] for i in picked],
+                       data_configs=[self.data_configs[i] for i in picked],
+                       architecture=self.architecture, arch_kwargs=self.arch_kwargs)
         if isinstance(index, str):
             try:
                 return self._members[self._names.index(index)]
@@ -230,17 +302,18 @@ class Zoo(Sequence):
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def new_model(self) -> nn.Module:
+    def new_model(self, seed: int | None = None) -> nn.Module:
         """A fresh instance of the zoo's architecture: same class and state_dict keys as a member.
 
-        Built by the zoo's builder (checkpoint zoos: the architecture's own initialisation with a
-        fixed seed); for a zoo from modules without a builder, a copy of member 0 whose layers are
-        re-initialised by their ``reset_parameters``.
+        Built by the zoo's builder (checkpoint zoos: the architecture's own initialisation); for a
+        zoo from modules without a builder, a copy of member 0 whose layers are re-initialised by
+        their ``reset_parameters``. The initialisation is drawn from ``seed`` (default: a fixed
+        one), leaving the global random stream as it was.
         """
         if self._builder is not None:
-            return self._builder()
+            return _build_seeded(self._builder, BUILD_SEED if seed is None else seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(BUILD_SEED)
+            torch.manual_seed(BUILD_SEED if seed is None else seed)
             return _reset_parameters(copy.deepcopy(self._members[0]))
 
     def to(self, *args, **kwargs) -> "Zoo":
@@ -301,10 +374,62 @@ def _find_head_or_none(model: nn.Module, head_name: str | None) -> str | None:
         return None
 
 
-def _build_seeded(builder: Callable[[], nn.Module]) -> nn.Module:
+def _check_finite(state: Mapping[str, torch.Tensor], path) -> None:
+    """A checkpoint whose weights hold NaN or infinity is refused, naming the file and the tensor
+    (training from it would fail later with a message blaming the learning rate)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"zoo checkpoint {path}: tensor {key} holds {bad} non-finite value(s) (NaN or "
+                                  "infinity); the file is damaged or was saved from a diverged training")
+
+
+def _build_seeded(builder: Callable[[], nn.Module], seed: int = BUILD_SEED) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BUILD_SEED)
+        torch.manual_seed(seed)
         model = builder()
     if not isinstance(model, nn.Module):
         raise ZootuneError(f"the architecture builder returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _in_reference_class(reference, member, head_name: str | None) -> nn.Module:
+    """``member``'s model, or -- when another class holds the same weights layout as the reference
+    (timm's and torchvision's ResNet-50) -- a copy of the reference model holding its weights, once
+    both are checked to compute the same outputs; a different layout is a :class:`ZooMismatchError`."""
+    model, ref = member.model, reference.model
+    if type(model) is type(ref):
+        return model  # the Zoo's own check compares keys and shapes
+    member_head = _find_head_or_none(model, None)
+    ref_shapes, shapes = backbone_shapes(ref, head_name), backbone_shapes(model, member_head)
+    if ref_shapes != shapes:
+        differing = sorted(set(ref_shapes) ^ set(shapes)) or [k for k in ref_shapes if ref_shapes[k] != shapes[k]]
+        raise ZooMismatchError(
+            f"zoo members must share one architecture: {reference.name!r} is a {type(ref).__module__.split('.')[0]} "
+            f"{type(ref).__name__} ({reference.architecture}), {member.name!r} a {type(model).__module__.split('.')[0]} "
+            f"{type(model).__name__} ({member.architecture}); first difference: {differing[0] if differing else '?'}. "
+            "Models of different architectures make a zootune.Hub (e.g. Hub(load_pretrained([...])))")
+    copy_ = copy.deepcopy(ref)
+    state = {k: v for k, v in model.state_dict().items() if not is_head_key(k, member_head)}
+    missing, unexpected = copy_.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not is_head_key(k, head_name)]
+    if missing or unexpected:
+        raise ZooMismatchError(f"zoo member {member.name!r}: its weights do not fit {reference.name!r}'s "
+                               f"{type(ref).__name__} ({(missing or unexpected)[0]})")
+    if head_name is not None and member_head is not None:
+        from zootune.models.heads import set_submodule
+
+        set_submodule(copy_, head_name, copy.deepcopy(model.get_submodule(member_head)))
+    size = (member.data_config or reference.data_config)
+    shape = (1, *(size.input_size if size is not None else (3, 224, 224)))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(BUILD_SEED)
+        x = torch.randn(shape, dtype=next(ref.parameters()).dtype)
+        was = model.training, copy_.training
+        expected, got = model.eval()(x), copy_.eval()(x)
+        model.train(was[0]), copy_.train(was[1])
+    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
+        raise ZooMismatchError(
+            f"zoo member {member.name!r} ({type(model).__name__}) has the weights layout of {reference.name!r} "
+            f"({type(ref).__name__}) but computes other outputs; load it into a zootune.Hub instead")
+    return copy_

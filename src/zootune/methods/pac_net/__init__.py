@@ -10,121 +10,82 @@ Registered as method ``"pac-net"``; see :func:`build` for the options the CLI ca
 from __future__ import annotations
 
 import copy
-import os
+from dataclasses import dataclass
+from typing import Literal
 
 from zootune.errors import DataError, ZootuneError
 from zootune.methods.pac_net.masked import MaskedLayer
 from zootune.methods.pac_net.model import PRUNE_CALIBRATE_WARNING, PACNet, PACNetConfig, log
 from zootune.methods.pac_net.prune import magnitude_masks
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
+from zootune.options import require
+from zootune.tasks import ClassificationTask
 
-__all__ = ["PACNet", "PACNetConfig", "MaskedLayer", "magnitude_masks", "build", "PRUNE_CALIBRATE_WARNING"]
-
-
-_FLOAT_OPTIONS = {"prune_fraction": 0.8, "l2_lambda": 0.01, "allocate_lr": 1e-3}
-_INT_OPTIONS = {"allocate_epochs": 5, "allocate_batch_size": 64, "seed": 0, "member": 0}
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ZootuneError(f"expected a boolean (true/false), got {value!r}")
-    return bool(value)
+__all__ = ["PACNet", "PACNetConfig", "PACNetOptions", "MaskedLayer", "magnitude_masks", "build",
+           "PRUNE_CALIBRATE_WARNING"]
 
 
-def _resolve_source(source_data, source_task, source_val_data, seed: int):
-    """Source datasets and task from Python objects or, from the CLI, an image folder or the name of
-    a built-in ``zootune.data`` dataset."""
-    if isinstance(source_data, (str, os.PathLike)):
-        from zootune.data import get_target, load_image_folder
+@dataclass
+class PACNetOptions:
+    """Options of method ``pac-net`` (CLI ``--option key=value``)."""
 
-        if os.path.isdir(source_data):
-            splits = load_image_folder(source_data, seed=seed)
-        else:
-            splits = get_target(str(source_data), seed=seed)
-        source_data, source_val_data = splits.train, source_val_data or splits.val
-        if source_task is None:
-            from zootune.tasks import ClassificationTask
+    member: int = 0  # which zoo member is the source model (``--member`` overrides); it is copied
+    prune_fraction: float = 0.8  # fraction of Conv/Linear weights REMOVED from the source task
+    scope: Literal["layer", "global"] = "layer"  # per-layer or global magnitude pruning
+    l2_lambda: float = 0.01  # lambda of the Calibrate penalty lambda * ||W - w_S||^2 on the pruned entries
+    freeze_norm_stats: bool = True  # keep norm layers' running statistics fixed in Calibrate
+    head_name: str | None = None  # the source model's head, if not found automatically
+    allocate_lr: float = 1e-3  # Allocate: Adam at this rate ...
+    allocate_epochs: int = 5  # ... for this many epochs ...
+    allocate_batch_size: int = 64  # ... at this batch size
 
-            source_task = ClassificationTask(splits.num_classes)
-    if source_task is None:
-        raise ZootuneError("PAC-Net with source_data also needs source_task= (the source loss and metric)")
-    return source_data, source_task, source_val_data
+    def __post_init__(self):
+        require(self.member >= 0, f"member must be >= 0, got {self.member}")
+        require(0.0 <= self.prune_fraction < 1.0, f"prune_fraction must be in [0, 1), got {self.prune_fraction}")
+        require(self.l2_lambda >= 0, f"l2_lambda must be >= 0, got {self.l2_lambda}")
+        require(self.allocate_lr > 0, f"allocate_lr must be > 0, got {self.allocate_lr}")
+        require(self.allocate_epochs >= 1, f"allocate_epochs must be >= 1, got {self.allocate_epochs}")
+        require(self.allocate_batch_size >= 1, f"allocate_batch_size must be >= 1, got {self.allocate_batch_size}")
 
 
-def build(
-    zoo,
-    task,
-    *,
-    member=None,
-    fitted=None,
-    source_data=None,
-    source_task=None,
-    source_val_data=None,
-    allocate_config=None,
-    scope: str = "layer",
-    head_name: str | None = None,
-    freeze_norm_stats=True,
-    **options,
-):
-    """Build a PAC-Net model ready for Calibrate (the engine's training is Calibrate).
+def build(ctx: BuildContext) -> PACNet:
+    """A PAC-Net model ready for Calibrate (the engine's training is Calibrate).
 
-    Options (CLI ``--option key=value``):
-        member (int, 0): which zoo member (or list element) is the source model; it is copied.
-        prune_fraction (float, 0.8): fraction of Conv/Linear weights REMOVED from the source task.
-        scope ("layer" | "global"): per-layer or global magnitude pruning.
-        l2_lambda (float, 0.01): λ of the Calibrate penalty λ·||W − w_S||² on the pruned entries.
-        freeze_norm_stats (bool, true): keep norm layers' running statistics fixed in Calibrate.
-        head_name (str): the source model's head, if not found automatically.
-        source_data: Dataset of the source task (Python), or (CLI) a folder of source images
-            (``zootune.data.load_image_folder`` layout) or the name of a ``zootune.data`` dataset. With it, Allocate runs here (Adam, ``allocate_lr`` 1e-3,
-            ``allocate_epochs`` 5, ``allocate_batch_size`` 64, ``seed`` 0, or ``allocate_config``,
-            a ``zootune.engine.TrainConfig``); without it the method runs as "prune-calibrate"
-            and warns.
-        source_task: the source :class:`zootune.tasks.Task` (default for a dataset name:
-            classification with its number of classes); its outputs must match the model's head.
-        source_val_data: optional validation set for Allocate.
+    The source model is zoo member ``ctx.member`` (else ``member``). With source data
+    (``ctx.source``: the source task's DatasetSplits, with a ``task`` or ``num_classes``), Allocate
+    re-trains the source task on the kept weights here, through the engine (Adam, ``allocate_lr``,
+    ``allocate_epochs``, ``allocate_batch_size``, the run's seed); without it the method runs as
+    "prune-calibrate" and warns. When a saved model is rebuilt (``ctx.rebuilding``) only the
+    structure is made: masks and weights come from the file.
 
     Calibrate should use Adam as in the paper (``--optimizer adam``); any optimizer is safe, since
     frozen entries are restored after each step.
     """
-    unknown = set(options) - set(_FLOAT_OPTIONS) - set(_INT_OPTIONS)
-    if unknown:
-        allowed = sorted([*_FLOAT_OPTIONS, *_INT_OPTIONS, "scope", "head_name", "freeze_norm_stats",
-                          "source_data", "source_task", "source_val_data", "allocate_config"])
-        raise ZootuneError(f"unknown pac-net option(s) {sorted(unknown)}; known: {', '.join(allowed)}")
-    try:
-        floats = {k: float(options.get(k, d)) for k, d in _FLOAT_OPTIONS.items()}
-        ints = {k: int(options.get(k, d)) for k, d in _INT_OPTIONS.items()}
-    except (TypeError, ValueError) as exc:
-        raise ZootuneError(f"bad pac-net option value: {exc}") from None
-    index = ints["member"] if member is None else int(member)
-    members = list(zoo)
+    config = ctx.config or PACNetOptions()
+    members = list(ctx.zoo)
     if not members:
         raise ZootuneError("PAC-Net needs a zoo with at least one model")
+    index = config.member if ctx.member is None else int(ctx.member)
     if not 0 <= index < len(members):
         raise ZootuneError(f"member {index} out of range for a zoo of {len(members)} models")
     source_model = copy.deepcopy(members[index])  # PACNet changes its model in place; the zoo is shared
 
-    net = PACNet(source_model, task=task, head_name=head_name, prune_fraction=floats["prune_fraction"],
-                 scope=scope, l2_lambda=floats["l2_lambda"], freeze_norm_stats=_as_bool(freeze_norm_stats))
-    if source_data is not None:
-        source_data, source_task, source_val_data = _resolve_source(source_data, source_task, source_val_data,
-                                                                       ints["seed"])
+    net = PACNet(source_model, task=ctx.task, head_name=config.head_name, prune_fraction=config.prune_fraction,
+                 scope=config.scope, l2_lambda=config.l2_lambda, freeze_norm_stats=config.freeze_norm_stats)
+    if ctx.rebuilding:
+        return net.begin_calibrate(snapshot=False)
+    if ctx.source is not None:
+        source = ctx.source
+        source_task = getattr(source, "task", None) or ClassificationTask(source.num_classes)
         _check_source_head(net, source_task)
-        config = allocate_config
-        if config is None:
-            from zootune.engine import TrainConfig
+        from zootune.engine import TrainConfig
 
-            config = TrainConfig(epochs=ints["allocate_epochs"], batch_size=ints["allocate_batch_size"],
-                                 optimizer="adam", lr=floats["allocate_lr"], weight_decay=0.0,
-                                 schedule="constant", seed=ints["seed"])
+        allocate = TrainConfig(epochs=config.allocate_epochs, batch_size=config.allocate_batch_size,
+                               optimizer="adam", lr=config.allocate_lr, weight_decay=0.0, schedule="constant",
+                               seed=ctx.seed, progress=False)
         log.info("PAC-Net Allocate: re-training the source task on %.0f%% of the weights",
                  100 * (1 - net.prune_fraction))
-        result = net.allocate(source_data, source_task, config=config, val_dataset=source_val_data)
+        result = net.allocate(source.train, source_task, config=allocate, val_dataset=getattr(source, "val", None))
         if isinstance(getattr(result, "model", None), PACNet):
             net = result.model  # the engine's best-on-validation Allocate model
     return net.begin_calibrate()  # warns "prune-calibrate" when Allocate did not run
@@ -146,5 +107,9 @@ register_method(
         help="PAC-Net (ICML 2022): prune the source model, re-train the source task on its essential "
         "weights (Allocate, needs source_data), then train only the pruned weights on the target",
         build=build,
+        config=PACNetOptions,
+        in_default_run=False,
+        default_run_note="single-source method that needs source data (name it with --methods to run it)",
+        needs_source_data=True,
     )
 )

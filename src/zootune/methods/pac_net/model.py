@@ -316,7 +316,7 @@ class PACNet(nn.Module):
         """Write ``pac_net.safetensors`` (weights, masks, ``w_S``, norm buffers) and ``pac_net.json``."""
         from safetensors.torch import save
 
-        from zootune.data.cache import atomic_write_bytes, atomic_write_json  # the shared atomic writes
+        from zootune.atomic import atomic_write_bytes, atomic_write_json
 
         directory = Path(directory)
         # safetensors refuses shared storage; clones also make the saved tensors contiguous

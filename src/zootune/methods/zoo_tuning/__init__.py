@@ -10,31 +10,39 @@ Registers the methods ``zoo-tuning`` and ``lite``.
 
 from __future__ import annotations
 
-from zootune.methods.registry import MethodSpec, register_method
+from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.methods.zoo_tuning.fold import merge_and_unload
-from zootune.methods.zoo_tuning.io import load_folded, load_pretrained, save_folded, save_pretrained
+from zootune.methods.zoo_tuning.io import load_folded, save_folded, save_pretrained
 from zootune.methods.zoo_tuning.model import ZooTuning, ZooTuningConfig
+
+load_pretrained = ZooTuning.load_pretrained
 from zootune.models.heads import head_in_features
 
 
 def _builder(lite: bool):
-    def build(zoo, task, *, member=None, fitted=None, **options):
-        del member, fitted  # Zoo-Tuning uses the whole zoo and no previously fitted model
-        head = task.make_head(head_in_features(zoo[0], options.get("head_name")))
-        return ZooTuning(zoo, head=head, lite=lite, **options)
+    def build(ctx: BuildContext) -> ZooTuning:
+        options = dict(ctx.config or {})
+        head = ctx.task.make_head(head_in_features(ctx.zoo[0], options.get("head_name")))
+        return ZooTuning(ctx.zoo, head=head, lite=lite, **options)
 
     return build
 
 
+# Options are ZooTuning's keyword arguments, less what build sets itself.
+_OPTIONS = dict(options_of=ZooTuning.__init__, options_exclude=("zoo", "head", "num_outputs", "lite"),
+                reports_gates=True)
 register_method(MethodSpec(
     name="zoo-tuning",
     help="Zoo-Tuning: all sources' kernels trained and mixed per sample by gates (ICML 2021)",
     build=_builder(lite=False),
+    **_OPTIONS,
 ))
 register_method(MethodSpec(
     name="lite",
     help="Lite Zoo-Tuning: batch-shared gates, folded into one plain model for inference",
     build=_builder(lite=True),
+    plain_model=True,
+    **_OPTIONS,
 ))
 
 __all__ = ["ZooTuning", "ZooTuningConfig", "load_folded", "load_pretrained", "merge_and_unload",

@@ -2,15 +2,13 @@
 
 A directory holds ``model.safetensors`` (the state_dict, buffers included: BatchNorm running
 statistics and Lite's ā) and ``config.json`` (zootune version, method, options, architecture).
-Files are written atomically (temporary file in the same directory, then ``os.replace``), and
+Files are written atomically (:mod:`zootune.atomic`), and
 loading never unpickles anything (safetensors only).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,30 +18,14 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from zootune.atomic import atomic_write_bytes
 from zootune.errors import CheckpointError, ZooMismatchError
-from zootune.models.heads import find_head_name, set_submodule
+from zootune.models.heads import find_head_name, is_pointwise_conv, set_submodule
 from zootune.version import __version__
 
+_POINTWISE_HEADS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _head_spec(model: nn.Module, head_name: str | None) -> dict | None:
@@ -53,12 +35,17 @@ def _head_spec(model: nn.Module, head_name: str | None) -> dict | None:
     if isinstance(head, nn.Linear):
         return {"type": "Linear", "in_features": head.in_features, "out_features": head.out_features,
                 "bias": head.bias is not None}
+    if is_pointwise_conv(head) and type(head) in _POINTWISE_HEADS.values():  # BiT's 1x1 conv head
+        return {"type": type(head).__name__, "in_features": head.in_channels, "out_features": head.out_channels,
+                "bias": head.bias is not None}
     return {"type": type(head).__name__}
 
 
 def _make_head(spec: dict | None, head: nn.Module | None) -> nn.Module | None:
     if head is not None or spec is None:
         return head
+    if spec["type"] in _POINTWISE_HEADS:
+        return _POINTWISE_HEADS[spec["type"]](spec["in_features"], spec["out_features"], 1, bias=spec["bias"])
     if spec["type"] != "Linear":
         raise CheckpointError(f"the saved head is a {spec['type']}; pass head=... (a module of that shape) to load it")
     return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
@@ -68,8 +55,8 @@ def _write(directory, module: nn.Module, config: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, save_safetensors_bytes(tensors))
-    _atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(directory / WEIGHTS_NAME, save_safetensors_bytes(tensors))
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
 
 
 def _read(directory) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -110,11 +97,13 @@ def save_pretrained(zoo_tuning, directory) -> None:
     _write(directory, zoo_tuning, config)
 
 
-def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[], nn.Module],
-                    head: nn.Module | None = None):
-    """Rebuild a :class:`ZooTuning` saved by :func:`save_pretrained` and load its weights."""
-    from zootune.methods.zoo_tuning.model import ZooTuning
+_TARGET_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
 
+
+def load_pretrained(cls, directory, zoo_or_builder: Sequence[nn.Module] | Callable[[], nn.Module],
+                    head: nn.Module | None = None):
+    """Rebuild a model of class ``cls`` (:class:`ZooTuning`) saved by :func:`save_pretrained` and
+    load its weights. The config names layer types only from a fixed list; nothing is imported."""
     config, tensors = _read(directory)
     if config.get("format") != "zoo-tuning":
         raise CheckpointError(f"{directory} holds a {config.get('format')!r} model, not a Zoo-Tuning one")
@@ -124,7 +113,12 @@ def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[]
     # the multipliers measured on the original zoo (a builder's copies would all measure m)
     lr_scales = options.pop("lr_scales", {})
     options["bank_lr_scale"] = lr_scales if lr_scales else options.get("bank_lr_scale", "auto")
-    target_types = tuple(getattr(nn, name) for name in options.pop("target_types"))
+    names = options.pop("target_types")
+    unknown = [n for n in names if n not in _TARGET_TYPES]
+    if unknown:
+        raise CheckpointError(f"{directory}: unknown layer type(s) {unknown} in config.json; "
+                              f"known: {', '.join(_TARGET_TYPES)}")
+    target_types = tuple(_TARGET_TYPES[name] for name in names)
     if callable(zoo_or_builder) and not isinstance(zoo_or_builder, nn.Module):
         template = zoo_or_builder()
         members = [template] * num_sources  # weights are overwritten by the saved bank
@@ -132,7 +126,10 @@ def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[]
         members = list(zoo_or_builder)
         if len(members) != num_sources:
             raise ZooMismatchError(f"the saved model aggregates {num_sources} sources; the zoo has {len(members)}")
-    model = ZooTuning(members, head=_make_head(config.get("head"), head), target_types=target_types, **options)
+    try:
+        model = cls(members, head=_make_head(config.get("head"), head), target_types=target_types, **options)
+    except TypeError as err:
+        raise CheckpointError(f"{directory}: config.json does not fit {cls.__name__} ({err})") from None
     _load_state(model, tensors, directory)
     return model
 

@@ -10,7 +10,15 @@ with all m source kernels W_i^l trainable, channel alignment T_i^l and a gate a^
 input. Norm layers are not aggregated: their affine parameters are the mean over the sources and
 their running statistics are reset (0 mean, unit variance) to be re-estimated on the target data.
 Every other parameter that is not targeted (and not the head) is the mean over the sources too.
-The head is replaced by the new target head. Lite Zoo-Tuning (``lite=True``) shares one gate per
+The head is replaced by the new target head.
+
+Which layers are aggregated, which are averaged and why is in :attr:`ZooTuning.report` (an
+:class:`AggregationReport`, also logged); a warning says when most of the model's parameters are
+only averaged (a ViT with the default convolution targets aggregates its patch embedding alone).
+Left out by default, with the reason in the report: layers whose parent reads their ``.weight``
+directly instead of calling them (``nn.MultiheadAttention.out_proj``: the attention's functional
+forward uses the tensor, so an aggregation layer in its place is never called), and convolution
+subclasses with a forward that is not a known variant of the plain one (:mod:`zootune.layers.variants`). Lite Zoo-Tuning (``lite=True``) shares one gate per
 batch in training and folds into a plain model of the zoo's architecture (``merge_and_unload``).
 
 Learning rates (our addition; the paper trains every parameter at one rate for 15k iterations).
@@ -34,6 +42,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
@@ -42,11 +52,23 @@ from torch import nn
 
 from zootune.errors import ZootuneError, ZooMismatchError
 from zootune.layers import FORMULATIONS, AggregatedLayer, is_aggregatable
+from zootune.methods.zoo_tuning import io as zt_io
 from zootune.layers.gate import GATE_ACTIVATIONS, GATE_INITS
-from zootune.models.heads import find_head_name, head_in_features, new_linear_head, set_submodule
+from zootune.layers.targets import resolve_layer_types
+from zootune.models.heads import find_head_name, head_in_features, new_linear_head, replace_head, set_submodule
+
+log = logging.getLogger(__name__)
 
 ALIGN_CHOICES = ("kernel>1", "all", "none")
+# Parents that read a child layer's tensors directly instead of calling it: replacing the child by
+# an aggregation layer would break (or silently bypass) them. {parent type: (child, why)}.
+_READS_CHILD_WEIGHT: dict[type, tuple[str, str]] = {
+    nn.MultiheadAttention: ("out_proj", "nn.MultiheadAttention reads out_proj.weight directly "
+                                        "(F.multi_head_attention_forward), never calling the layer"),
+}
+COVERAGE_WARNING_FRACTION = 0.5  # warn when less than this share of the parameters is aggregated
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HOMOGENEOUS_TYPES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AvgPool3d, nn.Identity, nn.Dropout)
 DEFAULT_GATE_LR_SCALE = 5.0  # chosen on the MiniZoo targets' validation splits (docs/dev-notes/zoo-tuning.md)
@@ -77,6 +99,136 @@ class ZooTuningConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class LayerChoice:
+    """What Zoo-Tuning did with one module that has parameters of its own."""
+
+    name: str
+    kind: str  # the module's class name
+    parameters: int  # its own parameters (one member's)
+    action: str  # "aggregated", "averaged" or "new head"
+    reason: str = ""
+
+
+@dataclass
+class AggregationReport:
+    """Every module with parameters of its own, in registration order: aggregated, averaged over the
+    sources (and why), or the head replaced by the new one."""
+
+    layers: list[LayerChoice]
+    num_sources: int
+    model: str
+
+    def of(self, action: str) -> list[LayerChoice]:
+        return [layer for layer in self.layers if layer.action == action]
+
+    @property
+    def aggregated(self) -> list[str]:
+        return [layer.name for layer in self.of("aggregated")]
+
+    @property
+    def averaged(self) -> dict[str, str]:
+        """{module name: why it is averaged instead of aggregated}."""
+        return {layer.name: layer.reason for layer in self.of("averaged")}
+
+    def aggregated_fraction(self) -> float:
+        """Share of the model's parameters (head excluded) in aggregated layers."""
+        body = sum(layer.parameters for layer in self.layers if layer.action != "new head")
+        return sum(layer.parameters for layer in self.of("aggregated")) / body if body else 0.0
+
+    def averaged_by_reason(self) -> dict[str, list[LayerChoice]]:
+        groups: dict[str, list[LayerChoice]] = {}
+        for layer in self.of("averaged"):
+            groups.setdefault(layer.reason, []).append(layer)
+        return dict(sorted(groups.items(), key=lambda item: -sum(layer.parameters for layer in item[1])))
+
+    def summary(self) -> str:
+        """A few lines: how much is aggregated, and each reason for averaging with its layers."""
+        aggregated = self.of("aggregated")
+        lines = [f"Zoo-Tuning on {self.model} ({self.num_sources} sources): {len(aggregated)} layer(s) "
+                 f"aggregated, {_millions(sum(l.parameters for l in aggregated))} parameters, "
+                 f"{100 * self.aggregated_fraction():.1f}% of the model (head excluded)"]
+        for reason, layers in self.averaged_by_reason().items():
+            lines.append(f"  averaged, {_millions(sum(l.parameters for l in layers))} parameters in "
+                         f"{len(layers)} module(s) ({_names(layers)}): {reason}")
+        heads = self.of("new head")
+        if heads:
+            lines.append(f"  new head: {', '.join(l.name for l in heads)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "num_sources": self.num_sources,
+                "aggregated_fraction": self.aggregated_fraction(), "layers": [asdict(l) for l in self.layers]}
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 10_000 else str(count)
+
+
+def _names(layers: list[LayerChoice], shown: int = 3) -> str:
+    names = [layer.name for layer in layers[:shown]]
+    return ", ".join(names) + (f", ... {len(layers) - shown} more" if len(layers) > shown else "")
+
+
+def _norm_reason(module: nn.Module, keep_bn_stats: bool) -> str:
+    reason = "normalisation layer (the paper aggregates convolutions only): affine = mean over the sources"
+    if getattr(module, "track_running_stats", False):
+        reason += (", running statistics kept (mean over the sources)" if keep_bn_stats
+                   else ", running statistics reset (re-estimated on the target data)")
+    return reason
+
+
+def _choose_layers(model: nn.Module, target_types: tuple[type, ...], include, exclude, is_head,
+                   keep_bn_stats: bool) -> list[LayerChoice]:
+    """One :class:`LayerChoice` per module with own parameters, and per targeted-type layer."""
+    modules = dict(model.named_modules())
+    type_names = "/".join(t.__name__ for t in target_types)
+    choices = []
+    for name, module in modules.items():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if not name or (not own and not isinstance(module, target_types)):
+            continue
+        kind = type(module).__name__
+        if is_head(name):  # the head and its submodules: replaced as a whole
+            if not any(is_head(choice.name) for choice in choices):
+                head_name = next(n for n in modules if is_head(n))
+                head = modules[head_name]
+                choices.append(LayerChoice(head_name, type(head).__name__, sum(p.numel() for p in head.parameters()),
+                                           "new head", "replaced by the task's head"))
+            continue
+        parent = modules[name.rpartition(".")[0]]
+        child = name.rpartition(".")[2]
+        reads = next((why for cls, (attr, why) in _READS_CHILD_WEIGHT.items()
+                      if isinstance(parent, cls) and child == attr), None)
+        if isinstance(module, target_types):
+            if reads is not None:
+                reason = reads
+            elif not is_aggregatable(module):
+                reason = (f"{kind} subclasses {next(t.__name__ for t in target_types if isinstance(module, t))} "
+                          "with its own forward, not a known variant (zootune.layers.variants)")
+            elif include is not None and not _matches(name, include):
+                reason = f"not matched by include={include}"
+            elif _matches(name, exclude):
+                reason = f"excluded by exclude={exclude}"
+            else:
+                choices.append(LayerChoice(name, kind, own, "aggregated"))
+                continue
+        elif isinstance(module, _NORM_TYPES):
+            reason = _norm_reason(module, keep_bn_stats)
+        elif isinstance(module, (nn.Linear, *_CONV_LAYER_TYPES)):
+            reason = (f"{'Linear' if isinstance(module, nn.Linear) else 'convolution'} layers are not in "
+                      f"target_types ({type_names}); add them with target_types=(..., "
+                      f"nn.{'Linear' if isinstance(module, nn.Linear) else kind}) or the CLI's --aggregate")
+        else:
+            params = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+            reason = f"{kind}'s own parameters ({params}): not a layer Zoo-Tuning aggregates"
+        choices.append(LayerChoice(name, kind, own, "averaged", reason))
+    return choices
+
+
 def _patterns(value: str | Sequence[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -87,12 +239,19 @@ def _matches(name: str, patterns: list[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
 
 
-def _check_same_architecture(members: Sequence[nn.Module]) -> None:
-    reference = {name: tuple(t.shape) for name, t in members[0].state_dict().items()}
-    reference_types = [type(m) for _, m in members[0].named_modules()]
+def _check_same_architecture(members: Sequence[nn.Module], head: str | None = None) -> None:
+    """Same keys, shapes and module types; the head (about to be replaced) may differ."""
+    def outside_head(name: str) -> bool:
+        return head is None or not (name == head or name.startswith(head + "."))
+
+    def layout(member):
+        return ({name: tuple(t.shape) for name, t in member.state_dict().items() if outside_head(name)},
+                [type(m) for name, m in member.named_modules() if outside_head(name)])
+
+    reference, reference_types = layout(members[0])
     for index, member in enumerate(members[1:], start=1):
-        shapes = {name: tuple(t.shape) for name, t in member.state_dict().items()}
-        if shapes != reference or [type(m) for _, m in member.named_modules()] != reference_types:
+        shapes, types = layout(member)
+        if shapes != reference or types != reference_types:
             differing = sorted(set(shapes) ^ set(reference)) or sorted(
                 k for k in shapes if shapes[k] != reference.get(k))
             detail = f" (first difference: {differing[0]})" if differing else ""
@@ -146,7 +305,8 @@ class ZooTuning(nn.Module):
             Linear head (N(0, 0.01) weights); with neither, the members' head is kept (and
             aggregated or averaged like any other layer).
         head_name: dotted name of the head (found automatically when omitted).
-        target_types: layer types to aggregate (Conv1d/2d/3d, Linear).
+        target_types: layer types to aggregate (Conv1d/2d/3d, Linear), as classes or names
+            (``"conv"`` = Conv1d/2d/3d, ``"linear"``, ``"conv2d"``, ...).
         include / exclude: glob patterns on dotted layer names (``"layer4.*"``) restricting targets.
         align: channel alignment on ``"kernel>1"`` layers (the reference), ``"all"`` or ``"none"``.
         gate: ``"sigmoid"`` (paper) or ``"softmax"``.
@@ -161,11 +321,14 @@ class ZooTuning(nn.Module):
             ``"auto"`` (1/rho above, for layers followed by a normalisation layer; 1 elsewhere), a
             number for every layer, or a dict {layer name: multiplier}.
         gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`).
+
+    Attributes: ``model`` (the wrapped copy), ``config`` (:class:`ZooTuningConfig`), ``report``
+    (:class:`AggregationReport`: which layers are aggregated, which averaged and why).
     """
 
     def __init__(self, zoo: Sequence[nn.Module], head: nn.Module | None = None, *,
                  num_outputs: int | None = None, head_name: str | None = None,
-                 target_types: Sequence[type] = (nn.Conv1d, nn.Conv2d),
+                 target_types: Sequence[type | str] = (nn.Conv1d, nn.Conv2d),
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                  align: str = "kernel>1", gate: str = "sigmoid", gate_init: str = "zero", lite: bool = False,
                  keep_bn_stats: bool = False, lite_momentum: float = 0.9, formulation: str = "auto",
@@ -187,35 +350,41 @@ class ZooTuning(nn.Module):
             raise ZootuneError(f"lite_momentum must be in [0, 1), got {lite_momentum}")
         if not (bank_lr_scale == "auto" or isinstance(bank_lr_scale, (int, float, dict))):
             raise ZootuneError(f"bank_lr_scale must be 'auto', a number or a dict, got {bank_lr_scale!r}")
+        scales = bank_lr_scale.values() if isinstance(bank_lr_scale, dict) else (
+            [] if bank_lr_scale == "auto" else [bank_lr_scale])
+        if not all(isinstance(v, (int, float)) and v > 0 for v in scales):
+            raise ZootuneError(f"bank_lr_scale must be 'auto' or > 0, got {bank_lr_scale!r}")
         if not gate_lr_scale > 0:
             raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
-        _check_same_architecture(members)
-        target_types = tuple(target_types)
+        target_types = resolve_layer_types(target_types)
+        replacing_head = head is not None or num_outputs is not None
+        resolved_head = find_head_name(members[0], head_name) if replacing_head else None
+        _check_same_architecture(members, resolved_head)
         model = copy.deepcopy(members[0])
 
         new_head = head
         if new_head is None and num_outputs is not None:
-            new_head = new_linear_head(head_in_features(model, head_name), num_outputs)
-        resolved_head = find_head_name(model, head_name) if new_head is not None else None
+            new_head = new_linear_head(head_in_features(model, resolved_head), num_outputs)
 
         def is_head(name: str) -> bool:
             return resolved_head is not None and (name == resolved_head or name.startswith(resolved_head + "."))
 
         include, exclude = _patterns(include), _patterns(exclude)
-        targets = [
-            name for name, module in members[0].named_modules()
-            if name and not is_head(name) and isinstance(module, target_types) and is_aggregatable(module)
-            and (include is None or _matches(name, include)) and not _matches(name, exclude)
-        ]
+        choices = _choose_layers(members[0], target_types, include, exclude, is_head, keep_bn_stats)
+        targets = [choice.name for choice in choices if choice.action == "aggregated"]
+        self.report = AggregationReport(choices, len(members), type(members[0]).__name__)
         if not targets:
+            left_out = [c for c in choices if c.action == "averaged"
+                        and isinstance(members[0].get_submodule(c.name), target_types)]
             raise ZootuneError(
                 "no layer to aggregate: no module matches target_types="
-                f"{[t.__name__ for t in target_types]}, include={include}, exclude={exclude}")
+                f"{[t.__name__ for t in target_types]}, include={include}, exclude={exclude}"
+                + (f" (left out: {_names(left_out)}: {left_out[0].reason})" if left_out else ""))
 
         lr_scales = _bank_lr_scales(members, targets, bank_lr_scale)
         self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
         if new_head is not None:
-            set_submodule(model, resolved_head, new_head)
+            replace_head(model, new_head, resolved_head)  # a Linear replacing a 1x1 conv head becomes one
         for name in targets:
             sources = [member.get_submodule(name) for member in members]
             kernel = sources[0].weight.shape[2:]
@@ -232,6 +401,16 @@ class ZooTuning(nn.Module):
             target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
             head_name=resolved_head, aggregated_layers=targets,
         )
+        log.info("%s", self.report.summary())
+        fraction = self.report.aggregated_fraction()
+        if fraction < COVERAGE_WARNING_FRACTION:
+            reasons = self.report.averaged_by_reason()
+            reason, layers = next(iter(reasons.items()))
+            warnings.warn(
+                f"Zoo-Tuning aggregates only {100 * fraction:.1f}% of {self.report.model}'s parameters "
+                f"({len(targets)} layer(s)); the rest is averaged over the sources, mostly "
+                f"{_millions(sum(l.parameters for l in layers))} parameters in {len(layers)} module(s) because: {reason}. "
+                "See ZooTuning(...).report", stacklevel=2)
 
     @staticmethod
     @torch.no_grad()
@@ -323,14 +502,10 @@ class ZooTuning(nn.Module):
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory) -> None:
         """Write ``model.safetensors`` and ``config.json`` (see :mod:`zootune.methods.zoo_tuning.io`)."""
-        from zootune.methods.zoo_tuning.io import save_pretrained
-
-        save_pretrained(self, directory)
+        zt_io.save_pretrained(self, directory)
 
     @classmethod
     def load_pretrained(cls, directory, zoo_or_builder, head: nn.Module | None = None) -> "ZooTuning":
         """Rebuild a saved model; ``zoo_or_builder`` is the zoo or a callable returning one fresh
         model of the zoo's architecture (its weights are overwritten by the saved ones)."""
-        from zootune.methods.zoo_tuning.io import load_pretrained
-
-        return load_pretrained(directory, zoo_or_builder, head=head)
+        return zt_io.load_pretrained(cls, directory, zoo_or_builder, head=head)

@@ -1,0 +1,116 @@
+"""The layout keeps its floors: no import circles, no arrow from the engine up to the methods,
+layers that import nothing above them, and no method named above ``methods/``."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from zootune.methods.registry import available_methods
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "zootune"
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the zootune modules it imports (at module level or inside functions: both count)."""
+    modules = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("zootune"):
+                targets = [resolve(f"{node.module}.{alias.name}") for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [resolve(alias.name) for alias in node.names if alias.name.startswith("zootune")]
+            graph[name].update(t for t in targets if t and t != name)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    assert _cycles(_import_graph()) == []
+
+
+def test_no_arrow_up_from_the_lower_floors():
+    graph = _import_graph()
+    upward = [(a, b) for a, targets in graph.items() for b in targets
+              if (a.startswith("zootune.engine") and b.startswith(("zootune.methods", "zootune.experiment", "zootune.cli")))
+              or (a.startswith("zootune.layers") and not b.startswith(("zootune.layers", "zootune.errors")))]
+    assert upward == []
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    """String constants of a file that are not docstrings (f-string parts included)."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_no_method_name_above_methods():
+    names = set(available_methods())
+    files = [PACKAGE / "experiment.py", *sorted((PACKAGE / "cli").glob("*.py")), *sorted((PACKAGE / "report").glob("*.py"))]
+    found = []
+    for path in files:
+        for line, text in _string_constants(path):
+            tokens = set(re.split(r"[^a-z0-9_-]+", text.lower()))  # identifiers (finetune_each) stay whole
+            hits = names & tokens
+            if hits:
+                found.append(f"{path.relative_to(PACKAGE)}:{line}: {sorted(hits)} in {text!r}")
+    assert found == []

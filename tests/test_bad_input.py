@@ -1,0 +1,335 @@
+"""Bad input through the real CLI entry point: one ``zootune: error:`` line, exit code 2, no
+traceback, nothing left behind that breaks a rerun -- and nothing executed from a model folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zootune.cli import main as cli
+from zootune.models import resnet_small
+from zootune.zoo.checkpoint import save_state_dict
+
+pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+ARCH = ["--arch", "resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4"]
+FAST = ["--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2", "--no-progress"]
+
+
+def _images(root: Path, classes=("a", "b"), per_class=6, size=12):
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = (torch.rand(size, size, 3, generator=g) * 120 + 100 * k).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    for i in range(2):
+        torch.manual_seed(i)
+        save_state_dict(root / f"m{i}.safetensors", resnet_small(num_classes=3, depth=10, width=4).state_dict())
+    _images(root / "data")
+    out = root / "fitted"
+    assert cli.main([str(a) for a in ["fit", *ARCH, "--zoo", root / "m0.safetensors", root / "m1.safetensors",
+                                      "--data", root / "data", "--method", "finetune", *FAST, "--out", out]]) == 0
+    return root
+
+
+def run_cli(argv, cwd=None):
+    """The real entry point in a fresh process: exit code, stdout, stderr."""
+    done = subprocess.run([sys.executable, "-m", "zootune", *map(str, argv)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_one_line_error(code, stderr, *fragments):
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("zootune: error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def _model_dir_with(ws: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of the fitted model folder whose config.json has ``changes`` applied (None: delete)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    source = ws / "fitted" / "model"
+    (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+# ----------------------------------------------------------------------------- no code from data
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_a_model_folder_naming_code_does_not_run_it(ws, tmp_path, command):
+    marker = tmp_path / "MARKER"
+    folder = _model_dir_with(ws, tmp_path, arch="os:system", arch_kwargs={"command": f"touch {marker}"})
+    argv = [command, folder, *(["--data", ws / "data"] if command == "evaluate" else ["--out", tmp_path / "x"])]
+    code, _, err = run_cli(argv)
+    assert_one_line_error(code, err, "names code to import", "--trust-code")
+    assert not marker.exists()
+
+
+def test_trust_code_lets_a_harmless_builder_load(ws, tmp_path):
+    folder = _model_dir_with(ws, tmp_path, arch="zootune.models:resnet_small")
+    code, _, err = run_cli(["evaluate", folder, "--data", ws / "data"])
+    assert_one_line_error(code, err, "names code to import")
+    code, out, err = run_cli(["evaluate", folder, "--data", ws / "data", "--trust-code"])
+    assert code == 0, err
+    assert "acc" in out
+
+
+# ----------------------------------------------------------------------------- the matrix
+# Each case: (id, argv as a function of the workspace and a fresh folder, fragments the error line must hold).
+# Run in-process through zootune.cli.main.main (what the `zootune` script calls): an unexpected
+# exception would surface here as a failed test with its traceback.
+
+
+def _bad_files(ws: Path) -> None:
+    """Broken inputs, made once per module."""
+    import pickle
+
+    (ws / "text.pt").write_text("this is not a checkpoint\n")
+    (ws / "empty.safetensors").write_bytes(b"")
+    (ws / "random.pt").write_bytes(bytes(range(256)) * 8)
+    (ws / "truncated.safetensors").write_bytes((ws / "m0.safetensors").read_bytes()[:300])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (ws / "evil.pt").write_bytes(pickle.dumps({"state_dict": Evil()}))
+    torch.save({"fc.weight": torch.zeros(2, 2)}, ws / "zip_evil.pt")
+    state = resnet_small(num_classes=3, depth=10, width=4).state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_state_dict(ws / "nan.safetensors", state)
+    save_state_dict(ws / "wide.safetensors", resnet_small(num_classes=3, depth=10, width=8).state_dict())
+    (ws / "a_file").write_text("x")
+    (ws / "empty_dir").mkdir(exist_ok=True)
+    (ws / "one_class" / "only").mkdir(parents=True, exist_ok=True)
+    _images(ws / "one_class", classes=("only",))
+    _images(ws / "broken_images")
+    (ws / "broken_images" / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    _images(ws / "three_classes", classes=("a", "b", "c"))
+    occupied = ws / "occupied"
+    (occupied / "model").mkdir(parents=True, exist_ok=True)
+    (occupied / "results.json").write_text("{}")
+    (ws / "export_full").mkdir(exist_ok=True)
+    (ws / "export_full" / "something").write_text("x")
+
+
+def _fit(ws, out, *extra, zoo=("m0.safetensors", "m1.safetensors"), data="data", arch=ARCH):
+    return ["fit", *arch, "--zoo", *[ws / z for z in zoo], "--data", ws / data, *FAST, "--out", out, *extra]
+
+
+def _model_config(ws, out, **changes):
+    """argv for `evaluate` on a copy of the fitted model folder with config.json changed."""
+    folder = out.parent / f"model-{out.name}"
+    folder.mkdir()
+    source = ws / "fitted" / "model"
+    (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _config_text(ws, out, text):
+    folder = _model_config(ws, out)
+    (folder / "config.json").write_text(text)
+    return folder
+
+
+def _weights(ws, out, data: bytes | None = None, **changes):
+    folder = _model_config(ws, out, **changes)
+    if data is not None:
+        (folder / "model.safetensors").write_bytes(data)
+    return folder
+
+
+CASES = [
+    # ---- fit: the zoo
+    ("zoo-missing", lambda ws, o: _fit(ws, o, zoo=("nope.pt",)), ["nope.pt", "does not exist"]),
+    ("zoo-is-folder", lambda ws, o: _fit(ws, o, zoo=("empty_dir",)), ["empty_dir", "folder"]),
+    ("zoo-text-file", lambda ws, o: _fit(ws, o, zoo=("text.pt",)), ["text.pt", "not a PyTorch checkpoint"]),
+    ("zoo-empty-safetensors", lambda ws, o: _fit(ws, o, zoo=("empty.safetensors",)), ["empty.safetensors"]),
+    ("zoo-truncated", lambda ws, o: _fit(ws, o, zoo=("truncated.safetensors",)), ["truncated.safetensors"]),
+    ("zoo-random-bytes", lambda ws, o: _fit(ws, o, zoo=("random.pt",)), ["random.pt"]),
+    ("zoo-unsafe-pickle", lambda ws, o: _fit(ws, o, zoo=("evil.pt",)), ["refusing to load", "evil.pt"]),
+    ("zoo-no-weights", lambda ws, o: _fit(ws, o, zoo=("zip_evil.pt",)), ["zip_evil.pt"]),
+    ("zoo-nan-weights", lambda ws, o: _fit(ws, o, zoo=("m0.safetensors", "nan.safetensors")),
+     ["nan.safetensors", "conv1.weight", "non-finite"]),
+    ("zoo-mismatch", lambda ws, o: _fit(ws, o, zoo=("m0.safetensors", "wide.safetensors")), ["wide.safetensors"]),
+    # ---- fit: the architecture
+    ("arch-unknown", lambda ws, o: _fit(ws, o, arch=["--arch", "resnet_tiny9"]), ["unknown architecture", "resnet_tiny9"]),
+    ("arch-code-untrusted", lambda ws, o: _fit(ws, o, arch=["--arch", "zootune.models:resnet_small"]),
+     ["names code to import", "--trust-code"]),
+    ("arch-code-missing-module", lambda ws, o: _fit(ws, o, "--trust-code", arch=["--arch", "no_such_mod:f"]),
+     ["cannot import module", "no_such_mod"]),
+    ("arch-option-unknown", lambda ws, o: _fit(ws, o, arch=[*ARCH, "--arch-option", "depthh=3"]),
+     ["unknown", "depthh", "valid:", "width"]),
+    ("arch-option-type", lambda ws, o: _fit(ws, o, arch=["--arch", "resnet_small", "--arch-option", "width=wide"]),
+     ["'width'", "integer", "wide"]),
+    ("arch-option-malformed", lambda ws, o: _fit(ws, o, arch=[*ARCH, "--arch-option", "width"]), ["key=value"]),
+    ("arch-library-missing", lambda ws, o: _fit(ws, o, arch=["--arch", "timm:resnet50"]) if _missing("timm") else
+     _fit(ws, o, arch=["--arch", "timm:no_such_model_xyz"]), ["timm"]),
+    # ---- fit: the method and its options
+    ("method-unknown", lambda ws, o: _fit(ws, o, "--method", "zoo-tunning"), ["unknown method", "zoo-tunning"]),
+    ("method-needs-hub", lambda ws, o: _fit(ws, o, "--method", "hub-pathway"), ["hub"]),
+    ("option-unknown", lambda ws, o: _fit(ws, o, "--method", "finetune", "--option", "backbone_lr=0.1"),
+     ["unknown finetune option", "backbone_lr", "backbone_lr_mult"]),
+    ("option-type", lambda ws, o: _fit(ws, o, "--method", "finetune", "--option", "backbone_lr_mult=fast"),
+     ["backbone_lr_mult", "number", "fast"]),
+    ("option-range", lambda ws, o: _fit(ws, o, "--method", "finetune", "--option", "backbone_lr_mult=-1"),
+     ["backbone_lr_mult", ">= 0"]),
+    ("option-malformed", lambda ws, o: _fit(ws, o, "--option", "align"), ["key=value", "align"]),
+    ("zt-option-unknown", lambda ws, o: _fit(ws, o, "--method", "zoo-tuning", "--option", "gates=softmax"),
+     ["unknown zoo-tuning option", "gates"]),
+    ("zt-option-list-of-names", lambda ws, o: _fit(ws, o, "--method", "zoo-tuning", "--option",
+                                                   'target_types=["Linear"]'), ["target_types"]),
+    ("zt-bank-lr-negative", lambda ws, o: _fit(ws, o, "--method", "zoo-tuning", "--option", "bank_lr_scale=-1"),
+     ["bank_lr_scale"]),
+    ("zt-align-choice", lambda ws, o: _fit(ws, o, "--method", "lite", "--option", "align=sometimes"), ["align"]),
+    ("pac-source-data-missing", lambda ws, o: _fit(ws, o, "--method", "pac-net", "--source-data", ws / "nowhere"),
+     ["nowhere"]),
+    ("source-data-unused", lambda ws, o: _fit(ws, o, "--method", "finetune", "--source-data", ws / "data"),
+     ["--source-data"]),
+    # ---- fit: training options
+    ("seed-negative", lambda ws, o: _fit(ws, o, "--seed", "-5"), ["seed", "0..4294967295"]),
+    ("seed-huge", lambda ws, o: _fit(ws, o, "--seed", str(2**70)), ["seed"]),
+    ("seed-text", lambda ws, o: _fit(ws, o, "--seed", "abc"), ["seed", "abc"]),
+    ("epochs-zero", lambda ws, o: _fit(ws, o, "--epochs", "0"), ["positive integer"]),
+    ("epochs-text", lambda ws, o: _fit(ws, o, "--epochs", "many"), ["many"]),
+    ("lr-zero", lambda ws, o: _fit(ws, o, "--lr", "0"), ["lr must be > 0"]),
+    ("lr-text", lambda ws, o: _fit(ws, o, "--lr", "fast"), ["--lr", "fast"]),
+    ("batch-size-zero", lambda ws, o: _fit(ws, o, "--batch-size", "0"), ["positive integer"]),
+    ("optimizer-unknown", lambda ws, o: _fit(ws, o, "--optimizer", "lion"), ["optimizer", "lion"]),
+    ("weight-decay-negative", lambda ws, o: _fit(ws, o, "--weight-decay", "-1"), ["weight_decay"]),
+    ("image-size-zero", lambda ws, o: _fit(ws, o, "--image-size", "0"), ["positive integer"]),
+    ("member-out-of-range", lambda ws, o: _fit(ws, o, "--method", "finetune", "--member", "5"), ["member", "5"]),
+    ("unknown-flag", lambda ws, o: _fit(ws, o, "--learning-rate", "0.1"), ["unrecognized", "--learning-rate"]),
+    ("resume-and-overwrite", lambda ws, o: _fit(ws, o, "--resume", "--overwrite"), ["--resume", "--overwrite"]),
+    # ---- fit: data and output
+    ("data-missing", lambda ws, o: _fit(ws, o, data="no_data"), ["no_data", "does not exist"]),
+    ("data-is-file", lambda ws, o: _fit(ws, o, data="a_file"), ["a_file"]),
+    ("data-empty", lambda ws, o: _fit(ws, o, data="empty_dir"), ["empty_dir"]),
+    ("data-one-class", lambda ws, o: _fit(ws, o, data="one_class"), ["at least 2"]),
+    ("data-broken-image", lambda ws, o: _fit(ws, o, data="broken_images"), ["bad.png"]),
+    ("out-is-file", lambda ws, o: _fit(ws, ws / "a_file"), ["a_file", "is a file"]),
+    ("out-unwritable", lambda ws, o: _fit(ws, Path("/proc/zootune-cannot-write-here")), ["cannot be written"]),
+    ("out-holds-run", lambda ws, o: _fit(ws, ws / "occupied"), ["holds another run", "--resume", "--overwrite"]),
+    # ---- export
+    ("export-missing", lambda ws, o: ["export", ws / "no_run", "--out", o], ["no_run", "does not exist"]),
+    ("export-run-is-file", lambda ws, o: ["export", ws / "a_file", "--out", o], ["a_file", "is a file"]),
+    ("export-no-config", lambda ws, o: ["export", ws / "empty_dir", "--out", o], ["not an exported zootune model"]),
+    ("export-out-is-file", lambda ws, o: ["export", ws / "fitted", "--out", ws / "a_file"], ["a_file", "is a file"]),
+    ("export-out-not-empty", lambda ws, o: ["export", ws / "fitted", "--out", ws / "export_full"],
+     ["not empty", "--overwrite"]),
+    ("export-out-unwritable", lambda ws, o: ["export", ws / "fitted", "--out", Path("/proc/zootune-x/model")],
+     ["cannot be written"]),
+    ("config-not-json", lambda ws, o: ["export", _config_text(ws, o, "{not json"), "--out", o], ["not valid JSON"]),
+    ("config-is-list", lambda ws, o: ["export", _config_text(ws, o, "[1, 2]"), "--out", o], ["JSON object", "list"]),
+    ("config-no-num-classes", lambda ws, o: ["export", _model_config(ws, o, num_classes=None), "--out", o],
+     ["lacks num_classes"]),
+    ("config-no-format", lambda ws, o: ["export", _model_config(ws, o, format=None), "--out", o], ["lacks format"]),
+    ("config-num-classes-text", lambda ws, o: ["export", _model_config(ws, o, num_classes="ten"), "--out", o],
+     ["num_classes", "integer"]),
+    ("config-num-classes-zero", lambda ws, o: ["export", _model_config(ws, o, num_classes=0), "--out", o],
+     ["num_classes must be >= 1"]),
+    ("config-unknown-field", lambda ws, o: ["export", _model_config(ws, o, loader="pickle"), "--out", o],
+     ["unknown field", "loader"]),
+    ("config-kind-unknown", lambda ws, o: ["export", _model_config(ws, o, kind="script"), "--out", o], ["kind"]),
+    ("config-arch-code", lambda ws, o: ["export", _model_config(ws, o, arch="os:system"), "--out", o],
+     ["names code to import"]),
+    ("config-arch-kwargs-unknown", lambda ws, o: ["export", _model_config(ws, o, arch_kwargs={"evil": 1}), "--out", o],
+     ["unknown", "evil"]),
+    ("config-method-unknown", lambda ws, o: ["export", _model_config(ws, o, kind="method", method="sneaky"), "--out", o],
+     ["unknown method", "sneaky"]),
+    ("config-method-option-unknown", lambda ws, o: ["export", _model_config(ws, o, kind="method", method="zoo-tuning",
+                                                                          options={"evil": 1}), "--out", o],
+     ["unknown zoo-tuning option", "evil"]),
+    ("config-method-zoo-missing", lambda ws, o: ["export", _model_config(ws, o, kind="method", method="zoo-tuning",
+                                                                       zoo=["/nonexistent/m0.pt"]), "--out", o],
+     ["/nonexistent/m0.pt"]),
+    ("weights-corrupt", lambda ws, o: ["export", _weights(ws, o, b"garbage"), "--out", o], ["model.safetensors"]),
+    ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7), "--out", o],
+     ["does not match its config.json"]),
+    # ---- evaluate
+    ("evaluate-missing", lambda ws, o: ["evaluate", ws / "no_model", "--data", ws / "data"], ["no_model"]),
+    ("evaluate-data-missing", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "no_data"],
+     ["no_data"]),
+    ("evaluate-class-count", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "three_classes"],
+     ["2 classes", "3 class folders"]),
+    ("evaluate-batch-size", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "data",
+                                           "--batch-size", "-1"], ["positive integer"]),
+    # ---- run
+    ("run-target-unknown", lambda ws, o: ["run", "--targets", "cifar1000", "--out", o], ["unknown target", "cifar1000"]),
+    ("run-method-unknown", lambda ws, o: ["run", "--methods", "finetun", "--out", o], ["unknown method", "finetun"]),
+    ("run-option-unknown", lambda ws, o: ["run", "--methods", "lite", "--option", "lite:nope=1", "--out", o],
+     ["unknown lite option", "nope"]),
+    ("run-option-not-in-run", lambda ws, o: ["run", "--methods", "lite", "--option", "soup:bn_stats=reset", "--out", o],
+     ["not in this run", "soup"]),
+    ("run-option-no-method", lambda ws, o: ["run", "--option", "align=none", "--out", o], ["METHOD:key=value"]),
+    ("run-seeds-negative", lambda ws, o: ["run", "--seeds", "-1,2", "--out", o], ["seed"]),
+    ("run-seeds-zero-count", lambda ws, o: ["run", "--seeds", "0", "--out", o], ["number of seeds"]),
+    ("run-out-holds-results", lambda ws, o: ["run", "--out", ws / "occupied"], ["holds another run"]),
+    # ---- rank, zoo, top level
+    ("rank-zoo-missing", lambda ws, o: ["rank", *ARCH, "--zoo", ws / "nope.pt", "--data", ws / "data"], ["nope.pt"]),
+    ("rank-data-missing", lambda ws, o: ["rank", *ARCH, "--zoo", ws / "m0.safetensors", "--data", ws / "no_data"],
+     ["no_data"]),
+    ("zoo-no-action", lambda ws, o: ["zoo"], ["zoo needs an action"]),
+    ("no-command", lambda ws, o: [], ["no command given"]),
+    ("unknown-command", lambda ws, o: ["train"], ["invalid choice", "train"]),
+]
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def test_the_matrix_is_large_enough():
+    assert len(CASES) >= 60 and len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.fixture(scope="module")
+def bad_ws(ws):
+    _bad_files(ws)
+    return ws
+
+
+@pytest.mark.parametrize("name,argv,fragments", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_gives_one_line_exit_2_and_leaves_no_run_behind(bad_ws, tmp_path, capsys, name, argv, fragments):
+    from zootune.run_folder import RUN_ENTRIES
+
+    out = tmp_path / "out"
+    code = cli.main([str(a) for a in argv(bad_ws, out)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, *fragments)
+    # nothing left behind that would make a corrected rerun refuse or trip over it
+    if out.exists():
+        assert not [p for e in RUN_ENTRIES for p in out.glob(e)], list(out.iterdir())
+        assert not [p for p in out.rglob(".*tmp*")], list(out.rglob("*"))

@@ -1,0 +1,78 @@
+"""Options are checked before any work: unknown names, types and ranges, one exception type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from zootune.errors import OptionError
+from zootune.methods.registry import available_methods, get_method
+from zootune.options import check_kwargs, parse_config, require
+
+
+@dataclass
+class Example:
+    rate: float = 1.0
+    steps: int = 3
+    mode: Literal["a", "b"] = "a"
+    names: list[str] | None = None
+    flag: bool = False
+
+    def __post_init__(self):
+        require(self.rate > 0, f"rate must be > 0, got {self.rate}")
+
+
+def test_parse_config_checks_names_types_and_ranges():
+    config = parse_config(Example, {"rate": 2, "mode": "b", "names": ["x"], "flag": True}, what="ex")
+    assert config.rate == 2.0 and isinstance(config.rate, float) and config.names == ["x"]
+    cases = [
+        ({"rte": 1.0}, "unknown ex option.*'rte'.*valid: flag, mode, names, rate, steps"),
+        ({"rate": "1.0"}, "'rate' must be a number, got '1.0'"),
+        ({"steps": 1.5}, "'steps' must be an integer"),
+        ({"steps": True}, "'steps' must be an integer"),
+        ({"flag": 1}, "'flag' must be true or false"),
+        ({"mode": "c"}, "'mode' must be one of 'a', 'b'"),
+        ({"names": ["x", 3]}, "'names' must be a list of a string or null"),
+        ({"rate": -1}, "ex: rate must be > 0, got -1"),
+    ]
+    for values, message in cases:
+        with pytest.raises(OptionError, match=message):
+            parse_config(Example, values, what="ex")
+
+
+def test_check_kwargs_follows_the_signature():
+    def builder(num_classes: int = 10, width: int = 8, scale=1.0, *, name: str = "x"):
+        return None
+
+    assert check_kwargs(builder, {"width": 4, "scale": 2}, what="arch") == {"width": 4, "scale": 2.0}
+    with pytest.raises(OptionError, match="unknown arch option.*'depth'.*valid: name, num_classes, scale, width"):
+        check_kwargs(builder, {"depth": 3}, what="arch")
+    with pytest.raises(OptionError, match="'width' must be an integer, got 'wide'"):
+        check_kwargs(builder, {"width": "wide"}, what="arch")
+    with pytest.raises(OptionError, match="'scale' must be a number"):
+        check_kwargs(builder, {"scale": "big"}, what="arch")
+
+    def open_builder(**kwargs):
+        return None
+
+    assert check_kwargs(open_builder, {"anything": 1}, what="arch") == {"anything": 1}
+
+
+def test_every_registered_method_declares_its_options_and_refuses_unknown_ones():
+    for name, spec in available_methods().items():
+        assert spec.config is not None or spec.options_of is not None, name
+        assert spec.option_names(), name
+        with pytest.raises(OptionError, match=f"unknown {name} option"):
+            spec.parse_options({"no_such_option": 1})
+        spec.parse_options({})  # the defaults are valid
+
+
+def test_range_checks_of_methods():
+    with pytest.raises(OptionError, match="backbone_lr_mult must be >= 0"):
+        get_method("finetune").parse_options({"backbone_lr_mult": -1})
+    with pytest.raises(OptionError, match="alpha must be in"):
+        get_method("distill").parse_options({"alpha": 2.0})
+    with pytest.raises(OptionError, match="prune_fraction"):
+        get_method("pac-net").parse_options({"prune_fraction": 1.5})
