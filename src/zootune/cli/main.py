@@ -78,6 +78,20 @@ def _folder_options(args) -> dict:
     return options
 
 
+def _preprocessing(zoo) -> dict:
+    """Normalisation and evaluation crop of a zoo loaded by name, from its checkpoints' own
+    pretrained configs ({} keeps zootune's defaults: ImageNet statistics, crop 0.875)."""
+    from zootune.zoo.preprocessing import data_config
+
+    config = data_config(zoo)
+    if not config:
+        return {}
+    chosen = {"mean": list(config["mean"]), "std": list(config["std"])}
+    if config.get("crop_pct"):
+        chosen["crop_fraction"] = float(config["crop_pct"])
+    return chosen
+
+
 def _num_workers(args, image_size: int) -> int:
     from zootune.data.loading import default_num_workers
 
@@ -240,13 +254,14 @@ def cmd_fit(args) -> int:
             _print_build_reports()
         if args.member is not None and not 0 <= args.member < len(zoo):
             raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
+        preprocessing = _preprocessing(zoo)
         splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
                                    test_fraction=args.test_fraction, seed=args.seed, augment=args.augment,
-                                   **_folder_options(args))
+                                   **preprocessing, **_folder_options(args))
         source = None
         if args.source_data is not None:
             source = load_image_folder(args.source_data, image_size=args.image_size, seed=args.seed,
-                                       augment=args.augment, **_folder_options(args))
+                                       augment=args.augment, **preprocessing, **_folder_options(args))
         task = ClassificationTask(splits.num_classes)
         result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
                                           source=source, out_dir=folder.path, resume=args.resume, echo=say)
@@ -258,7 +273,7 @@ def cmd_fit(args) -> int:
             result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
             zoo_paths=args.zoo, method=spec.name, member=member, options=options,
             class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
-            trust_code=args.trust_code,
+            trust_code=args.trust_code, preprocessing=preprocessing,
         )
 
         def write_model(tmp: Path) -> None:
@@ -325,7 +340,9 @@ def cmd_evaluate(args) -> int:
 
     model, info = load_model_dir(args.model_dir, trust_code=args.trust_code)
     image_size = args.image_size or info.get("image_size") or 32
-    class_names, dataset, what = _evaluation_set(args.data, image_size, _folder_options(args))
+    # evaluated as it was trained: the normalisation and crop recorded at export
+    options = {**(info.get("preprocessing") or {}), **_folder_options(args)}
+    class_names, dataset, what = _evaluation_set(args.data, image_size, options)
     model_classes = info.get("class_names") or []
     if len(class_names) != info["num_classes"]:
         raise DataError(
@@ -379,7 +396,8 @@ def cmd_rank(args) -> int:
 
     args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
     zoo = _load_zoo(args)
-    splits = load_image_folder(args.data, image_size=args.image_size, augment=None, **_folder_options(args))
+    splits = load_image_folder(args.data, image_size=args.image_size, augment=None, **_preprocessing(zoo),
+                               **_folder_options(args))
     dataset = splits.train.with_transform(None)  # score un-augmented images
     ranking = rank_zoo(zoo, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, args.image_size))
     rows = [[str(i + 1), name, f"{score:.4f}"] for i, (name, score) in enumerate(ranking)]
@@ -558,8 +576,28 @@ def _nan_advice(e: NonFiniteLossError, command: str | None) -> str:
     return "rerun with a lower --lr (nothing to resume from)"
 
 
+def _keep_freed_memory_for_reuse() -> None:
+    """glibc returns every allocation above its (adaptive) mmap threshold to the kernel when it is
+    freed, so a training loop whose activations are a few MiB maps and page-faults them in again at
+    every step. Measured (docs/dev-notes/data-and-minizoo.md, benchmarks/folder_speed.py fit32): that
+    cost 13-17% of a 32-px folder fit's CPU time, depending on what the process happened to free
+    first; with a fixed 32 MiB threshold the run times agree within noise. Other C libraries: nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zootune`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    _keep_freed_memory_for_reuse()
     parser = build_parser()
     args = None
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _can_handle_signals() else None
