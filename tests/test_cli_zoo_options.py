@@ -151,3 +151,36 @@ def test_every_architecture_the_docs_name_is_registered_without_importing_it():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_named_zoo_brings_its_preprocessing_to_training_and_to_the_export(tmp_path):
+    """What `fit` normalises with for a zoo by name: the checkpoints' mean/std/crop, recorded in the
+    exported config.json so that `evaluate` reads images the same way."""
+    from zootune.cli.main import _preprocessing
+    from zootune.data.image_folder import load_image_folder
+    from zootune.errors import CheckpointError
+    from zootune.model_dir import check_model_config
+    from zootune.models import resnet_small
+    from zootune.zoo import Zoo
+    from zootune.zoo.preprocessing import DataConfig
+
+    config = DataConfig(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=(3, 16, 16),
+                        interpolation="bilinear", crop_pct=1.0)
+    zoo = Zoo([resnet_small(depth=10, width=4)], ["m0"], data_configs=[config])
+    chosen = _preprocessing(zoo)
+    assert chosen == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "crop_fraction": 1.0}
+    assert _preprocessing(Zoo.from_modules([resnet_small(depth=10, width=4)])) == {}  # defaults
+    for name, value in (("a", 0), ("b", 255)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (value,) * 3).save(tmp_path / "data" / name / f"{i}.png")
+    splits = load_image_folder(tmp_path / "data", image_size=16, augment="none", **chosen)
+    x, _ = splits.val[0]
+    assert torch.allclose(x.abs().max(), torch.tensor(2.0))  # (0 - 0.5) / 0.25 or (1 - 0.5) / 0.25
+    info = {"format": "zootune-model", "kind": "plain", "arch": "resnet_small", "num_classes": 2, "method": "finetune",
+            "preprocessing": chosen}
+    check_model_config(info, "config.json")
+    with pytest.raises(CheckpointError, match="preprocessing"):
+        check_model_config({**info, "preprocessing": {"mean": "grey"}}, "config.json")
+    with pytest.raises(CheckpointError, match="unknown preprocessing field"):
+        check_model_config({**info, "preprocessing": {"resize": "bicubic"}}, "config.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 
 import numpy as np
@@ -39,6 +40,26 @@ def test_random_resized_crop_area_and_aspect_follow_scale_and_ratio():
         area = ch * cw / (h * w)
         assert 0.25 * 0.95 <= area <= 0.5 * 1.05
         assert 0.5 * 0.95 <= cw / ch <= 2.0 * 1.05
+
+
+def test_tensor_crop_draws_the_global_rng_as_written():
+    """The built-in targets' crops (global torch RNG) are the formula's draws in this order: area,
+    aspect (per try), then top, left -- so their augmentation, and their numbers, stay as they were."""
+
+    def naive_box(h, w, scale, ratio):
+        for _ in range(10):
+            area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(()).item())
+            aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(()).item())
+            cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return int(torch.randint(0, h - ch + 1, ()).item()), int(torch.randint(0, w - cw + 1, ()).item()), ch, cw
+        raise AssertionError("no fitting crop in this test's settings")
+
+    crop = RandomResizedCrop(16, scale=(0.35, 1.0))
+    torch.manual_seed(5)
+    boxes = [crop.crop_box(32, 32) for _ in range(50)]
+    torch.manual_seed(5)
+    assert boxes == [naive_box(32, 32, (0.35, 1.0), (3 / 4, 4 / 3)) for _ in range(50)]
 
 
 def test_full_scale_square_crop_is_identity():
@@ -130,7 +151,9 @@ def test_image_folder_single_root_split(tmp_path):
     assert image.shape == (3, 16, 16)
     assert torch.allclose(image[:, 3, 3], _expected_pixel(COLORS[splits.class_names[label]]), atol=1e-4)
     again = load_image_folder(tmp_path, image_size=16, val_fraction=0.2, test_fraction=0.2, seed=0)
-    assert torch.equal(splits.val.images, again.val.images)
+    assert splits.val.paths == again.val.paths and torch.equal(splits.val.labels, again.val.labels)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(splits.val, again.val))
+    assert not set(splits.train.paths) & set(splits.val.paths)
 
 
 def test_image_folder_separate_split_folders(tmp_path):
@@ -141,7 +164,7 @@ def test_image_folder_separate_split_folders(tmp_path):
     assert splits.val.labels.tolist() == [0, 0, 1, 1, 2, 2]
     names, whole = load_unsplit_image_folder(tmp_path / "test", image_size=8)
     assert names == sorted(COLORS) and whole.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert whole.transform is None
+    assert whole.transform is None and splits.train.transform is not None
 
 
 def _message(excinfo):
@@ -191,6 +214,13 @@ def test_image_folder_errors(tmp_path):
     (mismatch / "val" / "red").rename(mismatch / "val" / "crimson")
     with pytest.raises(DataError, match=r"only in train \['red'\], only in val \['crimson'\]"):
         load_image_folder(mismatch)
+
+    no_val = tmp_path / "no_val"  # train/ and test/ but no val/: the message names val/, not test/
+    _write_class_folders(no_val / "train")
+    _write_class_folders(no_val / "test")
+    with pytest.raises(DataError, match=r"has train/ but no val/") as e:
+        load_image_folder(no_val)
+    assert "test/ is optional" in _message(e)
 
 
 # ----------------------------------------------------------------------------- target suite

@@ -92,6 +92,8 @@ _CONFIG_FIELDS = {
     "image_size": (Optional[int], False),
     "metrics": (dict, False),
     "aggregation": (dict, False),
+    # normalisation and evaluation crop the model was trained with ({} or absent: zootune's defaults)
+    "preprocessing": (dict, False),
 }
 
 
@@ -118,6 +120,14 @@ def check_model_config(info, config_path) -> dict:
         raise CheckpointError(f"{config_path} is not a zootune model config (format {info['format']!r})")
     if info["num_classes"] < 1:
         raise CheckpointError(f"{config_path}: num_classes must be >= 1, got {info['num_classes']}")
+    for key, value in (info.get("preprocessing") or {}).items():
+        expected = list[float] if key in ("mean", "std") else float
+        if key not in ("mean", "std", "crop_fraction"):
+            raise CheckpointError(f"{config_path}: unknown preprocessing field {key!r}")
+        try:
+            check_value(f"preprocessing.{key}", value, expected, what="config.json")
+        except OptionError as e:
+            raise CheckpointError(f"{config_path}: {e}") from None
     if info["kind"] == "method" and not info.get("zoo"):
         raise CheckpointError(f"{config_path}: a 'method' model needs the zoo checkpoints it was built on ('zoo')")
     return info

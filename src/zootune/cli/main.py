@@ -48,6 +48,56 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {value}")
+    return value
+
+
+def _mebibytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}")
+    return value
+
+
+def _folder_options(args) -> dict:
+    """Keyword arguments of zootune.data.image_folder's loaders from the data flags."""
+    options = {"max_pixels": args.max_image_pixels}
+    if args.cache_budget is not None:
+        options["cache_budget"] = int(args.cache_budget * 2**20)
+    return options
+
+
+def _preprocessing(zoo) -> dict:
+    """Normalisation and evaluation crop of a zoo loaded by name, from its checkpoints' own
+    pretrained configs ({} keeps zootune's defaults: ImageNet statistics, crop 0.875)."""
+    from zootune.zoo.preprocessing import data_config
+
+    config = data_config(zoo)
+    if not config:
+        return {}
+    chosen = {"mean": list(config["mean"]), "std": list(config["std"])}
+    if config.get("crop_pct"):
+        chosen["crop_fraction"] = float(config["crop_pct"])
+    return chosen
+
+
+def _num_workers(args, image_size: int) -> int:
+    from zootune.data.loading import default_num_workers
+
+    return default_num_workers(image_size) if args.workers == "auto" else args.workers
+
+
 # --------------------------------------------------------------------------------------------------
 # Subcommands
 
@@ -192,9 +242,10 @@ def cmd_fit(args) -> int:
     options = parse_options(args.option)
     _add_layer_types(spec, options, args.aggregate)
     spec.parse_options(options)  # unknown names, types and ranges
+    workers = _num_workers(args, args.image_size)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
-                         max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
+                         max_steps_per_epoch=args.max_steps_per_epoch, num_workers=workers, device=args.device,
                          precision=args.precision, sync_bn=args.sync_bn, threads=args.threads,
                          channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
     main_process = _is_main_process()
@@ -205,23 +256,26 @@ def cmd_fit(args) -> int:
             _print_build_reports()
         if args.member is not None and not 0 <= args.member < len(zoo):
             raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
+        preprocessing = _preprocessing(zoo)
         splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
-                                   test_fraction=args.test_fraction, seed=args.seed)
+                                   test_fraction=args.test_fraction, seed=args.seed, augment=args.augment,
+                                   **preprocessing, **_folder_options(args))
         source = None
         if args.source_data is not None:
-            source = load_image_folder(args.source_data, image_size=args.image_size, seed=args.seed)
+            source = load_image_folder(args.source_data, image_size=args.image_size, seed=args.seed,
+                                       augment=args.augment, **preprocessing, **_folder_options(args))
         task = ClassificationTask(splits.num_classes)
         result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
                                           source=source, out_dir=folder.path, resume=args.resume, echo=say)
-        metrics = {"val": evaluate(result.model, task, splits.val)}
+        metrics = {"val": evaluate(result.model, task, splits.val, num_workers=workers)}
         if splits.test is not None:
-            metrics["test"] = evaluate(result.model, task, splits.test)
+            metrics["test"] = evaluate(result.model, task, splits.test, num_workers=workers)
         member = (args.member or 0) if spec.per_member else args.member
         info = export_info(
             result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
             zoo_paths=args.zoo, method=spec.name, member=member, options=options,
             class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
-            trust_code=args.trust_code,
+            trust_code=args.trust_code, preprocessing=preprocessing,
         )
 
         def write_model(tmp: Path) -> None:
@@ -266,17 +320,17 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _evaluation_set(data: str, image_size: int):
+def _evaluation_set(data: str, image_size: int, options: dict):
     """(class names, dataset, what): a train/val[/test] folder's test split (else its val split); a
     single folder of class folders is evaluated whole, without augmentation."""
     from zootune.data import image_folder
     root = Path(data).expanduser()
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        splits = image_folder.load_image_folder(root, image_size=image_size)
-        if splits.test is not None:
-            return splits.class_names, splits.test, "test split"
-        return splits.class_names, splits.val, "val split"
-    class_names, dataset = image_folder.load_unsplit_image_folder(root, image_size=image_size)
+    folders = image_folder.split_folders(root) if root.is_dir() else None
+    if folders is not None:  # only the evaluated split is read
+        split = "test" if "test" in folders else "val"
+        class_names, dataset = image_folder.load_unsplit_image_folder(folders[split], image_size=image_size, **options)
+        return class_names, dataset, f"{split} split"
+    class_names, dataset = image_folder.load_unsplit_image_folder(root, image_size=image_size, **options)
     return class_names, dataset, "all images"
 
 
@@ -287,7 +341,10 @@ def cmd_evaluate(args) -> int:
     from zootune.tasks import ClassificationTask
 
     model, info = load_model_dir(args.model_dir, trust_code=args.trust_code)
-    class_names, dataset, what = _evaluation_set(args.data, args.image_size or info.get("image_size") or 32)
+    image_size = args.image_size or info.get("image_size") or 32
+    # evaluated as it was trained: the normalisation and crop recorded at export
+    options = {**(info.get("preprocessing") or {}), **_folder_options(args)}
+    class_names, dataset, what = _evaluation_set(args.data, image_size, options)
     model_classes = info.get("class_names") or []
     if len(class_names) != info["num_classes"]:
         raise DataError(
@@ -300,7 +357,7 @@ def cmd_evaluate(args) -> int:
             f"classes ({', '.join(model_classes)})"
         )
     task = ClassificationTask(info["num_classes"])
-    metrics = evaluate(model, task, dataset, batch_size=args.batch_size)
+    metrics = evaluate(model, task, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, image_size))
     print(f"{args.model_dir} on {args.data} ({what}, {len(dataset)} images): "
           + " ".join(f"{k} {v:.4f}" if k == "loss" else f"{k} {v:.2f}" for k, v in metrics.items()))
     return 0
@@ -341,9 +398,10 @@ def cmd_rank(args) -> int:
 
     args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
     zoo = _load_zoo(args)
-    splits = load_image_folder(args.data, image_size=args.image_size)
+    splits = load_image_folder(args.data, image_size=args.image_size, augment=None, **_preprocessing(zoo),
+                               **_folder_options(args))
     dataset = splits.train.with_transform(None)  # score un-augmented images
-    ranking = rank_zoo(zoo, dataset, batch_size=args.batch_size)
+    ranking = rank_zoo(zoo, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, args.image_size))
     rows = [[str(i + 1), name, f"{score:.4f}"] for i, (name, score) in enumerate(ranking)]
     print(f"LogME transferability on {args.data} ({len(dataset)} training images; higher is better):")
     print(format_text_table(("rank", "model", "LogME"), rows))
@@ -372,6 +430,25 @@ def _add_trust_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-code", action="store_true",
                    help="allow a module:function architecture (from the command line or a model folder's "
                         "config.json) to be imported and run; without it such names are refused")
+
+
+AUGMENT_CHOICES = ("paper", "light", "no-flip", "none")  # zootune.data.transforms.AUGMENT_PRESETS
+
+
+def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False) -> None:
+    if augment:
+        p.add_argument("--augment", choices=AUGMENT_CHOICES, default="paper",
+                       help="training augmentation: paper = random-resized crop (scale 0.08-1) of the original "
+                            "+ horizontal flip; light = crop scale 0.35-1 + flip; no-flip = paper's crop only; "
+                            "none = the evaluation centre crop (default paper)")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="DataLoader worker processes decoding images, or 'auto' (default): CPUs - 1 (at most 8) "
+                        "for --image-size >= 96, none for smaller images")
+    p.add_argument("--cache-budget", type=_mebibytes, metavar="MIB",
+                   help="MiB of decoded pixels that may be kept in RAM to skip re-decoding (default 512; 0: stream "
+                        "every image from disk)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=89_478_485, metavar="N",
+                   help="refuse images with more pixels than this (default 89478485, Pillow's warning threshold)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer types to aggregate, comma-separated: conv, linear, conv1d, conv2d, conv3d "
                         "(default: the method's, conv; a ViT needs conv,linear)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
+    _add_folder_arguments(p, augment=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoints (a new --lr, --epochs or --weight-decay "
@@ -460,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder; its test/ split if it has one, else all images")
     p.add_argument("--image-size", type=positive_int, help="default: the size the model was trained at")
     p.add_argument("--batch-size", type=positive_int, default=256)
+    _add_folder_arguments(p)
     _add_trust_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -479,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=256)
+    _add_folder_arguments(p)
     p.set_defaults(func=cmd_rank)
 
     from zootune.cli.rl import add_rl_parser
@@ -507,8 +587,28 @@ def _nan_advice(e: NonFiniteLossError, command: str | None) -> str:
     return "rerun with a lower --lr (nothing to resume from)"
 
 
+def _keep_freed_memory_for_reuse() -> None:
+    """glibc returns every allocation above its (adaptive) mmap threshold to the kernel when it is
+    freed, so a training loop whose activations are a few MiB maps and page-faults them in again at
+    every step. Measured (docs/dev-notes/data-and-minizoo.md, benchmarks/folder_speed.py fit32): that
+    cost 13-17% of a 32-px folder fit's CPU time, depending on what the process happened to free
+    first; with a fixed 32 MiB threshold the run times agree within noise. Other C libraries: nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zootune`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    _keep_freed_memory_for_reuse()
     parser = build_parser()
     args = None
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _can_handle_signals() else None

@@ -1,4 +1,4 @@
-"""Users' own images: ``root/<class>/<image>`` folders, read with Pillow.
+"""Users' own images: ``root/<class>/<image>`` folders, read with Pillow, streamed from disk.
 
 Two layouts are accepted:
 
@@ -7,23 +7,29 @@ Two layouts are accepted:
 - separate splits, ``root/train/<class>/...`` and ``root/val/<class>/...`` (and optionally
   ``root/test/<class>/...``), whose class sets must be equal.
 
-Images are converted to RGB, resized to ``image_size`` x ``image_size`` (bilinear) and normalised with
-the fixed statistics of :mod:`zootune.data.transforms`. Every problem with the folder is a
-:class:`zootune.errors.DataError` saying what to fix.
+Each split is an :class:`~zootune.data.folder_dataset.ImageFolderDataset`: files are decoded when an
+item is asked for (:func:`zootune.data.decode.read_rgb`: EXIF orientation, 16-bit, palette/CMYK/alpha),
+so memory does not grow with the number of images. Training items are random-resized crops of the
+original image plus a flip (preset ``augment``, default ``"paper"``); validation and test items are
+the central crop after resizing the shorter side to ``round(image_size / 0.875)``. Before anything is
+decoded every file's header is opened once (:func:`zootune.data.decode.scan_images`) and every bad
+file is reported in one :class:`zootune.errors.DataError`. Splits whose pixels fit ``cache_budget``
+are decoded once into RAM (exactly the same pixels, faster for small folders). Every problem with the
+folder is a ``DataError`` saying what to fix.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import numpy as np
-import torch
-from PIL import Image
 
-from zootune.data.datasets import DatasetSplits, ImageDataset, stratified_split
-from zootune.data.transforms import default_train_transform, normalize_batch, to_float_chw
+from zootune.data.datasets import DatasetSplits, stratified_split
+from zootune.data.decode import DEFAULT_MAX_PIXELS, scan_images
+from zootune.data.folder_dataset import DECODED, EVAL_CROPS, ImageFolderDataset, cache_bytes
+from zootune.data.transforms import AUGMENT_PRESETS, EVAL_CROP_FRACTION, MEAN, STD, RandomResizedCropFlip
 from zootune.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -54,25 +60,64 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _read_image(path: Path, image_size: int) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path} ({err}); remove or replace the file") from None
-
-
-def _load(paths: list[Path], image_size: int) -> torch.Tensor:
-    arrays = np.stack([_read_image(p, image_size) for p in paths])
-    return normalize_batch(to_float_chw(arrays))
-
-
 def _flatten(classes: dict[str, list[Path]], class_names: list[str]) -> tuple[list[Path], np.ndarray]:
     index = {c: i for i, c in enumerate(class_names)}
     paths = [p for c in class_names if c in classes for p in classes[c]]
     labels = np.array([index[c] for c in class_names if c in classes for _ in classes[c]], dtype=np.int64)
     return paths, labels
+
+
+# Decoded pixels kept in RAM per load_image_folder call unless told otherwise (see _plan_cache).
+DEFAULT_CACHE_BUDGET = 512 * 2**20
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"dataset path {root} is a file, not a folder; {LAYOUT_HINT}")
+
+
+def _check_options(image_size: int, augment, crop_fraction: float, cache_budget: int | None, max_pixels: int) -> None:
+    if not (isinstance(image_size, int) and image_size >= 1):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if not (augment is None or isinstance(augment, RandomResizedCropFlip) or augment in AUGMENT_PRESETS):
+        raise DataError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
+    if not 0 < crop_fraction <= 1:
+        raise DataError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    if cache_budget is not None and cache_budget < 0:
+        raise DataError(f"cache_budget must be >= 0 bytes, got {cache_budget}")
+    if max_pixels < 1:
+        raise DataError(f"max_pixels must be >= 1, got {max_pixels}")
+
+
+def split_folders(root: Path) -> dict[str, Path] | None:
+    """``{"train": .., "val": .., ["test": ..]}`` for the separate-splits layout, None for a folder of
+    class folders. A ``train`` folder without ``val`` is an error (not a class named "train")."""
+    has = {name: (root / name).is_dir() for name in ("train", "val", "test")}
+    if not has["train"]:
+        if has["val"]:
+            raise DataError(f"{root} has val/ but no train/; add {root / 'train'} (same class folders as val/)")
+        return None
+    if not has["val"]:
+        raise DataError(
+            f"{root} has train/ but no val/: add {root / 'val'} with the same class folders as train/ "
+            f"(test/ is optional), or put the class folders directly in {root} to have them split"
+        )
+    return {name: root / name for name, present in has.items() if present}
+
+
+def _plan_cache(datasets: dict[str, ImageFolderDataset], sizes: dict[str, np.ndarray], budget: int) -> None:
+    """Fill the caches of the splits that fit ``budget`` bytes together: evaluation splits first
+    (their final crops are small), then the training split (decoded originals)."""
+    left = budget
+    for split in sorted(datasets, key=lambda name: name == "train"):
+        dataset = datasets[split]
+        kind = DECODED if dataset.transform is not None else EVAL_CROPS
+        need = cache_bytes(kind, sizes[split], dataset.image_size)
+        if need <= left:
+            dataset.fill_cache(kind, sizes=sizes[split])
+            left -= need
 
 
 def load_image_folder(
@@ -81,30 +126,38 @@ def load_image_folder(
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
     seed: int = 0,
-    train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    augment: str | RandomResizedCropFlip | None = "paper",
+    crop_fraction: float = EVAL_CROP_FRACTION,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+    cache_budget: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DatasetSplits:
-    """Load ``root`` (either layout, see the module docstring) as :class:`DatasetSplits`.
+    """Load ``root`` (either layout, see the module docstring) as :class:`DatasetSplits` of
+    :class:`~zootune.data.folder_dataset.ImageFolderDataset`.
 
-    ``val_fraction`` / ``test_fraction`` apply to the single-folder layout only. ``train_transform``
-    defaults to :func:`zootune.data.transforms.default_train_transform`.
+    ``val_fraction`` / ``test_fraction`` apply to the single-folder layout only. ``augment``: the
+    training split's augmentation, a name of :data:`zootune.data.transforms.AUGMENT_PRESETS`
+    (``"paper"``: crop scale (0.08, 1) + flip; ``"light"``: scale (0.35, 1) + flip; ``"no-flip"``;
+    ``"none"``) or a :class:`~zootune.data.transforms.RandomResizedCropFlip`. ``crop_fraction``: the
+    evaluation crop's share of the resized shorter side. ``mean`` / ``std``: normalisation.
+    ``cache_budget``: bytes of decoded pixels that may be kept in RAM (default
+    :data:`DEFAULT_CACHE_BUDGET`; 0 streams every split). ``max_pixels``: larger images are refused.
     """
     root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"dataset folder {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"dataset path {root} is a file, not a folder; {LAYOUT_HINT}")
+    _check_root(root)
     if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) "
             "with val_fraction > 0 and a positive remainder for training"
         )
-    if train_transform is None:
-        train_transform = default_train_transform(image_size)
+    _check_options(image_size, augment, crop_fraction, cache_budget, max_pixels)
+    options = dict(crop_fraction=crop_fraction, mean=mean, std=std, max_pixels=max_pixels)
 
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        split_classes = {"train": _class_folders(root / "train"), "val": _class_folders(root / "val")}
-        if (root / "test").is_dir():
-            split_classes["test"] = _class_folders(root / "test")
+    folders = split_folders(root)
+    if folders is not None:
+        split_classes = {split: _class_folders(folder) for split, folder in folders.items()}
         class_names = sorted(split_classes["train"])
         for split, classes in split_classes.items():
             if split != "train" and set(classes) != set(class_names):
@@ -114,36 +167,42 @@ def load_image_folder(
                     f"train and {split} class folders differ: only in train {only_train}, "
                     f"only in {split} {only_other}; give both splits the same class folders"
                 )
-        data = {}
-        for split, classes in split_classes.items():
-            paths, labels = _flatten(classes, class_names)
-            data[split] = (_load(paths, image_size), labels)
-        train_images, train_labels = data["train"]
-        val_images, val_labels = data["val"]
-        test = ImageDataset(*data["test"]) if "test" in data else None
+        parts = {split: _flatten(classes, class_names) for split, classes in split_classes.items()}
+        all_paths = [p for paths, _ in parts.values() for p in paths]
+        all_sizes = scan_images(all_paths, max_pixels)
+        sizes, start = {}, 0
+        for split, (paths, _) in parts.items():
+            sizes[split] = all_sizes[start:start + len(paths)]
+            start += len(paths)
     else:
         classes = _class_folders(root)
         class_names = sorted(classes)
         paths, labels = _flatten(classes, class_names)
-        images = _load(paths, image_size)
+        all_sizes = scan_images(paths, max_pixels)
         fractions = [1.0 - val_fraction - test_fraction, val_fraction] + ([test_fraction] if test_fraction else [])
-        parts = stratified_split(labels, fractions, seed=seed)
-        for name, part in zip(("train", "val", "test"), parts):
+        indices = stratified_split(labels, fractions, seed=seed)
+        for name, part in zip(("train", "val", "test"), indices):
             if len(part) == 0:
                 raise DataError(
                     f"empty dataset: the {name} split of {root} got no images ({len(labels)} images in all); "
                     "add images or change val_fraction/test_fraction"
                 )
-        train_images, train_labels = images[parts[0]], labels[parts[0]]
-        val_images, val_labels = images[parts[1]], labels[parts[1]]
-        test = ImageDataset(images[parts[2]], labels[parts[2]]) if len(parts) > 2 else None
+        parts, sizes = {}, {}
+        for name, part in zip(("train", "val", "test"), indices):
+            parts[name] = ([paths[i] for i in part], labels[part])
+            sizes[name] = all_sizes[part]
 
     if len(class_names) < 2:
         raise DataError(f"{root} has {len(class_names)} class folder(s); classification needs at least 2")
+    datasets = {
+        split: ImageFolderDataset(paths, labels, image_size, augment if split == "train" else None, **options)
+        for split, (paths, labels) in parts.items()
+    }
+    _plan_cache(datasets, sizes, DEFAULT_CACHE_BUDGET if cache_budget is None else cache_budget)
     return DatasetSplits(
-        train=ImageDataset(train_images, train_labels, train_transform),
-        val=ImageDataset(val_images, val_labels),
-        test=test,
+        train=datasets["train"],
+        val=datasets["val"],
+        test=datasets.get("test"),
         num_classes=len(class_names),
         name=root.name,
         description=f"image folder {root}",
@@ -151,16 +210,30 @@ def load_image_folder(
     )
 
 
-def load_unsplit_image_folder(root: str | os.PathLike, image_size: int = 32) -> tuple[list[str], ImageDataset]:
+def load_unsplit_image_folder(
+    root: str | os.PathLike,
+    image_size: int = 32,
+    *,
+    crop_fraction: float = EVAL_CROP_FRACTION,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+    cache_budget: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[str], ImageFolderDataset]:
     """A whole ``root/<class>/<image>`` folder as one un-augmented dataset: (class names, dataset).
 
-    For evaluating a trained model on a folder; the same reading and checks as :func:`load_image_folder`.
+    For evaluating a trained model on a folder; the same reading, checks and evaluation transform as
+    the validation split of :func:`load_image_folder`.
     """
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist" if not root.exists()
-                        else f"dataset path {root} is a file, not a folder; {LAYOUT_HINT}")
+    _check_root(root)
+    _check_options(image_size, None, crop_fraction, cache_budget, max_pixels)
     classes = _class_folders(root)
     class_names = sorted(classes)
     paths, labels = _flatten(classes, class_names)
-    return class_names, ImageDataset(_load(paths, image_size), labels)
+    sizes = scan_images(paths, max_pixels)
+    dataset = ImageFolderDataset(
+        paths, labels, image_size, None, crop_fraction=crop_fraction, mean=mean, std=std, max_pixels=max_pixels
+    )
+    _plan_cache({"all": dataset}, {"all": sizes}, DEFAULT_CACHE_BUDGET if cache_budget is None else cache_budget)
+    return class_names, dataset

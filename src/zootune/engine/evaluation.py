@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from zootune.data.loading import one_line_worker_errors
 from zootune.engine import distributed
 from zootune.errors import DataError
 from zootune.tasks import Task
@@ -46,15 +47,16 @@ def evaluation_sums(
     """
     info = distributed.current() if shard else distributed.DistInfo()
     indices = list(range(info.rank, len(dataset), info.world_size))
-    loader = DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
     device = _model_device(model)
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     try:
-        for inputs, targets in loader:
+        for inputs, targets in one_line_worker_errors(loader):
             task.check_targets(targets)
             inputs, targets = inputs.to(device), targets.to(device)
             outputs = model(inputs)
@@ -93,13 +95,15 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256, num_worke
     Items may be ``(input, label)`` pairs or bare inputs; labels are ignored.
     """
     _check_non_empty(dataset, "prediction")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     device = _model_device(model)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
     was_training = model.training
     model.eval()
     outputs = []
     try:
-        for batch in loader:
+        for batch in one_line_worker_errors(loader):
             inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
             outputs.append(model(inputs.to(device)).cpu())
     finally:

@@ -6,6 +6,13 @@ when the dataset size is not a multiple of ``W``. Here the epoch's permutation i
 batches first and each global batch into ``W`` contiguous slices, one per rank; the engine weights
 each rank's loss by its slice size (see :func:`rank_loss_weight`), so ``W`` processes take exactly the
 optimisation steps of one process with the same global batch.
+
+Per-sample augmentation seeds: for a dataset that declares ``accepts_sample_seeds = True`` (e.g.
+:class:`zootune.data.folder_dataset.ImageFolderDataset`) the sampler yields ``(index, sample_seed)``
+keys with ``sample_seed = sample_seed(run seed, epoch, index)``; the dataset draws that sample's crop
+and flip from a ``random.Random`` seeded with it. The augmentation of a run is then a function of (seed,
+epoch, index) only: the same with 0 or N DataLoader workers, whatever order the workers finish in,
+on any number of processes, and after ``--resume`` (no RNG state to carry).
 """
 
 from __future__ import annotations
@@ -22,6 +29,24 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + stream * 7_919 + 0x5EED) % (2**63 - 1)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser (Steele et al., OOPSLA 2014): a bijection on 64-bit integers whose
+    outputs for consecutive inputs look independent, so neighbouring (epoch, index) pairs do not give
+    neighbouring generator seeds."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded ``seed`` (63 bits)."""
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64)) >> 1
+
+
 class GlobalBatchSampler:
     """Yields this rank's index list for every global batch of one epoch (a ``batch_sampler``).
 
@@ -29,7 +54,8 @@ class GlobalBatchSampler:
     so a resumed run and a run on another number of processes see the same global batches.
     A final global batch too small to give every rank ``min_per_rank`` samples is dropped (the
     engine asks for 2 when the model has BatchNorm, which cannot normalise a single sample), and so is
-    any final partial batch with ``drop_last``.
+    any final partial batch with ``drop_last``. With ``sample_seeds`` each item is an
+    ``(index, sample_seed(seed, epoch, index))`` key instead of an index (module docstring).
     """
 
     def __init__(
@@ -44,6 +70,7 @@ class GlobalBatchSampler:
         max_batches: int | None = None,
         min_per_rank: int = 1,
         drop_last: bool = False,
+        sample_seeds: bool = False,
     ):
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -54,6 +81,7 @@ class GlobalBatchSampler:
         self.max_batches = max_batches
         self.min_per_rank = min_per_rank
         self.drop_last = drop_last
+        self.sample_seeds = sample_seeds
         self.epoch = 0
         if batch_size < world_size * min_per_rank:
             raise ZootuneError(
@@ -79,9 +107,13 @@ class GlobalBatchSampler:
             batches = batches[: self.max_batches]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         for batch in self.global_batches():
-            yield batch.tensor_split(self.world_size)[self.rank].tolist()
+            indices = batch.tensor_split(self.world_size)[self.rank].tolist()
+            if self.sample_seeds:
+                yield [(i, sample_seed(self.seed, self.epoch, i)) for i in indices]
+            else:
+                yield indices
 
     def _drops(self, last_size: int) -> bool:
         partial = last_size < self.batch_size

@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from zootune.data.loading import one_line_worker_errors
 from zootune.engine import distributed
 from zootune.engine.sync_bn import convert_sync_batchnorm, revert_sync_batchnorm
 from zootune.engine.threads import choose_threads, forward_macs
@@ -296,6 +297,8 @@ class Trainer:
             # leave a process a single sample rather than crash at the end of the epoch.
             min_per_rank=2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else 1,
             drop_last=cfg.drop_last,
+            # (index, seed) keys: per-sample augmentation independent of workers and resumes
+            sample_seeds=bool(getattr(self.train_dataset, "accepts_sample_seeds", False)),
         )
         steps_per_epoch = len(sampler)
         if steps_per_epoch == 0:
@@ -422,6 +425,7 @@ class Trainer:
             # Worker seeds come from this generator: fixed per (seed, epoch, rank), so resuming needs
             # no loader state and workers draw the same augmentations every run.
             generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, stream=1 + self.dist.rank)),
+            pin_memory=device.type == "cuda",
         )
         set_progress = _hook(module, "set_training_progress")
         auxiliary_loss = _hook(module, "auxiliary_loss")
@@ -432,7 +436,7 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)  # loss * n, metric sum, metric count, n (this rank)
         model.train()
         t0 = time.perf_counter()
-        for i, (inputs, targets) in enumerate(loader):
+        for i, (inputs, targets) in enumerate(one_line_worker_errors(loader)):
             self._check_targets(targets)
             if set_progress is not None:
                 set_progress(self.step / schedule.total_steps)
