@@ -4,7 +4,9 @@ Zoo-Tuning's Table 1 trains with batch 48 on random-resized 224² crops of JPEG 
 measures, in ONE run, on generated JPEGs of 256-320 px (decoded, cropped, flipped and normalised per
 sample, as a training pipeline does):
 
-- the data pipeline alone: images/s of a DataLoader over the folder with 0 and with 2 workers;
+- the data pipeline alone: images/s of a DataLoader over the folder with 0 and with 2 workers
+  (``zootune.data.folder_dataset.ImageFolderDataset``, the "paper" preset: random-resized crop of
+  the original image, area 8-100 %, aspect 3/4-4/3, to 224², horizontal flip, normalisation);
 - the whole pipeline (next batch from the loader + forward, cross-entropy, backward, SGD step) of a
   plain ResNet-50 (one member, new head), full Zoo-Tuning and Lite Zoo-Tuning over 5 random members
   (speed does not depend on the weights' values): the models take turns step by step (so that load
@@ -33,9 +35,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
-import os
-import random
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from zootune.cost import count_flops
+from zootune.data.folder_dataset import ImageFolderDataset
 from zootune.layers import AggregatedLayer
 from zootune.layers.autotune import tune
 from zootune.methods.zoo_tuning import ZooTuning
@@ -56,8 +56,6 @@ from zootune.models import resnet50
 from zootune.models.heads import new_linear_head, replace_head
 
 NUM_CLASSES = 10
-MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
-STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -79,40 +77,6 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-class JpegCrops(Dataset):
-    """Decode a JPEG, random-resized crop (area 8-100%, aspect 3/4-4/3, as torchvision's and the
-    paper's), resize to ``size``² bilinearly, random horizontal flip, normalise. A local stand-in
-    for the library's streaming folder dataset; each sample's randomness comes from (seed, index)."""
-
-    def __init__(self, paths: list[Path], size: int, seed: int = 0):
-        self.paths, self.size, self.seed = list(paths), size, seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _box(self, rng: random.Random, width: int, height: int) -> tuple[float, float, float, float]:
-        area = width * height
-        for _ in range(10):
-            target = area * rng.uniform(0.08, 1.0)
-            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-                return left, top, left + w, top + h
-        side = min(width, height)
-        return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
-
-    def __getitem__(self, index: int):
-        rng = random.Random(self.seed * 1_000_003 + index)
-        with Image.open(self.paths[index]) as image:
-            image = image.convert("RGB")
-            crop = image.resize((self.size, self.size), Image.BILINEAR, box=self._box(rng, *image.size))
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - MEAN) / STD, index % NUM_CLASSES
-
-
 def loader(dataset: Dataset, batch: int, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                       persistent_workers=workers > 0, pin_memory=device.type == "cuda",
@@ -125,10 +89,12 @@ def endless(data: DataLoader):
 
 
 def data_pipeline_rate(dataset: Dataset, batch: int, workers: int, batches: int, device) -> float:
-    """Images/s of the loader alone (after one warm-up batch: worker start-up is not throughput)."""
-    stream = endless(loader(dataset, batch, workers, device))
-    next(stream)
+    """Images/s of the loader alone: ``batches`` batches timed from the iterator's creation (worker
+    start-up included: prefetching would otherwise hand out batches decoded before the clock started)."""
+    data = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                      pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
+    stream = endless(data)
     for _ in range(batches):
         next(stream)
     return batches * batch / (time.perf_counter() - start)
@@ -190,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the whole pipeline")
-    parser.add_argument("--data-batches", type=int, default=3, help="batches timed for the data pipeline alone")
+    parser.add_argument("--data-batches", type=int, default=4, help="batches timed for the data pipeline alone")
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--data", help="a folder of JPEGs to use instead of generated ones")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
@@ -215,7 +181,7 @@ def main(argv=None) -> None:
             paths = sorted(p for p in Path(args.data).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
         else:
             paths = make_jpegs(Path(tmp) / "jpegs", args.images)
-        dataset = JpegCrops(paths, args.size)
+        dataset = ImageFolderDataset(paths, [i % NUM_CLASSES for i in range(len(paths))], args.size, augment="paper")
         results: dict = {"setting": vars(args), "device_name": torch.cuda.get_device_name(device)
                          if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"}
 

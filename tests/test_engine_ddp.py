@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_engine import (  # the same simulated kill as the one-process resume tests
+    Interrupt,
+    KillAfter,
+)
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -23,8 +27,6 @@ import zootune.engine.checkpoint as checkpoint_module
 from zootune.engine import TrainConfig, Trainer
 from zootune.layers import AggregatedLayer, autotune
 from zootune.tasks import ClassificationTask
-
-from test_engine import Interrupt, KillAfter  # the same simulated kill as the one-process resume tests
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -20,7 +20,11 @@ from torch.utils.data import Dataset
 from zootune.engine import TrainConfig, Trainer
 from zootune.engine import threads as engine_threads
 from zootune.engine.checkpoint import load_checkpoint
-from zootune.engine.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from zootune.engine.sync_bn import (
+    CpuSyncBatchNorm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 from zootune.layers import AggregatedLayer, autotune
 from zootune.tasks import ClassificationTask
 
@@ -346,8 +350,9 @@ def test_resume_after_kill_9_in_a_fresh_process_is_bit_exact_with_timed_formulat
 
 
 def test_fit_flags_reach_the_engine(tmp_path, capsys):
-    import zootune.cli.main as cli
     from test_cli import ARCH, FAST, write_images
+
+    import zootune.cli.main as cli
     from zootune.models import resnet_small
     from zootune.zoo import save_state_dict
 

@@ -65,7 +65,7 @@ def layer_cases(draw):
     if kind == "linear":
         c_in, c_out = draw(st.integers(1, 6)), draw(st.integers(1, 6))
         tokens = draw(st.sampled_from([(), (2,), (2, 3)]))
-        make = lambda: nn.Linear(c_in, c_out, bias=bias)  # noqa: E731
+        make = lambda: nn.Linear(c_in, c_out, bias=bias)
         shape = (batch, *tokens, c_in)
     else:
         dims = int(kind[4])
@@ -82,7 +82,7 @@ def layer_cases(draw):
         size = draw(st.integers(smallest, max(smallest, 7 if dims < 3 else 4)))
         size = max(size, amount + 1)  # reflect padding needs size > padding
         cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        make = lambda: cls(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,  # noqa: E731
+        make = lambda: cls(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
                            groups=groups, bias=bias, padding_mode=mode)
         shape = (batch, c_in, *(size,) * dims)
         channels_last = dims in (2, 3) and draw(st.booleans())

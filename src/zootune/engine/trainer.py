@@ -39,8 +39,6 @@ from tqdm.auto import tqdm
 
 from zootune.data.loading import one_line_worker_errors
 from zootune.engine import distributed
-from zootune.engine.sync_bn import convert_sync_batchnorm, revert_sync_batchnorm
-from zootune.engine.threads import choose_threads, forward_macs
 from zootune.engine.checkpoint import (
     CHECKPOINT_NAME,
     FORMAT_VERSION,
@@ -51,12 +49,14 @@ from zootune.engine.checkpoint import (
     seed_everything,
 )
 from zootune.engine.config import TrainConfig
+from zootune.engine.distributed import unwrap
 from zootune.engine.evaluation import _model_device, evaluation_sums, sums_to_metrics
 from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
+from zootune.engine.sync_bn import convert_sync_batchnorm, revert_sync_batchnorm
+from zootune.engine.threads import choose_threads, forward_macs
 from zootune.errors import CheckpointError, DataError, NonFiniteLossError, ZootuneError
-from zootune.engine.distributed import unwrap
 from zootune.layers import autotune
 from zootune.tasks import Task
 

@@ -80,8 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.layers.align import ChannelAlign, align_bank
-from zootune.layers.gate import GATE_INITS
-from zootune.layers.gate import Gate
+from zootune.layers.gate import GATE_INITS, Gate
 from zootune.layers.variants import variant_of
 
 FORMULATIONS = ("grouped", "bmm", "stacked", "outputs")

@@ -142,7 +142,7 @@ class _InputSpec:
     channels_last: bool
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "_InputSpec":
+    def of(cls, x: torch.Tensor) -> _InputSpec:
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         return cls(tuple(x.shape), x.dtype, x.device, channels_last)
 
