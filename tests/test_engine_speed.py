@@ -176,6 +176,19 @@ def test_thread_rule(monkeypatch):
     assert engine_threads.choose_threads(None, cpu, tiny) is None  # the user's setting stands
 
 
+def test_thread_rule_block_sets_and_restores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with engine_threads.thread_rule(None, torch.device("cpu"), lambda: 1e6) as inside:
+            assert inside == torch.get_num_threads() == 1  # a small model on 2 threads: one
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_engine_sets_threads_while_training_and_restores_them():
     before = torch.get_num_threads()
     probe = Probe(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)))

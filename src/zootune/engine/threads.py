@@ -17,8 +17,9 @@ cores - 1/2); otherwise leave torch's default (one thread per core). A number fi
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -61,3 +62,21 @@ def forward_macs(module: torch.nn.Module, example: tuple) -> float:
         for m, flag in was_training:
             m.training = flag
     return counter.get_total_flops() / 2
+
+
+@contextlib.contextmanager
+def thread_rule(requested: int | None, device: torch.device, forward_macs: Callable[[], float]) -> Iterator[int]:
+    """Within the block, the thread count :func:`choose_threads` gives (torch's count restored
+    afterwards); yields the count in effect. For training loops outside the engine, e.g.::
+
+        with thread_rule(None, torch.device("cpu"), lambda: forward_macs(model, (batch,))):
+            ...  # the MiniZoo's pretraining steps
+    """
+    before = torch.get_num_threads()
+    chosen = choose_threads(requested, device, forward_macs)
+    if chosen is not None:
+        torch.set_num_threads(chosen)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
