@@ -214,10 +214,15 @@ def main(argv=None) -> None:
         for name in ("zoo-tuning", "lite"):
             t0 = time.perf_counter()
             with autocast:  # only the training phase is timed below
-                tune(models[name], example, mode=args.formulations, phases=("train",), repeats=args.tune_repeats)
+                report = tune(models[name], example, mode=args.formulations, phases=("train",),
+                              repeats=args.tune_repeats)
             synchronize(device)
             tune_seconds[name] = time.perf_counter() - t0
-            print(f"tune({name}, mode={args.formulations}): {tune_seconds[name]:.1f} s", flush=True)
+            chosen = [phases["train"].chosen for phases in report.values()]
+            counts = {n: chosen.count(n) for n in sorted(set(chosen))}
+            results.setdefault("formulations", {})[name] = counts
+            print(f"tune({name}, mode={args.formulations}): {tune_seconds[name]:.1f} s; layers per formulation {counts}",
+                  flush=True)
         results["tune_seconds"] = tune_seconds
         flops = {}
         for name, model in models.items():
