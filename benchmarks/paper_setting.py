@@ -289,7 +289,7 @@ def main(argv=None) -> None:
             print(f"{name:<11} {seconds[name]:8.2f} {args.batch / seconds[name]:9.2f} {time_ratio:10.2f}x "
                   f"{flops_ratio:11.2f}x {flops_ratio / time_ratio:11.2f}")
     print(f"data pipeline alone: {data_rates[0]:.1f} images/s with 0 workers, {data_rates[2]:.1f} with 2")
-    print(f"training-step GFLOPs (multiply-adds) per sample: "
+    print("training-step GFLOPs (multiply-adds) per sample: "
           + ", ".join(f"{n} {v / 1e9 / 2:.2f}" for n, v in flops.items()))
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:

@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zootune.layers import AggregatedLayer, autotune
+from zootune.layers import AggregatedLayer
 from zootune.layers.autotune import tune
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.models import resnet50, resnet_small
