@@ -32,7 +32,6 @@ from zootune.atomic import atomic_write_bytes, atomic_write_json
 from zootune.data.targets import TARGETS, get_target
 from zootune.engine import TrainConfig, evaluate
 from zootune.experiment import RunConfig, fit_method
-from zootune.layers import autotune
 from zootune.methods.registry import get_method
 from zootune.minizoo.hub import HUB_ZOO_MEMBERS, load_hub
 from zootune.models import ResNet
@@ -105,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         example = torch.stack([splits.test[i][0] for i in range(64)])
         for seed in args.seeds:
             config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                                 max_steps_per_epoch=args.max_steps_per_epoch, progress=False)
+                                 max_steps_per_epoch=args.max_steps_per_epoch, progress=False,
+                                 formulations="macs")  # Zoo-Tuning's formulations by MACs: same numbers every run
 
             def run(spec_name, source, label, **kw):
                 result = fit_method(get_method(spec_name), source, task, splits, config, **kw)
@@ -161,5 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with autotune.by_macs():  # Zoo-Tuning's formulations chosen by MACs: same numbers every run
-        sys.exit(main())
+    sys.exit(main())

@@ -24,7 +24,6 @@ import torch
 from zootune.data.targets import TARGETS, get_target
 from zootune.engine import evaluate
 from zootune.experiment import RunConfig, _train_config, fit_method
-from zootune.layers import autotune
 from zootune.methods.registry import get_method
 from zootune.minizoo import load_minizoo
 from zootune.tasks import ClassificationTask
@@ -54,11 +53,10 @@ def main(argv=None) -> None:
         ("zoo-tuning (all), bank_lr_scale=auto", "zoo-tuning", zoo, None, {"bank_lr_scale": "auto"}),
     ]
     print(f"{args.target}, seed {args.seed}, {args.epochs} epochs, lr {args.lr}")
-    with autotune.by_macs():
-        for label, method, source, member, options in runs:
-            result = fit_method(get_method(method), source, task, splits, config, member=member, options=options)
-            test = evaluate(result.model, task, splits.test)["acc"]
-            print(f"{label:42s} val {result.val_metric:6.2f}  test {test:6.2f}", flush=True)
+    for label, method, source, member, options in runs:
+        result = fit_method(get_method(method), source, task, splits, config, member=member, options=options)
+        test = evaluate(result.model, task, splits.test)["acc"]
+        print(f"{label:42s} val {result.val_metric:6.2f}  test {test:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

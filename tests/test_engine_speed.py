@@ -245,16 +245,6 @@ def test_macs_mode_stores_no_choice_and_fixed_formulations_are_not_tuned(tmp_pat
     assert autotune.formulation_choices(fixed) == {}
 
 
-def test_deprecated_by_macs_block_still_selects_macs():
-    net = agg_net()
-    with autotune.by_macs():
-        Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=1)).fit()
-    assert autotune.formulation_choices(net) == {}
-
-
-# ------------------------------------------------------------------ SyncBatchNorm
-
-
 def test_sync_bn_conversion_is_in_place_and_reverts():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.BatchNorm1d(4 * 9))
     bn2, bn1 = net[1], net[3]

@@ -568,15 +568,6 @@ def test_tune_skips_layers_with_a_fixed_formulation():
     assert autotune.tune(net, torch.randn(4, 3, 8, 8)) == {}
 
 
-def test_deprecated_by_macs_block_makes_the_default_mode_macs():
-    net = _tiny_net()
-    with autotune.by_macs():
-        autotune.tune(net, torch.randn(4, 3, 8, 8), mode=None)
-    assert autotune.formulation_choices(net) == {}
-    autotune.tune(net, torch.randn(4, 3, 8, 8), mode=None)
-    assert set(autotune.formulation_choices(net)) == {"0", "4"}
-
-
 @contextlib.contextmanager
 def forbid_backward_and_timing_inside_forward():
     """Counts every autograd backward/grad call and every clock read that happens while an

@@ -39,7 +39,6 @@ training would have picked the member.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -51,7 +50,6 @@ import torch
 from torch import nn
 
 from zootune.errors import ZootuneError
-from zootune.layers import autotune
 from zootune.methods.registry import BuildContext, MethodSpec, available_methods, get_method
 from zootune.report import atomic_write_json, atomic_write_text, mean_std, results_markdown, results_table
 from zootune.tasks import ClassificationTask
@@ -220,6 +218,9 @@ def _train_config(config: RunConfig, seed: int):
         seed=seed,
         max_steps_per_epoch=config.max_steps_per_epoch,
         progress=config.progress,
+        # exact formulations chosen by multiply-adds, not by timing (which depends on load): the same
+        # command then gives the same numbers on the same machine
+        formulations="macs" if config.deterministic else None,
     )
 
 
@@ -658,11 +659,6 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(out_dir / "log.txt", echo)
     started = time.perf_counter()
-    cleanup = contextlib.ExitStack()
-    if config.deterministic:
-        # Exact formulations chosen by multiply-adds, not by timing (which depends on load): the same
-        # command then gives the same numbers on the same machine.
-        cleanup.enter_context(autotune.by_macs())
     try:
         manifest, build_seconds = None, 0.0
         if zoo is None:
@@ -721,7 +717,6 @@ def run_experiment(
         log(f"results written to {out_dir} ({results['seconds']:.0f} s)")
         return results
     finally:
-        cleanup.close()
         log.close()
 
 

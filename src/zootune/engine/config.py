@@ -43,7 +43,7 @@ class TrainConfig:
     - ``formulations``: how aggregation layers (Zoo-Tuning) choose their exact formulation before
       training (:func:`zootune.layers.autotune.tune`): ``"time"`` (measured; stored in the
       checkpoint, so resuming is exact) or ``"macs"`` (fewest multiply-adds, the same on every
-      machine); ``None``: "time" (or "macs" inside the deprecated ``autotune.by_macs()`` block).
+      machine); ``None``: "time".
 
     Several processes (``torchrun``): ``sync_bn`` makes BatchNorm layers normalise over the global
     batch (:mod:`zootune.engine.sync_bn`) instead of each process's slice.

@@ -48,7 +48,6 @@ MEASURE_REPEATS = 2
 MODES = ("time", "macs")
 PHASES = ("train", "eval")
 
-_DEFAULT_MODE = [None]  # set only by the deprecated by_macs() block
 
 
 @dataclass
@@ -175,8 +174,8 @@ def _layer_inputs(model: nn.Module, layers: dict[str, AggregatedLayer], example:
 
 
 def resolve_mode(mode: str | None) -> str:
-    """``mode``, or for ``None`` the default: "time" ("macs" inside the deprecated by_macs() block)."""
-    mode = mode if mode is not None else (_DEFAULT_MODE[0] or "time")
+    """``mode``, or for ``None`` the default: "time"."""
+    mode = mode if mode is not None else "time"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode
@@ -261,16 +260,3 @@ def clear_choices(model: nn.Module) -> None:
     """Forget every layer's tuned choice (forward falls back to the fewest multiply-adds)."""
     for layer in aggregated_layers(model).values():
         layer.formulation_choice = {}
-
-
-@contextlib.contextmanager
-def by_macs() -> Iterator[None]:
-    """Deprecated: within the block, :func:`tune` with ``mode=None`` (the engine's
-    ``TrainConfig(formulations=None)``) chooses by multiply-adds. Pass ``mode="macs"`` (or
-    ``TrainConfig(formulations="macs")``) instead."""
-    previous = _DEFAULT_MODE[0]
-    _DEFAULT_MODE[0] = "macs"
-    try:
-        yield
-    finally:
-        _DEFAULT_MODE[0] = previous

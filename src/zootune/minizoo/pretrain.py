@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from zootune.engine.threads import forward_macs, thread_rule
 from zootune.errors import ZootuneError
 from zootune.minizoo.members import MEMBERS, MemberSpec
 
@@ -34,8 +35,8 @@ def pretrain(
     feature map), so any architecture exposing those can be pretrained -- e.g. a ViT for the Hub.
     Training: Adam, lr cosine-decayed from ``spec.lr`` to 0 over ``spec.steps`` steps of
     ``spec.batch_size``, batches drawn with a seeded generator; ``torch.manual_seed(seed)`` fixes the
-    initialisation and augmentations, so the same seed gives the same weights (on the same torch build
-    and thread count).
+    initialisation and augmentations, so the same seed gives the same weights (on the same torch build;
+    the thread count is the engine's rule for the model's size, not the machine's core count).
 
     Returns the trained backbone (in eval mode; the pretext head is discarded) and a summary dict:
     task, data, algorithm, metric name and held-out value, steps, seconds, seed.
@@ -63,16 +64,20 @@ def pretrain(
     model.train()
     head.train()
     loss_value = float("nan")
-    for _ in steps:
-        idx = torch.randint(0, x_train.shape[0], (spec.batch_size,), generator=batches)
-        loss = objective.loss(model, head, objective.augment(x_train[idx]), y_train[idx])
-        if not torch.isfinite(loss):
-            raise ZootuneError(f"pretraining {spec.name} diverged (loss {loss.item()}); try another seed")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        loss_value = loss.item()
+    # Tiny models on a shared machine: intra-op threads cost far more than they give (measured in
+    # docs/dev-notes/engine.md); the engine's rule picks the count, so the weights do not depend on
+    # how many cores the machine happens to have.
+    with thread_rule(None, torch.device("cpu"), lambda: forward_macs(model, (x_train[: spec.batch_size],))):
+        for _ in steps:
+            idx = torch.randint(0, x_train.shape[0], (spec.batch_size,), generator=batches)
+            loss = objective.loss(model, head, objective.augment(x_train[idx]), y_train[idx])
+            if not torch.isfinite(loss):
+                raise ZootuneError(f"pretraining {spec.name} diverged (loss {loss.item()}); try another seed")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_value = loss.item()
     model.eval()
     head.eval()
     metric = objective.metric(model, head, x_held, y_held)
