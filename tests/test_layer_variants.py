@@ -146,7 +146,7 @@ def test_lite_variant_folds_into_the_same_class_with_equal_outputs(case):
     for _ in range(3):  # training forwards: shared kernel, EMA of the batch gates
         layer(x)
     layer.eval()
-    plain = layer.to_plain()
+    plain = layer.merge()
     assert type(plain) is type(sources[0])
     with torch.no_grad():
         torch.testing.assert_close(plain(x), layer(x), rtol=1e-9, atol=1e-9)

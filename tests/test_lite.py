@@ -69,7 +69,7 @@ def test_temporal_ensemble_is_the_documented_ema_without_gradient():
     before = layer.gate_ema.clone()
     layer(torch.randn(3, 4))
     assert torch.equal(layer.gate_ema, before)  # eval neither updates ā ...
-    plain = layer.to_plain()
+    plain = layer.merge()
     x = torch.randn(3, 4)
     torch.testing.assert_close(layer(x), plain(x))  # ... and uses ā for every input
 

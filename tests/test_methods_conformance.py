@@ -107,6 +107,10 @@ def test_build_step_finalize_save_load(name, zoo, tmp_path):
         assert (info["kind"] == "plain") == spec.plain_model, info["kind"]
 
     if spec.plain_model:
+        # one public name for the plain model: merge_and_unload(), which finalize() gives the engine
+        assert callable(getattr(built, "merge_and_unload", None)), name
+        with torch.no_grad():
+            torch.testing.assert_close(built.merge_and_unload().eval()(x), expected, rtol=0, atol=0)
         foreign = {type(m).__name__ for m in model.modules()} - {t.__name__ for t in _arch_module_types()}
         assert not foreign, f"method modules left in the plain model: {foreign}"
         assert set(model.state_dict()) == set(resnet_small(**{**ARCH_KWARGS, "num_classes": NUM_CLASSES}).state_dict())

@@ -70,7 +70,7 @@ def test_timm_variant_layers_aggregate_as_timm_computes_them(kind, lite):
             rows.append(reference(x[b:b + 1]))  # timm's own forward: padding and outer standardisation
         torch.testing.assert_close(got, torch.cat(rows), rtol=1e-9, atol=1e-9)
         if lite:
-            plain = layer.to_plain()
+            plain = layer.merge()
             assert type(plain) is type(sources[0])
             torch.testing.assert_close(plain(x), got, rtol=1e-9, atol=1e-9)
 

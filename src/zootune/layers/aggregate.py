@@ -64,7 +64,7 @@ Lite Zoo-Tuning: in training the gate is the batch mean ā_batch = mean_b a(h_b)
 a buffer keeps the temporal ensemble ā <- α ā + (1 - α) ā_batch (α = ``lite_momentum`` = 0.9; the
 first update sets ā = ā_batch, before it ā = 1/m), updated without gradient and, under
 torch.distributed, from ā_batch averaged over all workers. In eval the gate is ā for every input, so
-the layer folds into one plain layer (:meth:`AggregatedLayer.to_plain`).
+the layer folds into one plain layer (:meth:`AggregatedLayer.merge`).
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ from torch import nn
 from zootune.layers.align import ChannelAlign, align_bank
 from zootune.layers.gate import GATE_INITS, Gate
 from zootune.layers.variants import variant_of
+from zootune.layers.wrapper import LayerWrapper
 
 FORMULATIONS = ("grouped", "bmm", "stacked", "outputs")
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -114,7 +115,20 @@ def _sources_shape_check(sources: Sequence[nn.Module]) -> None:
             raise ValueError("aggregated sources must be layers of one type and shape")
 
 
-class AggregatedLayer(nn.Module):
+def _shell(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` without its weight and bias tensors (its class and settings only)."""
+    params = {name: getattr(layer, name) for name in ("weight", "bias")}
+    try:
+        for name in params:
+            layer._parameters[name] = None
+        shell = copy.deepcopy(layer)
+    finally:
+        for name, value in params.items():
+            layer._parameters[name] = value
+    return shell
+
+
+class AggregatedLayer(LayerWrapper):
     """A Conv1d/2d/3d or Linear layer replaced by a Zoo-Tuning aggregation of m source layers.
 
     Args:
@@ -184,9 +198,10 @@ class AggregatedLayer(nn.Module):
                          zero_init=gate_init == "zero").to(weight.device, weight.dtype)
         self.register_buffer("gate_ema", torch.full((m,), 1.0 / m, dtype=weight.dtype, device=weight.device))
         self.register_buffer("gate_updates", torch.zeros((), dtype=torch.long, device=weight.device))
-        # The original layer's structure (on the meta device: no memory) to rebuild a plain layer
-        # when folding. Kept out of the module tree so it is neither a parameter nor saved.
-        object.__setattr__(self, "_template", copy.deepcopy(first).to("meta"))
+        # The replaced layer, kept as ``base_layer`` (the PEFT pattern) for its class and settings
+        # (stride, padding, a variant's own attributes); its weight and bias live in the bank, so
+        # the shell holds no tensor: nothing is duplicated in memory or in the state_dict.
+        self.base_layer = _shell(first)
         self.formulation_choice: dict[str, str] = {}
         self._eval_cache: tuple | None = None
         self._gate_sum: torch.Tensor | None = None
@@ -569,18 +584,18 @@ class AggregatedLayer(nn.Module):
 
     # ----------------------------------------------------------------- folding
     @torch.no_grad()
-    def to_plain(self, gate: torch.Tensor | None = None) -> nn.Module:
-        """The plain layer (same class as the sources) computing this layer with the shared gate
+    def merge(self, gate: torch.Tensor | None = None) -> nn.Module:
+        """The plain layer (``base_layer``'s class) computing this layer with the shared gate
         ``gate`` (default: the Lite ensemble ā): weight sum_i g_i T_i W_i, bias sum_i g_i T_i b_i."""
         gate = self.gate_ema if gate is None else gate
         weight, bias = self.fold(gate)
         for name, tensor in (("weight", weight), ("bias", bias)):
             if tensor is not None and not torch.isfinite(tensor).all():
                 raise FloatingPointError(f"folded {name} has non-finite values")
-        plain = copy.deepcopy(self._template).to_empty(device=weight.device).to(weight.dtype)
-        plain.weight.copy_(weight)
+        plain = copy.deepcopy(self.base_layer)
+        plain.weight = nn.Parameter(weight.detach().clone())
         if bias is not None:
-            plain.bias.copy_(bias)
+            plain.bias = nn.Parameter(bias.detach().clone())
         return plain
 
     def extra_repr(self) -> str:

@@ -12,8 +12,13 @@ that :class:`zootune.engine.Trainer` trains like any model. Per optimisation ste
 
 and builds its optimizer from ``module.param_groups(base_lr)`` when defined (e.g. a lower backbone
 learning rate), else from all parameters with ``requires_grad``. When training ends the engine calls
-``module.finalize()`` if defined and evaluates/exports what it returns (Lite Zoo-Tuning: the folded
-plain model). The hooks are optional: a plain model is a valid method output.
+``module.finalize()`` if defined and evaluates/exports what it returns. A method whose result is a
+plain model of the zoo's architecture gives it under one public name, ``merge_and_unload()``, and
+its ``finalize()`` returns that (Lite Zoo-Tuning: the folded model; Knowledge Flow, distillation,
+fine-tuning: the student / the model). Methods that change layers in place do it with
+:class:`zootune.layers.wrapper.LayerWrapper` s (the replaced layer kept as ``base_layer``) and unload
+them through :func:`zootune.layers.wrapper.merge_and_unload`. The hooks are optional: a plain model
+is a valid method output.
 
 ``MethodModule`` documents these hooks as a typing Protocol; nothing needs to inherit from it.
 """
@@ -37,4 +42,6 @@ class MethodModule(Protocol):
     def param_groups(self, base_lr: float) -> list[dict]: ...
 
     def finalize(self) -> nn.Module: ...
+
+    def merge_and_unload(self) -> nn.Module: ...
 

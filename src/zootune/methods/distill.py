@@ -135,8 +135,12 @@ class Distill(nn.Module):
         kd = distillation_loss(outputs, teacher_probs, self.temperature)
         return self.alpha * (kd - self.task.loss(outputs, targets))
 
-    def finalize(self) -> nn.Module:
+    def merge_and_unload(self) -> nn.Module:
+        """The student alone (the teachers only shape its training)."""
         return self.student
+
+    def finalize(self) -> nn.Module:
+        return self.merge_and_unload()
 
 
 def pick_student_member(

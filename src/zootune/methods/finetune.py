@@ -82,8 +82,12 @@ class FineTune(nn.Module):
             groups.append({"params": backbone, "lr": base_lr * self.backbone_lr_mult, "name": "backbone"})
         return groups
 
-    def finalize(self) -> nn.Module:
+    def merge_and_unload(self) -> nn.Module:
+        """The plain model (the wrapper only holds the learning rates)."""
         return self.model
+
+    def finalize(self) -> nn.Module:
+        return self.merge_and_unload()
 
 
 @dataclass

@@ -88,7 +88,8 @@ from zootune.methods.distill import pick_student_member
 from zootune.methods.finetune import check_member_index, copy_with_new_head
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.options import require
-from zootune.models.heads import set_submodule
+from zootune.layers.wrapper import LayerWrapper, replace_layer
+from zootune.layers.wrapper import merge_and_unload as unload
 from zootune.tasks import ClassificationTask
 
 RESNET_FLOW_POINTS = ("layer1", "layer2", "layer3", "layer4")
@@ -131,7 +132,7 @@ class ChannelTransform(nn.Module):
         return out + self.bias.view(1, -1, *([1] * (h.dim() - 2)))
 
 
-class FlowPoint(nn.Module):
+class FlowPoint(LayerWrapper):
     """Wraps the student's module at a flow point: ``w_s * base_layer(x) + sum_j w_j * Q_j(h_tj)``.
 
     ``teacher_features`` is set by :class:`KnowledgeFlow` for one forward; when it is ``None`` the
@@ -165,6 +166,10 @@ class FlowPoint(nn.Module):
             with torch.no_grad():
                 self.mix_logits[0] = math.log(w_s * num_teachers / (1.0 - w_s))
         self.teacher_features: list[torch.Tensor] | None = None
+
+    def merge(self) -> nn.Module:
+        """The student's own module (a copy): the teachers' flow goes away with the wrapper."""
+        return copy.deepcopy(self.base_layer)
 
     def set_channel_dim(self, dim: int) -> None:
         self.channel_dim = dim
@@ -384,7 +389,7 @@ class KnowledgeFlow(nn.Module):
             flow_point = FlowPoint(
                 student.get_submodule(name), c_s, c_t, len(teachers), initial_student_weight, transform_init, dim, hint
             )
-            set_submodule(student, name, flow_point)
+            replace_layer(student, name, flow_point)
         self.student = student
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
@@ -428,12 +433,12 @@ class KnowledgeFlow(nn.Module):
             {"params": mix, "lr": base_lr * self.mix_lr_mult, "weight_decay": 0.0, "name": "flow weights"},
         ]
 
+    def merge_and_unload(self) -> nn.Module:
+        """The student alone: a plain copy with every flow point back to its (trained) module."""
+        return unload(self.student)
+
     def finalize(self) -> nn.Module:
-        """The student alone: a copy with every flow point unwrapped back to its original module."""
-        student = copy.deepcopy(self.student)
-        for name in self.flow_points:
-            set_submodule(student, name, student.get_submodule(name).base_layer)
-        return student
+        return self.merge_and_unload()
 
     # -- forward ------------------------------------------------------------------------------------
     def flow_modules(self) -> list[FlowPoint]:

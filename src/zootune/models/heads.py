@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from zootune.errors import ZootuneError
+from zootune.layers.wrapper import set_submodule  # noqa: F401 - re-exported: heads are set with it
 
 KNOWN_HEAD_NAMES = ("fc", "classifier", "head.fc", "head", "last_linear")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -83,11 +84,6 @@ def fit_head_to(old_head: nn.Module, new_head: nn.Module) -> nn.Module:
     return pointwise
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` by ``new`` (in place)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def replace_head(model: nn.Module, new_head: nn.Module, head_name: str | None = None) -> str:

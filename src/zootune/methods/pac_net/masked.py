@@ -15,14 +15,18 @@ also re-writes the frozen entries after every step (:meth:`zero_pruned`, :meth:`
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from zootune.layers.wrapper import LayerWrapper
+
 ROUTES = ("source", "target")
 
 
-class MaskedLayer(nn.Module):
+class MaskedLayer(LayerWrapper):
     """``base_layer`` with an essential mask (``True`` = source weight) and the allocated source
     weight ``w_S`` (``source_weight``) that Calibrate keeps essential entries at and pulls pruned
     entries towards."""
@@ -55,6 +59,13 @@ class MaskedLayer(nn.Module):
         # functional_call runs the wrapped layer's own forward with the routed weight, so any layer
         # type with a ``weight`` works without re-implementing its forward.
         return functional_call(self.base_layer, {"weight": self.effective_weight()}, args, kwargs)
+
+    @torch.no_grad()
+    def merge(self, task: str | None = None) -> nn.Module:
+        """A plain copy of ``base_layer`` whose weight is what route ``task`` computes with."""
+        plain = copy.deepcopy(self.base_layer)
+        plain.weight.copy_(self.effective_weight(task).detach())
+        return plain
 
     @torch.no_grad()
     def zero_pruned(self) -> None:

@@ -45,6 +45,8 @@ from torch import nn
 from zootune.errors import CheckpointError, ZootuneError
 from zootune.methods.pac_net.masked import ROUTES, MaskedLayer
 from zootune.methods.pac_net.prune import SCOPES, check_prune_fraction, magnitude_masks
+from zootune.layers.wrapper import merge_and_unload as unload
+from zootune.layers.wrapper import replace_layer
 from zootune.models.heads import find_head_name, head_in_features, set_submodule
 from zootune.version import __version__
 
@@ -152,7 +154,7 @@ class PACNet(nn.Module):
         if missing:
             raise ZootuneError(f"no mask given for layers: {', '.join(missing)}")
         for name, module in chosen.items():
-            set_submodule(self.body, name, MaskedLayer(module, masks[name]))
+            replace_layer(self.body, name, MaskedLayer(module, masks[name]))
         self.layer_names = list(chosen)
         for layer in self.masked_layers():
             layer.zero_pruned()  # Prune: the pruned entries leave the source network now
@@ -289,11 +291,7 @@ class PACNet(nn.Module):
         task = task or self._task
         if task not in ROUTES:
             raise ZootuneError(f"task must be one of {ROUTES}, got {task!r}")
-        plain = copy.deepcopy(self.body)
-        for name in self.layer_names:
-            layer = plain.get_submodule(name)
-            layer.base_layer.weight.copy_(layer.effective_weight(task).detach())
-            set_submodule(plain, name, layer.base_layer)
+        plain = unload(self.body, task=task)
         set_submodule(plain, self.head_name, copy.deepcopy(self.source_head if task == "source" else self.target_head))
         plain.requires_grad_(True)
         return plain.train(self.training)

@@ -12,16 +12,15 @@ Full Zoo-Tuning has per-sample gates and cannot be folded.
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from zootune.errors import ZootuneError
-from zootune.layers import AggregatedLayer
+from zootune.layers.wrapper import merge_and_unload as unload
 
 
 def merge_and_unload(zoo_tuning: nn.Module) -> nn.Module:
-    """A new plain model equal (in eval) to the Lite Zoo-Tuning model ``zoo_tuning``.
+    """A new plain model equal (in eval) to the Lite Zoo-Tuning model ``zoo_tuning``, through the one
+    unload path (:func:`zootune.layers.wrapper.merge_and_unload`: each aggregation layer's ``merge``).
 
     The Lite model is left unchanged. Raises :class:`ZootuneError` for full Zoo-Tuning and when a
     folded weight is not finite ("safe merge").
@@ -30,15 +29,7 @@ def merge_and_unload(zoo_tuning: nn.Module) -> nn.Module:
         raise ZootuneError(
             "full Zoo-Tuning gates every sample differently and cannot be folded into one plain "
             "model; train with lite=True (method 'lite') for a foldable model")
-    layers = [m for m in zoo_tuning.model.modules() if isinstance(m, AggregatedLayer)]
     try:
-        # deepcopy's memo substitutes each aggregation layer by its folded plain layer, so the m
-        # source banks are never copied.
-        memo = {id(layer): layer.to_plain() for layer in layers}
+        return unload(zoo_tuning.model)
     except FloatingPointError as err:
         raise ZootuneError(f"cannot fold the Lite model: {err} (training diverged?)") from None
-    plain = copy.deepcopy(zoo_tuning.model, memo)
-    for module in plain.modules():
-        if isinstance(module, AggregatedLayer):  # not reached: every layer was substituted
-            raise AssertionError("an aggregation layer survived folding")
-    return plain.train(zoo_tuning.training)
