@@ -3,6 +3,7 @@ resuming with a new learning rate after a NaN, and SIGTERM."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -153,3 +154,30 @@ def test_sigterm_keeps_the_checkpoint_says_one_line_and_exits_143(workspace, tmp
     from zootune.engine.checkpoint import load_checkpoint
 
     assert load_checkpoint(out / "train" / "checkpoint.pt")["epoch"] >= 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_two_processes_only_rank_0_writes_and_prints(workspace, tmp_path):
+    """`zootune fit` as torchrun starts it (env:// rendezvous, gloo on CPU): one model folder,
+    written by rank 0; rank 1 prints nothing and takes no lock."""
+    out = tmp_path / "run"
+    argv = fit_argv(workspace, out, "--epochs", "1", "--device", "cpu")
+    env_base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, "-m", "zootune", *argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (stdout, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stderr
+    assert "model written to" in outputs[0][0]
+    assert outputs[1][0].strip() == ""  # rank 1 prints nothing
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert not list(out.rglob(".*tmp*"))
