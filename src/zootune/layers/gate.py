@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GATE_ACTIVATIONS = ("sigmoid", "softmax")
+GATE_ACTIVATIONS = ("sigmoid", "softmax", "linear", "tanh")
 GATE_INITS = ("zero", "reference")
 
 
@@ -45,6 +45,23 @@ class Gate(nn.Module):
         nn.init.zeros_(self.expand.bias)
         if zero_init:
             nn.init.zeros_(self.expand.weight)
+        # A fixed offset of the logits (zero: the paper's gate). Kept out of the state_dict: the model
+        # that owns the gate sets it from its saved options (Zoo-Tuning's start member).
+        self.register_buffer("prior", torch.zeros(num_sources), persistent=False)
+        self.has_prior = False  # the paper's gate adds nothing (not even a zero: bit-identical outputs)
+
+    @torch.no_grad()
+    def set_prior(self, gates: torch.Tensor) -> None:
+        """Make act(prior) = ``gates`` (m,): with the output layer at zero every input then gets
+        ``gates``, and weight decay on the output layer pulls towards them rather than towards act(0)."""
+        if self.activation == "sigmoid":
+            prior = torch.logit(gates)
+        elif self.activation == "softmax":
+            prior = gates.log()
+        else:  # linear and tanh: the prior is added to the gate itself
+            prior = gates
+        self.prior.copy_(prior.to(self.prior.dtype))
+        self.has_prior = True
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """Global average over everything but the batch and channel dimensions -> (B, C)."""
@@ -54,4 +71,11 @@ class Gate(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.expand(torch.relu(self.reduce(self.pool(h))))
-        return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
+        if self.activation == "tanh":
+            return self.prior + torch.tanh(logits)
+        if self.has_prior:
+            logits = logits + self.prior
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1) if self.activation == "softmax" else logits
+

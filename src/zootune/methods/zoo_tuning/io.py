@@ -125,11 +125,18 @@ def load_pretrained(directory, zoo_or_builder: Sequence[nn.Module] | Callable[[]
     lr_scales = options.pop("lr_scales", {})
     options["bank_lr_scale"] = lr_scales if lr_scales else options.get("bank_lr_scale", "auto")
     target_types = tuple(getattr(nn, name) for name in options.pop("target_types"))
+    # The robust variant's choices were made on the original zoo: rebuild on the kept members with
+    # the start member as saved (indices among the kept members), never re-ranking or re-pruning.
+    kept = options.pop("kept_members", None)
+    num_zoo_members = options.pop("num_zoo_members", None)
+    options.pop("member_scores", None)
     if callable(zoo_or_builder) and not isinstance(zoo_or_builder, nn.Module):
         template = zoo_or_builder()
         members = [template] * num_sources  # weights are overwritten by the saved bank
     else:
         members = list(zoo_or_builder)
+        if kept is not None and len(members) == num_zoo_members and len(kept) != num_zoo_members:
+            members = [members[i] for i in kept]  # the full zoo it was built from: keep what it kept
         if len(members) != num_sources:
             raise ZooMismatchError(f"the saved model aggregates {num_sources} sources; the zoo has {len(members)}")
     model = ZooTuning(members, head=_make_head(config.get("head"), head), target_types=target_types, **options)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
@@ -49,7 +50,14 @@ ALIGN_CHOICES = ("kernel>1", "all", "none")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _HOMOGENEOUS_TYPES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AvgPool3d, nn.Identity, nn.Dropout)
+VARIANTS = ("paper", "robust")
+NORM_INITS = ("mean", "start")
 DEFAULT_GATE_LR_SCALE = 5.0  # chosen on the MiniZoo targets' validation splits (docs/dev-notes/zoo-tuning.md)
+# The robust variant's defaults (chosen by measurement: docs/dev-notes/zoo-tuning.md)
+ROBUST_GATE = "tanh"
+ROBUST_OFF_GATE = 0.05
+ROBUST_PRUNE_MARGIN = math.inf
+ROBUST_GATE_LR_SCALE = 0.2
 
 
 @dataclass
@@ -57,6 +65,13 @@ class ZooTuningConfig:
     """The options of a :class:`ZooTuning` model (saved as config.json by ``save_pretrained``)."""
 
     num_sources: int
+    variant: str = "paper"
+    member_scores: list[float] | None = None  # as given, one per zoo member (before pruning)
+    kept_members: list[int] | None = None  # zoo indices of the aggregated members (after pruning)
+    num_zoo_members: int | None = None
+    start_member: int | None = None  # index among the kept members; None: the uniform start
+    off_gate: float | None = None
+    norm_init: str = "mean"
     lite: bool = False
     align: str = "kernel>1"
     gate: str = "sigmoid"
@@ -66,6 +81,7 @@ class ZooTuningConfig:
     formulation: str = "auto"
     bank_lr_scale: str | float = "auto"
     gate_lr_scale: float = DEFAULT_GATE_LR_SCALE
+    align_weight_decay: float | None = None  # None: the optimizer's
     lr_scales: dict[str, float] = field(default_factory=dict)  # per aggregated layer, as measured
     target_types: list[str] = field(default_factory=lambda: ["Conv1d", "Conv2d"])
     include: list[str] | None = None
@@ -119,22 +135,116 @@ def _followed_by_norm(modules: list[tuple[str, nn.Module]], name: str, out_chann
 
 
 @torch.no_grad()
-def _bank_lr_scales(members, targets, bank_lr_scale) -> dict[str, float]:
-    """1/rho per targeted layer (see the module docstring) or the given multiplier(s)."""
+def _bank_lr_scales(members, targets, bank_lr_scale, gates: torch.Tensor | None = None) -> dict[str, float]:
+    """1/rho per targeted layer (see the module docstring) at the initial gates ``gates`` (m,)
+    (equal gates when None), or the given multiplier(s)."""
     if isinstance(bank_lr_scale, dict):
         return {name: float(bank_lr_scale.get(name, 1.0)) for name in targets}
     if bank_lr_scale != "auto":
         return {name: float(bank_lr_scale) for name in targets}
     scales = {}
     modules = list(members[0].named_modules())  # registration order
+    a = torch.ones(len(members), dtype=torch.float64) if gates is None else gates.detach().double()
     for name in targets:
         weights = [member.get_submodule(name).weight.detach() for member in members]
-        bank = torch.stack([w.flatten() for w in weights]).double()
+        bank = torch.stack([w.flatten() for w in weights]).double() * a[:, None]
         if _followed_by_norm(modules, name, weights[0].shape[0]):
             scales[name] = float(bank.sum(0).square().sum() / bank.square().sum().clamp_min(1e-30))
         else:
             scales[name] = 1.0
     return scales
+
+
+@dataclass(frozen=True)
+class _StartPlan:
+    """Where a Zoo-Tuning model starts: which members it keeps, on which one its gates start."""
+
+    num_zoo_members: int
+    kept: list[int]
+    start: int | None  # zoo index
+    off_gate: float | None
+    norm_init: str
+    gate: str
+    scores: list[float] | None
+
+
+def _start_plan(m, variant, member_scores, start_member, keep_members, prune_margin, off_gate, norm_init,
+                gate) -> _StartPlan:
+    """The variant's defaults, overridden by what is given explicitly; every check of the start options."""
+    scores = None
+    if member_scores is not None:
+        scores = [float(v) for v in member_scores]
+        if len(scores) != m:
+            raise ZootuneError(f"member_scores has {len(scores)} entries but the zoo has {m} members")
+        if not all(math.isfinite(v) for v in scores):
+            raise ZootuneError(f"member_scores must be finite numbers, got {scores}")
+    if start_member is not None and not (isinstance(start_member, int) and 0 <= start_member < m):
+        raise ZootuneError(f"start_member must be a member index in [0, {m}), got {start_member!r}")
+    robust = variant == "robust"
+    start = start_member
+    if start is None and robust and scores is not None:
+        start = max(range(m), key=lambda i: scores[i])  # first of equals: deterministic
+    if keep_members is not None:
+        kept = sorted({int(i) for i in keep_members})
+        if not kept or any(not 0 <= i < m for i in kept):
+            raise ZootuneError(f"keep_members must be member indices in [0, {m}), got {list(keep_members)}")
+    elif robust and scores is not None:
+        kept = prune_members(scores, start, prune_margin)
+    else:
+        kept = list(range(m))
+    if start is not None and start not in kept:
+        raise ZootuneError(f"start member {start} is not among the kept members {kept}")
+    if norm_init is None:
+        norm_init = "start" if (robust and start is not None) else "mean"
+    if norm_init not in NORM_INITS:
+        raise ZootuneError(f"norm_init must be one of {NORM_INITS}, got {norm_init!r}")
+    if norm_init == "start" and start is None:
+        raise ZootuneError("norm_init='start' needs a start member (start_member=... or member_scores=...)")
+    gate = gate or (ROBUST_GATE if robust else "sigmoid")
+    if start is not None:
+        if gate in ("linear", "tanh"):  # no saturation: the other members can start at exactly 0
+            off_gate = 0.0 if off_gate is None else float(off_gate)
+        else:
+            off_gate = ROBUST_OFF_GATE if off_gate is None else float(off_gate)
+        limit = 1.0 / len(kept) if gate == "softmax" else 0.5 if gate == "sigmoid" else 1.0
+        if not (0.0 < off_gate or gate in ("linear", "tanh")) or not 0.0 <= off_gate <= limit:
+            raise ZootuneError(f"off_gate must be in (0, {limit:g}] for {gate} gates over {len(kept)} members, "
+                               f"got {off_gate}")
+    elif off_gate is not None:
+        raise ZootuneError("off_gate needs a start member (start_member=... or member_scores=...)")
+    return _StartPlan(m, kept, start, off_gate, norm_init, gate, scores)
+
+
+def prune_members(scores: Sequence[float], start: int | None = None, margin: float | None = None) -> list[int]:
+    """Indices of the members kept for aggregation: every member whose score is at least
+    ``scores[start] - margin`` (``start``: the best-scored member by default; ``margin``:
+    :data:`ROBUST_PRUNE_MARGIN`). ``None`` margin from the caller means the default; ``inf`` keeps all."""
+    margin = ROBUST_PRUNE_MARGIN if margin is None else float(margin)
+    best = scores[start] if start is not None else max(scores)
+    return [i for i, v in enumerate(scores) if v >= best - margin or i == start]
+
+
+def _initial_gates(m: int, start: int | None, off_gate: float | None, gate: str) -> torch.Tensor | None:
+    """The gate values every input gets at step 0: ``off_gate`` for the members other than the start
+    member; the start member gets 1 - off_gate (sigmoid) or what the softmax leaves; None: act(0)."""
+    if start is None:
+        return None
+    gates = torch.full((m,), off_gate, dtype=torch.float64)
+    if gate == "sigmoid":
+        gates[start] = 1.0 - off_gate
+    elif gate == "softmax":
+        gates[start] = 1.0 - off_gate * (m - 1)
+    else:  # linear gates: the start member at exactly 1, the others at off_gate (0 by default)
+        gates[start] = 1.0
+    return gates
+
+
+@torch.no_grad()
+def _set_initial_gates(layer: AggregatedLayer, gates: torch.Tensor) -> None:
+    """The gate's fixed prior such that act(prior) = ``gates`` (its output layer starts at 0, so every
+    input gets these gates), and Lite's ā = ``gates`` (so the folded model at step 0 is the same)."""
+    layer.gate.set_prior(gates)
+    layer.gate_ema.copy_(gates.to(layer.gate_ema.dtype))
 
 
 class ZooTuning(nn.Module):
@@ -167,14 +277,23 @@ class ZooTuning(nn.Module):
                  num_outputs: int | None = None, head_name: str | None = None,
                  target_types: Sequence[type] = (nn.Conv1d, nn.Conv2d),
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 align: str = "kernel>1", gate: str = "sigmoid", gate_init: str = "zero", lite: bool = False,
+                 variant: str = "robust", member_scores: Sequence[float] | None = None,
+                 start_member: int | None = None, keep_members: Sequence[int] | None = None,
+                 prune_margin: float | None = None,
+                 off_gate: float | None = None, norm_init: str | None = None,
+                 align: str = "kernel>1", gate: str | None = None, gate_init: str = "zero", lite: bool = False,
                  keep_bn_stats: bool = False, lite_momentum: float = 0.9, formulation: str = "auto",
                  bank_lr_scale: str | float | dict[str, float] = "auto",
-                 gate_lr_scale: float = DEFAULT_GATE_LR_SCALE):
+                 gate_lr_scale: float | None = None, align_weight_decay: float | None = None):
         super().__init__()
         members = list(zoo)
         if not members:
             raise ZootuneError("Zoo-Tuning needs a zoo of at least one model; got an empty zoo")
+        if variant not in VARIANTS:
+            raise ZootuneError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        plan = _start_plan(len(members), variant, member_scores, start_member, keep_members, prune_margin,
+                           off_gate, norm_init, gate)
+        gate = plan.gate
         if align not in ALIGN_CHOICES:
             raise ZootuneError(f"align must be one of {ALIGN_CHOICES}, got {align!r}")
         if gate not in GATE_ACTIVATIONS:
@@ -187,11 +306,18 @@ class ZooTuning(nn.Module):
             raise ZootuneError(f"lite_momentum must be in [0, 1), got {lite_momentum}")
         if not (bank_lr_scale == "auto" or isinstance(bank_lr_scale, (int, float, dict))):
             raise ZootuneError(f"bank_lr_scale must be 'auto', a number or a dict, got {bank_lr_scale!r}")
+        if gate_lr_scale is None:
+            gate_lr_scale = ROBUST_GATE_LR_SCALE if (variant == "robust" and plan.start is not None) else DEFAULT_GATE_LR_SCALE
         if not gate_lr_scale > 0:
             raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
+        if align_weight_decay is not None and not align_weight_decay >= 0:
+            raise ZootuneError(f"align_weight_decay must be >= 0, got {align_weight_decay}")
         _check_same_architecture(members)
+        members = [members[i] for i in plan.kept]  # pruned members are never copied or aggregated
+        start = plan.kept.index(plan.start) if plan.start is not None else None
+        initial_gates = _initial_gates(len(members), start, plan.off_gate, gate)
         target_types = tuple(target_types)
-        model = copy.deepcopy(members[0])
+        model = copy.deepcopy(members[0] if start is None else members[start])
 
         new_head = head
         if new_head is None and num_outputs is not None:
@@ -212,8 +338,11 @@ class ZooTuning(nn.Module):
                 "no layer to aggregate: no module matches target_types="
                 f"{[t.__name__ for t in target_types]}, include={include}, exclude={exclude}")
 
-        lr_scales = _bank_lr_scales(members, targets, bank_lr_scale)
-        self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
+        lr_scales = _bank_lr_scales(members, targets, bank_lr_scale, initial_gates)
+        if plan.norm_init == "start":
+            self._copy_untargeted(model, members[start], targets, is_head)
+        else:
+            self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
         if new_head is not None:
             set_submodule(model, resolved_head, new_head)
         for name in targets:
@@ -222,16 +351,41 @@ class ZooTuning(nn.Module):
             aligned = align == "all" or (align == "kernel>1" and any(k > 1 for k in kernel))
             layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=gate_init, lite=lite,
                                     lite_momentum=lite_momentum, formulation=formulation)
+            if initial_gates is not None:
+                _set_initial_gates(layer, initial_gates)
             set_submodule(model, name, layer)
         self.model = model
         self.config = ZooTuningConfig(
-            num_sources=len(members), lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
+            num_sources=len(members), variant=variant, member_scores=plan.scores, kept_members=plan.kept,
+            num_zoo_members=plan.num_zoo_members, start_member=start, off_gate=plan.off_gate,
+            norm_init=plan.norm_init,
+            lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
             lite_momentum=lite_momentum, formulation=formulation,
             bank_lr_scale=bank_lr_scale if not isinstance(bank_lr_scale, dict) else "per-layer",
-            gate_lr_scale=float(gate_lr_scale), lr_scales=lr_scales,
+            gate_lr_scale=float(gate_lr_scale), lr_scales=lr_scales, align_weight_decay=align_weight_decay,
             target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
             head_name=resolved_head, aggregated_layers=targets,
         )
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy_untargeted(model, start_member, targets, is_head) -> None:
+        """Untargeted parameters and buffers (norm affine AND running statistics) := the start member's,
+        so that with the gates on that member the model computes its function at step 0."""
+        start_modules = dict(start_member.named_modules())
+
+        def inside(name: str, roots: list[str]) -> bool:
+            return any(name == root or name.startswith(root + ".") for root in roots)
+
+        for name, module in model.named_modules():
+            if inside(name, targets) or is_head(name):
+                continue
+            source = start_modules[name]
+            for pname, param in module.named_parameters(recurse=False):
+                param.copy_(getattr(source, pname).detach())
+            for bname, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    buffer.copy_(getattr(source, bname))
 
     @staticmethod
     @torch.no_grad()
@@ -304,12 +458,18 @@ class ZooTuning(nn.Module):
     def param_groups(self, base_lr: float) -> list[dict]:
         """Optimizer groups (the engine's hook): per aggregated layer its bank, bias bank and
         alignment at ``base_lr * lr_scales[layer]``; all gates at ``base_lr * gate_lr_scale``;
-        everything else (norms, head, untargeted layers) at ``base_lr``."""
+        everything else (norms, head, untargeted layers) at ``base_lr``. With ``align_weight_decay``
+        set, the alignments get that weight decay instead of the optimizer's."""
         groups, seen = [], set()
         gate_params = []
+        align_decay = self.config.align_weight_decay
         for name, layer in self.aggregated_layers().items():
-            params = [p for p in (layer.bank, layer.bias_bank, layer._align_weight()) if p is not None]
-            groups.append({"params": params, "lr": base_lr * self.config.lr_scales.get(name, 1.0)})
+            lr = base_lr * self.config.lr_scales.get(name, 1.0)
+            align = layer._align_weight()
+            params = [p for p in (layer.bank, layer.bias_bank, align if align_decay is None else None) if p is not None]
+            groups.append({"params": params, "lr": lr})
+            if align is not None and align_decay is not None:
+                groups.append({"params": [align], "lr": lr, "weight_decay": align_decay})
             gate_params += list(layer.gate.parameters())
             seen.update(id(p) for p in layer.parameters())
         groups.append({"params": gate_params, "lr": base_lr * self.config.gate_lr_scale})
