@@ -59,6 +59,7 @@ Choices (the paper's text leaves them open):
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -86,6 +87,12 @@ def _per_member(value, names: list[str], what: str) -> list:
     if len(value) != m:
         raise ZootuneError(f"{what} has {len(value)} entries but the hub has {m} models")
     return value
+
+
+VARIANTS = ("paper", "robust")
+EXPLORE_TARGETS = ("uniform", "prior")
+# The robust variant's logit bonus for the member ranked first (chosen by measurement: docs/robustness.md)
+ROBUST_ROUTE_PRIOR = 3.0
 
 
 class Hub(Sequence[nn.Module]):
@@ -273,6 +280,10 @@ class HubPathway(nn.Module):
         input_shape: Sequence[int] = (3, 32, 32),
         backbone_lr_mult: float = 1.0,
         copy_members: bool = True,
+        variant: str = "robust",
+        member_scores: Sequence[float] | None = None,
+        route_prior: float | None = None,
+        explore: str | None = None,
     ):
         super().__init__()
         hub = as_hub(hub)
@@ -281,6 +292,24 @@ class HubPathway(nn.Module):
             raise ZootuneError(f"k must be between 1 and the hub size {m}, got {k}")
         if exploit_weighting not in ("none", "gate"):
             raise ZootuneError(f"exploit_weighting must be 'none' or 'gate', got {exploit_weighting!r}")
+        if variant not in VARIANTS:
+            raise ZootuneError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        explore = explore or ("prior" if variant == "robust" else "uniform")
+        if explore not in EXPLORE_TARGETS:
+            raise ZootuneError(f"explore must be one of {EXPLORE_TARGETS}, got {explore!r}")
+        prior = torch.zeros(m)
+        if member_scores is not None:
+            scores = [float(v) for v in member_scores]
+            if len(scores) != m or not all(math.isfinite(v) for v in scores):
+                raise ZootuneError(f"member_scores must be {m} finite numbers (one per hub model), got {member_scores}")
+            if variant == "robust":
+                strength = ROBUST_ROUTE_PRIOR if route_prior is None else float(route_prior)
+                prior[max(range(m), key=lambda i: scores[i])] = strength  # first of equals: deterministic
+        elif route_prior is not None:
+            raise ZootuneError("route_prior needs member_scores (which member to prefer)")
+        self.variant = variant
+        self.explore = explore
+        self.member_scores = None if member_scores is None else [float(v) for v in member_scores]
         task = ClassificationTask(task_or_num_outputs) if isinstance(task_or_num_outputs, int) else task_or_num_outputs
         self.task = task
         self.k = k
@@ -296,6 +325,11 @@ class HubPathway(nn.Module):
         self.feature_dims = dims
         self.heads = nn.ModuleList(task.make_head(d) for d in dims)
         self.generator = PathwayGenerator(input_shape[0], m, generator_width, generator_input_size)
+        # The initial routing preference, added to the generator's logits (kept out of the generator,
+        # whose own initialisation is not ours to change, and out of weight decay): rebuilt from the
+        # options, so not saved in the state_dict.
+        self.register_buffer("route_prior", prior, persistent=False)
+        self.has_route_prior = bool(prior.any())
         self._last: dict | None = None
 
     def _probe_member(self, index: int, input_shape: tuple[int, ...]) -> int:
@@ -328,6 +362,8 @@ class HubPathway(nn.Module):
         """Pathway of each input: ``clean`` and ``noisy`` logits and ``noise_std`` (B, m), the
         selected models ``top_index`` (B, k) and their weights ``top_weight`` (B, k)."""
         clean, noise_std = self.generator(x)
+        if self.has_route_prior:
+            clean = clean + self.route_prior
         noisy = clean + torch.randn_like(clean) * noise_std if (self.training and self.noisy) else clean
         top_logits, top_index = noisy.topk(self.k, dim=1)
         return {
@@ -370,7 +406,15 @@ class HubPathway(nn.Module):
         return importance, load
 
     def exploration_loss(self) -> torch.Tensor:
-        return balance_loss(*self.importance_and_load())
+        """CV²(Importance) + CV²(Load); with ``explore="prior"`` both are first divided by the share
+        q_i = softmax(route_prior)_i the prior gives each model, so the loss is 0 when the routing
+        follows the prior's proportions rather than when every model is used equally (uniform
+        exploration would push harmful members into use against a prior that ranked them low)."""
+        importance, load = self.importance_and_load()
+        if self.explore == "prior" and self.has_route_prior:
+            share = self.route_prior.softmax(0).to(importance.dtype)
+            importance, load = importance / share, load / share
+        return balance_loss(importance, load)
 
     def exploitation_loss(self, targets: torch.Tensor) -> torch.Tensor:
         """Task loss of each routed model's own head on the samples routed to it."""
