@@ -94,6 +94,13 @@ DIAGNOSTIC_VARIANTS = {
     "robust, gate lr x5": ("zoo-tuning", {"variant": "robust", "start": True, "gate_lr_scale": 5.0}),
     "robust, linear gates": ("zoo-tuning", {"variant": "robust", "start": True, "gate": "linear"}),
     "robust, mean norms": ("zoo-tuning", {"variant": "robust", "start": True, "norm_init": "mean"}),
+    "robust lite": ("lite", {"variant": "robust", "start": True}),
+    "hub: paper": ("hub-pathway", {"variant": "paper"}),
+    "hub: robust": ("hub-pathway", {"variant": "robust", "scores": True}),
+    "hub: robust, uniform exploration": ("hub-pathway", {"variant": "robust", "scores": True, "explore": "uniform"}),
+    "hub: robust, no exploration": ("hub-pathway", {"variant": "robust", "scores": True, "explore_weight": 0.0}),
+    "hub: robust, prior 1.5": ("hub-pathway", {"variant": "robust", "scores": True, "route_prior": 1.5}),
+    "hub: robust, prior 6": ("hub-pathway", {"variant": "robust", "scores": True, "route_prior": 6.0}),
 }
 
 
@@ -245,6 +252,10 @@ def summarise(args, runs, zoos, hub, started, command):
                 singles = [runs.get("minizoo+junk", target, seed, f"finetune [{n}]") for n in names]
                 for name, row in zip(names, singles):
                     table.setdefault(f"finetune [{name}]", {}).setdefault(target, []).append(row["test"])
+                if "random-init" not in names:  # the junk random-init member fine-tuned: from scratch
+                    scratch = runs.get("minizoo+junk", target, seed, "finetune [random-init]")
+                    table.setdefault("from scratch (= finetune [random-init])", {}).setdefault(target, []).append(
+                        scratch["test"])
                 best = max(range(len(names)), key=lambda i: singles[i]["val"])
                 table.setdefault(BEST, {}).setdefault(target, []).append(singles[best]["test"])
                 for how in picks:
@@ -289,22 +300,41 @@ def summarise(args, runs, zoos, hub, started, command):
 
 
 def diagnose(args, zoo, train, scores, out, started, command):
-    variants = args.diagnose or list(DIAGNOSTIC_VARIANTS)
+    variants = args.diagnose or [v for v in DIAGNOSTIC_VARIANTS if not v.startswith("hub")]
+    unknown = [v for v in variants if v not in DIAGNOSTIC_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown diagnostic variants {unknown}; known: {list(DIAGNOSTIC_VARIANTS)}")
     targets = args.targets or ["letters", "polygons"]
+    sources = {"minizoo": zoo}
+    if any(DIAGNOSTIC_VARIANTS[v][0] == "hub-pathway" for v in variants):
+        from zootune.minizoo.hub import load_hub
+
+        sources["hub"] = load_hub(cache_dir=args.cache_dir)
     results: dict[str, dict[str, list[float]]] = {}
     for target in targets:
         for seed in args.seeds:
-            for i, name in enumerate(zoo.names):
-                row = train("minizoo", zoo, target, seed, f"finetune [{name}]", "finetune", member=i)
-                results.setdefault(f"finetune [{name}]", {}).setdefault(target, []).append((row["val"], row["test"]))
-            member_scores = scores("minizoo", zoo, target, seed, args.score)
-            start = max(range(len(member_scores)), key=lambda i: member_scores[i])
+            for key, source in sources.items():
+                prefix = "" if key == "minizoo" else "hub: "
+                for i, name in enumerate(source.names):
+                    # the MiniZoo members' fine-tunes are shared with the main benchmark (same trainings)
+                    row = train("minizoo+junk" if key == "minizoo" else key, source, target, seed,
+                                f"finetune [{name}]", "finetune", member=i)
+                    results.setdefault(f"{prefix}finetune [{name}]", {}).setdefault(target, []).append(
+                        (row["val"], row["test"]))
+                singles = [(row_val, row_test) for row_val, row_test in
+                           (results[f"{prefix}finetune [{n}]"][target][-1] for n in source.names)]
+                best = max(range(len(singles)), key=lambda i: singles[i][0])  # first of equals
+                results.setdefault(f"{prefix}{BEST}", {}).setdefault(target, []).append(singles[best])
+            member_scores = {key: scores(key, source, target, seed, args.score) for key, source in sources.items()}
             for label in variants:
                 method, options = DIAGNOSTIC_VARIANTS[label]
+                key = "hub" if method == "hub-pathway" else "minizoo"
                 options = dict(options)
                 if options.pop("start", False):
-                    options["start_member"] = start
-                row = train("minizoo", zoo, target, seed, f"diagnose: {label}", method, options=options)
+                    options["start_member"] = max(range(len(zoo)), key=lambda i: member_scores[key][i])
+                if options.pop("scores", False):
+                    options["member_scores"] = member_scores[key]
+                row = train(key, sources[key], target, seed, f"diagnose: {label}", method, options=options)
                 results.setdefault(label, {}).setdefault(target, []).append((row["val"], row["test"]))
     lines = ["| variant | " + " | ".join(f"{t} val / test" for t in targets) + " |",
              "|---|" + "---:|" * len(targets)]

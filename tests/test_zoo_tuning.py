@@ -332,9 +332,11 @@ def test_start_member_scores_pruning_and_their_errors():
     assert explicit.config.kept_members == [1, 3] and explicit.config.start_member == 1
     unranked = ZooTuning(zoo, num_outputs=3)  # robust without a ranking: the paper's uniform start
     assert unranked.config.start_member is None and unranked.config.norm_init == "mean"
+    assert unranked.config.gate == "sigmoid" and unranked.config.kept_members == [0, 1, 2, 3]
     for bad in ({"member_scores": [1.0, 2.0]}, {"member_scores": [1.0, float("nan"), 0.0, 0.0]},
                 {"start_member": 4}, {"keep_members": [0, 9]}, {"start_member": 0, "keep_members": [1, 2]},
-                {"variant": "fancy"}, {"norm_init": "start"}, {"start_member": 0, "gate": "sigmoid", "off_gate": 0.7}):
+                {"variant": "fancy"}, {"norm_init": "start"}, {"start_member": 0, "gate": "sigmoid", "off_gate": 0.7},
+                {"gate": "tanh"}):
         with pytest.raises(ZootuneError):
             ZooTuning(zoo, num_outputs=3, **bad)
 
@@ -434,3 +436,18 @@ def test_saved_robust_model_reloads_on_the_full_zoo_or_the_kept_members(tmp_path
             assert torch.equal(loaded(x), expected)
     with pytest.raises(ZooMismatchError):
         ZooTuning.load_pretrained(tmp_path, zoo[:3])
+
+
+def test_robust_random_draws_do_not_depend_on_the_number_of_members():
+    # Adding a member to the zoo must change a robust model only through that member: every gate's
+    # random first layer is the same with and without it, and so is the random stream afterwards.
+    zoo = tiny_zoo(3)
+    states = []
+    for members, scores in ((zoo[:2], [0.0, 1.0]), (zoo, [0.0, 1.0, 0.5])):
+        torch.manual_seed(5)
+        model = ZooTuning(members, num_outputs=3, member_scores=scores)
+        states.append(({n: layer.gate.reduce.weight for n, layer in model.aggregated_layers().items()},
+                       torch.rand(3)))
+    (gates_2, after_2), (gates_3, after_3) = states
+    assert all(torch.equal(gates_2[n], gates_3[n]) for n in gates_2)
+    assert torch.equal(after_2, after_3)

@@ -27,6 +27,25 @@ fine-tuning one of them. With ``bank_lr_scale="auto"`` the bank and the alignmen
 get the learning rate base_lr / rho, measured once at construction; m identical sources then train
 exactly like one fine-tuned source (tested). Layers not followed by a normalisation layer keep
 base_lr. The gates are new, randomly initialised parameters and get ``gate_lr_scale`` x base_lr.
+
+Variants. ``variant="paper"`` is the method above (with the two training choices of ours measured
+earlier: the gate's output layer at zero, the per-layer bank learning rate); its outputs equal those
+of the release before the robust variant (tested). ``variant="robust"`` (the default) differs only
+when it is given a ranking of the members (``member_scores``, higher = better, e.g. from
+:func:`zootune.methods.zoo_tuning.start.score_members`; or ``start_member``):
+
+    s = argmax_i score_i                                        the start member
+    kept = {i : score_i >= score_s - prune_margin}              (prune_margin = inf: every member)
+    a_i(h) = [i = s] + tanh(V relu(U pool(h)) + c)_i,   V = 0, c = 0 at the start
+
+and every untargeted parameter and buffer -- norm affine AND running statistics -- is member s's.
+So step 0 computes exactly member s with the new head (train and eval mode; Lite folded too); the
+other members enter with weights of either sign, bounded by the tanh, only as far as the gradient
+finds them useful; the gates train at ``ROBUST_GATE_LR_SCALE`` x base_lr. Why (measured in
+docs/dev-notes/zoo-tuning.md): from the paper's start -- every member at gate 1/2, the mean of the
+members' norm affine -- a zoo with one good member and several harmful ones starts as (and stays
+near) the harmful majority: the gates hardly move in a few hundred steps, whatever their learning
+rate or activation. Without a ranking the robust variant starts like the paper's.
 """
 
 from __future__ import annotations
@@ -200,7 +219,10 @@ def _start_plan(m, variant, member_scores, start_member, keep_members, prune_mar
         raise ZootuneError(f"norm_init must be one of {NORM_INITS}, got {norm_init!r}")
     if norm_init == "start" and start is None:
         raise ZootuneError("norm_init='start' needs a start member (start_member=... or member_scores=...)")
-    gate = gate or (ROBUST_GATE if robust else "sigmoid")
+    gate = gate or (ROBUST_GATE if (robust and start is not None) else "sigmoid")
+    if gate in ("tanh", "linear") and start is None:
+        raise ZootuneError(f"{gate} gates start at 0 for every member and need a start member "
+                           "(start_member=... or member_scores=...)")
     if start is not None:
         if gate in ("linear", "tanh"):  # no saturation: the other members can start at exactly 0
             off_gate = 0.0 if off_gate is None else float(off_gate)
@@ -259,7 +281,9 @@ class ZooTuning(nn.Module):
         target_types: layer types to aggregate (Conv1d/2d/3d, Linear).
         include / exclude: glob patterns on dotted layer names (``"layer4.*"``) restricting targets.
         align: channel alignment on ``"kernel>1"`` layers (the reference), ``"all"`` or ``"none"``.
-        gate: ``"sigmoid"`` (paper) or ``"softmax"``.
+        gate: ``"sigmoid"`` (paper), ``"softmax"``, ``"tanh"`` (robust: prior + tanh offsets) or
+            ``"linear"`` (prior + unbounded offsets; unstable at the usual gate rates); None: the
+            variant's.
         gate_init: ``"zero"`` (every gate starts at act(0) for every input; ours, see
             :mod:`zootune.layers.gate` for why) or ``"reference"`` (kaiming, as the reference code).
         lite: Lite Zoo-Tuning (batch-shared gate, temporal ensemble, foldable).
@@ -268,9 +292,21 @@ class ZooTuning(nn.Module):
         formulation: ``"auto"`` (measured fastest per layer shape) or one of
             :data:`zootune.layers.FORMULATIONS` for every layer (where it applies).
         bank_lr_scale: learning-rate multiplier of each layer's source kernels and alignment:
-            ``"auto"`` (1/rho above, for layers followed by a normalisation layer; 1 elsewhere), a
-            number for every layer, or a dict {layer name: multiplier}.
-        gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`).
+            ``"auto"`` (1/rho above at the initial gates, for layers followed by a normalisation
+            layer; 1 elsewhere), a number for every layer, or a dict {layer name: multiplier}.
+        gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`); None:
+            the variant's (paper 5, robust with a start member 0.2).
+        variant: ``"robust"`` (default) or ``"paper"``; see the module docstring.
+        member_scores: one score per zoo member, higher = better; the robust variant starts on the
+            best one and drops those more than ``prune_margin`` below it.
+        start_member: the member to start on (overrides the scores' choice); any variant.
+        keep_members: zoo indices to aggregate (overrides pruning).
+        prune_margin: see the module docstring (default ``ROBUST_PRUNE_MARGIN``).
+        off_gate: the other members' initial gate when there is a start member (tanh/linear gates:
+            0; sigmoid: the start member gets 1 - off_gate; softmax: what the others leave).
+        norm_init: ``"start"`` (the start member's norm layers and other untargeted parameters) or
+            ``"mean"`` (the paper's); default: ``"start"`` for the robust variant with a start member.
+        align_weight_decay: weight decay of the alignments T_i (None: the optimizer's).
     """
 
     def __init__(self, zoo: Sequence[nn.Module], head: nn.Module | None = None, *,
@@ -345,12 +381,24 @@ class ZooTuning(nn.Module):
             self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
         if new_head is not None:
             set_submodule(model, resolved_head, new_head)
-        for name in targets:
+        # With a start member, each layer's gate is drawn from its own seed (one draw from the global
+        # stream for all): the random initialisation then does not depend on how many members there
+        # are, so adding a member changes the model only through that member (what a zoo with junk
+        # members added measures). The paper's start keeps the global stream as it always was.
+        gate_seed = int(torch.randint(0, 2**31 - 1 - len(targets), ())) if initial_gates is not None else None
+        for index, name in enumerate(targets):
             sources = [member.get_submodule(name) for member in members]
             kernel = sources[0].weight.shape[2:]
             aligned = align == "all" or (align == "kernel>1" and any(k > 1 for k in kernel))
-            layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=gate_init, lite=lite,
-                                    lite_momentum=lite_momentum, formulation=formulation)
+            with contextlib.ExitStack() as stack:
+                if gate_seed is not None:
+                    stack.enter_context(torch.random.fork_rng(devices=[]))
+                    torch.manual_seed(gate_seed + index)
+                layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=gate_init, lite=lite,
+                                        lite_momentum=lite_momentum, formulation=formulation)
+                if gate_seed is not None:  # U again, first: nn.Linear's own init of V drew m-dependent numbers
+                    torch.manual_seed(gate_seed + index)
+                    layer.gate.reset_parameters()
             if initial_gates is not None:
                 _set_initial_gates(layer, initial_gates)
             set_submodule(model, name, layer)
