@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -101,6 +102,8 @@ DIAGNOSTIC_VARIANTS = {
     "hub: robust, no exploration": ("hub-pathway", {"variant": "robust", "scores": True, "explore_weight": 0.0}),
     "hub: robust, prior 1.5": ("hub-pathway", {"variant": "robust", "scores": True, "route_prior": 1.5}),
     "hub: robust, prior 6": ("hub-pathway", {"variant": "robust", "scores": True, "route_prior": 6.0}),
+    "hub: robust, prior on the best only": ("hub-pathway", {"variant": "robust", "scores": True, "route_prior_top": 1}),
+    "hub: robust, prior on the 3 best": ("hub-pathway", {"variant": "robust", "scores": True, "route_prior_top": 3}),
 }
 
 
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = Runs(out / "runs.jsonl")
     started = time.perf_counter()
-    command = "python benchmarks/robustness.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/robustness.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     minizoo = load_minizoo(cache_dir=args.cache_dir)
     junk = load_junk_members(cache_dir=args.cache_dir)
@@ -181,6 +184,11 @@ def main(argv=None) -> int:
         if hasattr(result.built, "config") and hasattr(result.built.config, "kept_members"):
             row["kept_members"] = result.built.config.kept_members
             row["start_member"] = result.built.config.start_member
+            # mean gate per member over the aggregated layers and the validation images (after training)
+            with result.built.record_gates():
+                evaluate(result.built, task, splits.val, batch_size=256)
+            gates = torch.stack(list(result.built.gate_statistics().values()))
+            row["mean_gates"] = [round(float(v), 4) for v in gates.mean(0)]
         print(f"{zoo_key} {target} seed {seed} {label}: val {row['val']:.2f} test {row['test']:.2f} "
               f"({row['seconds']:.1f} s)", flush=True)
         return runs.add(row)
@@ -293,9 +301,13 @@ def summarise(args, runs, zoos, hub, started, command):
                      f"LogME {agreement['logme']} (targets x seeds).\n")
         summary["settings"][setting] = {"rows": rows_out, "score_agreement": agreement}
     seconds = time.perf_counter() - started
-    lines.append(f"command: `{command}`; {seconds:.0f} s wall for this invocation (trainings already in "
-                 f"runs.jsonl are not redone: see the per-training seconds there)")
+    used = [row for row in runs.done.values() if not row["label"].startswith("diagnose:")]
+    trained = sum(row["seconds"] for row in used)
+    lines.append(f"command: `{command}`; {seconds:.0f} s wall for this invocation; the {len(used)} trainings "
+                 f"and rankings behind the tables took {trained:.0f} s in all (sum of their own timings in "
+                 f"runs.jsonl, which a resumed run does not redo)")
     summary["seconds"] = round(seconds, 1)
+    summary["training_seconds"] = round(trained, 1)
     return "\n".join(lines) + "\n", summary
 
 
@@ -335,15 +347,25 @@ def diagnose(args, zoo, train, scores, out, started, command):
                 if options.pop("scores", False):
                     options["member_scores"] = member_scores[key]
                 row = train(key, sources[key], target, seed, f"diagnose: {label}", method, options=options)
-                results.setdefault(label, {}).setdefault(target, []).append((row["val"], row["test"]))
-    lines = ["| variant | " + " | ".join(f"{t} val / test" for t in targets) + " |",
+                entry = (row["val"], row["test"])
+                if "mean_gates" in row and len(row["mean_gates"]) == len(zoo):
+                    # the gate of the member fine-tuning validates best, and the others' mean gate
+                    best = max(range(len(zoo)), key=lambda i: results[f"finetune [{zoo.names[i]}]"][target][-1][0])
+                    others = [g for i, g in enumerate(row["mean_gates"]) if i != best]
+                    entry += (row["mean_gates"][best], statistics.fmean(others))
+                results.setdefault(label, {}).setdefault(target, []).append(entry)
+    lines = ["| variant | " + " | ".join(f"{t} val / test (gates: best / others)" for t in targets) + " |",
              "|---|" + "---:|" * len(targets)]
     for label, per_target in results.items():
         cells = []
         for t in targets:
-            val = statistics.fmean(v for v, _ in per_target[t])
-            test = statistics.fmean(x for _, x in per_target[t])
-            cells.append(f"{val:.1f} / {test:.1f}")
+            val = statistics.fmean(e[0] for e in per_target[t])
+            test = statistics.fmean(e[1] for e in per_target[t])
+            cell = f"{val:.1f} / {test:.1f}"
+            if all(len(e) == 4 for e in per_target[t]):
+                cell += f" ({statistics.fmean(e[2] for e in per_target[t]):.2f} / "
+                cell += f"{statistics.fmean(e[3] for e in per_target[t]):.2f})"
+            cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     seconds = time.perf_counter() - started
     lines.append(f"\ncommand: `{command}`; seeds {args.seeds} (mean over them); {seconds:.0f} s wall")
