@@ -49,7 +49,7 @@ from zootune.engine import evaluate
 from zootune.experiment import RunConfig, _train_config, fit_method
 from zootune.layers import autotune
 from zootune.methods.registry import get_method
-from zootune.methods.zoo_tuning.start import score_members
+from zootune.methods.zoo_tuning.start import combine, score_members
 from zootune.minizoo import load_minizoo
 from zootune.minizoo.junk import load_junk_members
 from zootune.tasks import ClassificationTask
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--targets", nargs="+", default=None, help="restrict the settings' targets")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--score", default="probe", choices=("probe", "logme"),
+    parser.add_argument("--score", default="probe+logme", choices=("probe+logme", "probe", "logme"),
                         help="the member ranking the robust variants start from")
     parser.add_argument("--no-hub", action="store_true", help="skip Hub-Pathway (setting a)")
     parser.add_argument("--rows", nargs="+", default=None, help="restrict the zoo method rows")
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
         return runs.add(row)
 
     def scores(zoo_key, zoo, target, seed, how):
+        if how == "probe+logme":  # derived from the two stored rankings: no extra training
+            return combine(scores(zoo_key, zoo, target, seed, "probe"), scores(zoo_key, zoo, target, seed, "logme"))
         label = f"scores:{how}"
         row = runs.get(zoo_key, target, seed, label)
         if row is None:
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
                     for i, name in enumerate(zoos["minizoo+junk"].names):  # junk fine-tunes: "from scratch"
                         train("minizoo+junk", zoos["minizoo+junk"], target, seed, f"finetune [{name}]", "finetune",
                               member=i)
-                    member_scores = {how: scores(zoo_key, zoo, target, seed, how) for how in ("logme", "probe")}
+                    member_scores = {how: scores(zoo_key, zoo, target, seed, how) for how in ("logme", "probe", "probe+logme")}
                     for label, (method, options) in ZOO_ROWS.items():
                         if args.rows is not None and label not in args.rows:
                             continue
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
                     if hub is not None and setting == "a":
                         for i, name in enumerate(hub.names):
                             train("hub", hub, target, seed, f"finetune [{name}]", "finetune", member=i)
-                        hub_scores = {how: scores("hub", hub, target, seed, how) for how in ("logme", "probe")}
+                        hub_scores = {how: scores("hub", hub, target, seed, how) for how in ("logme", "probe", "probe+logme")}
                         for label, options in HUB_ROWS.items():
                             options = dict(options)
                             if options["variant"] == "robust":
@@ -254,7 +256,14 @@ def summarise(args, runs, zoos, hub, started, command):
         names = list(zoos[zoo_key].names)
         targets = [t for t in SETTINGS[setting]["targets"] if args.targets is None or t in args.targets]
         table: dict[str, dict[str, list[float]]] = {}
-        picks = {"probe": [0, 0], "logme": [0, 0]}
+        picks = {"probe": [0, 0], "logme": [0, 0], "probe+logme": [0, 0]}
+        hub_picks = {how: [0, 0] for how in picks}
+
+        def stored(zoo_key, target, seed, how):
+            if how == "probe+logme":
+                return combine(stored(zoo_key, target, seed, "probe"), stored(zoo_key, target, seed, "logme"))
+            return runs.get(zoo_key, target, seed, f"scores:{how}")["scores"]
+
         for target in targets:
             for seed in args.seeds:
                 singles = [runs.get("minizoo+junk", target, seed, f"finetune [{n}]") for n in names]
@@ -267,7 +276,7 @@ def summarise(args, runs, zoos, hub, started, command):
                 best = max(range(len(names)), key=lambda i: singles[i]["val"])
                 table.setdefault(BEST, {}).setdefault(target, []).append(singles[best]["test"])
                 for how in picks:
-                    values = runs.get(zoo_key, target, seed, f"scores:{how}")["scores"]
+                    values = stored(zoo_key, target, seed, how)
                     picks[how][0] += int(max(range(len(values)), key=lambda i: values[i]) == best)
                     picks[how][1] += 1
                 for label in ZOO_ROWS:
@@ -277,6 +286,10 @@ def summarise(args, runs, zoos, hub, started, command):
                 if hub is not None and setting == "a":
                     hub_singles = [runs.get("hub", target, seed, f"finetune [{n}]") for n in hub.names]
                     hub_best = max(range(len(hub.names)), key=lambda i: hub_singles[i]["val"])
+                    for how in hub_picks:
+                        values = stored("hub", target, seed, how)
+                        hub_picks[how][0] += int(max(range(len(values)), key=lambda i: values[i]) == hub_best)
+                        hub_picks[how][1] += 1
                     table.setdefault(f"hub: {BEST}", {}).setdefault(target, []).append(hub_singles[hub_best]["test"])
                     for label in HUB_ROWS:
                         row = runs.get("hub", target, seed, label)
@@ -297,8 +310,11 @@ def summarise(args, runs, zoos, hub, started, command):
             lines.append(f"| {bold}{label}{bold} | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in cells)
                          + f" | {overall[0]:.2f} ± {overall[1]:.2f} |")
         agreement = {how: f"{hit}/{total}" for how, (hit, total) in picks.items()}
-        lines.append(f"\nTop-ranked member = best-on-val member: probe {agreement['probe']}, "
-                     f"LogME {agreement['logme']} (targets x seeds).\n")
+        line = ("\nTop-ranked member = best-on-val member (targets x seeds): "
+                + ", ".join(f"{how} {value}" for how, value in agreement.items()))
+        if hub_picks["probe"][1]:
+            line += "; on the hub: " + ", ".join(f"{how} {hit}/{total}" for how, (hit, total) in hub_picks.items())
+        lines.append(line + ".\n")
         summary["settings"][setting] = {"rows": rows_out, "score_agreement": agreement}
     seconds = time.perf_counter() - started
     used = [row for row in runs.done.values() if not row["label"].startswith("diagnose:")]

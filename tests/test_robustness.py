@@ -54,7 +54,7 @@ def test_probe_scores_are_the_short_fine_tunes_best_validation_metric():
     train, val = _tiny_data(24, 0), _tiny_data(12, 1)
     task = ClassificationTask(3)
     config = TrainConfig(epochs=5, batch_size=8, lr=0.05, seed=3, progress=False)
-    scores = score_members(zoo, task, train, val, train_config=config, probe_epochs=1)
+    scores = score_members(zoo, task, train, val, method="probe", train_config=config, probe_epochs=1)
     expected = []
     for member in zoo:  # the definition, written out: 1 epoch of fine-tuning, best validation accuracy
         torch.manual_seed(3)
@@ -67,6 +67,26 @@ def test_probe_scores_are_the_short_fine_tunes_best_validation_metric():
         score_members(zoo, task, train, None)
     with pytest.raises(ZootuneError):
         score_members(zoo, task, train, val, method="oracle")
+
+
+def test_default_ranking_averages_the_normalised_probe_and_logme():
+    from zootune.engine import TrainConfig
+    from zootune.methods.zoo_tuning.start import combine, score_members
+
+    torch.manual_seed(0)
+    zoo = [resnet_small(num_classes=7, depth=10, width=4).eval() for _ in range(3)]
+    train, val, task = _tiny_data(24, 0), _tiny_data(12, 1), ClassificationTask(3)
+    config = TrainConfig(epochs=5, batch_size=8, lr=0.05, seed=3, progress=False)
+    probe = score_members(zoo, task, train, val, method="probe", train_config=config)
+    logme = score_members(zoo, task, train, val, method="logme")
+    assert score_members(zoo, task, train, val, train_config=config) == pytest.approx(combine(probe, logme))
+    # written out: min-max per list, then the mean; a constant list counts 0
+    assert combine([30.0, 35.0, 40.0], [-0.5, -0.3, -0.4]) == pytest.approx([0.0, 0.75, 0.75])
+    assert combine([1.0, 1.0], [2.0, 0.0]) == pytest.approx([0.5, 0.0])
+    # a clear probe lead survives LogME preferring a member that does not train (member 0 here);
+    # a probe near-tie is broken by LogME
+    assert max(range(4), key=combine([20.0, 60.0, 25.0, 22.0], [0.3, 0.2, 0.1, 0.15]).__getitem__) == 1
+    assert max(range(3), key=combine([33.0, 32.7, 26.0], [-0.58, -0.54, -0.59]).__getitem__) == 1
 
 
 def test_logme_scores_are_in_zoo_order():

@@ -248,7 +248,8 @@ def prune_members(scores: Sequence[float], start: int | None = None, margin: flo
 
 def _initial_gates(m: int, start: int | None, off_gate: float | None, gate: str) -> torch.Tensor | None:
     """The gate values every input gets at step 0: ``off_gate`` for the members other than the start
-    member; the start member gets 1 - off_gate (sigmoid) or what the softmax leaves; None: act(0)."""
+    member; the start member gets 1 - off_gate (sigmoid), what the softmax leaves, or 1 (tanh and
+    linear offsets); None (no start member): act(0), the paper's uniform start."""
     if start is None:
         return None
     gates = torch.full((m,), off_gate, dtype=torch.float64)
@@ -256,7 +257,7 @@ def _initial_gates(m: int, start: int | None, off_gate: float | None, gate: str)
         gates[start] = 1.0 - off_gate
     elif gate == "softmax":
         gates[start] = 1.0 - off_gate * (m - 1)
-    else:  # linear gates: the start member at exactly 1, the others at off_gate (0 by default)
+    else:  # tanh / linear offsets: the start member at exactly 1, the others at off_gate (0 by default)
         gates[start] = 1.0
     return gates
 
@@ -287,7 +288,8 @@ class ZooTuning(nn.Module):
         gate_init: ``"zero"`` (every gate starts at act(0) for every input; ours, see
             :mod:`zootune.layers.gate` for why) or ``"reference"`` (kaiming, as the reference code).
         lite: Lite Zoo-Tuning (batch-shared gate, temporal ensemble, foldable).
-        keep_bn_stats: keep the mean of the sources' running statistics instead of resetting them.
+        keep_bn_stats: keep the mean of the sources' running statistics instead of resetting them
+            (``norm_init="mean"`` only; ``"start"`` keeps the start member's).
         lite_momentum: α of Lite's temporal ensemble ā <- α ā + (1 - α) ā_batch.
         formulation: ``"auto"`` (measured fastest per layer shape) or one of
             :data:`zootune.layers.FORMULATIONS` for every layer (where it applies).

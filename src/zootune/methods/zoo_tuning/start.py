@@ -13,6 +13,15 @@ others are mixed in only as far as training finds them useful. This module compu
     epochs of one model.
 ``"logme"`` -- LogME of each member's frozen pooled features on the training images (You et al.,
     ICML 2021; :mod:`zootune.methods.logme`): one forward pass per member, no training.
+``"probe+logme"`` -- both, each min-max normalised over the members, averaged (:func:`combine`):
+
+        score_i = ( (p_i - min p) / (max p - min p) + (l_i - min l) / (max l - min l) ) / 2
+
+    The probe sees optimisation (a member with good features that does not train at these
+    settings) but after 2 epochs it is noisy where a member's advantage shows late; LogME is
+    deterministic but blind to optimisation. On polygons seed 5 the probe ranked the counting member
+    0.3 points above the segmentation member (which fine-tunes 20 points better) and LogME had them
+    the right way round; the average keeps a clear probe ranking and breaks its near-ties by LogME.
 
 Which one picks the best member more reliably, and at what cost, is measured in docs/robustness.md.
 """
@@ -27,7 +36,7 @@ from torch import nn
 
 from zootune.errors import ZootuneError
 
-SCORE_METHODS = ("probe", "logme")
+SCORE_METHODS = ("probe+logme", "probe", "logme")
 DEFAULT_PROBE_EPOCHS = 2
 
 
@@ -37,7 +46,7 @@ def score_members(
     train_dataset,
     val_dataset=None,
     *,
-    method: str = "probe",
+    method: str = "probe+logme",
     train_config=None,
     probe_epochs: int = DEFAULT_PROBE_EPOCHS,
     batch_size: int = 256,
@@ -46,11 +55,15 @@ def score_members(
 
     ``train_config``: a :class:`zootune.engine.TrainConfig` whose optimiser settings and seed the
     probe uses (default: ``zootune run``'s: SGD lr 0.1, batch 64, cosine); its ``epochs`` is replaced
-    by ``probe_epochs``. ``val_dataset`` is required by the probe.
+    by ``probe_epochs``. ``val_dataset`` is required by the probe (and so by the default).
     """
     members = list(zoo)
     if not members:
         raise ZootuneError("cannot score an empty zoo")
+    if method == "probe+logme":
+        kwargs = dict(train_config=train_config, probe_epochs=probe_epochs, batch_size=batch_size)
+        return combine(score_members(members, task, train_dataset, val_dataset, method="probe", **kwargs),
+                       score_members(members, task, train_dataset, val_dataset, method="logme", **kwargs))
     if method == "logme":
         from zootune.methods.logme import rank_zoo
 
@@ -80,6 +93,19 @@ def score_members(
         result = Trainer(FineTune(model, head_name), task, train_dataset, val_dataset, config=config).fit()
         scores.append(sign * float(result.best_val_metric))
     return scores
+
+
+def combine(*score_lists: Sequence[float]) -> list[float]:
+    """The mean over ``score_lists`` of each list min-max normalised over the members (a constant
+    list counts 0 for everyone)."""
+    if not score_lists or len({len(scores) for scores in score_lists}) != 1:
+        raise ZootuneError("combine needs score lists of one length")
+    total = [0.0] * len(score_lists[0])
+    for scores in score_lists:
+        low, high = min(scores), max(scores)
+        for i, value in enumerate(scores):
+            total[i] += (value - low) / (high - low) if high > low else 0.0
+    return [value / len(score_lists) for value in total]
 
 
 def rank(scores: Sequence[float]) -> list[int]:
