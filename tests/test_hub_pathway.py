@@ -406,3 +406,62 @@ def test_trains_with_the_engine_and_is_reproducible():
                        if not torch.equal(source.patch_embed.weight if i < 2 else source.body[0].weight,
                                           member.patch_embed.weight if i < 2 else member.body[0].weight)]
     assert trained_members, "training must update the members that inputs were routed to"
+
+
+# ---------------------------------------------------------------------------------------------- robust
+
+
+def test_robust_routing_starts_on_the_ranked_best_member():
+    from zootune.methods.hub_pathway import ROBUST_ROUTE_PRIOR
+
+    scores = [0.1, 0.5, 0.9, 0.2]
+    x = images(16)
+    # k = 2: every input goes to the two best-ranked members (2 and 1), half and half
+    model = HubPathway(tiny_hub_models(), NUM_CLASSES, k=2, member_scores=scores).eval()
+    with torch.no_grad():
+        routing = model.routing(x)
+    assert all(set(row) == {1, 2} for row in routing["top_index"].tolist())
+    torch.testing.assert_close(routing["top_weight"], torch.full((16, 2), 0.5), atol=0.02, rtol=0)
+    with torch.no_grad():
+        generator_logits, _ = model.generator(x)
+    torch.testing.assert_close(routing["clean"], generator_logits + model.route_prior)
+    assert model.route_prior.tolist() == [0.0, ROBUST_ROUTE_PRIOR, ROBUST_ROUTE_PRIOR, 0.0]
+    # only the best one preferred (route_prior_top=1): it comes first, with the softmax weight the
+    # prior gives it over a logit of 0
+    model = HubPathway(tiny_hub_models(), NUM_CLASSES, k=2, member_scores=scores, route_prior_top=1).eval()
+    with torch.no_grad():
+        routing = model.routing(x)
+    assert (routing["top_index"][:, 0] == 2).all()
+    expected = torch.sigmoid(torch.tensor(ROBUST_ROUTE_PRIOR))
+    torch.testing.assert_close(routing["top_weight"][:, 0], expected.expand(16), atol=0.02, rtol=0)
+    for unranked in (HubPathway(tiny_hub_models(), NUM_CLASSES, k=2),
+                     HubPathway(tiny_hub_models(), NUM_CLASSES, k=2, member_scores=scores, variant="paper")):
+        assert not unranked.route_prior.any() and not unranked.has_route_prior
+    with pytest.raises(ZootuneError, match="member_scores"):
+        HubPathway(tiny_hub_models(), NUM_CLASSES, member_scores=[1.0, 2.0])
+    with pytest.raises(ZootuneError, match="route_prior needs"):
+        HubPathway(tiny_hub_models(), NUM_CLASSES, route_prior=2.0)
+
+
+def test_prior_exploration_does_not_push_routing_towards_uniform():
+    # explore="prior" (robust): CV² of Importance_i / q_i and Load_i / q_i with q = softmax(prior), 0
+    # when the routing follows the prior's shares; uniform exploration (paper) is 0 for uniform use.
+    robust = HubPathway(tiny_hub_models(), NUM_CLASSES, k=1, member_scores=[0.0, 0.0, 1.0, 0.0])
+    assert robust.route_prior.tolist() == [0.0, 0.0, 3.0, 0.0]
+    paper = HubPathway(tiny_hub_models(), NUM_CLASSES, k=1, member_scores=[0.0, 0.0, 1.0, 0.0], variant="paper",
+                       route_prior=None)
+    share = robust.route_prior.softmax(0)
+    following_prior = (8 * share, 8 * share)
+    uniform = (torch.full((4,), 2.0), torch.full((4,), 2.0))
+    for model, zero, positive in ((robust, following_prior, uniform), (paper, uniform, following_prior)):
+        model.importance_and_load = lambda values=zero: values
+        assert model.exploration_loss().item() == pytest.approx(0.0, abs=1e-9)
+        model.importance_and_load = lambda values=positive: values
+        assert model.exploration_loss().item() > 0.5
+    assert robust.explore == "prior" and paper.explore == "uniform"
+
+
+def test_registry_passes_member_scores_to_the_robust_variant():
+    task = ClassificationTask(NUM_CLASSES)
+    model = build_method("hub-pathway", Hub(tiny_hub_models()), task, options={"member_scores": [0, 3, 1, 2]})
+    assert model.route_prior.topk(2).indices.tolist() in ([1, 3], [3, 1]) and model.variant == "robust"

@@ -53,8 +53,8 @@ def _hub():
 CONFIG = TrainConfig(epochs=1, batch_size=8, max_steps_per_epoch=1, lr=0.01, progress=False, seed=0)
 
 
-def _context(spec, zoo, task, data, done, rebuilding=False):
-    return BuildContext(zoo=zoo, task=task, config=spec.parse_options({}), data=None if rebuilding else data,
+def _context(spec, zoo, task, data, done, rebuilding=False, options=None):
+    return BuildContext(zoo=zoo, task=task, config=spec.parse_options(options or {}), data=None if rebuilding else data,
                         source=None if rebuilding else SimpleNamespace(train=data.train, val=None,
                                                                          task=ClassificationTask(3)),
                         fitted={n: done.models[n] for n in spec.requires}, member=0 if spec.per_member else None,
@@ -75,7 +75,9 @@ def test_build_step_finalize_save_load(name, zoo, tmp_path):
     for required in select_methods([name])[:-1]:
         fit_members(required, source, task, data, CONFIG, done)
     torch.manual_seed(0)
-    built = spec.build(_context(spec, source, task, data, done))
+    context = _context(spec, source, task, data, done)
+    built = spec.build(context)
+    resolved = dict(context.resolved)  # what build decided from the data (a saved model records it)
     before = copy.deepcopy(built.state_dict())
     if spec.trains:
         model = Trainer(built, task, data.train, None, config=CONFIG).fit().model
@@ -90,7 +92,7 @@ def test_build_step_finalize_save_load(name, zoo, tmp_path):
     assert expected.shape == (4, NUM_CLASSES)
 
     # save -> load: the module rebuilt without data (ctx.rebuilding) takes the saved state exactly
-    rebuilt = spec.build(_context(spec, source, task, data, done, rebuilding=True))
+    rebuilt = spec.build(_context(spec, source, task, data, done, rebuilding=True, options=resolved))
     rebuilt = rebuilt.finalize() if hasattr(rebuilt, "finalize") else rebuilt
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
@@ -99,7 +101,7 @@ def test_build_step_finalize_save_load(name, zoo, tmp_path):
     if not spec.hub:  # the user's path: a model folder written and read back by zootune
         info = export_info(model, arch=ARCH, arch_kwargs=ARCH_KWARGS, num_classes=NUM_CLASSES,
                            zoo_paths=list(zoo.sources), method=name, member=0 if spec.per_member else None,
-                           options={})
+                           options=resolved)
         save_model_dir(tmp_path / "model", model, info)
         loaded, _ = load_model_dir(tmp_path / "model")
         with torch.no_grad():

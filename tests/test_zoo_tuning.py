@@ -278,3 +278,177 @@ def test_saved_model_keeps_the_learning_rates_measured_on_its_zoo(tmp_path):
     loaded = ZooTuning.load_pretrained(tmp_path, lambda: resnet_small(depth=10, width=4))
     assert loaded.config.lr_scales == pytest.approx(model.config.lr_scales)
     assert max(model.config.lr_scales.values()) < 2.0  # independent inits: far from m = 3
+
+
+# ---------------------------------------------------------------------------------------------- robust
+
+
+def _with_head(member, head):
+    model = copy.deepcopy(member)
+    model.fc = copy.deepcopy(head)
+    return model
+
+
+@pytest.mark.parametrize("lite", [False, True])
+def test_robust_step_0_is_the_ranked_best_member_with_the_new_head(lite):
+    # The robust variant starts with its gates exactly on the member ranked first and that member's
+    # norm layers (affine AND running statistics), so before any step it IS that member with the
+    # new head -- in training mode (batch statistics), in eval mode (running statistics) and, for
+    # Lite, folded. The paper's start (uniform gates, mean norm affine, reset statistics) is not.
+    zoo = tiny_zoo(3, torch.float64)
+    head = nn.Linear(zoo[0].fc.in_features, 3).double()
+    model = ZooTuning(zoo, head=copy.deepcopy(head), member_scores=[0.2, 0.9, 0.4], lite=lite,
+                      formulation="grouped").double()
+    paper = ZooTuning(zoo, head=copy.deepcopy(head), variant="paper", lite=lite, formulation="grouped").double()
+    assert model.config.start_member == 1 and model.config.kept_members == [0, 1, 2]
+    expected_member = _with_head(zoo[1], head)
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for mode in ("train", "eval"):
+            for module in (model, paper, expected_member):
+                module.train(mode == "train")
+            expected = expected_member(x)
+            torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-12)
+            assert not torch.allclose(paper(x), expected, atol=1e-3), mode
+        if lite:
+            folded = model.eval().merge_and_unload()
+            torch.testing.assert_close(folded(x), expected_member.eval()(x), rtol=1e-10, atol=1e-12)
+    for layer in model.aggregated_layers().values():  # gates: 1 on the start member, 0 elsewhere
+        torch.testing.assert_close(layer.gate(torch.randn(2, layer.in_channels, 4, 4, dtype=torch.float64)),
+                                   torch.tensor([[0.0, 1.0, 0.0]] * 2, dtype=torch.float64))
+
+
+def test_start_member_scores_pruning_and_their_errors():
+    zoo = tiny_zoo(4)
+    model = ZooTuning(zoo, num_outputs=3, member_scores=[50.0, 10.0, 62.0, 48.0], prune_margin=15.0)
+    # rule: keep every member scoring at least (best score - margin): 62 - 15 = 47
+    assert model.config.kept_members == [0, 2, 3]
+    assert model.config.start_member == 1  # member 2 of the zoo is the second kept one
+    layer = model.aggregated_layers()["layer1.0.conv1"]
+    assert layer.num_sources == 3
+    for bank_row, member in zip(layer.bank, (0, 2, 3)):
+        assert torch.equal(bank_row, zoo[member].layer1[0].conv1.weight)
+    explicit = ZooTuning(zoo, num_outputs=3, start_member=3, keep_members=[1, 3])
+    assert explicit.config.kept_members == [1, 3] and explicit.config.start_member == 1
+    unranked = ZooTuning(zoo, num_outputs=3)  # robust without a ranking: the paper's uniform start
+    assert unranked.config.start_member is None and unranked.config.norm_init == "mean"
+    assert unranked.config.gate == "sigmoid" and unranked.config.kept_members == [0, 1, 2, 3]
+    for bad in ({"member_scores": [1.0, 2.0]}, {"member_scores": [1.0, float("nan"), 0.0, 0.0]},
+                {"start_member": 4}, {"keep_members": [0, 9]}, {"start_member": 0, "keep_members": [1, 2]},
+                {"variant": "fancy"}, {"norm_init": "start"}, {"start_member": 0, "gate": "sigmoid", "off_gate": 0.7},
+                {"gate": "tanh"}):
+        with pytest.raises(ZootuneError):
+            ZooTuning(zoo, num_outputs=3, **bad)
+
+
+def test_robust_defaults_and_learning_rates_at_the_start():
+    from zootune.methods.zoo_tuning import model as zt_model
+
+    zoo = tiny_zoo(3)
+    model = ZooTuning(zoo, num_outputs=3, member_scores=[0.0, 1.0, 0.5])
+    assert model.config.gate == zt_model.ROBUST_GATE and model.config.norm_init == "start"
+    assert model.config.gate_lr_scale == zt_model.ROBUST_GATE_LR_SCALE
+    # one-hot start: rho = sum a_i^2 |W_i|^2 / |sum a_i W_i|^2 = 1, so "auto" gives the bank the base rate
+    assert all(v == pytest.approx(1.0) for v in model.config.lr_scales.values())
+    paper = ZooTuning(zoo, num_outputs=3, variant="paper")
+    assert paper.config.gate == "sigmoid" and paper.config.gate_lr_scale == zt_model.DEFAULT_GATE_LR_SCALE
+
+
+def test_a_useless_members_gate_goes_to_zero():
+    # Toy problem: the targets are member A's outputs (its own head), member J is a random network.
+    # Zoo-Tuning over [A, J] starts on A with J's gate at 0.3 (off_gate) and trains only its gates:
+    # J's kernels only corrupt A's function, so J's gate must go to ~0 while A's stays ~1.
+    torch.manual_seed(0)
+    teacher, junk = _ConvBNNet().double().eval(), _ConvBNNet().double().eval()
+    with torch.no_grad():
+        for net in (teacher, junk):
+            for bn in (net.bn1, net.bn2):
+                bn.running_var.uniform_(0.5, 2.0)
+    model = ZooTuning([teacher, junk], head=copy.deepcopy(teacher.fc), start_member=0, off_gate=0.3,
+                      align="none").double().eval()
+    gates = [p for layer in model.aggregated_layers().values() for p in layer.gate.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(any(p is g for g in gates))
+    optimizer = torch.optim.Adam(gates, lr=0.02)
+    data = torch.Generator().manual_seed(1)
+
+    def mean_gates():
+        with torch.no_grad(), model.record_gates():
+            model(torch.randn(64, 3, 6, 6, generator=data, dtype=torch.float64))
+        return torch.stack(list(model.gate_statistics().values())).double()  # (layers, 2)
+
+    start = mean_gates()
+    assert torch.allclose(start, torch.tensor([[1.0, 0.3]] * 2, dtype=torch.float64))
+    for _ in range(300):
+        x = torch.randn(32, 3, 6, 6, generator=data, dtype=torch.float64)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), teacher(x)).backward()
+        optimizer.step()
+    end = mean_gates()
+    assert (end[:, 1].abs() < 0.03).all(), end
+    assert ((end[:, 0] - 1).abs() < 0.1).all(), end
+
+
+def test_paper_variant_outputs_equal_the_previous_release():
+    # Outputs of ZooTuning(..., variant="paper") after 3 SGD steps on a fixed tiny zoo and data,
+    # recorded with the code before the robust variant existed (ZooTuning's defaults then).
+    expected = {
+        False: [-0.087789874155, 0.078321500488, 0.01408387852, -0.089223921779, 0.077526342806, 0.015499393922,
+                -0.086918999037, 0.080081469345, 0.015303476155, -0.089914425321, 0.084607465464, 0.018175325205],
+        True: [-0.087791874127, 0.078314458955, 0.014063780587, -0.089200682747, 0.07749809468, 0.015489645135,
+               -0.086915847648, 0.080072134654, 0.015291360896, -0.089891121341, 0.084568042292, 0.018167012103],
+    }
+    torch.manual_seed(0)
+    zoo = tiny_zoo(3, torch.float64)
+    # the default (robust) without a member ranking starts and trains exactly like the paper's
+    for (lite, values), variant in [(item, v) for item in expected.items() for v in ("paper", "robust")]:
+        torch.manual_seed(1)
+        model = ZooTuning(zoo, num_outputs=3, formulation="grouped", lite=lite, variant=variant).double()
+        optimizer = torch.optim.SGD(model.param_groups(0.1), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        data = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x = torch.randn(6, 3, 32, 32, generator=data, dtype=torch.float64)
+            y = torch.randint(0, 3, (6,), generator=data)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        with torch.no_grad():
+            out = model.eval()(torch.randn(4, 3, 32, 32, generator=data, dtype=torch.float64))
+        torch.testing.assert_close(out.flatten(), torch.tensor(values, dtype=torch.float64), rtol=1e-8, atol=1e-10)
+
+
+def test_saved_robust_model_reloads_on_the_full_zoo_or_the_kept_members(tmp_path):
+    zoo = tiny_zoo(4)
+    model = ZooTuning(zoo, num_outputs=3, member_scores=[1.0, 9.0, 8.5, 0.0], prune_margin=2.0,
+                      formulation="grouped")
+    assert model.config.kept_members == [1, 2]
+    optimizer = torch.optim.SGD(model.param_groups(0.1), lr=0.1)
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        optimizer.step()
+    model.eval().save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(x)
+        for source in (zoo, zoo[1:3], lambda: resnet_small(num_classes=7, depth=10, width=4)):
+            loaded = ZooTuning.load_pretrained(tmp_path, source).eval()
+            assert loaded.config.start_member == 0 and loaded.config.num_sources == 2
+            assert torch.equal(loaded(x), expected)
+    with pytest.raises(ZooMismatchError):
+        ZooTuning.load_pretrained(tmp_path, zoo[:3])
+
+
+def test_robust_random_draws_do_not_depend_on_the_number_of_members():
+    # Adding a member to the zoo must change a robust model only through that member: every gate's
+    # random first layer is the same with and without it, and so is the random stream afterwards.
+    zoo = tiny_zoo(3)
+    states = []
+    for members, scores in ((zoo[:2], [0.0, 1.0]), (zoo, [0.0, 1.0, 0.5])):
+        torch.manual_seed(5)
+        model = ZooTuning(members, num_outputs=3, member_scores=scores)
+        states.append(({n: layer.gate.reduce.weight for n, layer in model.aggregated_layers().items()},
+                       torch.rand(3)))
+    (gates_2, after_2), (gates_3, after_3) = states
+    assert all(torch.equal(gates_2[n], gates_3[n]) for n in gates_2)
+    assert torch.equal(after_2, after_3)

@@ -273,7 +273,9 @@ def cmd_fit(args) -> int:
         member = (args.member or 0) if spec.per_member else args.member
         info = export_info(
             result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
-            zoo_paths=args.zoo, method=spec.name, member=member, options=options,
+            # the options as the method resolved them from the data (e.g. the members' ranking), so
+            # that loading the folder rebuilds the same module without the data
+            zoo_paths=args.zoo, method=spec.name, member=member, options={**options, **result.resolved},
             class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
             trust_code=args.trust_code, preprocessing=preprocessing,
         )

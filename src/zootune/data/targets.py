@@ -12,7 +12,8 @@ that adaptive aggregation over the zoo (Zoo-Tuning) has something to choose:
 | ``polygons`` | one outlined convex polygon | 3-6 sides | ``scene-segmentation`` / ``shape-keypoints`` |
 
 Beyond classification, ``landmarks`` (8 landmarks of generated cartoon faces, scored by NME; see
-:mod:`zootune.data.landmarks`) is in :data:`EXTRA_TARGETS`: run when named, never part of ``all``.
+:mod:`zootune.data.landmarks`) is in :data:`EXTRA_TARGETS`: run when named, never part of ``all``;
+so is ``letters`` (:mod:`zootune.data.letters`), the robustness benchmark's uneven target.
 
 ``get_target(name, seed)`` is deterministic for a seed; different seeds give different draws (images
 of generated targets, the split of ``digits8x8``). Generated arrays are cached as ``.npz`` under
@@ -29,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from zootune.data import landmarks, scenes, sources
+from zootune.data import landmarks, letters, scenes, sources
 from zootune.data.cache import atomic_save_npz, user_cache_dir
 from zootune.data.datasets import DatasetSplits, ImageDataset, stratified_split
 from zootune.data.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop, normalize_batch, to_float_chw
@@ -163,6 +164,18 @@ register_target(TargetSpec(
     version=landmarks.GENERATOR_VERSION,
     make_task=lambda: LandmarkTask(landmarks.NUM_LANDMARKS, "inter-ocular", landmarks.EYE_INDICES,
                                    landmark_names=landmarks.LANDMARK_NAMES),
+), extra=True)
+
+# An uneven target for the robustness benchmark (benchmarks/robustness.py): one member far above the
+# others, most no better than training from scratch. Extra, so the suite's numbers do not change.
+register_target(TargetSpec(
+    name="letters",
+    description="which of 10 capital letters, typeset in 21 font faces bundled with matplotlib, in colour "
+                "on a smooth colour field (600 / 300 / 600)",
+    class_names=letters.LETTERS,
+    make_arrays=_generated("letters", letters.letter_scenes, {"train": 600, "val": 300, "test": 600}),
+    make_train_transform=lambda: None,  # letters are not mirror-symmetric, and a crop can cut a stroke away
+    version=letters.GENERATOR_VERSION,
 ), extra=True)
 
 DEFAULT_TARGET = "textures"

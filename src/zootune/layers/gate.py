@@ -8,6 +8,17 @@ where ``pool`` averages over the spatial (or token) dimensions and ``act`` is a 
 gates, the paper's choice) or a softmax over the m sources. ``U`` and ``V`` are the reference's 1x1
 convolutions on the pooled vector, i.e. Linear maps; kaiming-normal (fan_out) init, bias 0.
 
+A fixed *prior* p (a buffer, zero unless set; :meth:`Gate.set_prior`) gives every input chosen
+initial gates while V = 0: a = act(z + p) for sigmoid/softmax (p = logit / log of the wanted gates),
+and for the additive activations used by Zoo-Tuning's robust variant
+
+    a(h) = p + tanh(z)      ("tanh": offsets bounded in (-1, 1))      a(h) = p + z      ("linear")
+
+with z = V relu(U pool(h)) + c. With p = one-hot(s) the gates start EXACTLY on source s (a sigmoid
+or softmax can only approach a one-hot), and the others' gates have their full gradient at the start
+(tanh'(0) = 1, where a sigmoid at gate 0.01 passes 1% of it). Weight decay pulls V and c towards 0,
+i.e. the gates towards the prior.
+
 Initialisation of ``V`` (our choice, ``zero_init=True``): the reference initialises V like U, so at
 the start every input gets its own random gate values. The normalisation layer after an aggregated
 convolution then sees each sample's output scaled by a different random factor, which scrambles the
@@ -22,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GATE_ACTIVATIONS = ("sigmoid", "softmax")
+GATE_ACTIVATIONS = ("sigmoid", "softmax", "linear", "tanh")
 GATE_INITS = ("zero", "reference")
 
 
@@ -40,11 +51,35 @@ class Gate(nn.Module):
         self.channels_last = channels_last
         self.reduce = nn.Linear(in_channels, hidden, bias=False)
         self.expand = nn.Linear(hidden, num_sources)
+        self.zero_init = zero_init
+        self.reset_parameters()
+        # A fixed offset of the logits (zero: the paper's gate). Kept out of the state_dict: the model
+        # that owns the gate sets it from its saved options (Zoo-Tuning's start member).
+        self.register_buffer("prior", torch.zeros(num_sources), persistent=False)
+        self.has_prior = False  # the paper's gate adds nothing (not even a zero: bit-identical outputs)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """U then V kaiming-normal (fan_out), V's bias 0, and V = 0 with ``zero_init``. (U is drawn
+        first, so with a fixed seed it does not depend on the number of sources.)"""
         for linear in (self.reduce, self.expand):
             nn.init.kaiming_normal_(linear.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.expand.bias)
-        if zero_init:
+        if self.zero_init:
             nn.init.zeros_(self.expand.weight)
+
+    @torch.no_grad()
+    def set_prior(self, gates: torch.Tensor) -> None:
+        """Make act(prior) = ``gates`` (m,): with the output layer at zero every input then gets
+        ``gates``, and weight decay on the output layer pulls towards them rather than towards act(0)."""
+        if self.activation == "sigmoid":
+            prior = torch.logit(gates)
+        elif self.activation == "softmax":
+            prior = gates.log()
+        else:  # linear and tanh: the prior is added to the gate itself
+            prior = gates
+        self.prior.copy_(prior.to(self.prior.dtype))
+        self.has_prior = True
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """Global average over everything but the batch and channel dimensions -> (B, C), in the
@@ -70,4 +105,11 @@ class Gate(nn.Module):
 
     def _gate(self, pooled: torch.Tensor) -> torch.Tensor:
         logits = self.expand(torch.relu(self.reduce(pooled)))
-        return torch.sigmoid(logits) if self.activation == "sigmoid" else torch.softmax(logits, dim=-1)
+        if self.activation == "tanh":
+            return self.prior + torch.tanh(logits)
+        if self.has_prior:
+            logits = logits + self.prior
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1) if self.activation == "softmax" else logits
+

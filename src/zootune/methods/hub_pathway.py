@@ -59,11 +59,27 @@ Choices (the paper's text leaves them open):
   probe forward/backward on a dummy input of ``input_shape``.
 - Under DistributedDataParallel some members receive no samples in a step: wrap with
   ``find_unused_parameters=True``.
+
+Variants (ours; measured in docs/robustness.md). ``variant="paper"`` is the method above.
+``variant="robust"`` (the default) differs only when given ``member_scores`` (one per hub model,
+higher = better, e.g. :func:`zootune.methods.zoo_tuning.start.score_members` on the hub):
+
+    g(x) = W_g φ(x) + p,     p_i = route_prior (3) for the route_prior_top (default k) best-ranked
+                             models, 0 for the others                      (p: fixed, not trained)
+    L_explore = CV²(Importance / q) + CV²(Load / q),     q = softmax(p)
+
+so routing starts on the k best-ranked models (with the zero-initialised W_g every input takes them,
+equally weighted) and exploration is measured against the prior's shares q instead of uniform use:
+it does not push the generator towards the models the ranking put last. From a uniform start the
+router follows whichever models' new heads learn fastest in the first steps, not the models that
+transfer best, and the models it leaves get no data (measured: on ``polygons`` a prior on the best
+model alone, at logit 3, was abandoned within an epoch for two weak models).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -93,6 +109,13 @@ def _per_member(value, names: list[str], what: str) -> list:
     if len(value) != m:
         raise ZootuneError(f"{what} has {len(value)} entries but the hub has {m} models")
     return value
+
+
+VARIANTS = ("paper", "robust")
+EXPLORE_TARGETS = ("uniform", "prior")
+# The robust variant's logit bonus for the member ranked first (chosen by measurement: docs/robustness.md)
+ROBUST_ROUTE_PRIOR = 3.0
+ROBUST_GENERATOR_LR_MULT = 1.0
 
 
 class Hub(Sequence[nn.Module]):
@@ -266,6 +289,12 @@ class HubPathway(nn.Module):
         backbone_lr_mult: the members' learning rate is ``base_lr * backbone_lr_mult`` in
             :meth:`param_groups`; heads and the generator use ``base_lr``.
         copy_members: deep-copy the hub's models instead of training them in place.
+        variant: ``"robust"`` (default) or ``"paper"``; see the module docstring.
+        member_scores: one score per hub model (higher = better): the robust variant's routing prior.
+        route_prior: the prior's logit for the preferred models (default ``ROBUST_ROUTE_PRIOR``).
+        route_prior_top: how many best-ranked models get it (default k).
+        explore: ``"prior"`` (robust default) or ``"uniform"`` (paper): what exploration balances towards.
+        generator_lr_mult: the generator's learning rate is ``base_lr * generator_lr_mult``.
     """
 
     def __init__(
@@ -283,6 +312,12 @@ class HubPathway(nn.Module):
         input_shape: Sequence[int] = (3, 32, 32),
         backbone_lr_mult: float = 1.0,
         copy_members: bool = True,
+        variant: str = "robust",
+        member_scores: Sequence[float] | None = None,
+        route_prior: float | None = None,
+        route_prior_top: int | None = None,
+        explore: str | None = None,
+        generator_lr_mult: float | None = None,
     ):
         super().__init__()
         hub = as_hub(hub)
@@ -291,6 +326,33 @@ class HubPathway(nn.Module):
             raise ZootuneError(f"k must be between 1 and the hub size {m}, got {k}")
         if exploit_weighting not in ("none", "gate"):
             raise ZootuneError(f"exploit_weighting must be 'none' or 'gate', got {exploit_weighting!r}")
+        if variant not in VARIANTS:
+            raise ZootuneError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        explore = explore or ("prior" if variant == "robust" else "uniform")
+        if explore not in EXPLORE_TARGETS:
+            raise ZootuneError(f"explore must be one of {EXPLORE_TARGETS}, got {explore!r}")
+        prior = torch.zeros(m)
+        if member_scores is not None:
+            scores = [float(v) for v in member_scores]
+            if len(scores) != m or not all(math.isfinite(v) for v in scores):
+                raise ZootuneError(f"member_scores must be {m} finite numbers (one per hub model), got {member_scores}")
+            if variant == "robust":
+                strength = ROBUST_ROUTE_PRIOR if route_prior is None else float(route_prior)
+                top = k if route_prior_top is None else int(route_prior_top)
+                if not 1 <= top <= m:
+                    raise ZootuneError(f"route_prior_top must be between 1 and the hub size {m}, got {top}")
+                ranked = sorted(range(m), key=lambda i: (-scores[i], i))  # ties: lower index first
+                prior[ranked[:top]] = strength
+        elif route_prior is not None:
+            raise ZootuneError("route_prior needs member_scores (which member to prefer)")
+        self.variant = variant
+        self.explore = explore
+        if generator_lr_mult is None:
+            generator_lr_mult = ROBUST_GENERATOR_LR_MULT if (variant == "robust" and prior.any()) else 1.0
+        if not generator_lr_mult > 0:
+            raise ZootuneError(f"generator_lr_mult must be positive, got {generator_lr_mult}")
+        self.generator_lr_mult = float(generator_lr_mult)
+        self.member_scores = None if member_scores is None else [float(v) for v in member_scores]
         task = ClassificationTask(task_or_num_outputs) if isinstance(task_or_num_outputs, int) else task_or_num_outputs
         self.task = task
         self.k = k
@@ -306,6 +368,11 @@ class HubPathway(nn.Module):
         self.feature_dims = dims
         self.heads = nn.ModuleList(task.make_head(d) for d in dims)
         self.generator = PathwayGenerator(input_shape[0], m, generator_width, generator_input_size)
+        # The initial routing preference, added to the generator's logits (kept out of the generator,
+        # whose own initialisation is not ours to change, and out of weight decay): rebuilt from the
+        # options, so not saved in the state_dict.
+        self.register_buffer("route_prior", prior, persistent=False)
+        self.has_route_prior = bool(prior.any())
         self._last: dict | None = None
 
     def _probe_member(self, index: int, input_shape: tuple[int, ...]) -> int:
@@ -338,6 +405,8 @@ class HubPathway(nn.Module):
         """Pathway of each input: ``clean`` and ``noisy`` logits and ``noise_std`` (B, m), the
         selected models ``top_index`` (B, k) and their weights ``top_weight`` (B, k)."""
         clean, noise_std = self.generator(x)
+        if self.has_route_prior:
+            clean = clean + self.route_prior
         noisy = clean + torch.randn_like(clean) * noise_std if (self.training and self.noisy) else clean
         top_logits, top_index = noisy.topk(self.k, dim=1)
         return {
@@ -380,7 +449,15 @@ class HubPathway(nn.Module):
         return importance, load
 
     def exploration_loss(self) -> torch.Tensor:
-        return balance_loss(*self.importance_and_load())
+        """CV²(Importance) + CV²(Load); with ``explore="prior"`` both are first divided by the share
+        q_i = softmax(route_prior)_i the prior gives each model, so the loss is 0 when the routing
+        follows the prior's proportions rather than when every model is used equally (uniform
+        exploration would push harmful members into use against a prior that ranked them low)."""
+        importance, load = self.importance_and_load()
+        if self.explore == "prior" and self.has_route_prior:
+            share = self.route_prior.softmax(0).to(importance.dtype)
+            importance, load = importance / share, load / share
+        return balance_loss(importance, load)
 
     def exploitation_loss(self, targets: torch.Tensor) -> torch.Tensor:
         """Task loss of each routed model's own head on the samples routed to it."""
@@ -417,8 +494,13 @@ class HubPathway(nn.Module):
 
     def param_groups(self, base_lr: float) -> list[dict]:
         members = [p for p in self.members.parameters() if p.requires_grad]
-        rest = [p for p in [*self.heads.parameters(), *self.generator.parameters()] if p.requires_grad]
-        groups = [{"params": rest, "lr": base_lr}]
+        heads = [p for p in self.heads.parameters() if p.requires_grad]
+        generator = [p for p in self.generator.parameters() if p.requires_grad]
+        if self.generator_lr_mult == 1.0:
+            groups = [{"params": heads + generator, "lr": base_lr}]
+        else:
+            groups = [{"params": heads, "lr": base_lr},
+                      {"params": generator, "lr": base_lr * self.generator_lr_mult}]
         if members:
             groups.append({"params": members, "lr": base_lr * self.backbone_lr_mult})
         return groups
@@ -439,7 +521,9 @@ class HubPathway(nn.Module):
 
 
 def _build(ctx: BuildContext) -> nn.Module:
-    return HubPathway(as_hub(ctx.zoo), ctx.task, **dict(ctx.config or {}))
+    from zootune.methods.zoo_tuning.start import rank_if_robust
+
+    return HubPathway(as_hub(ctx.zoo), ctx.task, **rank_if_robust(ctx, dict(ctx.config or {})))
 
 
 register_method(

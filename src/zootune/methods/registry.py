@@ -43,6 +43,9 @@ class BuildContext:
     train_config: Any = None  # the zootune.engine.TrainConfig the target is trained with
     seed: int = 0
     rebuilding: bool = False  # only the structure is wanted: a saved model's weights come from its file
+    # Options that build resolved from the data (e.g. the members' ranking): written back here so
+    # that a saved model records them and is rebuilt the same way without data.
+    resolved: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.fitted is None:

@@ -14,6 +14,7 @@ from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.methods.zoo_tuning.fold import merge_and_unload
 from zootune.methods.zoo_tuning.io import load_folded, save_folded, save_pretrained
 from zootune.methods.zoo_tuning.model import ZooTuning, ZooTuningConfig
+from zootune.methods.zoo_tuning.start import rank_if_robust, score_members
 
 load_pretrained = ZooTuning.load_pretrained
 from zootune.models.heads import head_in_features
@@ -21,7 +22,7 @@ from zootune.models.heads import head_in_features
 
 def _builder(lite: bool):
     def build(ctx: BuildContext) -> ZooTuning:
-        options = dict(ctx.config or {})
+        options = rank_if_robust(ctx, dict(ctx.config or {}))
         head = ctx.task.make_head(head_in_features(ctx.zoo[0], options.get("head_name")))
         return ZooTuning(ctx.zoo, head=head, lite=lite, **options)
 

@@ -119,11 +119,18 @@ def load_pretrained(cls, directory, zoo_or_builder: Sequence[nn.Module] | Callab
         raise CheckpointError(f"{directory}: unknown layer type(s) {unknown} in config.json; "
                               f"known: {', '.join(_TARGET_TYPES)}")
     target_types = tuple(_TARGET_TYPES[name] for name in names)
+    # The robust variant's choices were made on the original zoo: rebuild on the kept members with
+    # the start member as saved (indices among the kept members), never re-ranking or re-pruning.
+    kept = options.pop("kept_members", None)
+    num_zoo_members = options.pop("num_zoo_members", None)
+    options.pop("member_scores", None)
     if callable(zoo_or_builder) and not isinstance(zoo_or_builder, nn.Module):
         template = zoo_or_builder()
         members = [template] * num_sources  # weights are overwritten by the saved bank
     else:
         members = list(zoo_or_builder)
+        if kept is not None and len(members) == num_zoo_members and len(kept) != num_zoo_members:
+            members = [members[i] for i in kept]  # the full zoo it was built from: keep what it kept
         if len(members) != num_sources:
             raise ZooMismatchError(f"the saved model aggregates {num_sources} sources; the zoo has {len(members)}")
     try:

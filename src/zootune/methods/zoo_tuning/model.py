@@ -35,6 +35,25 @@ fine-tuning one of them. With ``bank_lr_scale="auto"`` the bank and the alignmen
 get the learning rate base_lr / rho, measured once at construction; m identical sources then train
 exactly like one fine-tuned source (tested). Layers not followed by a normalisation layer keep
 base_lr. The gates are new, randomly initialised parameters and get ``gate_lr_scale`` x base_lr.
+
+Variants. ``variant="paper"`` is the method above (with the two training choices of ours measured
+earlier: the gate's output layer at zero, the per-layer bank learning rate); its outputs equal those
+of the release before the robust variant (tested). ``variant="robust"`` (the default) differs only
+when it is given a ranking of the members (``member_scores``, higher = better, e.g. from
+:func:`zootune.methods.zoo_tuning.start.score_members`; or ``start_member``):
+
+    s = argmax_i score_i                                        the start member
+    kept = {i : score_i >= score_s - prune_margin}              (prune_margin = inf: every member)
+    a_i(h) = [i = s] + tanh(V relu(U pool(h)) + c)_i,   V = 0, c = 0 at the start
+
+and every untargeted parameter and buffer -- norm affine AND running statistics -- is member s's.
+So step 0 computes exactly member s with the new head (train and eval mode; Lite folded too); the
+other members enter with weights of either sign, bounded by the tanh, only as far as the gradient
+finds them useful; the gates train at ``ROBUST_GATE_LR_SCALE`` x base_lr. Why (measured in
+docs/dev-notes/zoo-tuning.md): from the paper's start -- every member at gate 1/2, the mean of the
+members' norm affine -- a zoo with one good member and several harmful ones starts as (and stays
+near) the harmful majority: the gates hardly move in a few hundred steps, whatever their learning
+rate or activation. Without a ranking the robust variant starts like the paper's.
 """
 
 from __future__ import annotations
@@ -43,6 +62,7 @@ import contextlib
 import copy
 import fnmatch
 import logging
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -71,7 +91,14 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HOMOGENEOUS_TYPES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AvgPool3d, nn.Identity, nn.Dropout)
+VARIANTS = ("paper", "robust")
+NORM_INITS = ("mean", "start")
 DEFAULT_GATE_LR_SCALE = 5.0  # chosen on the MiniZoo targets' validation splits (docs/dev-notes/zoo-tuning.md)
+# The robust variant's defaults (chosen by measurement: docs/dev-notes/zoo-tuning.md)
+ROBUST_GATE = "tanh"
+ROBUST_OFF_GATE = 0.05
+ROBUST_PRUNE_MARGIN = math.inf
+ROBUST_GATE_LR_SCALE = 0.2
 
 
 @dataclass
@@ -79,6 +106,13 @@ class ZooTuningConfig:
     """The options of a :class:`ZooTuning` model (saved as config.json by ``save_pretrained``)."""
 
     num_sources: int
+    variant: str = "paper"
+    member_scores: list[float] | None = None  # as given, one per zoo member (before pruning)
+    kept_members: list[int] | None = None  # zoo indices of the aggregated members (after pruning)
+    num_zoo_members: int | None = None
+    start_member: int | None = None  # index among the kept members; None: the uniform start
+    off_gate: float | None = None
+    norm_init: str = "mean"
     lite: bool = False
     align: str = "kernel>1"
     gate: str = "sigmoid"
@@ -88,6 +122,7 @@ class ZooTuningConfig:
     formulation: str = "auto"
     bank_lr_scale: str | float = "auto"
     gate_lr_scale: float = DEFAULT_GATE_LR_SCALE
+    align_weight_decay: float | None = None  # None: the optimizer's
     lr_scales: dict[str, float] = field(default_factory=dict)  # per aggregated layer, as measured
     target_types: list[str] = field(default_factory=lambda: ["Conv1d", "Conv2d"])
     include: list[str] | None = None
@@ -278,22 +313,120 @@ def _followed_by_norm(modules: list[tuple[str, nn.Module]], name: str, out_chann
 
 
 @torch.no_grad()
-def _bank_lr_scales(members, targets, bank_lr_scale) -> dict[str, float]:
-    """1/rho per targeted layer (see the module docstring) or the given multiplier(s)."""
+def _bank_lr_scales(members, targets, bank_lr_scale, gates: torch.Tensor | None = None) -> dict[str, float]:
+    """1/rho per targeted layer (see the module docstring) at the initial gates ``gates`` (m,)
+    (equal gates when None), or the given multiplier(s)."""
     if isinstance(bank_lr_scale, dict):
         return {name: float(bank_lr_scale.get(name, 1.0)) for name in targets}
     if bank_lr_scale != "auto":
         return {name: float(bank_lr_scale) for name in targets}
     scales = {}
     modules = list(members[0].named_modules())  # registration order
+    a = torch.ones(len(members), dtype=torch.float64) if gates is None else gates.detach().double()
     for name in targets:
         weights = [member.get_submodule(name).weight.detach() for member in members]
-        bank = torch.stack([w.flatten() for w in weights]).double()
+        bank = torch.stack([w.flatten() for w in weights]).double() * a[:, None]
         if _followed_by_norm(modules, name, weights[0].shape[0]):
             scales[name] = float(bank.sum(0).square().sum() / bank.square().sum().clamp_min(1e-30))
         else:
             scales[name] = 1.0
     return scales
+
+
+@dataclass(frozen=True)
+class _StartPlan:
+    """Where a Zoo-Tuning model starts: which members it keeps, on which one its gates start."""
+
+    num_zoo_members: int
+    kept: list[int]
+    start: int | None  # zoo index
+    off_gate: float | None
+    norm_init: str
+    gate: str
+    scores: list[float] | None
+
+
+def _start_plan(m, variant, member_scores, start_member, keep_members, prune_margin, off_gate, norm_init,
+                gate) -> _StartPlan:
+    """The variant's defaults, overridden by what is given explicitly; every check of the start options."""
+    scores = None
+    if member_scores is not None:
+        scores = [float(v) for v in member_scores]
+        if len(scores) != m:
+            raise ZootuneError(f"member_scores has {len(scores)} entries but the zoo has {m} members")
+        if not all(math.isfinite(v) for v in scores):
+            raise ZootuneError(f"member_scores must be finite numbers, got {scores}")
+    if start_member is not None and not (isinstance(start_member, int) and 0 <= start_member < m):
+        raise ZootuneError(f"start_member must be a member index in [0, {m}), got {start_member!r}")
+    robust = variant == "robust"
+    start = start_member
+    if start is None and robust and scores is not None:
+        start = max(range(m), key=lambda i: scores[i])  # first of equals: deterministic
+    if keep_members is not None:
+        kept = sorted({int(i) for i in keep_members})
+        if not kept or any(not 0 <= i < m for i in kept):
+            raise ZootuneError(f"keep_members must be member indices in [0, {m}), got {list(keep_members)}")
+    elif robust and scores is not None:
+        kept = prune_members(scores, start, prune_margin)
+    else:
+        kept = list(range(m))
+    if start is not None and start not in kept:
+        raise ZootuneError(f"start member {start} is not among the kept members {kept}")
+    if norm_init is None:
+        norm_init = "start" if (robust and start is not None) else "mean"
+    if norm_init not in NORM_INITS:
+        raise ZootuneError(f"norm_init must be one of {NORM_INITS}, got {norm_init!r}")
+    if norm_init == "start" and start is None:
+        raise ZootuneError("norm_init='start' needs a start member (start_member=... or member_scores=...)")
+    gate = gate or (ROBUST_GATE if (robust and start is not None) else "sigmoid")
+    if gate in ("tanh", "linear") and start is None:
+        raise ZootuneError(f"{gate} gates start at 0 for every member and need a start member "
+                           "(start_member=... or member_scores=...)")
+    if start is not None:
+        if gate in ("linear", "tanh"):  # no saturation: the other members can start at exactly 0
+            off_gate = 0.0 if off_gate is None else float(off_gate)
+        else:
+            off_gate = ROBUST_OFF_GATE if off_gate is None else float(off_gate)
+        limit = 1.0 / len(kept) if gate == "softmax" else 0.5 if gate == "sigmoid" else 1.0
+        if not (0.0 < off_gate or gate in ("linear", "tanh")) or not 0.0 <= off_gate <= limit:
+            raise ZootuneError(f"off_gate must be in (0, {limit:g}] for {gate} gates over {len(kept)} members, "
+                               f"got {off_gate}")
+    elif off_gate is not None:
+        raise ZootuneError("off_gate needs a start member (start_member=... or member_scores=...)")
+    return _StartPlan(m, kept, start, off_gate, norm_init, gate, scores)
+
+
+def prune_members(scores: Sequence[float], start: int | None = None, margin: float | None = None) -> list[int]:
+    """Indices of the members kept for aggregation: every member whose score is at least
+    ``scores[start] - margin`` (``start``: the best-scored member by default; ``margin``:
+    :data:`ROBUST_PRUNE_MARGIN`). ``None`` margin from the caller means the default; ``inf`` keeps all."""
+    margin = ROBUST_PRUNE_MARGIN if margin is None else float(margin)
+    best = scores[start] if start is not None else max(scores)
+    return [i for i, v in enumerate(scores) if v >= best - margin or i == start]
+
+
+def _initial_gates(m: int, start: int | None, off_gate: float | None, gate: str) -> torch.Tensor | None:
+    """The gate values every input gets at step 0: ``off_gate`` for the members other than the start
+    member; the start member gets 1 - off_gate (sigmoid), what the softmax leaves, or 1 (tanh and
+    linear offsets); None (no start member): act(0), the paper's uniform start."""
+    if start is None:
+        return None
+    gates = torch.full((m,), off_gate, dtype=torch.float64)
+    if gate == "sigmoid":
+        gates[start] = 1.0 - off_gate
+    elif gate == "softmax":
+        gates[start] = 1.0 - off_gate * (m - 1)
+    else:  # tanh / linear offsets: the start member at exactly 1, the others at off_gate (0 by default)
+        gates[start] = 1.0
+    return gates
+
+
+@torch.no_grad()
+def _set_initial_gates(layer: AggregatedLayer, gates: torch.Tensor) -> None:
+    """The gate's fixed prior such that act(prior) = ``gates`` (its output layer starts at 0, so every
+    input gets these gates), and Lite's ā = ``gates`` (so the folded model at step 0 is the same)."""
+    layer.gate.set_prior(gates)
+    layer.gate_ema.copy_(gates.to(layer.gate_ema.dtype))
 
 
 class ZooTuning(nn.Module):
@@ -309,18 +442,33 @@ class ZooTuning(nn.Module):
             (``"conv"`` = Conv1d/2d/3d, ``"linear"``, ``"conv2d"``, ...).
         include / exclude: glob patterns on dotted layer names (``"layer4.*"``) restricting targets.
         align: channel alignment on ``"kernel>1"`` layers (the reference), ``"all"`` or ``"none"``.
-        gate: ``"sigmoid"`` (paper) or ``"softmax"``.
+        gate: ``"sigmoid"`` (paper), ``"softmax"``, ``"tanh"`` (robust: prior + tanh offsets) or
+            ``"linear"`` (prior + unbounded offsets; unstable at the usual gate rates); None: the
+            variant's.
         gate_init: ``"zero"`` (every gate starts at act(0) for every input; ours, see
             :mod:`zootune.layers.gate` for why) or ``"reference"`` (kaiming, as the reference code).
         lite: Lite Zoo-Tuning (batch-shared gate, temporal ensemble, foldable).
-        keep_bn_stats: keep the mean of the sources' running statistics instead of resetting them.
+        keep_bn_stats: keep the mean of the sources' running statistics instead of resetting them
+            (``norm_init="mean"`` only; ``"start"`` keeps the start member's).
         lite_momentum: α of Lite's temporal ensemble ā <- α ā + (1 - α) ā_batch.
         formulation: ``"auto"`` (measured fastest per layer shape) or one of
             :data:`zootune.layers.FORMULATIONS` for every layer (where it applies).
         bank_lr_scale: learning-rate multiplier of each layer's source kernels and alignment:
-            ``"auto"`` (1/rho above, for layers followed by a normalisation layer; 1 elsewhere), a
-            number for every layer, or a dict {layer name: multiplier}.
-        gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`).
+            ``"auto"`` (1/rho above at the initial gates, for layers followed by a normalisation
+            layer; 1 elsewhere), a number for every layer, or a dict {layer name: multiplier}.
+        gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`); None:
+            the variant's (paper 5, robust with a start member 0.2).
+        variant: ``"robust"`` (default) or ``"paper"``; see the module docstring.
+        member_scores: one score per zoo member, higher = better; the robust variant starts on the
+            best one and drops those more than ``prune_margin`` below it.
+        start_member: the member to start on (overrides the scores' choice); any variant.
+        keep_members: zoo indices to aggregate (overrides pruning).
+        prune_margin: see the module docstring (default ``ROBUST_PRUNE_MARGIN``).
+        off_gate: the other members' initial gate when there is a start member (tanh/linear gates:
+            0; sigmoid: the start member gets 1 - off_gate; softmax: what the others leave).
+        norm_init: ``"start"`` (the start member's norm layers and other untargeted parameters) or
+            ``"mean"`` (the paper's); default: ``"start"`` for the robust variant with a start member.
+        align_weight_decay: weight decay of the alignments T_i (None: the optimizer's).
 
     Attributes: ``model`` (the wrapped copy), ``config`` (:class:`ZooTuningConfig`), ``report``
     (:class:`AggregationReport`: which layers are aggregated, which averaged and why).
@@ -330,14 +478,23 @@ class ZooTuning(nn.Module):
                  num_outputs: int | None = None, head_name: str | None = None,
                  target_types: Sequence[type | str] = (nn.Conv1d, nn.Conv2d),
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 align: str = "kernel>1", gate: str = "sigmoid", gate_init: str = "zero", lite: bool = False,
+                 variant: str = "robust", member_scores: Sequence[float] | None = None,
+                 start_member: int | None = None, keep_members: Sequence[int] | None = None,
+                 prune_margin: float | None = None,
+                 off_gate: float | None = None, norm_init: str | None = None,
+                 align: str = "kernel>1", gate: str | None = None, gate_init: str = "zero", lite: bool = False,
                  keep_bn_stats: bool = False, lite_momentum: float = 0.9, formulation: str = "auto",
                  bank_lr_scale: str | float | dict[str, float] = "auto",
-                 gate_lr_scale: float = DEFAULT_GATE_LR_SCALE):
+                 gate_lr_scale: float | None = None, align_weight_decay: float | None = None):
         super().__init__()
         members = list(zoo)
         if not members:
             raise ZootuneError("Zoo-Tuning needs a zoo of at least one model; got an empty zoo")
+        if variant not in VARIANTS:
+            raise ZootuneError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        plan = _start_plan(len(members), variant, member_scores, start_member, keep_members, prune_margin,
+                           off_gate, norm_init, gate)
+        gate = plan.gate
         if align not in ALIGN_CHOICES:
             raise ZootuneError(f"align must be one of {ALIGN_CHOICES}, got {align!r}")
         if gate not in GATE_ACTIVATIONS:
@@ -354,13 +511,20 @@ class ZooTuning(nn.Module):
             [] if bank_lr_scale == "auto" else [bank_lr_scale])
         if not all(isinstance(v, (int, float)) and v > 0 for v in scales):
             raise ZootuneError(f"bank_lr_scale must be 'auto' or > 0, got {bank_lr_scale!r}")
+        if gate_lr_scale is None:
+            gate_lr_scale = ROBUST_GATE_LR_SCALE if (variant == "robust" and plan.start is not None) else DEFAULT_GATE_LR_SCALE
         if not gate_lr_scale > 0:
             raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
+        if align_weight_decay is not None and not align_weight_decay >= 0:
+            raise ZootuneError(f"align_weight_decay must be >= 0, got {align_weight_decay}")
         target_types = resolve_layer_types(target_types)
         replacing_head = head is not None or num_outputs is not None
         resolved_head = find_head_name(members[0], head_name) if replacing_head else None
         _check_same_architecture(members, resolved_head)
-        model = copy.deepcopy(members[0])
+        members = [members[i] for i in plan.kept]  # pruned members are never copied or aggregated
+        start = plan.kept.index(plan.start) if plan.start is not None else None
+        initial_gates = _initial_gates(len(members), start, plan.off_gate, gate)
+        model = copy.deepcopy(members[0] if start is None else members[start])
 
         new_head = head
         if new_head is None and num_outputs is not None:
@@ -381,23 +545,43 @@ class ZooTuning(nn.Module):
                 f"{[t.__name__ for t in target_types]}, include={include}, exclude={exclude}"
                 + (f" (left out: {_names(left_out)}: {left_out[0].reason})" if left_out else ""))
 
-        lr_scales = _bank_lr_scales(members, targets, bank_lr_scale)
-        self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
+        lr_scales = _bank_lr_scales(members, targets, bank_lr_scale, initial_gates)
+        if plan.norm_init == "start":
+            self._copy_untargeted(model, members[start], targets, is_head)
+        else:
+            self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
         if new_head is not None:
             replace_head(model, new_head, resolved_head)  # a Linear replacing a 1x1 conv head becomes one
-        for name in targets:
+        # With a start member, each layer's gate is drawn from its own seed (one draw from the global
+        # stream for all): the random initialisation then does not depend on how many members there
+        # are, so adding a member changes the model only through that member (what a zoo with junk
+        # members added measures). The paper's start keeps the global stream as it always was.
+        gate_seed = int(torch.randint(0, 2**31 - 1 - len(targets), ())) if initial_gates is not None else None
+        for index, name in enumerate(targets):
             sources = [member.get_submodule(name) for member in members]
             kernel = sources[0].weight.shape[2:]
             aligned = align == "all" or (align == "kernel>1" and any(k > 1 for k in kernel))
-            layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=gate_init, lite=lite,
-                                    lite_momentum=lite_momentum, formulation=formulation)
+            with contextlib.ExitStack() as stack:
+                if gate_seed is not None:
+                    stack.enter_context(torch.random.fork_rng(devices=[]))
+                    torch.manual_seed(gate_seed + index)
+                layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=gate_init, lite=lite,
+                                        lite_momentum=lite_momentum, formulation=formulation)
+                if gate_seed is not None:  # U again, first: nn.Linear's own init of V drew m-dependent numbers
+                    torch.manual_seed(gate_seed + index)
+                    layer.gate.reset_parameters()
+            if initial_gates is not None:
+                _set_initial_gates(layer, initial_gates)
             set_submodule(model, name, layer)
         self.model = model
         self.config = ZooTuningConfig(
-            num_sources=len(members), lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
+            num_sources=len(members), variant=variant, member_scores=plan.scores, kept_members=plan.kept,
+            num_zoo_members=plan.num_zoo_members, start_member=start, off_gate=plan.off_gate,
+            norm_init=plan.norm_init,
+            lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
             lite_momentum=lite_momentum, formulation=formulation,
             bank_lr_scale=bank_lr_scale if not isinstance(bank_lr_scale, dict) else "per-layer",
-            gate_lr_scale=float(gate_lr_scale), lr_scales=lr_scales,
+            gate_lr_scale=float(gate_lr_scale), lr_scales=lr_scales, align_weight_decay=align_weight_decay,
             target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
             head_name=resolved_head, aggregated_layers=targets,
         )
@@ -411,6 +595,26 @@ class ZooTuning(nn.Module):
                 f"({len(targets)} layer(s)); the rest is averaged over the sources, mostly "
                 f"{_millions(sum(l.parameters for l in layers))} parameters in {len(layers)} module(s) because: {reason}. "
                 "See ZooTuning(...).report", stacklevel=2)
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy_untargeted(model, start_member, targets, is_head) -> None:
+        """Untargeted parameters and buffers (norm affine AND running statistics) := the start member's,
+        so that with the gates on that member the model computes its function at step 0."""
+        start_modules = dict(start_member.named_modules())
+
+        def inside(name: str, roots: list[str]) -> bool:
+            return any(name == root or name.startswith(root + ".") for root in roots)
+
+        for name, module in model.named_modules():
+            if inside(name, targets) or is_head(name):
+                continue
+            source = start_modules[name]
+            for pname, param in module.named_parameters(recurse=False):
+                param.copy_(getattr(source, pname).detach())
+            for bname, buffer in module.named_buffers(recurse=False):
+                if buffer is not None:
+                    buffer.copy_(getattr(source, bname))
 
     @staticmethod
     @torch.no_grad()
@@ -483,12 +687,18 @@ class ZooTuning(nn.Module):
     def param_groups(self, base_lr: float) -> list[dict]:
         """Optimizer groups (the engine's hook): per aggregated layer its bank, bias bank and
         alignment at ``base_lr * lr_scales[layer]``; all gates at ``base_lr * gate_lr_scale``;
-        everything else (norms, head, untargeted layers) at ``base_lr``."""
+        everything else (norms, head, untargeted layers) at ``base_lr``. With ``align_weight_decay``
+        set, the alignments get that weight decay instead of the optimizer's."""
         groups, seen = [], set()
         gate_params = []
+        align_decay = self.config.align_weight_decay
         for name, layer in self.aggregated_layers().items():
-            params = [p for p in (layer.bank, layer.bias_bank, layer._align_weight()) if p is not None]
-            groups.append({"params": params, "lr": base_lr * self.config.lr_scales.get(name, 1.0)})
+            lr = base_lr * self.config.lr_scales.get(name, 1.0)
+            align = layer._align_weight()
+            params = [p for p in (layer.bank, layer.bias_bank, align if align_decay is None else None) if p is not None]
+            groups.append({"params": params, "lr": lr})
+            if align is not None and align_decay is not None:
+                groups.append({"params": [align], "lr": lr, "weight_decay": align_decay})
             gate_params += list(layer.gate.parameters())
             seen.update(id(p) for p in layer.parameters())
         groups.append({"params": gate_params, "lr": base_lr * self.config.gate_lr_scale})
