@@ -10,64 +10,73 @@ Registers the methods ``zoo-tuning`` and ``lite``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.methods.zoo_tuning.fold import merge_and_unload
 from zootune.methods.zoo_tuning.io import load_folded, save_folded, save_pretrained
 from zootune.methods.zoo_tuning.model import ZooTuning, ZooTuningConfig
+from zootune.methods.zoo_tuning.options import ZooTuningOptions
 from zootune.methods.zoo_tuning.start import rank_if_robust, score_members
-
 from zootune.models.heads import head_in_features
+from zootune.options import require
 
 load_pretrained = ZooTuning.load_pretrained
 
 
-def _builder(lite: bool, variant: str | None = None):
+@dataclass
+class PaperOptions(ZooTuningOptions):
+    """The options of ``zoo-tuning-paper``/``lite-paper``: the published method, uniform start."""
+
+    variant: str = "paper"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.variant == "paper", "this is the published method (variant 'paper'); the robust one is "
+                                         "method zoo-tuning / lite")
+
+
+def _builder(lite: bool):
     def build(ctx: BuildContext) -> ZooTuning:
-        options = dict(ctx.config or {})
-        if variant is not None:
-            options["variant"] = variant
-        options = rank_if_robust(ctx, options)
-        head = ctx.task.make_head(head_in_features(ctx.zoo[0], options.get("head_name")))
-        return ZooTuning(ctx.zoo, head=head, lite=lite, **options)
+        options = rank_if_robust(ctx, ctx.config or ZooTuningOptions())
+        head = ctx.task.make_head(head_in_features(ctx.zoo[0], options.head_name))
+        return ZooTuning(ctx.zoo, head=head, options=options, lite=lite)
 
     return build
 
 
-# Options are ZooTuning's keyword arguments, less what build sets itself.
-_OPTIONS = dict(options_of=ZooTuning.__init__, reports_gates=True)
-_SET_BY_BUILD = ("zoo", "head", "num_outputs", "lite")
 register_method(MethodSpec(
     name="zoo-tuning",
     help="Zoo-Tuning: all sources' kernels trained and mixed per sample by gates (ICML 2021); robust "
          "variant by default: starts on the member ranked best on the target (variant=paper: as published)",
     build=_builder(lite=False),
-    options_exclude=_SET_BY_BUILD,
-    **_OPTIONS,
+    config=ZooTuningOptions,
+    reports_gates=True,
 ))
 register_method(MethodSpec(
     name="lite",
     help="Lite Zoo-Tuning: batch-shared gates, folded into one plain model for inference (robust by default)",
     build=_builder(lite=True),
+    config=ZooTuningOptions,
+    reports_gates=True,
     plain_model=True,
-    options_exclude=_SET_BY_BUILD,
-    **_OPTIONS,
 ))
 # The published method under its own names, so that one `zootune run` reports both starts side by side.
 register_method(MethodSpec(
     name="zoo-tuning-paper",
     help="Zoo-Tuning exactly as published: uniform start (= zoo-tuning with variant=paper)",
-    build=_builder(lite=False, variant="paper"),
-    options_exclude=(*_SET_BY_BUILD, "variant"),
-    **_OPTIONS,
+    build=_builder(lite=False),
+    config=PaperOptions,
+    reports_gates=True,
 ))
 register_method(MethodSpec(
     name="lite-paper",
     help="Lite Zoo-Tuning exactly as published: uniform start (= lite with variant=paper)",
-    build=_builder(lite=True, variant="paper"),
+    build=_builder(lite=True),
+    config=PaperOptions,
+    reports_gates=True,
     plain_model=True,
-    options_exclude=(*_SET_BY_BUILD, "variant"),
-    **_OPTIONS,
 ))
 
-__all__ = ["ZooTuning", "ZooTuningConfig", "load_folded", "load_pretrained", "merge_and_unload",
+__all__ = ["ZooTuning", "ZooTuningConfig", "ZooTuningOptions", "PaperOptions", "score_members", "load_folded", "load_pretrained", "merge_and_unload",
            "save_folded", "save_pretrained"]

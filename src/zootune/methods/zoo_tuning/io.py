@@ -85,45 +85,43 @@ def _architecture(model: nn.Module) -> dict:
 
 
 def save_pretrained(zoo_tuning, directory) -> None:
-    """Save a :class:`ZooTuning` model (all sources, gates, alignment, BN buffers, ā)."""
+    """Save a :class:`ZooTuning` model (all sources, gates, alignment, BN buffers, ā) with the
+    options that rebuild exactly this module (:meth:`ZooTuning.rebuild_options`) and the record of
+    what it was built with (``built``: scores, kept members, measured learning-rate multipliers)."""
+    built = zoo_tuning.config
     config = {
         "zootune_version": __version__,
-        "method": "lite" if zoo_tuning.config.lite else "zoo-tuning",
         "format": "zoo-tuning",
-        "options": zoo_tuning.config.to_dict(),
+        "lite": built.lite,
+        "options": zoo_tuning.rebuild_options().to_dict(),
+        "num_sources": built.num_sources,
+        "kept_members": built.kept_members,
+        "num_zoo_members": built.num_zoo_members,
+        "built": built.to_dict(),
         "architecture": _architecture(zoo_tuning.model),
-        "head": _head_spec(zoo_tuning.model, zoo_tuning.config.head_name),
+        "head": _head_spec(zoo_tuning.model, built.head_name),
     }
     _write(directory, zoo_tuning, config)
-
-
-_TARGET_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
 
 
 def load_pretrained(cls, directory, zoo_or_builder: Sequence[nn.Module] | Callable[[], nn.Module],
                     head: nn.Module | None = None):
     """Rebuild a model of class ``cls`` (:class:`ZooTuning`) saved by :func:`save_pretrained` and
-    load its weights. The config names layer types only from a fixed list; nothing is imported."""
+    load its weights: the saved options are read back as they are (checked like a user's: nothing
+    in them is imported), on the members the model kept when given the zoo it was built from."""
+    from zootune.methods.zoo_tuning.options import ZooTuningOptions
+    from zootune.options import OptionError, parse_config
+
     config, tensors = _read(directory)
-    if config.get("format") != "zoo-tuning":
-        raise CheckpointError(f"{directory} holds a {config.get('format')!r} model, not a Zoo-Tuning one")
-    options = dict(config["options"])
-    num_sources = options.pop("num_sources")
-    options.pop("aggregated_layers")
-    # the multipliers measured on the original zoo (a builder's copies would all measure m)
-    lr_scales = options.pop("lr_scales", {})
-    options["bank_lr_scale"] = lr_scales if lr_scales else options.get("bank_lr_scale", "auto")
-    names = options.pop("target_types")
-    unknown = [n for n in names if n not in _TARGET_TYPES]
-    if unknown:
-        raise CheckpointError(f"{directory}: unknown layer type(s) {unknown} in config.json; "
-                              f"known: {', '.join(_TARGET_TYPES)}")
-    target_types = tuple(_TARGET_TYPES[name] for name in names)
-    # The robust variant's choices were made on the original zoo: rebuild on the kept members with
-    # the start member as saved (indices among the kept members), never re-ranking or re-pruning.
-    kept = options.pop("kept_members", None)
-    num_zoo_members = options.pop("num_zoo_members", None)
-    options.pop("member_scores", None)
+    if not isinstance(config, dict) or config.get("format") != "zoo-tuning":
+        raise CheckpointError(f"{directory} holds a {config.get('format') if isinstance(config, dict) else config!r} "
+                              "model, not a Zoo-Tuning one")
+    try:
+        options = parse_config(ZooTuningOptions, config.get("options"), what="saved zoo-tuning")
+        num_sources, kept = int(config["num_sources"]), config.get("kept_members")
+        num_zoo_members, lite = config.get("num_zoo_members"), bool(config["lite"])
+    except (OptionError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory}: config.json does not describe a Zoo-Tuning model ({err})") from None
     if callable(zoo_or_builder) and not isinstance(zoo_or_builder, nn.Module):
         template = zoo_or_builder()
         members = [template] * num_sources  # weights are overwritten by the saved bank
@@ -133,10 +131,7 @@ def load_pretrained(cls, directory, zoo_or_builder: Sequence[nn.Module] | Callab
             members = [members[i] for i in kept]  # the full zoo it was built from: keep what it kept
         if len(members) != num_sources:
             raise ZooMismatchError(f"the saved model aggregates {num_sources} sources; the zoo has {len(members)}")
-    try:
-        model = cls(members, head=_make_head(config.get("head"), head), target_types=target_types, **options)
-    except TypeError as err:
-        raise CheckpointError(f"{directory}: config.json does not fit {cls.__name__} ({err})") from None
+    model = cls(members, head=_make_head(config.get("head"), head), options=options, lite=lite)
     _load_state(model, tensors, directory)
     return model
 

@@ -64,6 +64,7 @@ import fnmatch
 import logging
 import math
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
@@ -71,15 +72,15 @@ import torch
 from torch import nn
 
 from zootune.errors import ZootuneError, ZooMismatchError
-from zootune.layers import FORMULATIONS, AggregatedLayer, is_aggregatable
+from zootune.layers import AggregatedLayer, is_aggregatable
 from zootune.methods.zoo_tuning import io as zt_io
-from zootune.layers.gate import GATE_ACTIVATIONS, GATE_INITS
+from zootune.methods.zoo_tuning.options import NORM_INITS, ZooTuningOptions
+from zootune.layers.gate import GATE_ACTIVATIONS
 from zootune.layers.targets import resolve_layer_types
 from zootune.models.heads import find_head_name, head_in_features, new_linear_head, replace_head, set_submodule
 
 log = logging.getLogger(__name__)
 
-ALIGN_CHOICES = ("kernel>1", "all", "none")
 # Parents that read a child layer's tensors directly instead of calling it: replacing the child by
 # an aggregation layer would break (or silently bypass) them. {parent type: (child, why)}.
 _READS_CHILD_WEIGHT: dict[type, tuple[str, str]] = {
@@ -91,8 +92,6 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _CONV_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HOMOGENEOUS_TYPES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AvgPool3d, nn.Identity, nn.Dropout)
-VARIANTS = ("paper", "robust")
-NORM_INITS = ("mean", "start")
 DEFAULT_GATE_LR_SCALE = 5.0  # chosen on the MiniZoo targets' validation splits (docs/dev-notes/zoo-tuning.md)
 # The robust variant's defaults (chosen by measurement: docs/dev-notes/zoo-tuning.md)
 ROBUST_GATE = "tanh"
@@ -103,7 +102,9 @@ ROBUST_GATE_LR_SCALE = 0.2
 
 @dataclass
 class ZooTuningConfig:
-    """The options of a :class:`ZooTuning` model (saved as config.json by ``save_pretrained``)."""
+    """What a :class:`ZooTuning` model was built with: its options as resolved (the variant's defaults
+    filled in, the start and the kept members chosen) and what was measured on the zoo (``lr_scales``,
+    the aggregated layers). A record: the model is rebuilt from :meth:`ZooTuning.rebuild_options`."""
 
     num_sources: int
     variant: str = "paper"
@@ -120,7 +121,7 @@ class ZooTuningConfig:
     keep_bn_stats: bool = False
     lite_momentum: float = 0.9
     formulation: str = "auto"
-    bank_lr_scale: str | float = "auto"
+    bank_lr_scale: str | float | dict[str, float] = "auto"  # as given (the measured multipliers: lr_scales)
     gate_lr_scale: float = DEFAULT_GATE_LR_SCALE
     align_weight_decay: float | None = None  # None: the optimizer's
     lr_scales: dict[str, float] = field(default_factory=dict)  # per aggregated layer, as measured
@@ -262,12 +263,6 @@ def _choose_layers(model: nn.Module, target_types: tuple[type, ...], include, ex
             reason = f"{kind}'s own parameters ({params}): not a layer Zoo-Tuning aggregates"
         choices.append(LayerChoice(name, kind, own, "averaged", reason))
     return choices
-
-
-def _patterns(value: str | Sequence[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _matches(name: str, patterns: list[str] | None) -> bool:
@@ -475,48 +470,34 @@ class ZooTuning(nn.Module):
     """
 
     def __init__(self, zoo: Sequence[nn.Module], head: nn.Module | None = None, *,
-                 num_outputs: int | None = None, head_name: str | None = None,
-                 target_types: Sequence[type | str] = (nn.Conv1d, nn.Conv2d),
-                 include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 variant: str = "robust", member_scores: Sequence[float] | None = None,
-                 start_member: int | None = None, keep_members: Sequence[int] | None = None,
-                 prune_margin: float | None = None,
-                 off_gate: float | None = None, norm_init: str | None = None,
-                 align: str = "kernel>1", gate: str | None = None, gate_init: str = "zero", lite: bool = False,
-                 keep_bn_stats: bool = False, lite_momentum: float = 0.9, formulation: str = "auto",
-                 bank_lr_scale: str | float | dict[str, float] = "auto",
-                 gate_lr_scale: float | None = None, align_weight_decay: float | None = None):
+                 options: ZooTuningOptions | None = None, num_outputs: int | None = None, lite: bool = False,
+                 **option_values):
         super().__init__()
+        if options is None:
+            from zootune.options import parse_config
+
+            options = parse_config(ZooTuningOptions, option_values, what="zoo-tuning")
+        elif option_values:
+            raise ZootuneError(f"give ZooTuning either options= or keyword options, not both ({sorted(option_values)})")
+        self.options = options
+        o = options
+        (head_name, target_types, include, exclude, variant, member_scores, start_member, keep_members,
+         prune_margin, off_gate, norm_init, align, gate, gate_init, keep_bn_stats, lite_momentum, formulation,
+         bank_lr_scale, gate_lr_scale, align_weight_decay) = (
+            o.head_name, o.target_types, o.include, o.exclude, o.variant, o.member_scores, o.start_member,
+            o.keep_members, o.prune_margin, o.off_gate, o.norm_init, o.align, o.gate, o.gate_init,
+            o.keep_bn_stats, o.lite_momentum, o.formulation, o.bank_lr_scale, o.gate_lr_scale,
+            o.align_weight_decay)
         members = list(zoo)
         if not members:
             raise ZootuneError("Zoo-Tuning needs a zoo of at least one model; got an empty zoo")
-        if variant not in VARIANTS:
-            raise ZootuneError(f"variant must be one of {VARIANTS}, got {variant!r}")
         plan = _start_plan(len(members), variant, member_scores, start_member, keep_members, prune_margin,
                            off_gate, norm_init, gate)
         gate = plan.gate
-        if align not in ALIGN_CHOICES:
-            raise ZootuneError(f"align must be one of {ALIGN_CHOICES}, got {align!r}")
         if gate not in GATE_ACTIVATIONS:
             raise ZootuneError(f"gate must be one of {GATE_ACTIVATIONS}, got {gate!r}")
-        if gate_init not in GATE_INITS:
-            raise ZootuneError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
-        if formulation != "auto" and formulation not in FORMULATIONS:
-            raise ZootuneError(f"formulation must be 'auto' or one of {FORMULATIONS}, got {formulation!r}")
-        if not 0.0 <= lite_momentum < 1.0:
-            raise ZootuneError(f"lite_momentum must be in [0, 1), got {lite_momentum}")
-        if not (bank_lr_scale == "auto" or isinstance(bank_lr_scale, (int, float, dict))):
-            raise ZootuneError(f"bank_lr_scale must be 'auto', a number or a dict, got {bank_lr_scale!r}")
-        scales = bank_lr_scale.values() if isinstance(bank_lr_scale, dict) else (
-            [] if bank_lr_scale == "auto" else [bank_lr_scale])
-        if not all(isinstance(v, (int, float)) and v > 0 for v in scales):
-            raise ZootuneError(f"bank_lr_scale must be 'auto' or > 0, got {bank_lr_scale!r}")
         if gate_lr_scale is None:
             gate_lr_scale = ROBUST_GATE_LR_SCALE if (variant == "robust" and plan.start is not None) else DEFAULT_GATE_LR_SCALE
-        if not gate_lr_scale > 0:
-            raise ZootuneError(f"gate_lr_scale must be positive, got {gate_lr_scale}")
-        if align_weight_decay is not None and not align_weight_decay >= 0:
-            raise ZootuneError(f"align_weight_decay must be >= 0, got {align_weight_decay}")
         target_types = resolve_layer_types(target_types)
         replacing_head = head is not None or num_outputs is not None
         resolved_head = find_head_name(members[0], head_name) if replacing_head else None
@@ -533,7 +514,6 @@ class ZooTuning(nn.Module):
         def is_head(name: str) -> bool:
             return resolved_head is not None and (name == resolved_head or name.startswith(resolved_head + "."))
 
-        include, exclude = _patterns(include), _patterns(exclude)
         choices = _choose_layers(members[0], target_types, include, exclude, is_head, keep_bn_stats)
         targets = [choice.name for choice in choices if choice.action == "aggregated"]
         self.report = AggregationReport(choices, len(members), type(members[0]).__name__)
@@ -580,7 +560,7 @@ class ZooTuning(nn.Module):
             norm_init=plan.norm_init,
             lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
             lite_momentum=lite_momentum, formulation=formulation,
-            bank_lr_scale=bank_lr_scale if not isinstance(bank_lr_scale, dict) else "per-layer",
+            bank_lr_scale=bank_lr_scale,
             gate_lr_scale=float(gate_lr_scale), lr_scales=lr_scales, align_weight_decay=align_weight_decay,
             target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
             head_name=resolved_head, aggregated_layers=targets,
@@ -676,6 +656,18 @@ class ZooTuning(nn.Module):
     def lite_gates(self) -> dict[str, torch.Tensor]:
         """Lite's temporal ensembles ā (m,) per layer: the gates the folded model uses."""
         return {name: layer.gate_ema.detach().clone() for name, layer in self.aggregated_layers().items()}
+
+    def rebuild_options(self) -> ZooTuningOptions:
+        """Options that rebuild exactly this module on its kept members, without data: the start
+        member (among the kept ones), gate, off gate, norm init and gate rate as resolved, and the
+        learning-rate multipliers as measured on the original zoo (a builder's copies would measure
+        other ones); no scores, no pruning (already applied)."""
+        built = self.config
+        return dataclasses.replace(
+            self.options, member_scores=None, keep_members=None, prune_margin=None,
+            start_member=built.start_member, off_gate=built.off_gate, norm_init=built.norm_init, gate=built.gate,
+            gate_lr_scale=built.gate_lr_scale, head_name=built.head_name,
+            bank_lr_scale=dict(built.lr_scales) if built.lr_scales else self.options.bank_lr_scale)
 
     # ------------------------------------------------------------------ engine contract
     def merge_and_unload(self) -> nn.Module:

@@ -95,17 +95,23 @@ def score_members(
     return scores
 
 
-def rank_if_robust(ctx, options: dict) -> dict:
-    """``options`` with ``member_scores`` from :func:`score_members` on the target's data when the
-    robust variant has no start yet (no ``member_scores``/``start_member``), the zoo has more than one
-    member and the data is there; the scores are also recorded in ``ctx.resolved`` so that a saved
-    model is rebuilt on the same start without data. Otherwise ``options`` as given."""
-    if (options.get("variant", "robust") != "robust" or options.get("member_scores") is not None
-            or options.get("start_member") is not None or len(ctx.zoo) < 2 or ctx.rebuilding or ctx.data is None):
+def rank_if_robust(ctx, options):
+    """``options`` (a dict, or an options dataclass) with ``member_scores`` from
+    :func:`score_members` on the target's data when the robust variant has no start yet (no
+    ``member_scores``/``start_member``), the zoo has more than one member and the data is there; the
+    scores are also recorded in ``ctx.resolved`` so that a saved model is rebuilt on the same start
+    without data. Otherwise ``options`` as given."""
+    import dataclasses
+
+    get = options.get if isinstance(options, dict) else (lambda key, default=None: getattr(options, key, default))
+    if (get("variant", "robust") != "robust" or get("member_scores") is not None
+            or get("start_member") is not None or len(ctx.zoo) < 2 or ctx.rebuilding or ctx.data is None):
         return options
     scores = score_members(ctx.zoo, ctx.task, ctx.data.train, ctx.data.val, train_config=ctx.train_config)
     ctx.resolved["member_scores"] = scores
-    return {**options, "member_scores": scores}
+    if isinstance(options, dict):
+        return {**options, "member_scores": scores}
+    return dataclasses.replace(options, member_scores=scores)
 
 
 def combine(*score_lists: Sequence[float]) -> list[float]:
