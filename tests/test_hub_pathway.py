@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from zootune.errors import ZootuneError
-from zootune.methods.hub_pathway import Hub, HubPathway, balance_loss, cv_squared, smooth_load
+from zootune.methods.hub_pathway import HubPathway, balance_loss, cv_squared, smooth_load
+from zootune.zoo import Hub
 from zootune.methods.registry import build_method, get_method
 from zootune.models import build_model, mixer_tiny32, resnet_small, vit_tiny32
 from zootune.tasks import ClassificationTask

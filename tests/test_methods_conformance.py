@@ -44,7 +44,7 @@ def zoo(tmp_path_factory):
 
 def _hub():
     """Two architectures (different widths, hence feature sizes) for hub methods."""
-    from zootune.methods.hub_pathway import as_hub
+    from zootune.zoo import as_hub
 
     torch.manual_seed(0)
     return as_hub([resnet_small(**ARCH_KWARGS), resnet_small(**{**ARCH_KWARGS, "width": 8})])

@@ -13,7 +13,7 @@ from zootune.version import __version__
 _EXPORTS = {
     "Zoo": "zootune.zoo",
     "ZooTuning": "zootune.methods.zoo_tuning",
-    "Hub": "zootune.methods.hub_pathway",
+    "Hub": "zootune.zoo",
     "HubPathway": "zootune.methods.hub_pathway",
     "PACNet": "zootune.methods.pac_net",
     "ZootuneError": "zootune.errors",

@@ -16,7 +16,8 @@ from zootune.data.datasets import DatasetSplits, ImageDataset
 from zootune.engine import TrainConfig
 from zootune.errors import ZootuneError
 from zootune.experiment import fit_method
-from zootune.methods.hub_pathway import Hub, HubPathway
+from zootune.methods.hub_pathway import HubPathway
+from zootune.zoo import Hub
 from zootune.methods.knowledge_flow import KnowledgeFlow
 from zootune.methods.logme import rank_zoo
 from zootune.methods.registry import available_methods

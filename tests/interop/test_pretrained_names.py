@@ -19,7 +19,8 @@ from interop_helpers import CLASSES, images, needs_both, needs_timm, needs_torch
 
 import zootune.cli.main as cli
 from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
-from zootune.methods.hub_pathway import Hub, HubPathway
+from zootune.methods.hub_pathway import HubPathway
+from zootune.zoo import Hub
 from zootune.zoo import NotCachedError, Zoo, data_config, load_pretrained, save_state_dict
 
 

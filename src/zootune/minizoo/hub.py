@@ -30,7 +30,7 @@ from torch import nn
 
 from zootune.data.cache import user_cache_dir
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.methods.hub_pathway import Hub
+from zootune.zoo.hub import Hub
 from zootune.minizoo.pretrain import get_member, pretrain
 from zootune.models import build_model
 from zootune.zoo import load_state_dict_file, read_safetensors_metadata, save_state_dict
