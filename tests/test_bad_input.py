@@ -62,18 +62,7 @@ def assert_one_line_error(code, stderr, *fragments):
 
 def _model_dir_with(ws: Path, tmp_path: Path, **changes) -> Path:
     """A copy of the fitted model folder whose config.json has ``changes`` applied (None: delete)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    source = ws / "fitted" / "model"
-    (folder / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
-    config = json.loads((source / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return _model_config(ws, tmp_path / "copy", **changes)
 
 
 # ----------------------------------------------------------------------------- no code from data
@@ -141,7 +130,8 @@ def _fit(ws, out, *extra, zoo=("m0.safetensors", "m1.safetensors"), data="data",
 
 
 def _model_config(ws, out, **changes):
-    """argv for `evaluate` on a copy of the fitted model folder with config.json changed."""
+    """A copy of the fitted model folder beside ``out`` whose config.json has ``changes`` applied
+    (None: delete the field)."""
     folder = out.parent / f"model-{out.name}"
     folder.mkdir()
     source = ws / "fitted" / "model"
