@@ -47,7 +47,6 @@ from zootune.data.cache import atomic_write_bytes, atomic_write_json
 from zootune.data.targets import TARGETS, get_target
 from zootune.engine import evaluate
 from zootune.experiment import RunConfig, _train_config, fit_method
-from zootune.layers import autotune
 from zootune.methods.registry import get_method
 from zootune.methods.zoo_tuning.start import combine, score_members
 from zootune.minizoo import load_minizoo
@@ -208,40 +207,39 @@ def main(argv=None) -> int:
                             "seconds": round(time.perf_counter() - begin, 2)})
         return row["scores"]
 
-    with autotune.by_macs():
-        if args.diagnose is not None:
-            return diagnose(args, zoos["minizoo"], train, scores, out, started, command)
-        hub = None
-        if "a" in args.settings and not args.no_hub:
-            from zootune.minizoo.hub import load_hub
+    if args.diagnose is not None:
+        return diagnose(args, zoos["minizoo"], train, scores, out, started, command)
+    hub = None
+    if "a" in args.settings and not args.no_hub:
+        from zootune.minizoo.hub import load_hub
 
-            hub = load_hub(cache_dir=args.cache_dir)
-        for setting in args.settings:
-            zoo_key = "minizoo+junk" if SETTINGS[setting]["junk"] else "minizoo"
-            zoo = zoos[zoo_key]
-            targets = [t for t in SETTINGS[setting]["targets"] if args.targets is None or t in args.targets]
-            for target in targets:
-                for seed in args.seeds:
-                    for i, name in enumerate(zoos["minizoo+junk"].names):  # junk fine-tunes: "from scratch"
-                        train("minizoo+junk", zoos["minizoo+junk"], target, seed, f"finetune [{name}]", "finetune",
-                              member=i)
-                    member_scores = {how: scores(zoo_key, zoo, target, seed, how) for how in ("logme", "probe", "probe+logme")}
-                    for label, (method, options) in ZOO_ROWS.items():
-                        if args.rows is not None and label not in args.rows:
-                            continue
+        hub = load_hub(cache_dir=args.cache_dir)
+    for setting in args.settings:
+        zoo_key = "minizoo+junk" if SETTINGS[setting]["junk"] else "minizoo"
+        zoo = zoos[zoo_key]
+        targets = [t for t in SETTINGS[setting]["targets"] if args.targets is None or t in args.targets]
+        for target in targets:
+            for seed in args.seeds:
+                for i, name in enumerate(zoos["minizoo+junk"].names):  # junk fine-tunes: "from scratch"
+                    train("minizoo+junk", zoos["minizoo+junk"], target, seed, f"finetune [{name}]", "finetune",
+                          member=i)
+                member_scores = {how: scores(zoo_key, zoo, target, seed, how) for how in ("logme", "probe", "probe+logme")}
+                for label, (method, options) in ZOO_ROWS.items():
+                    if args.rows is not None and label not in args.rows:
+                        continue
+                    options = dict(options)
+                    if options["variant"] == "robust":
+                        options["member_scores"] = member_scores[args.score]
+                    train(zoo_key, zoo, target, seed, label, method, options=options)
+                if hub is not None and setting == "a":
+                    for i, name in enumerate(hub.names):
+                        train("hub", hub, target, seed, f"finetune [{name}]", "finetune", member=i)
+                    hub_scores = {how: scores("hub", hub, target, seed, how) for how in ("logme", "probe", "probe+logme")}
+                    for label, options in HUB_ROWS.items():
                         options = dict(options)
                         if options["variant"] == "robust":
-                            options["member_scores"] = member_scores[args.score]
-                        train(zoo_key, zoo, target, seed, label, method, options=options)
-                    if hub is not None and setting == "a":
-                        for i, name in enumerate(hub.names):
-                            train("hub", hub, target, seed, f"finetune [{name}]", "finetune", member=i)
-                        hub_scores = {how: scores("hub", hub, target, seed, how) for how in ("logme", "probe", "probe+logme")}
-                        for label, options in HUB_ROWS.items():
-                            options = dict(options)
-                            if options["variant"] == "robust":
-                                options["member_scores"] = hub_scores[args.score]
-                            train("hub", hub, target, seed, label, "hub-pathway", options=options)
+                            options["member_scores"] = hub_scores[args.score]
+                        train("hub", hub, target, seed, label, "hub-pathway", options=options)
     text, summary = summarise(args, runs, zoos, hub, started, command)
     print(text)
     atomic_write_bytes(out / "results.md", text.encode())
