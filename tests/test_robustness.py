@@ -189,3 +189,37 @@ def test_build_ranks_the_members_on_the_data_and_records_the_ranking(monkeypatch
         ctx = BuildContext(zoo=zoo, task=ClassificationTask(2), config=spec.parse_options(options), **context)
         spec.build(ctx)
         assert ctx.resolved == {}
+
+
+def test_ranking_inside_build_leaves_the_new_parameters_as_given_scores_would():
+    """The probe trains (and draws random numbers); a build that ranks its zoo must still initialise
+    its new head and gates from the caller's seed, exactly like a build handed the same scores --
+    otherwise `zootune run` and a benchmark that ranks first report different runs of one method."""
+    from zootune.data.datasets import DatasetSplits
+    from zootune.engine import TrainConfig
+    from zootune.methods.registry import BuildContext, get_method
+
+    torch.manual_seed(0)
+    zoo = [resnet_small(num_classes=3, depth=10, width=4).eval() for _ in range(2)]
+    train, val = _tiny_data(16, 0), _tiny_data(8, 1)
+    data = DatasetSplits(train, val, None, 3, "t")
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.05, seed=3, progress=False)
+    spec = get_method("zoo-tuning")
+
+    def build(options):
+        torch.manual_seed(11)
+        ctx = BuildContext(zoo=zoo, task=ClassificationTask(3), config=spec.parse_options(options), data=data,
+                           train_config=config)
+        return spec.build(ctx), ctx
+
+    ranked, ctx = build({})
+    assert "member_scores" in ctx.resolved
+    given, _ = build({"member_scores": ctx.resolved["member_scores"]})
+    after_ranked = torch.rand(3)
+    for (name, a), (_, b) in zip(ranked.state_dict().items(), given.state_dict().items()):
+        assert torch.equal(a, b), name
+    torch.manual_seed(11)
+    spec.build(BuildContext(zoo=zoo, task=ClassificationTask(3), config=spec.parse_options(
+        {"member_scores": ctx.resolved["member_scores"]}), data=data, train_config=config))
+    after_given = torch.rand(3)
+    assert torch.equal(after_ranked, after_given)  # and the random stream goes on from the same place

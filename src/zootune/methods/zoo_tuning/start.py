@@ -56,14 +56,23 @@ def score_members(
     ``train_config``: a :class:`zootune.engine.TrainConfig` whose optimiser settings and seed the
     probe uses (default: ``zootune run``'s: SGD lr 0.1, batch 64, cosine); its ``epochs`` is replaced
     by ``probe_epochs``. ``val_dataset`` is required by the probe (and so by the default).
+    torch's random state is left as it was found: a method that ranks its zoo inside ``build``
+    initialises its new parameters exactly as it would from scores given to it.
     """
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        return _score_members(zoo, task, train_dataset, val_dataset, method=method, train_config=train_config,
+                              probe_epochs=probe_epochs, batch_size=batch_size)
+
+
+def _score_members(zoo, task, train_dataset, val_dataset, *, method, train_config, probe_epochs, batch_size):
     members = list(zoo)
     if not members:
         raise ZootuneError("cannot score an empty zoo")
     if method == "probe+logme":
         kwargs = dict(train_config=train_config, probe_epochs=probe_epochs, batch_size=batch_size)
-        return combine(score_members(members, task, train_dataset, val_dataset, method="probe", **kwargs),
-                       score_members(members, task, train_dataset, val_dataset, method="logme", **kwargs))
+        return combine(_score_members(members, task, train_dataset, val_dataset, method="probe", **kwargs),
+                       _score_members(members, task, train_dataset, val_dataset, method="logme", **kwargs))
     if method == "logme":
         from zootune.methods.logme import rank_zoo
 
