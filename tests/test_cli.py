@@ -205,6 +205,26 @@ def test_zoo_tuning_fit_exports_a_model_that_evaluates_the_same(method, kind, wo
     assert code == 0 and f"loss {test['loss']:.4f} acc {test['acc']:.2f}" in printed
 
 
+def test_fit_with_two_start_candidates_exports_the_kept_one_and_resumes(workspace, tmp_path, capsys):
+    """Robust Zoo-Tuning with ``start_candidates=2``: both starts trained (the second in its own
+    folder), the kept one exported with its start recorded, and a resumed fit ends identical."""
+    out = tmp_path / "zt"
+    argv = ["fit", *ARCH, "--zoo", workspace / "m0.safetensors", workspace / "m1.safetensors", "--data",
+            workspace / "data", "--method", "zoo-tuning", "--option", "start_candidates=2", *FAST, "--out", out]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert (out / "train-candidate-2" / "checkpoint.pt").is_file()
+    options = json.loads((out / "model" / "config.json").read_text())["options"]
+    assert options["start_candidates"] == 2 and len(options["member_scores"]) == 2
+    code, printed, _ = run_cli(["evaluate", out / "model", "--data", workspace / "data"], capsys)
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert code == 0 and f"loss {metrics['test']['loss']:.4f} acc {metrics['test']['acc']:.2f}" in printed
+    code, _, err = run_cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    resumed = json.loads((out / "model" / "metrics.json").read_text())
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in metrics.items() if k != "seconds"}
+
+
 def test_run_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
     import zootune.experiment
 

@@ -223,3 +223,44 @@ def test_ranking_inside_build_leaves_the_new_parameters_as_given_scores_would():
         {"member_scores": ctx.resolved["member_scores"]}), data=data, train_config=config))
     after_given = torch.rand(3)
     assert torch.equal(after_ranked, after_given)  # and the random stream goes on from the same place
+
+
+@pytest.mark.parametrize("scores", [[0.2, 0.9, 0.5], [0.2, 0.5, 0.9]])  # on this data: the first / second start wins
+def test_start_candidates_keeps_the_start_that_validates_best(scores):
+    """``start_candidates=2``: robust Zoo-Tuning trained from the first- and the second-ranked member
+    (each exactly as a run given that start), the better on validation kept, its start recorded."""
+    from zootune.data.datasets import DatasetSplits
+    from zootune.engine import TrainConfig
+    from zootune.experiment import fit_method
+    from zootune.methods.registry import get_method
+    from zootune.methods.zoo_tuning.start import rank
+
+    torch.manual_seed(0)
+    zoo = [resnet_small(num_classes=3, depth=10, width=4).eval() for _ in range(3)]
+    data = DatasetSplits(_tiny_data(16, 0), _tiny_data(12, 1), None, 3, "t")
+    task = ClassificationTask(3)
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=3, progress=False, formulations="macs")  # exact: no timing
+    spec = get_method("zoo-tuning")
+    first, second = rank(scores)[:2]
+    alone = {start: fit_method(spec, zoo, task, data, config, options={"member_scores": scores, "start_member": start})
+             for start in (first, second)}
+    assert alone[first].val_metric != alone[second].val_metric  # the case is decisive
+    chosen = fit_method(spec, zoo, task, data, config, options={"member_scores": scores, "start_candidates": 2})
+    winner = second if alone[second].val_metric > alone[first].val_metric else first
+    assert chosen.val_metric == alone[winner].val_metric
+    for (name, a), (_, b) in zip(chosen.model.state_dict().items(), alone[winner].model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert chosen.resolved.get("start_member") == (second if winner == second else None)
+    # one candidate is one training, from the first-ranked member
+    single = fit_method(spec, zoo, task, data, config, options={"member_scores": scores, "start_candidates": 1})
+    assert single.val_metric == alone[first].val_metric and single.built.config.start_member == first
+    # the paper's variant and a start the user chose have no further candidates
+    for options in ({"variant": "paper", "start_candidates": 2}, {"start_member": 0, "member_scores": scores,
+                                                                 "start_candidates": 2}):
+        assert spec.candidates(_context(spec, zoo, options)) == []
+
+
+def _context(spec, zoo, options):
+    from zootune.methods.registry import BuildContext
+
+    return BuildContext(zoo=zoo, task=ClassificationTask(3), config=spec.parse_options(options))

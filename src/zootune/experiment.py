@@ -39,6 +39,7 @@ training would have picked the member.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -300,38 +301,52 @@ def fit_method(
     from zootune.engine import Trainer, evaluate
 
     config = spec.parse_options(options)
-    torch.manual_seed(train_config.seed)  # the new heads and gates are initialised from this seed
     start = time.perf_counter()  # building counts: a method that needs data computes it there
-    fitted = fitted or {}
-    ctx = BuildContext(zoo=zoo, task=task, config=config, data=splits, source=source,
-                       fitted={name: fitted[name] for name in spec.requires if name in fitted},
-                       member=member, member_val_metrics=member_val_metrics, train_config=train_config,
-                       seed=train_config.seed)
-    built = spec.build(ctx)
-    train_cost = None
-    if cost_input is not None:
-        # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
-        measuring = time.perf_counter()
-        train_cost = measure_cost(built, built, cost_input).to_dict()
-        start += time.perf_counter() - measuring  # measuring is not the method's time
-    if spec.trains:
-        result = Trainer(
-            built, task, splits.train, splits.val, config=train_config, out_dir=out_dir, resume=resume
-        ).fit()
-        model = result.model
-        val_metric = result.best_val_metric
-    else:
-        model = built.finalize() if hasattr(built, "finalize") else built
-        val_metric = None
-    model.eval()
-    if val_metric is None:
-        val_metric = evaluate(model, task, splits.val, batch_size=eval_batch_size)[task.metric_name]
+
+    def fit_one(config, overrides: dict, out):
+        torch.manual_seed(train_config.seed)  # the new heads and gates are initialised from this seed
+        ctx = BuildContext(zoo=zoo, task=task, config=config, data=splits, source=source,
+                           fitted={name: (fitted or {})[name] for name in spec.requires if name in (fitted or {})},
+                           member=member, member_val_metrics=member_val_metrics, train_config=train_config,
+                           seed=train_config.seed)
+        built = spec.build(ctx)
+        train_cost = None
+        if cost_input is not None:
+            # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
+            measuring = time.perf_counter()
+            train_cost = measure_cost(built, built, cost_input).to_dict()
+            nonlocal start
+            start += time.perf_counter() - measuring  # measuring is not the method's time
+        if spec.trains:
+            result = Trainer(built, task, splits.train, splits.val, config=train_config, out_dir=out,
+                             resume=resume).fit()
+            model, val_metric = result.model, result.best_val_metric
+        else:
+            model = built.finalize() if hasattr(built, "finalize") else built
+            val_metric = None
+        model.eval()
+        if val_metric is None:
+            val_metric = evaluate(model, task, splits.val, batch_size=eval_batch_size)[task.metric_name]
+        return ctx, built, model, float(val_metric), train_cost, {**ctx.resolved, **overrides}
+
+    best = fit_one(config, {}, out_dir)
+    first_ctx = best[0]
+    # Further candidates (e.g. robust Zoo-Tuning's other starts), each trained the same way in its own
+    # folder; the best validation metric wins, the first of equals.
+    for k, overrides in enumerate(spec.candidates(first_ctx) if spec.candidates is not None else [], start=2):
+        candidate_config = (dataclasses.replace(config, **overrides) if dataclasses.is_dataclass(config)
+                            else {**(config or {}), **overrides})
+        out = None if out_dir is None else Path(out_dir).parent / f"{Path(out_dir).name}-candidate-{k}"
+        candidate = fit_one(candidate_config, {**first_ctx.resolved, **overrides}, out)
+        if candidate[3] > best[3] if task.higher_is_better else candidate[3] < best[3]:
+            best = candidate
+    _, built, model, val_metric, train_cost, resolved = best
     seconds = time.perf_counter() - start
     cost = None
     if cost_input is not None:
         infer_cost = measure_cost(model, model, cost_input).to_dict()
         cost = {k: (train_cost[k] if k.startswith("train") else v) for k, v in infer_cost.items()}
-    return Fitted(built, model, float(val_metric), seconds, cost, dict(ctx.resolved))
+    return Fitted(built, model, val_metric, seconds, cost, resolved)
 
 
 def fit_members(

@@ -78,6 +78,9 @@ class MethodSpec:
     left out of ``zootune run`` unless named. ``needs_source_data``: uses ``ctx.source``.
     ``reports_gates``: the built module has ``record_gates()``/``gate_statistics()`` (gate heatmaps).
     ``plain_model``: what ``finalize()`` returns is a plain model of the zoo's architecture.
+    ``candidates(ctx)``: called with the first build's context (``ctx.resolved`` filled), a list of
+    option overrides to train the same way as further candidates; the one with the best validation
+    metric is kept and its overrides recorded with the resolved options (empty list: one training).
     """
 
     name: str
@@ -94,6 +97,7 @@ class MethodSpec:
     needs_source_data: bool = False
     reports_gates: bool = False
     plain_model: bool = False  # finalize() gives a plain model of the zoo's architecture (no method modules)
+    candidates: Callable[[BuildContext], list[dict]] | None = None
     # Instead of a config dataclass: options are the keyword parameters of this callable (a
     # constructor), less those ``build`` fills itself (``options_exclude``); parsed to a dict.
     options_of: Callable | None = None

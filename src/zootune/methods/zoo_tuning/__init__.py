@@ -17,7 +17,7 @@ from zootune.methods.zoo_tuning.fold import merge_and_unload
 from zootune.methods.zoo_tuning.io import load_folded, save_folded, save_pretrained
 from zootune.methods.zoo_tuning.model import ZooTuning, ZooTuningConfig
 from zootune.methods.zoo_tuning.options import ZooTuningOptions
-from zootune.methods.zoo_tuning.start import rank_if_robust, score_members
+from zootune.methods.zoo_tuning.start import rank, rank_if_robust, score_members
 from zootune.models.heads import head_in_features
 from zootune.options import require
 
@@ -45,6 +45,19 @@ def _builder(lite: bool):
     return build
 
 
+def candidate_starts(ctx: BuildContext) -> list[dict]:
+    """The robust variant's further starts (``start_candidates`` > 1): the members ranked 2nd, 3rd, ...
+    by the first build's ranking, each as ``{"member_scores", "start_member"}``; the experiment trains
+    each and keeps the best on validation. None for the paper's variant or a start the user chose."""
+    options = ctx.config or ZooTuningOptions()
+    scores = ctx.resolved.get("member_scores", options.member_scores)
+    if options.variant != "robust" or options.start_member is not None or scores is None:
+        return []
+    order = rank(scores)
+    return [{"member_scores": list(scores), "start_member": order[k]}
+            for k in range(1, min(options.start_candidates, len(order)))]
+
+
 register_method(MethodSpec(
     name="zoo-tuning",
     help="Zoo-Tuning: all sources' kernels trained and mixed per sample by gates (ICML 2021); robust "
@@ -52,6 +65,7 @@ register_method(MethodSpec(
     build=_builder(lite=False),
     config=ZooTuningOptions,
     reports_gates=True,
+    candidates=candidate_starts,
 ))
 register_method(MethodSpec(
     name="lite",
@@ -60,6 +74,7 @@ register_method(MethodSpec(
     config=ZooTuningOptions,
     reports_gates=True,
     plain_model=True,
+    candidates=candidate_starts,
 ))
 # The published method under its own names, so that one `zootune run` reports both starts side by side.
 register_method(MethodSpec(

@@ -457,6 +457,10 @@ class ZooTuning(nn.Module):
         member_scores: one score per zoo member, higher = better; the robust variant starts on the
             best one and drops those more than ``prune_margin`` below it.
         start_member: the member to start on (overrides the scores' choice); any variant.
+        start_candidates: k; robust variant, used by the experiment (``fit_method``), not by this
+            module: train from each of the k first-ranked members and keep the one that validates
+            best, s* = argmax_{s in top-k} val(ZooTuning started on s) (default 2, ``options.ROBUST_START_CANDIDATES``;
+            a start the user chose is one candidate).
         keep_members: zoo indices to aggregate (overrides pruning).
         prune_margin: see the module docstring (default ``ROBUST_PRUNE_MARGIN``).
         off_gate: the other members' initial gate when there is a start member (tanh/linear gates:

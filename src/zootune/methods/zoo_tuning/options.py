@@ -19,6 +19,7 @@ from zootune.layers.targets import resolve_layer_types
 ALIGN_CHOICES = ("kernel>1", "all", "none")
 VARIANTS = ("paper", "robust")
 NORM_INITS = ("mean", "start")
+ROBUST_START_CANDIDATES = 2  # robust variant: a second start, chosen on validation (docs/robustness.md)
 
 
 def patterns(value: str | Sequence[str] | None) -> list[str] | None:
@@ -42,6 +43,7 @@ class ZooTuningOptions:
     variant: str = "robust"
     member_scores: list[float] | None = None
     start_member: int | None = None
+    start_candidates: int = ROBUST_START_CANDIDATES
     keep_members: list[int] | None = None
     prune_margin: float | None = None
     off_gate: float | None = None
@@ -85,6 +87,8 @@ class ZooTuningOptions:
                 f"align_weight_decay must be >= 0, got {self.align_weight_decay}")
         require(self.prune_margin is None or self.prune_margin >= 0,
                 f"prune_margin must be >= 0, got {self.prune_margin}")
+        require(isinstance(self.start_candidates, int) and self.start_candidates >= 1,
+                f"start_candidates must be an integer >= 1, got {self.start_candidates!r}")
         require(self.start_member is None or self.start_member >= 0,
                 f"start_member must be a member index >= 0, got {self.start_member}")
         if self.member_scores is not None:
