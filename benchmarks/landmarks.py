@@ -6,7 +6,7 @@ coordinates), the uniform soup, Zoo-Tuning and Lite Zoo-Tuning on the generated 
 lower is better) over seeds, with training / inference GFLOPs per image from the shared cost
 accounting. It is exactly the comparison run::
 
-    zootune run --targets landmarks --methods finetune,ensemble,soup,zoo-tuning,lite \\
+    zootune run --targets landmarks --methods finetune,ensemble,soup,zoo-tuning,lite,zoo-tuning-paper,lite-paper \\
         --optimizer adamw --lr 0.003 --epochs 6 --seeds 3
 
 Why AdamW here and not the classification default (SGD, lr 0.02): measured on this target (member
@@ -29,7 +29,7 @@ import torch
 
 from zootune.experiment import RunConfig, run_experiment
 
-METHODS = ["finetune", "ensemble", "soup", "zoo-tuning", "lite"]
+METHODS = ["finetune", "ensemble", "soup", "zoo-tuning", "lite", "zoo-tuning-paper", "lite-paper"]
 
 
 def landmark_config(epochs: int = 6, seeds: int = 3, **overrides) -> RunConfig:
