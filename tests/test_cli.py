@@ -213,7 +213,7 @@ def test_fit_with_two_start_candidates_exports_the_kept_one_and_resumes(workspac
             workspace / "data", "--method", "zoo-tuning", "--option", "start_candidates=2", *FAST, "--out", out]
     code, _, err = run_cli(argv, capsys)
     assert code == 0, err
-    assert (out / "train-candidate-2" / "checkpoint.pt").is_file()
+    assert (out / "train" / "candidate-2" / "checkpoint.pt").is_file()
     options = json.loads((out / "model" / "config.json").read_text())["options"]
     assert options["start_candidates"] == 2 and len(options["member_scores"]) == 2
     code, printed, _ = run_cli(["evaluate", out / "model", "--data", workspace / "data"], capsys)
@@ -223,6 +223,12 @@ def test_fit_with_two_start_candidates_exports_the_kept_one_and_resumes(workspac
     assert code == 0, err
     resumed = json.loads((out / "model" / "metrics.json").read_text())
     assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in metrics.items() if k != "seconds"}
+    # --overwrite replaces the candidates' folders with the run's (nothing of the old run stays)
+    stale = out / "train" / "candidate-2" / "stale-marker"
+    stale.write_text("old run")
+    code, _, err = run_cli([*argv, "--overwrite"], capsys)
+    assert code == 0 and not stale.exists(), err
+    assert (out / "train" / "candidate-2" / "checkpoint.pt").is_file()
 
 
 def test_run_options_reach_the_run_config(monkeypatch, tmp_path, capsys):

@@ -45,7 +45,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -259,6 +259,17 @@ class Fitted:
     resolved: dict = field(default_factory=dict)  # options the method resolved from the data (BuildContext.resolved)
 
 
+class _Trained(NamedTuple):
+    """One training inside :func:`fit_method` (the method's first, or a further candidate)."""
+
+    ctx: BuildContext
+    built: nn.Module
+    model: nn.Module
+    val_metric: float
+    train_cost: dict | None
+    measuring: float  # seconds spent measuring costs (not the method's time)
+
+
 @dataclass
 class FittedSet:
     """The methods fitted so far for one target and seed: what later methods may require."""
@@ -301,22 +312,20 @@ def fit_method(
     from zootune.engine import Trainer, evaluate
 
     config = spec.parse_options(options)
-    start = time.perf_counter()  # building counts: a method that needs data computes it there
+    required = {name: fitted[name] for name in spec.requires if name in (fitted or {})}
 
-    def fit_one(config, overrides: dict, out):
+    def fit_one(config, out) -> _Trained:
         torch.manual_seed(train_config.seed)  # the new heads and gates are initialised from this seed
-        ctx = BuildContext(zoo=zoo, task=task, config=config, data=splits, source=source,
-                           fitted={name: (fitted or {})[name] for name in spec.requires if name in (fitted or {})},
+        ctx = BuildContext(zoo=zoo, task=task, config=config, data=splits, source=source, fitted=required,
                            member=member, member_val_metrics=member_val_metrics, train_config=train_config,
                            seed=train_config.seed)
         built = spec.build(ctx)
-        train_cost = None
+        train_cost, measuring = None, 0.0
         if cost_input is not None:
             # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
-            measuring = time.perf_counter()
+            begin = time.perf_counter()
             train_cost = measure_cost(built, built, cost_input).to_dict()
-            nonlocal start
-            start += time.perf_counter() - measuring  # measuring is not the method's time
+            measuring = time.perf_counter() - begin
         if spec.trains:
             result = Trainer(built, task, splits.train, splits.val, config=train_config, out_dir=out,
                              resume=resume).fit()
@@ -327,26 +336,26 @@ def fit_method(
         model.eval()
         if val_metric is None:
             val_metric = evaluate(model, task, splits.val, batch_size=eval_batch_size)[task.metric_name]
-        return ctx, built, model, float(val_metric), train_cost, {**ctx.resolved, **overrides}
+        return _Trained(ctx, built, model, float(val_metric), train_cost, measuring)
 
-    best = fit_one(config, {}, out_dir)
-    first_ctx = best[0]
-    # Further candidates (e.g. robust Zoo-Tuning's other starts), each trained the same way in its own
-    # folder; the best validation metric wins, the first of equals.
-    for k, overrides in enumerate(spec.candidates(first_ctx) if spec.candidates is not None else [], start=2):
+    start = time.perf_counter()  # building counts: a method that needs data computes it there
+    first = fit_one(config, out_dir)
+    best, resolved, measuring = first, dict(first.ctx.resolved), first.measuring
+    # Further candidates (e.g. robust Zoo-Tuning's other starts), each trained the same way in a
+    # folder inside the first one's; the best validation metric wins, the first of equals.
+    for k, overrides in enumerate(spec.candidates(first.ctx) if spec.candidates is not None else [], start=2):
         candidate_config = (dataclasses.replace(config, **overrides) if dataclasses.is_dataclass(config)
                             else {**(config or {}), **overrides})
-        out = None if out_dir is None else Path(out_dir).parent / f"{Path(out_dir).name}-candidate-{k}"
-        candidate = fit_one(candidate_config, {**first_ctx.resolved, **overrides}, out)
-        if candidate[3] > best[3] if task.higher_is_better else candidate[3] < best[3]:
-            best = candidate
-    _, built, model, val_metric, train_cost, resolved = best
-    seconds = time.perf_counter() - start
+        candidate = fit_one(candidate_config, None if out_dir is None else Path(out_dir) / f"candidate-{k}")
+        measuring += candidate.measuring
+        if candidate.val_metric > best.val_metric if task.higher_is_better else candidate.val_metric < best.val_metric:
+            best, resolved = candidate, {**first.ctx.resolved, **overrides}
+    seconds = time.perf_counter() - start - measuring  # measuring costs is not the method's time
     cost = None
     if cost_input is not None:
-        infer_cost = measure_cost(model, model, cost_input).to_dict()
-        cost = {k: (train_cost[k] if k.startswith("train") else v) for k, v in infer_cost.items()}
-    return Fitted(built, model, val_metric, seconds, cost, resolved)
+        infer_cost = measure_cost(best.model, best.model, cost_input).to_dict()
+        cost = {k: (best.train_cost[k] if k.startswith("train") else v) for k, v in infer_cost.items()}
+    return Fitted(best.built, best.model, best.val_metric, seconds, cost, resolved)
 
 
 def fit_members(
