@@ -121,6 +121,8 @@ def _bad_files(ws: Path) -> None:
     occupied = ws / "occupied"
     (occupied / "model").mkdir(parents=True, exist_ok=True)
     (occupied / "results.json").write_text("{}")
+    (ws / "zoo_folder").mkdir(exist_ok=True)
+    (ws / "zoo_folder" / "m0.safetensors").write_bytes((ws / "m0.safetensors").read_bytes())
     (ws / "export_full").mkdir(exist_ok=True)
     (ws / "export_full" / "something").write_text("x")
 
@@ -236,7 +238,21 @@ CASES = [
     ("out-is-file", lambda ws, o: _fit(ws, ws / "a_file"), ["a_file", "is a file"]),
     ("out-unwritable", lambda ws, o: _fit(ws, Path("/proc/zootune-cannot-write-here")), ["cannot be written"]),
     ("out-holds-run", lambda ws, o: _fit(ws, ws / "occupied"), ["holds another run", "--resume", "--overwrite"]),
+    ("out-is-data", lambda ws, o: _fit(ws, ws / "data", "--overwrite"), ["--data", "never writes over"]),
+    ("out-inside-data", lambda ws, o: _fit(ws, ws / "data" / "a" / "run"), ["is inside --data"]),
+    ("out-contains-data", lambda ws, o: _fit(ws, ws, "--overwrite"), ["contains --data"]),
+    ("out-is-zoo-folder", lambda ws, o: _fit(ws, ws / "zoo_folder", "--overwrite",
+                                             zoo=("zoo_folder/m0.safetensors", "m1.safetensors")),
+     ["is the folder of zoo member", "m0.safetensors"]),
     # ---- export
+    ("export-onto-run", lambda ws, o: ["export", ws / "fitted", "--out", ws / "fitted", "--overwrite"],
+     ["never writes over", "fitted"]),
+    ("export-onto-model", lambda ws, o: ["export", ws / "fitted" / "model", "--out", ws / "fitted" / "model",
+                                         "--overwrite"], ["never writes over"]),
+    ("export-into-run", lambda ws, o: ["export", ws / "fitted", "--out", ws / "fitted" / "train", "--overwrite"],
+     ["is inside"]),
+    ("export-over-run", lambda ws, o: ["export", ws / "fitted" / "model", "--out", ws / "fitted", "--overwrite"],
+     ["contains"]),
     ("export-missing", lambda ws, o: ["export", ws / "no_run", "--out", o], ["no_run", "does not exist"]),
     ("export-run-is-file", lambda ws, o: ["export", ws / "a_file", "--out", o], ["a_file", "is a file"]),
     ("export-no-config", lambda ws, o: ["export", ws / "empty_dir", "--out", o], ["not an exported zootune model"]),
@@ -329,3 +345,17 @@ def test_bad_input_gives_one_line_exit_2_and_leaves_no_run_behind(bad_ws, tmp_pa
     if out.exists():
         assert not [p for e in RUN_ENTRIES for p in out.glob(e)], list(out.iterdir())
         assert not [p for p in out.rglob(".*tmp*")], list(out.rglob("*"))
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("source,out", [("fitted", "fitted"), ("fitted/model", "fitted/model"),
+                                        ("fitted/model", "fitted"), ("fitted", "fitted/model")])
+def test_export_onto_its_own_run_leaves_the_run_byte_identical(ws, source, out):
+    before = _tree_bytes(ws / "fitted")
+    assert "train/checkpoint.pt" in before and "model/metrics.json" in before
+    code, _, stderr = run_cli(["export", ws / source, "--out", ws / out, "--overwrite"])
+    assert_one_line_error(code, stderr, "never writes over")
+    assert _tree_bytes(ws / "fitted") == before

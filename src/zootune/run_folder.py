@@ -31,6 +31,41 @@ LOCK_NAME = ".zootune.lock"
 RUN_ENTRIES = ("model", "train/checkpoint.pt", "requires/*/checkpoint.pt", "metrics.json", "results.json")
 
 
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def refuse_overlap(out: str | os.PathLike, inputs: Sequence[tuple[str, str | os.PathLike]], *,
+                   files: Sequence[tuple[str, str | os.PathLike]] = ()) -> None:
+    """Refuse an output folder that would write over what the command reads, ``--overwrite`` or not.
+
+    ``inputs`` are ``(what, folder)`` pairs (a run to export, an image folder): ``out`` may be neither
+    equal to one, nor inside one, nor contain one. ``files`` are ``(what, file)`` pairs (a zoo
+    checkpoint): ``out`` may not be the file's own folder or contain the file -- a run folder beside
+    the checkpoints, in a sub-folder of theirs, is fine. Symbolic links are resolved first.
+    """
+    target = _resolved(out)
+
+    def refuse(what: str, path: Path, how: str) -> None:
+        raise ZootuneError(f"--out {out} {how} {what} {path}: a command never writes over what it reads; "
+                           "choose another --out")
+
+    for what, folder in inputs:
+        folder = _resolved(folder)
+        if target == folder:
+            refuse(what, folder, "is")
+        if folder in target.parents:
+            refuse(what, folder, "is inside")
+        if target in folder.parents:
+            refuse(what, folder, "contains")
+    for what, file in files:
+        file = _resolved(file)
+        if target == file.parent:
+            refuse(what, file, "is the folder of")
+        if target in file.parents:
+            refuse(what, file, "contains")
+
+
 def _is_stale_temporary(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
 
@@ -174,4 +209,4 @@ def commit_folder(final: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     return final
 
 
-__all__ = ["RunFolder", "check_writable_folder", "commit_folder", "LOCK_NAME", "RUN_ENTRIES"]
+__all__ = ["RunFolder", "check_writable_folder", "commit_folder", "refuse_overlap", "LOCK_NAME", "RUN_ENTRIES"]

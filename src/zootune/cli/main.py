@@ -216,6 +216,15 @@ def _method_list() -> str:
     return ", ".join(_methods())
 
 
+def _zoo_files(members: Sequence[str]) -> list[str]:
+    """The checkpoint files that ``--zoo`` names (a NAME=PATH member's PATH too)."""
+    files = []
+    for member in members:
+        _, sep, path = str(member).partition("=")
+        files.append(path if sep else str(member))
+    return [path for path in files if Path(path).is_file()]
+
+
 def _is_main_process() -> bool:
     """Rank 0 under torchrun (RANK in the environment), or a plain process: the one that writes and prints."""
     return int(os.environ.get("RANK", "0") or 0) == 0
@@ -228,7 +237,7 @@ def cmd_fit(args) -> int:
     from zootune.methods.registry import get_method
     from zootune.model_dir import export_info, save_model_dir
     from zootune.report import atomic_write_json
-    from zootune.run_folder import RunFolder
+    from zootune.run_folder import RunFolder, refuse_overlap
     from zootune.tasks import ClassificationTask
 
     # Everything the user typed is checked before any file is read or any model is built.
@@ -250,6 +259,9 @@ def cmd_fit(args) -> int:
                          channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
     main_process = _is_main_process()
     say = print if main_process else (lambda *_a, **_k: None)
+    refuse_overlap(args.out, [("--data", args.data)] + ([("--source-data", args.source_data)]
+                                                        if args.source_data is not None else []),
+                   files=[("zoo member", path) for path in _zoo_files(args.zoo)])
     with RunFolder(args.out, resume=args.resume, overwrite=args.overwrite, writer=main_process) as folder:
         zoo = _load_zoo(args)
         if main_process:
@@ -303,13 +315,14 @@ def _model_dir_of(run_dir: Path) -> Path:
 def cmd_export(args) -> int:
     from zootune.model_dir import load_model_dir, save_model_dir
 
-    from zootune.run_folder import check_writable_folder, commit_folder
+    from zootune.run_folder import check_writable_folder, commit_folder, refuse_overlap
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ZootuneError(f"run folder {run_dir} does not exist" if not run_dir.exists()
                            else f"{run_dir} is a file, not a run or model folder")
     out = Path(args.out).expanduser()
+    refuse_overlap(out, [("the run or model folder", run_dir)])
     if out.exists() and not out.is_dir():
         raise ZootuneError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
