@@ -9,3 +9,12 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _own_formulation_cache(tmp_path, monkeypatch):
+    """Each test starts with an empty cache of timed formulation choices (the user's stays untouched);
+    CLI tests in subprocesses use the user cache, as a user's runs do."""
+    from zootune.engine import formulation_cache
+
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: tmp_path / "formulations.json")

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from zootune.engine import TrainConfig, Trainer
 from zootune.engine import threads as engine_threads
+from zootune.engine import formulation_cache
 from zootune.engine.checkpoint import load_checkpoint
 from zootune.engine.sync_bn import (
     CpuSyncBatchNorm,
@@ -236,6 +237,50 @@ def test_formulations_are_tuned_once_before_training_and_stored(tmp_path, monkey
     assert calls[-1]["example"].shape == (5, 3, 8, 8)
 
 
+def _noisy_timing(monkeypatch):
+    """``measure`` that picks another survivor on every call, as a loaded machine's timing may."""
+    calls = []
+
+    def measure(candidates, macs, device="cpu", repeats=autotune.MEASURE_REPEATS):
+        survivors = [n for n in candidates if macs[n] <= autotune.PRUNE_FACTOR * min(macs[c] for c in candidates)]
+        calls.append(len(calls))
+        return autotune.LayerChoice(survivors[len(calls) % len(survivors)], {}, dict(macs))
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    return calls
+
+
+def _trained_state(net, epochs=2):
+    Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=epochs, formulations="time")).fit()
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_timed_choices_are_reused_from_the_machine_cache_so_reruns_are_bit_identical(monkeypatch, tmp_path):
+    calls = _noisy_timing(monkeypatch)
+    first = _trained_state(agg_net())
+    timed = len(calls)
+    assert timed == 2 and json.loads((tmp_path / "formulations.json").read_text())
+    second = _trained_state(agg_net())
+    assert len(calls) == timed  # nothing timed again
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # without the cache the noisy timing chooses otherwise and the weights differ: the cache is what
+    # makes the rerun equal
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: tmp_path / "other.json")
+    calls.append("the load changed")  # the next timings pick the other survivors
+    third = _trained_state(agg_net())
+    assert any(not torch.equal(first[k], third[k]) for k in first)
+
+
+def test_a_corrupt_or_unwritable_formulation_cache_is_measured_again(monkeypatch, tmp_path):
+    (tmp_path / "formulations.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        _trained_state(agg_net(), epochs=1)
+    assert json.loads((tmp_path / "formulations.json").read_text())  # replaced by a valid one
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: Path("/proc/zootune-x/f.json"))
+    with pytest.warns(UserWarning, match="cannot be written"):
+        _trained_state(agg_net(), epochs=1)
+
+
 def test_macs_mode_stores_no_choice_and_fixed_formulations_are_not_tuned(tmp_path):
     net = agg_net()
     Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=1, formulations="macs"), out_dir=tmp_path).fit()
@@ -285,6 +330,8 @@ def _worker(out: str, epochs: int, prefer: str, kill_in_epoch: int | None, resum
         return autotune.LayerChoice(prefer if prefer in names else names[0], {n: 1.0 for n in names}, dict(macs))
 
     autotune.measure = measure
+    # each run folder its own cache of timed choices: the processes stand for different machines
+    formulation_cache.choices_path = lambda cache_dir=None: Path(out) / "formulations.json"
     state = {"epoch_done": 0, "reads_in_epoch": 0}
 
     class Killing(Images):

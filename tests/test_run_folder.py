@@ -181,3 +181,24 @@ def test_under_two_processes_only_rank_0_writes_and_prints(workspace, tmp_path):
     assert outputs[1][0].strip() == ""  # rank 1 prints nothing
     assert sorted(p.name for p in (out / "model").iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
     assert not list(out.rglob(".*tmp*"))
+
+
+def test_atomic_writes_flush_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """A rename is durable only once its folder is flushed: both writers fsync the folder after
+    os.replace, and what they wrote reads back."""
+    import os
+
+    from zootune.atomic import atomic_write_text
+    from zootune.run_folder import commit_folder
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    atomic_write_text(tmp_path / "a.txt", "hello")
+    assert events.index(("fsync", str(tmp_path))) > events.index(("replace", str(tmp_path / "a.txt")))
+    events.clear()
+    commit_folder(tmp_path / "model", lambda tmp: (tmp / "x").write_text("y"))
+    assert events.index(("fsync", str(tmp_path))) > events.index(("replace", str(tmp_path / "model")))
+    assert (tmp_path / "a.txt").read_text() == "hello" and (tmp_path / "model" / "x").read_text() == "y"

@@ -3,7 +3,8 @@
 The content goes to a temporary file in the target's folder (``.NAME.<random>.tmp``: hidden, and
 removed by :class:`zootune.run_folder.RunFolder` if a crash leaves it), is flushed to disk, and is
 renamed over the target with ``os.replace`` -- atomic on POSIX, so a reader (or a run resumed after
-``kill -9``) sees the old file or the new one, never half of one.
+``kill -9``) sees the old file or the new one, never half of one -- and the folder is flushed too
+(:func:`fsync_folder`), so the rename itself survives a power loss.
 """
 
 from __future__ import annotations
@@ -27,11 +28,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries to disk: a rename is durable only once its folder is (POSIX), so
+    without this a power loss after "model written" could bring back the old name."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform or file system without folder handles: nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
+from zootune.atomic import fsync_folder
 from zootune.errors import ZootuneError
 
 LOCK_NAME = ".zootune.lock"
@@ -201,6 +202,7 @@ def commit_folder(final: str | os.PathLike, write: Callable[[Path], None]) -> Pa
             old = final.parent / f".{final.name}.old.tmp-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_folder(final.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     except BaseException:

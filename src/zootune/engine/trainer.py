@@ -51,6 +51,7 @@ from zootune.engine.checkpoint import (
 from zootune.engine.config import TrainConfig
 from zootune.engine.distributed import unwrap
 from zootune.engine.evaluation import _model_device, evaluation_sums, sums_to_metrics
+from zootune.engine.formulation_cache import machine_choices
 from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
@@ -387,7 +388,9 @@ class Trainer:
     def _choose_formulations(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> None:
         """Each aggregation layer's training formulation: read back from the checkpoint when
         resuming, else chosen once on an example batch (:func:`zootune.layers.autotune.tune`),
-        outside any forward; under several processes every rank uses rank 0's choices. Evaluation
+        outside any forward, timing only what this machine's cache of earlier choices
+        (:mod:`zootune.engine.formulation_cache`) does not hold -- so the same command trains the same
+        model bit for bit; under several processes every rank uses rank 0's choices. Evaluation
         keeps the fewest-multiply-adds rule, so the trained model's numbers do not depend on where
         it is evaluated."""
         if not any(layer.formulation == "auto" for layer in autotune.aggregated_layers(module).values()):
@@ -403,8 +406,9 @@ class Trainer:
             autotune.clear_choices(module)
             return
         example = self._example(sampler, device)
-        with self._autocast(device):
-            report = autotune.tune(module, example, mode="time", training=True)
+        cached = machine_choices() if self.dist.is_main else contextlib.nullcontext(None)
+        with cached as known, self._autocast(device):
+            report = autotune.tune(module, example, mode="time", training=True, known=known)
         if self.dist.enabled:
             autotune.load_formulation_choices(module, distributed.all_gather_objects(
                 autotune.formulation_choices(module))[0])

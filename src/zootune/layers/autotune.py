@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import nn
@@ -173,6 +173,20 @@ def _layer_inputs(model: nn.Module, layers: dict[str, AggregatedLayer], example:
     return seen
 
 
+def choice_key(layer: AggregatedLayer, spec: _InputSpec, phase: str, candidates: Sequence[str]) -> str:
+    """What a timed choice depends on besides the machine: the layer's computation (kind, sources,
+    channels, kernel, stride, padding, groups, variant), its input's shape, dtype, memory format and
+    device, the phase and the candidates compared."""
+    device = spec.device.type
+    if spec.device.type == "cuda":
+        device = f"cuda:{torch.cuda.get_device_name(spec.device)}"
+    geometry = [getattr(layer, name, None) for name in ("stride", "padding", "dilation", "groups", "padding_mode")]
+    return "|".join(str(part) for part in (
+        type(layer).__name__, layer.extra_repr(), tuple(layer.bank.shape), geometry, layer.variant,
+        spec.shape, spec.dtype, "channels_last" if spec.channels_last else "contiguous", device, phase,
+        ",".join(sorted(candidates))))
+
+
 def resolve_mode(mode: str | None) -> str:
     """``mode``, or for ``None`` the default: "time"."""
     mode = mode if mode is not None else "time"
@@ -182,7 +196,8 @@ def resolve_mode(mode: str | None) -> str:
 
 
 def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training: bool = True,
-         phases: Sequence[str] | None = None, repeats: int = MEASURE_REPEATS) -> dict[str, dict[str, LayerChoice]]:
+         phases: Sequence[str] | None = None, repeats: int = MEASURE_REPEATS,
+         known: MutableMapping[str, str] | None = None) -> dict[str, dict[str, LayerChoice]]:
     """Choose and store the formulation of every ``formulation="auto"`` aggregation layer of ``model``.
 
     Args:
@@ -196,6 +211,10 @@ def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training
             ``False``: the eval phase (forward without gradients) instead.
         phases: override ``training``: the phases to tune, from ("train", "eval").
         repeats: timed runs per candidate after its warm-up run (the minimum counts).
+        known: earlier timed choices by :func:`choice_key` (e.g. this machine's, from a cache file):
+            a layer whose key is there takes that choice without timing; a timed choice is added.
+            Timing differs from run to run, and each formulation sums in another order, so reusing
+            the choice is what makes the same command give bit-identical weights on one machine.
 
     Returns ``{layer name: {phase: LayerChoice}}`` (what was chosen, and the measurements). Under
     ``torch.distributed`` every process must call it (a Lite layer averages its gate over
@@ -225,7 +244,13 @@ def tune(model: nn.Module, example_batch, *, mode: str | None = "time", training
                 if mode == "macs":
                     report[name][phase] = LayerChoice(by_fewest_macs(list(runners), macs), {}, macs)
                     continue
-                choice = measure(runners, macs, x.device, repeats)
+                key = choice_key(layer, inputs[name], phase, list(runners))
+                if known is not None and known.get(key) in runners:
+                    choice = LayerChoice(known[key], {}, macs)
+                else:
+                    choice = measure(runners, macs, x.device, repeats)
+                    if known is not None:
+                        known[key] = choice.chosen
                 layer.formulation_choice[phase] = choice.chosen
                 report[name][phase] = choice
     return report

@@ -150,8 +150,30 @@ def save_state_dict(
     if path.name.endswith(SAFETENSORS_SUFFIX):
         from safetensors.torch import save_file
 
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta or None))
+        def write(tmp: str) -> None:
+            save_file(tensors, tmp, metadata=meta or None)
+            _sort_safetensors_metadata(tmp)
+
+        return atomic_write(path, write)
     return atomic_write(path, lambda tmp: torch.save({"state_dict": tensors, "metadata": meta}, tmp))
+
+
+def _sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place. The library
+    writes them in a hash map's per-process order, so the same model saved twice would differ in its
+    bytes (safetensors issue #584); the sorted header has the same length, so nothing else moves."""
+    with open(path, "rb+") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(size)
+        header = json.loads(raw)
+        if not isinstance(header.get("__metadata__"), dict):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":")).encode()
+        if len(canonical) > size:  # another writer's spacing: leave its header as it is
+            return
+        handle.seek(8)
+        handle.write(canonical.ljust(size, b" "))  # the format pads headers with spaces
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
