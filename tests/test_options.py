@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+import torch
 
 from zootune.errors import OptionError
 from zootune.methods.registry import available_methods, get_method
@@ -76,3 +78,46 @@ def test_range_checks_of_methods():
         get_method("distill").parse_options({"alpha": 2.0})
     with pytest.raises(OptionError, match="prune_fraction"):
         get_method("pac-net").parse_options({"prune_fraction": 1.5})
+
+
+def test_every_registered_architecture_declares_options_its_builder_accepts():
+    """The option table of each architecture holds the builder's own defaults (a model built with
+    them given explicitly has the layout of one built with none), and each name it fixes is one the
+    builder refuses itself."""
+    from zootune.model_dir import same_layout
+    from zootune.models import ARCH_OPTIONS, ARCHITECTURES
+
+    assert set(ARCH_OPTIONS) == set(ARCHITECTURES)
+    for name, builder in ARCHITECTURES.items():
+        table = ARCH_OPTIONS[name]
+        defaults = dataclasses.asdict(table())  # the defaults pass the table's own range checks
+        with torch.device("meta"):  # structure only: nothing allocated or initialised
+            assert same_layout(builder(**defaults), builder()), name
+        for fixed in table.fixed:
+            assert fixed not in defaults, (name, fixed)
+            with pytest.raises(TypeError):
+                builder(**{fixed: None})
+
+
+def test_the_minizoo_architecture_fixes_what_the_minizoo_builds_with():
+    from zootune.minizoo.store import ARCH, ARCH_NAME
+    from zootune.models import ARCH_OPTIONS
+
+    assert set(ARCH_OPTIONS[ARCH_NAME].fixed) == set(ARCH) - {"builder"}
+
+
+def test_an_architecture_registered_without_a_table_is_checked_by_its_signature():
+    from zootune.models import ARCH_OPTIONS, ARCHITECTURES, register_architecture, resolve_arch_options
+
+    def tiny(num_classes: int = 2, width: int = 4):
+        return torch.nn.Linear(width, num_classes)
+
+    try:
+        register_architecture("test_tiny", tiny)
+        assert "test_tiny" not in ARCH_OPTIONS
+        assert resolve_arch_options("test_tiny", {"width": 3}) == (tiny, {"width": 3})
+        with pytest.raises(OptionError, match="unknown architecture 'test_tiny' option.*'depth'"):
+            resolve_arch_options("test_tiny", {"depth": 3})
+    finally:
+        ARCHITECTURES.pop("test_tiny", None)
+
