@@ -308,7 +308,7 @@ CASES = [
 ]
 
 
-# ---- architecture options: refused before the zoo or the data is read (the zoo and the
+# ---- architecture options and --device: refused before the zoo or the data is read (the zoo and the
 # data named here do not exist, so an error about them would mean the check came too late)
 # architecture -> its bad --arch-option values -> the fragments the error line must hold
 BAD_ARCH_OPTIONS = {
@@ -386,7 +386,29 @@ def _arch_option_cases():
     return cases
 
 
-CASES += _arch_option_cases()
+def _device_cases():
+    """--device: parsed as a torch device and available here; what "not available" says depends on
+    this torch build and machine."""
+    cases = [("device-unknown-type", lambda ws, o: _fit_before_any_work(ws, o, "--device", "tpu", arch=ARCH),
+              ["unknown device", "'tpu'"]),
+             ("device-malformed", lambda ws, o: _fit_before_any_work(ws, o, "--device", "cuda:x", arch=ARCH),
+              ["unknown device", "'cuda:x'"])]
+    if torch.version.cuda is None and torch.version.hip is None:
+        unavailable = ["CUDA is not available in this torch build"]
+    elif not torch.cuda.is_available():
+        unavailable = ["no cuda device is available"]
+    else:
+        unavailable = None
+    if unavailable:
+        cases.append(("device-cuda-unavailable",
+                      lambda ws, o: _fit_before_any_work(ws, o, "--device", "cuda", arch=ARCH), unavailable))
+    count = torch.cuda.device_count() if unavailable is None else 0
+    cases.append((f"device-cuda-{count + 5}", lambda ws, o: _fit_before_any_work(
+        ws, o, "--device", f"cuda:{count + 5}", arch=ARCH), unavailable or [f"this machine has {count} cuda device"]))
+    return cases
+
+
+CASES += _arch_option_cases() + _device_cases()
 
 def _missing(module: str) -> bool:
     import importlib.util

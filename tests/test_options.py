@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 import torch
 
-from zootune.errors import OptionError
+from zootune.errors import OptionError, ZootuneError
 from zootune.methods.registry import available_methods, get_method
 from zootune.options import check_kwargs, parse_config, require
 
@@ -121,3 +121,26 @@ def test_an_architecture_registered_without_a_table_is_checked_by_its_signature(
     finally:
         ARCHITECTURES.pop("test_tiny", None)
 
+
+def test_check_device_says_why_a_device_cannot_be_used(monkeypatch):
+    from zootune.engine import check_device
+
+    check_device(None)
+    check_device("cpu")
+    with pytest.raises(ZootuneError, match="unknown device 'tpu'"):
+        check_device("tpu")
+    with pytest.raises(ZootuneError, match="cannot train on 'meta' devices"):
+        check_device("meta")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(ZootuneError, match="CUDA is not available in this torch build"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # a CUDA build: on a machine without GPUs ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ZootuneError, match="no cuda device is available on this machine"):
+        check_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # ... and on one with two
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    with pytest.raises(ZootuneError, match=r"'cuda:5': this machine has 2 cuda device\(s\) \(cuda:0 to cuda:1\)"):
+        check_device("cuda:5")

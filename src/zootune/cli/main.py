@@ -233,7 +233,7 @@ def _is_main_process() -> bool:
 
 def cmd_fit(args) -> int:
     from zootune.data.image_folder import load_image_folder
-    from zootune.engine import TrainConfig, evaluate
+    from zootune.engine import TrainConfig, check_device, evaluate
     from zootune.experiment import fit_with_requirements
     from zootune.methods.registry import get_method
     from zootune.model_dir import export_info, save_model_dir
@@ -253,6 +253,7 @@ def cmd_fit(args) -> int:
     _add_layer_types(spec, options, args.aggregate)
     spec.parse_options(options)  # unknown names, types and ranges
     from_files = _check_zoo_arguments(args)
+    check_device(args.device)
     workers = _num_workers(args, args.image_size)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
