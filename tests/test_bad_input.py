@@ -86,6 +86,13 @@ def test_trust_code_lets_a_harmless_builder_load(ws, tmp_path):
     assert "acc" in out
 
 
+def test_a_model_folder_with_valid_declared_options_still_loads(ws, tmp_path, capsys):
+    """The option tables refuse what a builder cannot take, not what it can: resnet10_small of width 4
+    is the fitted resnet_small(depth=10, width=4)."""
+    folder = _model_dir_with(ws, tmp_path, arch="resnet10_small", arch_kwargs={"width": 4, "in_chans": 3})
+    assert cli.main([str(a) for a in ["evaluate", folder, "--data", ws / "data"]]) == 0, capsys.readouterr().err
+    assert "acc" in capsys.readouterr().out
+
 # ----------------------------------------------------------------------------- the matrix
 # Each case: (id, argv as a function of the workspace and a fresh folder, fragments the error line must hold).
 # Run in-process through zootune.cli.main.main (what the `zootune` script calls): an unexpected
@@ -316,6 +323,108 @@ CASES = [
     ("unknown-command", lambda ws, o: ["train"], ["invalid choice", "train"]),
 ]
 
+
+# ---- architecture options and --device: refused before the zoo or the data is read (the zoo and the
+# data named here do not exist, so an error about them would mean the check came too late)
+# architecture -> its bad --arch-option values -> the fragments the error line must hold
+BAD_ARCH_OPTIONS = {
+    **{name: {  # resnet_small of the depth of the name: the other depth is refused too
+        "unknown": ("no_such=3", ["'no_such'", "valid: in_chans, num_classes, width"]),
+        "fixed": (f"depth={other}", ["'depth'", "fixed by this architecture", "valid: in_chans, num_classes, width"]),
+        "type": ("width=abc", ["'width'", "must be an integer", "'abc'"]),
+        "negative": ("width=-8", ["width must be >= 1", "-8"]),
+        "zero": ("width=0", ["width must be >= 1", "got 0"]),
+    } for name, other in (("resnet10_small", 18), ("resnet18_small", 10))},
+    "resnet_small": {
+        "choice": ("depth=7", ["'depth'", "one of 10, 18", "got 7"]),
+        "zero": ("width=0", ["width must be >= 1", "got 0"]),
+    },
+    "minizoo_resnet10_w8": {
+        "unknown": ("no_such=3", ["'no_such'", "valid: in_chans, num_classes"]),
+        "fixed": ("width=16", ["'width'", "fixed by this architecture", "valid: in_chans, num_classes"]),
+        "type": ("in_chans=abc", ["'in_chans'", "must be an integer"]),
+        "negative": ("in_chans=-8", ["in_chans must be >= 1", "-8"]),
+        "zero": ("num_classes=0", ["num_classes must be >= 1", "got 0"]),
+    },
+    "resnet50": {
+        "unknown": ("no_such=3", ["'no_such'", "valid: in_chans, num_classes, small_input, widths"]),
+        "fixed": ("layers=[1,1,1,1]", ["'layers'", "fixed by this architecture"]),
+        "type": ("widths=abc", ["'widths'", "a list of an integer", "'abc'"]),
+        "negative": ("widths=[8,16,32,-8]", ["widths must be four channel counts >= 1", "-8"]),
+        "zero": ("in_chans=0", ["in_chans must be >= 1", "got 0"]),
+    },
+    "vit_tiny32": {
+        "unknown": ("no_such=3", ["'no_such'", "valid: depth, dim, img_size, in_chans, mlp_ratio"]),
+        "type": ("dim=abc", ["'dim'", "must be an integer", "'abc'"]),
+        "negative": ("dim=-8", ["dim must be >= 1", "-8"]),
+        "zero": ("depth=0", ["depth must be >= 1", "got 0"]),
+        "heads": ("dim=30", ["dim 30 must be a multiple of num_heads 4"]),
+    },
+    "mixer_tiny32": {
+        "unknown": ("no_such=3", ["'no_such'", "valid: channel_hidden, depth, dim"]),
+        "patches": ("patch_size=5", ["img_size 32 must be a multiple of patch_size 5"]),
+    },
+    "minatar_qnet": {
+        "fixed": ("num_actions=3", ["'num_actions'", "fixed by this architecture", "valid: conv_channels"]),
+        "zero": ("hidden=0", ["hidden must be >= 1", "got 0"]),
+    },
+}
+
+
+def _arch_kwargs(text: str) -> dict:
+    from zootune.cli.args import parse_options
+
+    return parse_options([text], flag="--arch-option")
+
+
+def _fit_before_any_work(ws, out, *extra, arch):
+    return _fit(ws, out, *extra, zoo=("nope.pt",), data="no_data", arch=arch)
+
+
+def _arch_option_cases():
+    """Each bad option: through `fit` and `rank` (--arch-option) and a model folder's config.json
+    (arch_kwargs) for `evaluate` and `export`."""
+    cases = []
+    for arch, bad in BAD_ARCH_OPTIONS.items():
+        for what, (text, fragments) in bad.items():
+            fragments = [f"architecture {arch!r}", *fragments]
+            flags = ["--arch", arch, "--arch-option", text]
+            kwargs = _arch_kwargs(text)
+            cases += [
+                (f"arch-{arch}-{what}", lambda ws, o, f=flags: _fit_before_any_work(ws, o, arch=f), fragments),
+                (f"rank-arch-{arch}-{what}", lambda ws, o, f=flags: ["rank", *f, "--zoo", ws / "nope.pt",
+                                                                     "--data", ws / "no_data"], fragments),
+                (f"evaluate-config-{arch}-{what}", lambda ws, o, a=arch, k=kwargs: [
+                    "evaluate", _model_config(ws, o, arch=a, arch_kwargs=k), "--data", ws / "no_data"], fragments),
+                (f"export-config-{arch}-{what}", lambda ws, o, a=arch, k=kwargs: [
+                    "export", _model_config(ws, o, arch=a, arch_kwargs=k), "--out", o], fragments),
+            ]
+    return cases
+
+
+def _device_cases():
+    """--device: parsed as a torch device and available here; what "not available" says depends on
+    this torch build and machine."""
+    cases = [("device-unknown-type", lambda ws, o: _fit_before_any_work(ws, o, "--device", "tpu", arch=ARCH),
+              ["unknown device", "'tpu'"]),
+             ("device-malformed", lambda ws, o: _fit_before_any_work(ws, o, "--device", "cuda:x", arch=ARCH),
+              ["unknown device", "'cuda:x'"])]
+    if torch.version.cuda is None and torch.version.hip is None:
+        unavailable = ["CUDA is not available in this torch build"]
+    elif not torch.cuda.is_available():
+        unavailable = ["no cuda device is available"]
+    else:
+        unavailable = None
+    if unavailable:
+        cases.append(("device-cuda-unavailable",
+                      lambda ws, o: _fit_before_any_work(ws, o, "--device", "cuda", arch=ARCH), unavailable))
+    count = torch.cuda.device_count() if unavailable is None else 0
+    cases.append((f"device-cuda-{count + 5}", lambda ws, o: _fit_before_any_work(
+        ws, o, "--device", f"cuda:{count + 5}", arch=ARCH), unavailable or [f"this machine has {count} cuda device"]))
+    return cases
+
+
+CASES += _arch_option_cases() + _device_cases()
 
 def _missing(module: str) -> bool:
     import importlib.util

@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from zootune.errors import CheckpointError, UntrustedCodeError, ZootuneError
-from zootune.models import resolve_arch
+from zootune.models import resolve_arch_options
 from zootune.models.heads import find_head_name, head_in_features, replace_head
 from zootune.report import atomic_write_json
 from zootune.tasks import ClassificationTask
@@ -35,12 +35,9 @@ FORMAT = "zootune-model"
 
 def build_arch(arch: str, arch_kwargs: dict | None = None, *, trust_code: bool = False,
                source: str = "--arch") -> nn.Module:
-    """A fresh model of ``arch`` (:func:`zootune.models.resolve_arch`), its keyword options checked
-    against the builder's signature first (:func:`zootune.options.check_kwargs`)."""
-    from zootune.options import check_kwargs
-
-    builder = resolve_arch(arch, trust_code=trust_code, source=source)
-    kwargs = check_kwargs(builder, arch_kwargs, what=f"architecture {arch!r}")
+    """A fresh model of ``arch``, its keyword options checked first (against the architecture's option
+    table, or its builder's signature: :func:`zootune.models.resolve_arch_options`)."""
+    builder, kwargs = resolve_arch_options(arch, arch_kwargs, trust_code=trust_code, source=source)
     try:
         model = builder(**kwargs)
     except (TypeError, ValueError) as e:
@@ -158,15 +155,14 @@ def _rebuild_method(info: dict, trust_code: bool) -> nn.Module:
     it requires are rebuilt the same way for their structure (all weights come from the file)."""
     from zootune.experiment import select_methods
     from zootune.methods.registry import BuildContext
-    from zootune.options import check_kwargs
     from zootune.zoo import Zoo, is_pretrained_name
 
     if all(is_pretrained_name(entry) for entry in info["zoo"]):
         # members by name (timm:..., torchvision:..., hf-hub:...): loaded again through the libraries' caches
         zoo = Zoo.from_pretrained(info["zoo"])
     else:
-        builder = resolve_arch(info["arch"], trust_code=trust_code, source="config.json arch")
-        arch_kwargs = check_kwargs(builder, info.get("arch_kwargs") or {}, what=f"architecture {info['arch']!r}")
+        builder, arch_kwargs = resolve_arch_options(info["arch"], info.get("arch_kwargs"), trust_code=trust_code,
+                                                    source="config.json arch")
         zoo = Zoo.from_checkpoints(info["zoo"], arch=builder, arch_kwargs=arch_kwargs)
     task = ClassificationTask(info["num_classes"])
     specs = select_methods([info["method"]])  # an unknown method name: ZootuneError listing the known ones

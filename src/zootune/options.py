@@ -1,8 +1,9 @@
 """Checking options before any work: one place, one exception type (:class:`OptionError`).
 
-A method's options are a dataclass (its ``Config``); an architecture's options are its builder's
-keyword arguments. Both arrive as ``{name: value}`` from Python or from the CLI (``--option k=v``,
-values parsed as JSON), and both are checked here against what the receiver declares:
+A method's options are a dataclass (its ``Config``); an architecture's options are declared the same
+way (its option table, :mod:`zootune.models.arch_options`), or are its builder's keyword arguments
+when it has no table. All arrive as ``{name: value}`` from Python or from the CLI (``--option k=v``,
+values parsed as JSON), and all are checked here against what the receiver declares:
 
 - an unknown name is refused with the list of valid names;
 - a value is checked against the declared type (``int``, ``float``, ``bool``, ``str``, ``Literal``
@@ -157,13 +158,19 @@ def config_to_dict(config) -> dict:
 
 def check_kwargs(function: Callable, values: Mapping[str, Any] | None, *, what: str,
                  exclude: tuple[str, ...] = ()) -> dict:
-    """``values`` checked against ``function``'s keyword parameters (an architecture builder's).
+    """``values`` checked against what ``function`` accepts: an architecture builder's keyword
+    parameters, or -- when ``function`` is a dataclass -- an architecture's declared option table.
 
-    Unknown names (and the ``exclude`` d ones, which the caller fills itself) are refused unless the
-    function takes ``**kwargs``; types are checked where the parameter is annotated, else against
-    the type of its default (a float default admits ints).
+    A table is checked completely before anything is built (:func:`parse_config`: names, types, and
+    the ranges of its ``__post_init__``); the names in its ``fixed`` (builder arguments that the
+    architecture sets itself) are refused as such. A builder is checked as far as its signature
+    tells: unknown names (and the ``exclude`` d ones, which the caller fills itself) are refused
+    unless it takes ``**kwargs``; types where a parameter is annotated, else against the type of its
+    default (a float default admits ints); ranges are left to the builder.
     """
     values = dict(values or {})
+    if dataclasses.is_dataclass(function):
+        return _check_table(function, values, what=what, exclude=exclude)
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -188,6 +195,18 @@ def check_kwargs(function: Callable, values: Mapping[str, Any] | None, *, what: 
             annotation = float if default_type is float else default_type
         checked[name] = value if param is None else check_value(name, value, annotation, what=what)
     return checked
+
+
+def _check_table(table: type, values: dict, *, what: str, exclude: tuple[str, ...]) -> dict:
+    """``values`` checked against the option table ``table`` (see :func:`check_kwargs`); only the
+    names given come back (the builder's defaults stay the builder's)."""
+    refused = sorted(set(values) & (set(getattr(table, "fixed", ())) | set(exclude)))
+    if refused:
+        valid = ", ".join(sorted(f.name for f in dataclasses.fields(table)
+                                 if f.init and not f.name.startswith("_") and f.name not in exclude))
+        raise OptionError(f"{what} option {refused[0]!r} is fixed by this architecture; valid: {valid}")
+    config = parse_config(table, values, what=what)
+    return {name: getattr(config, name) for name in values}
 
 
 __all__ = ["OptionError", "check_kwargs", "check_value", "config_to_dict", "describe", "parse_config", "require"]

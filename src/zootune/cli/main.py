@@ -133,12 +133,12 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _load_zoo(args):
-    """The zoo of ``--zoo``: checkpoint files of ``--arch``, or pretrained names (timm:..., torchvision:...,
-    hf-hub:...), whose architecture and preprocessing come with them (``args.arch`` is set to it)."""
-    from zootune.models import resolve_arch
-    from zootune.options import check_kwargs
-    from zootune.zoo import Zoo, is_pretrained_name
+def _check_zoo_arguments(args) -> bool:
+    """Check ``--zoo``, ``--arch`` and ``--arch-option`` without reading any file; True when the zoo is
+    checkpoint files (then ``args.builder`` is the architecture's builder and ``args.arch_kwargs`` its
+    checked options), False when it is pretrained names (timm:..., torchvision:..., hf-hub:...)."""
+    from zootune.models import resolve_arch_options
+    from zootune.zoo import is_pretrained_name
 
     named = [entry for entry in args.zoo if is_pretrained_name(entry)]
     if named:
@@ -149,23 +149,33 @@ def _load_zoo(args):
         if args.arch is not None or args.arch_kwargs:
             raise ZootuneError("--arch/--arch-option are for checkpoint files; pretrained names bring their "
                                "architecture (drop --arch)")
-        zoo = Zoo.from_pretrained(named)
-        args.arch, args.arch_kwargs = zoo.architecture, dict(zoo.arch_kwargs)
-        if zoo.data_config is not None and _is_main_process():
-            shown = ", ".join(f"{k} {v}" for k, v in zoo.data_config.to_dict().items())
-            print(f"zoo: {len(zoo)} x {zoo.architecture}; the checkpoints' preprocessing: {shown}")
-        return zoo
+        return False
     if args.arch is None:
         raise ZootuneError("--arch is required with checkpoint files (the architecture they hold; "
                            "pretrained names such as timm:resnet50.a1_in1k need none)")
-    builder = resolve_arch(args.arch, trust_code=args.trust_code)
-    arch_kwargs = check_kwargs(builder, args.arch_kwargs, what=f"architecture {args.arch!r}")
-    for path in args.zoo:
-        if not Path(path).exists():
-            raise ZootuneError(f"zoo checkpoint {path} does not exist")
-        if Path(path).is_dir():
-            raise ZootuneError(f"zoo checkpoint {path} is a folder, not a checkpoint file")
-    return Zoo.from_checkpoints(args.zoo, arch=builder, arch_kwargs=arch_kwargs)
+    args.builder, args.arch_kwargs = resolve_arch_options(args.arch, args.arch_kwargs, trust_code=args.trust_code)
+    return True
+
+
+def _load_zoo(args, from_files: bool):
+    """The zoo of ``--zoo``, once :func:`_check_zoo_arguments` has said whether it is ``from_files``
+    (checkpoint files of ``--arch``) or pretrained names, whose architecture and preprocessing come
+    with them (``args.arch`` is set to it)."""
+    from zootune.zoo import Zoo
+
+    if from_files:
+        for path in args.zoo:
+            if not Path(path).exists():
+                raise ZootuneError(f"zoo checkpoint {path} does not exist")
+            if Path(path).is_dir():
+                raise ZootuneError(f"zoo checkpoint {path} is a folder, not a checkpoint file")
+        return Zoo.from_checkpoints(args.zoo, arch=args.builder, arch_kwargs=args.arch_kwargs)
+    zoo = Zoo.from_pretrained(args.zoo)
+    args.arch, args.arch_kwargs = zoo.architecture, dict(zoo.arch_kwargs)
+    if zoo.data_config is not None and _is_main_process():
+        shown = ", ".join(f"{k} {v}" for k, v in zoo.data_config.to_dict().items())
+        print(f"zoo: {len(zoo)} x {zoo.architecture}; the checkpoints' preprocessing: {shown}")
+    return zoo
 
 
 def _parse_layer_types(text: str) -> list[str]:
@@ -232,7 +242,7 @@ def _is_main_process() -> bool:
 
 def cmd_fit(args) -> int:
     from zootune.data.image_folder import load_image_folder
-    from zootune.engine import TrainConfig, evaluate
+    from zootune.engine import TrainConfig, check_device, evaluate
     from zootune.experiment import fit_with_requirements
     from zootune.methods.registry import get_method
     from zootune.model_dir import export_info, save_model_dir
@@ -251,6 +261,8 @@ def cmd_fit(args) -> int:
     options = parse_options(args.option)
     _add_layer_types(spec, options, args.aggregate)
     spec.parse_options(options)  # unknown names, types and ranges
+    from_files = _check_zoo_arguments(args)
+    check_device(args.device)
     workers = _num_workers(args, args.image_size)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
@@ -263,7 +275,7 @@ def cmd_fit(args) -> int:
                                                         if args.source_data is not None else []),
                    files=[("zoo member", path) for path in _zoo_files(args.zoo)])
     with RunFolder(args.out, resume=args.resume, overwrite=args.overwrite, writer=main_process) as folder:
-        zoo = _load_zoo(args)
+        zoo = _load_zoo(args, from_files)
         if main_process:
             _print_build_reports()
         if args.member is not None and not 0 <= args.member < len(zoo):
@@ -412,7 +424,7 @@ def cmd_rank(args) -> int:
     from zootune.report import format_text_table
 
     args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
-    zoo = _load_zoo(args)
+    zoo = _load_zoo(args, _check_zoo_arguments(args))
     splits = load_image_folder(args.data, image_size=args.image_size, augment=None, **_preprocessing(zoo),
                                **_folder_options(args))
     dataset = splits.train.with_transform(None)  # score un-augmented images

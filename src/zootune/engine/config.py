@@ -147,3 +147,35 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ZootuneError("training config JSON must be an object of option: value")
         return cls.from_dict(values)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``TrainConfig.device`` that cannot be used here, in one line (:class:`ZootuneError`).
+
+    Usable: ``None`` (chosen at training time), ``cpu``, or a torch device string (``cuda``,
+    ``cuda:N``, ``mps``, ``xpu``) whose backend this torch build has and this machine makes
+    available, with an index below the number of such devices.
+    """
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ZootuneError(f"unknown device {device!r}; use cpu, cuda or cuda:N (or another torch device "
+                           "such as mps or xpu)") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    if not callable(getattr(backend, "is_available", None)):
+        raise ZootuneError(f"device {device!r}: zootune cannot train on {parsed.type!r} devices; use cpu or cuda")
+    if parsed.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+        raise ZootuneError(f"device {device!r}: CUDA is not available in this torch build (torch {torch.__version__} "
+                           "was built without CUDA); use cpu, or install a CUDA build of torch")
+    if not backend.is_available():
+        raise ZootuneError(f"device {device!r}: no {parsed.type} device is available on this machine; use cpu")
+    count = backend.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ZootuneError(f"device {device!r}: this machine has {count} {parsed.type} device(s) "
+                           f"({parsed.type}:0 to {parsed.type}:{count - 1})")

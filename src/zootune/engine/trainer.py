@@ -48,7 +48,7 @@ from zootune.engine.checkpoint import (
     restore_rng_state,
     seed_everything,
 )
-from zootune.engine.config import TrainConfig
+from zootune.engine.config import TrainConfig, check_device
 from zootune.engine.distributed import unwrap
 from zootune.engine.evaluation import _model_device, evaluation_sums, sums_to_metrics
 from zootune.engine.formulation_cache import machine_choices
@@ -278,6 +278,7 @@ class Trainer:
     def fit(self) -> FitResult:
         started = time.perf_counter()
         cfg = self.config
+        check_device(cfg.device)
         # A CPU run uses gloo even on a machine with GPUs (NCCL only reduces GPU tensors).
         on_cpu = cfg.device is not None and torch.device(cfg.device).type == "cpu"
         self.dist = distributed.init_from_env(backend="gloo" if on_cpu else None)

@@ -29,7 +29,7 @@ from zootune.data.cache import atomic_write_manifest, read_manifest, sha256_file
 from zootune.errors import CheckpointError
 from zootune.minizoo.members import MEMBERS, MemberSpec
 from zootune.minizoo.pretrain import get_member, pretrain
-from zootune.models import register_architecture, resnet_small
+from zootune.models import resnet_small
 from zootune.version import __version__
 
 MANIFEST_FORMAT = 1
@@ -37,15 +37,12 @@ MANIFEST_FORMAT = 1
 # Chosen by measurement: a training step costs ~2.5x less than width 16, which keeps the full
 # method x target x seed comparison within its CPU budget (see docs/data-and-minizoo.md).
 ARCH = {"builder": "resnet_small", "depth": 10, "width": 8}
-ARCH_NAME = "minizoo_resnet10_w8"
+ARCH_NAME = "minizoo_resnet10_w8"  # registered (with its option table) in zootune.models
 
 
 def minizoo_resnet(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     """A MiniZoo member's architecture (``resnet_small(depth=10, width=8)``)."""
     return resnet_small(num_classes, depth=ARCH["depth"], width=ARCH["width"], in_chans=in_chans)
-
-
-register_architecture(ARCH_NAME, minizoo_resnet)
 
 
 def minizoo_arch():

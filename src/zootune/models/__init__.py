@@ -4,6 +4,10 @@ The registry knows every architecture the docs name without importing the code t
 ``minizoo_resnet10_w8`` (the MiniZoo's) and ``minatar_qnet`` (the RL zoo's) are deferred builders
 that import their module when called. ``timm:NAME`` and ``torchvision:NAME`` build the libraries'
 architectures (:func:`resolve_arch`).
+
+Every registered architecture declares its options in :data:`ARCH_OPTIONS`
+(:mod:`zootune.models.arch_options`); :func:`resolve_arch_options` checks options against that
+table, or against the builder's signature for the libraries' and ``module:function`` architectures.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from typing import Callable
 from torch import nn
 
 from zootune.errors import UntrustedCodeError, ZootuneError
+from zootune.models.arch_options import ARCH_OPTIONS
 from zootune.models.resnet import ARCHITECTURES as _RESNETS
 from zootune.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet_small
 from zootune.models.mixer import MLPMixer, mixer_tiny32
 from zootune.models.vit import VisionTransformer, vit_tiny32
-
+from zootune.options import check_kwargs
 
 
 class DeferredBuilder:
@@ -44,22 +49,26 @@ ARCHITECTURES.update(
 )
 
 
-def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
-    """Make ``builder(num_classes=..., **kw)`` available as ``--arch name`` and ``build_model(name)``."""
+def register_architecture(name: str, builder: Callable[..., nn.Module], options: type | None = None) -> None:
+    """Make ``builder(num_classes=..., **kw)`` available as ``--arch name`` and ``build_model(name)``.
+
+    ``options``: its option table (a dataclass, see :mod:`zootune.models.arch_options`); without one,
+    options are checked against ``builder``'s signature only.
+    """
     ARCHITECTURES[name] = builder
+    if options is None:
+        ARCH_OPTIONS.pop(name, None)
+    else:
+        ARCH_OPTIONS[name] = options
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered architecture, or a library's (``timm:NAME``, ``torchvision:NAME``), by name."""
-    if name not in ARCHITECTURES and name.partition(":")[0] in ARCH_NAMESPACES:
-        return resolve_arch(name)(**kwargs)
-    try:
-        builder = ARCHITECTURES[name]
-    except KeyError:
-        raise ZootuneError(
-            f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
-    return builder(**kwargs)
+    """Build a registered architecture, or a library's (``timm:NAME``, ``torchvision:NAME``), by name;
+    ``kwargs`` are checked first (:func:`resolve_arch_options`)."""
+    if name not in ARCHITECTURES and name.partition(":")[0] not in ARCH_NAMESPACES:
+        raise ZootuneError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    builder, checked = resolve_arch_options(name, kwargs)
+    return builder(**checked)
 
 
 def _library_builder(library: str, name: str) -> Callable[..., nn.Module]:
@@ -115,9 +124,21 @@ def resolve_arch(spec: str, *, trust_code: bool = False, source: str = "--arch")
     return ARCHITECTURES[spec]
 
 
+def resolve_arch_options(spec: str, arch_kwargs: dict | None, *, trust_code: bool = False,
+                         source: str = "--arch") -> tuple[Callable[..., nn.Module], dict]:
+    """The builder named by ``spec`` (:func:`resolve_arch`) and ``arch_kwargs`` checked for it before
+    anything is built: against the architecture's option table (:data:`ARCH_OPTIONS`: names, types,
+    ranges, names the architecture fixes) when it is registered with one, else against the builder's
+    signature (``timm:``, ``torchvision:``, ``module:function``). :class:`zootune.errors.OptionError`
+    naming the architecture, the option and what is valid."""
+    builder = resolve_arch(spec, trust_code=trust_code, source=source)
+    table = ARCH_OPTIONS.get(spec) if spec in ARCHITECTURES else None
+    return builder, check_kwargs(table or builder, arch_kwargs, what=f"architecture {spec!r}")
+
+
 __all__ = [
-    "ARCHITECTURES", "ARCH_NAMESPACES", "DeferredBuilder", "ResNet", "build_model", "register_architecture",
-    "resolve_arch",
+    "ARCHITECTURES", "ARCH_NAMESPACES", "ARCH_OPTIONS", "DeferredBuilder", "ResNet", "build_model",
+    "register_architecture", "resolve_arch", "resolve_arch_options",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet_small",
     "VisionTransformer", "vit_tiny32", "MLPMixer", "mixer_tiny32",
 ]

@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zootune.models import register_architecture
 from zootune.rl.envs import GRID, NUM_ACTIONS, NUM_CHANNELS
 
-ARCH_NAME = "minatar_qnet"
+ARCH_NAME = "minatar_qnet"  # registered (with its option table) in zootune.models
 
 
 class MinAtarQNet(nn.Module):
@@ -44,6 +43,3 @@ class MinAtarQNet(nn.Module):
 def minatar_qnet(num_classes: int = NUM_ACTIONS, **kwargs) -> MinAtarQNet:
     """Builder in the ``build_model`` convention (``num_classes`` = number of actions)."""
     return MinAtarQNet(num_actions=num_classes, **kwargs)
-
-
-register_architecture(ARCH_NAME, minatar_qnet)
