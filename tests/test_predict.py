@@ -1,9 +1,11 @@
 """``zootune predict`` and :mod:`zootune.predict`: a model folder made by the real ``zootune fit``,
-applied to a folder of new images (nested); checked against the model's logits computed plainly here."""
+applied to a folder of new images (nested); checked against the model's logits computed plainly here,
+and against the README's plain-PyTorch snippet."""
 
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_bad_input import fitted_workspace  # noqa: E402
 
 CLASSES = ("a", "b", "c")
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _photo(path: Path, width: int, height: int, level: int) -> None:
@@ -138,3 +141,27 @@ def test_a_model_whose_output_is_not_one_score_per_class_is_refused(ws):
         predict_images(landmarks, info, find_images([ws / "photos"]))
     with pytest.raises(ZootuneError, match="top-k must be an integer >= 1"):
         predict_images(landmarks, info, [ws / "photos" / "z.png"], top_k=0)
+
+
+def _readme_snippet() -> str:
+    """The python block of README.md's "Using the trained model" section."""
+    section = README.read_text(encoding="utf-8").split("\n## Using the trained model\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_the_readme_snippet_predicts_what_zootune_predict_does(ws, tmp_path):
+    rows = _predict(ws, tmp_path / "p.csv", "--top-k", "3")
+    placeholder = 'folder, paths = "exported", ["cat.jpg", "dog.png"]'
+    code = _readme_snippet()
+    assert code.count(placeholder) == 1
+    code = code.replace(placeholder, f"folder, paths = {str(ws / 'fitted' / 'model')!r}, {[r['path'] for r in rows]!r}")
+    namespace: dict = {}
+    exec(compile(code, "<README.md: Using the trained model>", "exec"), namespace)
+    assert namespace["predicted"] == [row["class"] for row in rows]
+    for row, probabilities in zip(rows, namespace["probabilities"].tolist()):
+        names = namespace["config"]["class_names"]
+        for rank in ("", "top2_", "top3_"):
+            index = names.index(row[f"{rank}class"])
+            assert float(row[f"{rank}probability"]) == pytest.approx(probabilities[index], rel=1e-4, abs=1e-6)
