@@ -31,17 +31,22 @@ def _images(root: Path, classes=("a", "b"), per_class=6, size=12):
             Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
+def fitted_workspace(root: Path, classes=("a", "b"), *fit_options) -> Path:
+    """``root`` with a zoo of two tiny checkpoints (m0, m1), an image folder of ``classes`` (data/) and
+    the model the real ``zootune fit`` trains on them with finetune (fitted/)."""
     for i in range(2):
         torch.manual_seed(i)
         save_state_dict(root / f"m{i}.safetensors", resnet_small(num_classes=3, depth=10, width=4).state_dict())
-    _images(root / "data")
-    out = root / "fitted"
-    assert cli.main([str(a) for a in ["fit", *ARCH, "--zoo", root / "m0.safetensors", root / "m1.safetensors",
-                                      "--data", root / "data", "--method", "finetune", *FAST, "--out", out]]) == 0
+    _images(root / "data", classes=classes)
+    argv = ["fit", *ARCH, "--zoo", root / "m0.safetensors", root / "m1.safetensors", "--data", root / "data",
+            "--method", "finetune", *FAST, *fit_options, "--out", root / "fitted"]
+    assert cli.main([str(a) for a in argv]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return fitted_workspace(tmp_path_factory.mktemp("bad"))
 
 
 def run_cli(argv, cwd=None):
@@ -75,6 +80,14 @@ def test_a_model_folder_naming_code_does_not_run_it(ws, tmp_path, command):
     code, _, err = run_cli(argv)
     assert_one_line_error(code, err, "names code to import", "--trust-code")
     assert not marker.exists()
+
+
+def test_predict_names_a_broken_image_from_a_real_process(ws, tmp_path):
+    _images(tmp_path / "photos")
+    (tmp_path / "photos" / "b" / "torn.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code, _, err = run_cli(["predict", ws / "fitted", tmp_path / "photos", "--out", tmp_path / "p.csv"])
+    assert_one_line_error(code, err, "torn.jpg")
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_trust_code_lets_a_harmless_builder_load(ws, tmp_path):
@@ -136,6 +149,10 @@ def _bad_files(ws: Path) -> None:
 
 def _fit(ws, out, *extra, zoo=("m0.safetensors", "m1.safetensors"), data="data", arch=ARCH):
     return ["fit", *arch, "--zoo", *[ws / z for z in zoo], "--data", ws / data, *FAST, "--out", out, *extra]
+
+
+def _predict(model, images, out, *extra):
+    return ["predict", model, images, "--out", out / "predictions.csv", *extra]
 
 
 def _model_config(ws, out, **changes):
@@ -303,6 +320,30 @@ CASES = [
      ["2 classes", "3 class folders"]),
     ("evaluate-batch-size", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "data",
                                            "--batch-size", "-1"], ["positive integer"]),
+    # ---- predict
+    ("predict-model-missing", lambda ws, o: _predict(ws / "no_model", ws / "data", o), ["no_model", "does not exist"]),
+    ("predict-not-a-model-folder", lambda ws, o: _predict(ws / "empty_dir", ws / "data", o),
+     ["not an exported zootune model"]),
+    ("predict-config-names-a-task", lambda ws, o: _predict(_model_config(ws, o, task="landmarks"), ws / "data", o),
+     ["unknown field", "task"]),
+    ("predict-class-names-count", lambda ws, o: _predict(_model_config(ws, o, class_names=["a", "b", "c"]),
+                                                         ws / "data", o), ["3 class names", "2 classes"]),
+    ("predict-no-images", lambda ws, o: _predict(ws / "fitted", ws / "empty_dir", o),
+     ["no images found in", "empty_dir", "recursively"]),
+    ("predict-image-missing", lambda ws, o: _predict(ws / "fitted", ws / "nope.png", o),
+     ["nope.png", "does not exist"]),
+    ("predict-not-an-image", lambda ws, o: _predict(ws / "fitted", ws / "a_file", o), ["a_file", "not an image file"]),
+    ("predict-broken-image", lambda ws, o: _predict(ws / "fitted", ws / "broken_images", o), ["bad.png"]),
+    ("predict-top-k-zero", lambda ws, o: _predict(ws / "fitted", ws / "data", o, "--top-k", "0"),
+     ["--top-k", "positive integer"]),
+    ("predict-out-inside-model", lambda ws, o: ["predict", ws / "fitted", ws / "data", "--out",
+                                                ws / "fitted" / "model" / "p.csv"], ["inside the model folder"]),
+    ("predict-out-is-an-input", lambda ws, o: ["predict", ws / "fitted", ws / "data", "--out",
+                                               ws / "data" / "a" / "0.png"], ["one of the input images"]),
+    ("predict-out-exists", lambda ws, o: ["predict", ws / "fitted", ws / "data", "--out", ws / "a_file"],
+     ["exists", "--overwrite"]),
+    ("predict-out-is-folder", lambda ws, o: ["predict", ws / "fitted", ws / "data", "--out", ws / "empty_dir"],
+     ["is a folder"]),
     # ---- run
     ("run-target-unknown", lambda ws, o: ["run", "--targets", "cifar1000", "--out", o], ["unknown target", "cifar1000"]),
     ("run-method-unknown", lambda ws, o: ["run", "--methods", "finetun", "--out", o], ["unknown method", "finetun"]),

@@ -31,6 +31,7 @@ from zootune.version import __version__
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "zootune-model"
+DEFAULT_IMAGE_SIZE = 32  # `zootune fit`'s default, for a config that records none
 
 
 def build_arch(arch: str, arch_kwargs: dict | None = None, *, trust_code: bool = False,
@@ -147,6 +148,23 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
     return check_model_config(info, config_path)
+
+
+def model_dir_of(folder: str | os.PathLike) -> Path:
+    """The model folder a path names: a ``zootune fit`` output folder holds it in ``model/``; a model
+    folder is itself."""
+    folder = Path(folder).expanduser()
+    if (folder / "model" / CONFIG_FILE).is_file():
+        return folder / "model"
+    return folder
+
+
+def input_options(info: dict) -> dict:
+    """How the model's inputs are made, from its config: ``image_size`` (:data:`DEFAULT_IMAGE_SIZE`
+    when none is recorded) and the normalisation and evaluation crop it was trained with (``mean``,
+    ``std``, ``crop_fraction``; absent: zootune's defaults) -- keyword arguments of
+    :func:`zootune.data.image_folder.load_unsplit_image_folder` and ``load_image_files``."""
+    return {"image_size": info.get("image_size") or DEFAULT_IMAGE_SIZE, **(info.get("preprocessing") or {})}
 
 
 def _rebuild_method(info: dict, trust_code: bool) -> nn.Module:

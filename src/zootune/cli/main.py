@@ -1,9 +1,9 @@
 """The ``zootune`` command: a thin layer over the Python API.
 
 Subcommands: ``run`` (the comparison, :func:`zootune.experiment.run_experiment`), ``fit``, ``export``,
-``evaluate``, ``zoo build|list`` (the MiniZoo), ``rank`` (LogME), ``rl`` (MinAtar transfer,
-:mod:`zootune.cli.rl`). Each one parses its arguments, calls the library and prints; the work is done
-by the library.
+``evaluate``, ``predict`` (:func:`zootune.predict.predict_to_csv`), ``zoo build|list`` (the MiniZoo),
+``rank`` (LogME), ``rl`` (MinAtar transfer, :mod:`zootune.cli.rl`). Each one parses its arguments,
+calls the library and prints; the work is done by the library.
 
 A problem caused by the user's input (:class:`zootune.errors.ZootuneError`, or bad arguments) is
 printed as ONE line ``zootune: error: ...`` on stderr with exit status 2. Any other exception is a
@@ -317,16 +317,8 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _model_dir_of(run_dir: Path) -> Path:
-    """A ``zootune fit`` output folder holds the model in ``model/``; a model folder is itself."""
-    if (run_dir / "model" / "config.json").is_file():
-        return run_dir / "model"
-    return run_dir
-
-
 def cmd_export(args) -> int:
-    from zootune.model_dir import load_model_dir, save_model_dir
-
+    from zootune.model_dir import load_model_dir, model_dir_of, save_model_dir
     from zootune.run_folder import check_writable_folder, commit_folder, refuse_overlap
 
     run_dir = Path(args.run_dir)
@@ -340,7 +332,7 @@ def cmd_export(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ZootuneError(f"--out {out} is not empty: --overwrite replaces it, or choose another folder")
     check_writable_folder(out.parent, "the folder of --out")
-    model, info = load_model_dir(_model_dir_of(run_dir), trust_code=args.trust_code)
+    model, info = load_model_dir(model_dir_of(run_dir), trust_code=args.trust_code)
     info = {k: v for k, v in info.items() if k not in ("format", "zootune_version")}
     commit_folder(out, lambda tmp: save_model_dir(tmp, model, info))
     print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {info['num_classes']} classes) to {args.out}")
@@ -364,13 +356,15 @@ def _evaluation_set(data: str, image_size: int, options: dict):
 def cmd_evaluate(args) -> int:
     from zootune.engine import evaluate
     from zootune.errors import DataError
-    from zootune.model_dir import load_model_dir
+    from zootune.model_dir import input_options, load_model_dir
     from zootune.tasks import ClassificationTask
 
     model, info = load_model_dir(args.model_dir, trust_code=args.trust_code)
-    image_size = args.image_size or info.get("image_size") or 32
-    # evaluated as it was trained: the normalisation and crop recorded at export
-    options = {**(info.get("preprocessing") or {}), **_folder_options(args)}
+    # evaluated as it was trained: the size, normalisation and crop recorded at export
+    options = {**input_options(info), **_folder_options(args)}
+    if args.image_size is not None:
+        options["image_size"] = args.image_size
+    image_size = options.pop("image_size")
     class_names, dataset, what = _evaluation_set(args.data, image_size, options)
     model_classes = info.get("class_names") or []
     if len(class_names) != info["num_classes"]:
@@ -387,6 +381,17 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate(model, task, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, image_size))
     print(f"{args.model_dir} on {args.data} ({what}, {len(dataset)} images): "
           + " ".join(f"{k} {v:.4f}" if k == "loss" else f"{k} {v:.2f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from zootune.predict import predict_to_csv
+
+    predictions = predict_to_csv(args.model_dir, args.images, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                                 overwrite=args.overwrite, trust_code=args.trust_code,
+                                 num_workers=None if args.workers == "auto" else args.workers,
+                                 max_pixels=args.max_image_pixels)
+    print(f"{len(predictions)} images: predictions written to {args.out}")
     return 0
 
 
@@ -462,7 +467,7 @@ def _add_trust_argument(p: argparse.ArgumentParser) -> None:
 AUGMENT_CHOICES = ("paper", "light", "no-flip", "none")  # zootune.data.transforms.AUGMENT_PRESETS
 
 
-def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False) -> None:
+def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False, cache: bool = True) -> None:
     if augment:
         p.add_argument("--augment", choices=AUGMENT_CHOICES, default="paper",
                        help="training augmentation: paper = random-resized crop (scale 0.08-1) of the original "
@@ -470,10 +475,11 @@ def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False) -> 
                             "none = the evaluation centre crop (default paper)")
     p.add_argument("--workers", type=_workers, default="auto",
                    help="DataLoader worker processes decoding images, or 'auto' (default): CPUs - 1 (at most 8) "
-                        "for --image-size >= 96, none for smaller images")
-    p.add_argument("--cache-budget", type=_mebibytes, metavar="MIB",
-                   help="MiB of decoded pixels that may be kept in RAM to skip re-decoding (default 512; 0: stream "
-                        "every image from disk)")
+                        "for images read at 96 px or more, none for smaller images")
+    if cache:
+        p.add_argument("--cache-budget", type=_mebibytes, metavar="MIB",
+                       help="MiB of decoded pixels that may be kept in RAM to skip re-decoding (default 512; 0: "
+                            "stream every image from disk)")
     p.add_argument("--max-image-pixels", type=positive_int, default=89_478_485, metavar="N",
                    help="refuse images with more pixels than this (default 89478485, Pillow's warning threshold)")
 
@@ -569,6 +575,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("predict", help="apply an exported model to images; write the predicted classes as CSV",
+                       description="Predict the classes of image files and folders (searched recursively) with an "
+                                   "exported model, preprocessed as it was evaluated; one CSV row per image: path, "
+                                   "class, probability, then top2_class, top2_probability, ... up to --top-k.")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="exported model folder (model.safetensors + config.json), or a `zootune fit` output folder")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, help="CSV file to write (not inside MODEL_DIR, not an input image)")
+    p.add_argument("--top-k", type=positive_int, default=1,
+                   help="classes per image, most probable first (default 1; above the number of classes: all)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_folder_arguments(p, cache=False)
+    _add_trust_argument(p)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("zoo", help="the MiniZoo: build or list", description="The MiniZoo of small pretrained ResNets.")
     zoo_sub = p.add_subparsers(dest="zoo_command", metavar="ACTION")
     q = zoo_sub.add_parser("build", help="pretrain the MiniZoo members that are missing (cached)")
@@ -646,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not hasattr(args, "func"):
             raise _UsageError(
-                "no command given; choose one of run, fit, export, evaluate, zoo, rank, rl (see `zootune --help`)"
+                "no command given; choose one of run, fit, export, evaluate, predict, zoo, rank, rl "
+                "(see `zootune --help`)"
                 if getattr(args, "command", None) != "zoo" else "zoo needs an action: build or list"
             )
         return args.func(args)

@@ -16,6 +16,10 @@ decoded every file's header is opened once (:func:`zootune.data.decode.scan_imag
 file is reported in one :class:`zootune.errors.DataError`. Splits whose pixels fit ``cache_budget``
 are decoded once into RAM (exactly the same pixels, faster for small folders). Every problem with the
 folder is a ``DataError`` saying what to fix.
+
+Unlabelled images (to apply a trained model to): :func:`find_images` lists the image files among
+files and folders (searched recursively), :func:`load_image_files` reads them with the evaluation
+transform, exactly as an evaluation split is read.
 """
 
 from __future__ import annotations
@@ -227,13 +231,70 @@ def load_unsplit_image_folder(
     """
     root = Path(root).expanduser()
     _check_root(root)
-    _check_options(image_size, None, crop_fraction, cache_budget, max_pixels)
     classes = _class_folders(root)
     class_names = sorted(classes)
     paths, labels = _flatten(classes, class_names)
+    dataset = load_image_files(paths, image_size, labels=labels, crop_fraction=crop_fraction, mean=mean, std=std,
+                               cache_budget=cache_budget, max_pixels=max_pixels)
+    return class_names, dataset
+
+
+def load_image_files(
+    paths: Sequence[str | os.PathLike],
+    image_size: int = 32,
+    *,
+    labels: Sequence[int] | np.ndarray | None = None,
+    crop_fraction: float = EVAL_CROP_FRACTION,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+    cache_budget: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ImageFolderDataset:
+    """Image files (e.g. from :func:`find_images`) as one un-augmented dataset, in the order given:
+    every file's header checked first (every bad one named at once), then the evaluation transform;
+    cached in RAM when the crops fit ``cache_budget``. ``labels``: one per file (None: all 0)."""
+    if len(paths) == 0:
+        raise DataError("no image files given")
+    _check_options(image_size, None, crop_fraction, cache_budget, max_pixels)
     sizes = scan_images(paths, max_pixels)
+    labels = np.zeros(len(paths), dtype=np.int64) if labels is None else labels
     dataset = ImageFolderDataset(
         paths, labels, image_size, None, crop_fraction=crop_fraction, mean=mean, std=std, max_pixels=max_pixels
     )
     _plan_cache({"all": dataset}, {"all": sizes}, DEFAULT_CACHE_BUDGET if cache_budget is None else cache_budget)
-    return class_names, dataset
+    return dataset
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files among ``inputs``: files as given, folders searched recursively (hidden files
+    and folders skipped, symlinked folders not followed) for :data:`IMAGE_EXTENSIONS`; sorted, each
+    file once. A missing input, a given file that is not an image, or no image at all is a
+    :class:`DataError` (naming where it looked)."""
+    if not inputs:
+        raise DataError("no image files or folders given")
+    found: dict[str, Path] = {}  # real path -> the path as found (a file reached twice is listed once)
+    for given in inputs:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise DataError(f"{path} does not exist (give image files or folders of images)")
+        if path.is_dir():
+            images = _images_under(path)
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            images = [path]
+        else:
+            raise DataError(f"{path} is not an image file (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        for image in images:
+            found.setdefault(os.path.realpath(image), image)
+    if not found:
+        where = ", ".join(str(Path(p).expanduser()) for p in inputs)
+        raise DataError(f"no images found in {where} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(found.values())
+
+
+def _images_under(folder: Path) -> list[Path]:
+    images = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        images += [Path(parent, f) for f in files
+                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return images
