@@ -671,6 +671,7 @@ def run_experiment(
     """
     specs = select_methods(config.methods, hub=config.hub)
     options = parse_method_options(specs, config.method_options)  # before any work
+    _train_config(config, seed=0)  # the training settings too (TrainConfig refuses e.g. lr=inf)
     if load_target is None:
         from functools import partial
 
