@@ -159,6 +159,17 @@ def _weights(ws, out, data: bytes | None = None, **changes):
     return folder
 
 
+def _non_finite_weights(ws, out):
+    """A copy of the fitted model folder whose weights hold one NaN (a diverged training's export)."""
+    from zootune.zoo.checkpoint import load_state_dict_file
+
+    folder = _model_config(ws, out)
+    state = load_state_dict_file(folder / "model.safetensors")
+    state["conv1.weight"].view(-1)[0] = float("nan")
+    save_state_dict(folder / "model.safetensors", state)
+    return folder
+
+
 CASES = [
     # ---- fit: the zoo
     ("zoo-missing", lambda ws, o: _fit(ws, o, zoo=("nope.pt",)), ["nope.pt", "does not exist"]),
@@ -276,12 +287,16 @@ CASES = [
     ("weights-corrupt", lambda ws, o: ["export", _weights(ws, o, b"garbage"), "--out", o], ["model.safetensors"]),
     ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7), "--out", o],
      ["does not match its config.json"]),
+    ("weights-non-finite", lambda ws, o: ["export", _non_finite_weights(ws, o), "--out", o],
+     ["model.safetensors", "conv1.weight", "non-finite"]),
     # ---- evaluate
     ("evaluate-missing", lambda ws, o: ["evaluate", ws / "no_model", "--data", ws / "data"], ["no_model"]),
     ("evaluate-data-missing", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "no_data"],
      ["no_data"]),
     ("evaluate-class-count", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "three_classes"],
      ["2 classes", "3 class folders"]),
+    ("evaluate-non-finite-weights", lambda ws, o: ["evaluate", _non_finite_weights(ws, o), "--data", ws / "data"],
+     ["model.safetensors", "non-finite"]),
     ("evaluate-batch-size", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "data",
                                            "--batch-size", "-1"], ["positive integer"]),
     # ---- run

@@ -9,7 +9,8 @@
   with the method's ``build`` on the zoo checkpoints listed in ``zoo`` (absolute paths), then loaded.
 
 The state_dict holds buffers too (BatchNorm running statistics). Weights are loaded with
-``strict=True``: a file that does not match its config is refused, not half-loaded.
+``strict=True``: a file that does not match its config is refused, not half-loaded; so is one whose
+weights hold NaN or infinity.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def load_model_dir(model_dir: str | os.PathLike, *, trust_code: bool = False) ->
     """The exported model (in eval mode) and its config. Nothing in the folder is executed: the config
     may name only registered architectures and methods; a ``module:function`` architecture is
     imported only with ``trust_code=True``; weights are read from safetensors."""
-    from zootune.zoo.checkpoint import load_state_dict_file
+    from zootune.zoo.checkpoint import check_finite_state, load_state_dict_file
 
     model_dir = Path(model_dir)
     info = read_model_config(model_dir)
@@ -200,6 +201,7 @@ def load_model_dir(model_dir: str | os.PathLike, *, trust_code: bool = False) ->
     else:
         model = _rebuild_method(info, trust_code)
     state = load_state_dict_file(model_dir / MODEL_FILE)  # CheckpointError naming the file if unreadable
+    check_finite_state(state, str(model_dir / MODEL_FILE))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, overload
 import torch
 from torch import nn
 
-from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
+from zootune.errors import ZooMismatchError, ZootuneError
 from zootune.models import build_model
 from zootune.models.heads import find_head_name
-from zootune.zoo.checkpoint import load_state_dict_file
+from zootune.zoo.checkpoint import check_finite_state, load_state_dict_file
 from zootune.zoo.preprocessing import DataConfig, disagreements
 from zootune.zoo.remap import Remap, backbone_shapes, is_head_key, match_state_dict
 
@@ -184,7 +184,7 @@ class Zoo(Sequence):
         template: nn.Module | None = None
         for path, file_remap in zip(paths, remaps):
             state = load_state_dict_file(path)
-            _check_finite(state, path)
+            check_finite_state(state, f"zoo checkpoint {path}")
             # Seeded builds are identical: build once, then give each member the template's
             # structure with the checkpoint's tensors themselves (no initialisation, no copy of
             # the 25M loaded values); only what the file does not cover (head, counters) is cloned.
@@ -372,16 +372,6 @@ def _find_head_or_none(model: nn.Module, head_name: str | None) -> str | None:
         if head_name is not None:
             raise
         return None
-
-
-def _check_finite(state: Mapping[str, torch.Tensor], path) -> None:
-    """A checkpoint whose weights hold NaN or infinity is refused, naming the file and the tensor
-    (training from it would fail later with a message blaming the learning rate)."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"zoo checkpoint {path}: tensor {key} holds {bad} non-finite value(s) (NaN or "
-                                  "infinity); the file is damaged or was saved from a diverged training")
 
 
 def _build_seeded(builder: Callable[[], nn.Module], seed: int = BUILD_SEED) -> nn.Module:
