@@ -123,6 +123,9 @@ def _bad_files(ws: Path) -> None:
     (occupied / "results.json").write_text("{}")
     (ws / "export_full").mkdir(exist_ok=True)
     (ws / "export_full" / "something").write_text("x")
+    # a fit folder interrupted before its model was written: a training checkpoint, no model/
+    (ws / "unfinished" / "train").mkdir(parents=True, exist_ok=True)
+    (ws / "unfinished" / "train" / "checkpoint.pt").write_bytes((ws / "fitted" / "train" / "checkpoint.pt").read_bytes())
 
 
 def _fit(ws, out, *extra, zoo=("m0.safetensors", "m1.safetensors"), data="data", arch=ARCH):
@@ -255,6 +258,8 @@ CASES = [
     ("export-missing", lambda ws, o: ["export", ws / "no_run", "--out", o], ["no_run", "does not exist"]),
     ("export-run-is-file", lambda ws, o: ["export", ws / "a_file", "--out", o], ["a_file", "is a file"]),
     ("export-no-config", lambda ws, o: ["export", ws / "empty_dir", "--out", o], ["not an exported zootune model"]),
+    ("export-unfinished-run", lambda ws, o: ["export", ws / "unfinished", "--out", o],
+     ["unfinished", "is an unfinished run", "train/checkpoint.pt", "--resume --out"]),
     ("export-out-is-file", lambda ws, o: ["export", ws / "fitted", "--out", ws / "a_file"], ["a_file", "is a file"]),
     ("export-out-not-empty", lambda ws, o: ["export", ws / "fitted", "--out", ws / "export_full"],
      ["not empty", "--overwrite"]),

@@ -153,6 +153,23 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
     return check_model_config(info, config_path)
 
 
+def find_model_dir(path: str | os.PathLike) -> Path:
+    """The model folder ``path`` names: the ``model/`` of a ``zootune fit`` output folder, else
+    ``path`` itself. A fit folder with training checkpoints but no ``model/`` yet is an unfinished
+    run, refused as such (it is not "not a model": resuming the run makes its model)."""
+    from zootune.run_folder import TRAINING_CHECKPOINTS
+
+    path = Path(path)
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    checkpoints = sorted(str(p.relative_to(path)) for pattern in TRAINING_CHECKPOINTS for p in path.glob(pattern))
+    if checkpoints and not (path / CONFIG_FILE).is_file():
+        raise ZootuneError(
+            f"{path} is an unfinished run: it holds a training checkpoint ({checkpoints[0]}) but no model/ yet; "
+            f"finish it with `zootune fit ... --resume --out {path}` (the run's own arguments), then export it")
+    return path
+
+
 def _rebuild_method(info: dict, trust_code: bool) -> nn.Module:
     """The module a "method" model folder holds, rebuilt without data: the method's ``build`` with
     ``ctx.rebuilding`` on the zoo checkpoints the config lists (read with weights_only); the methods

@@ -293,16 +293,8 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _model_dir_of(run_dir: Path) -> Path:
-    """A ``zootune fit`` output folder holds the model in ``model/``; a model folder is itself."""
-    if (run_dir / "model" / "config.json").is_file():
-        return run_dir / "model"
-    return run_dir
-
-
 def cmd_export(args) -> int:
-    from zootune.model_dir import load_model_dir, save_model_dir
-
+    from zootune.model_dir import find_model_dir, load_model_dir, save_model_dir
     from zootune.run_folder import check_writable_folder, commit_folder
 
     run_dir = Path(args.run_dir)
@@ -315,7 +307,7 @@ def cmd_export(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ZootuneError(f"--out {out} is not empty: --overwrite replaces it, or choose another folder")
     check_writable_folder(out.parent, "the folder of --out")
-    model, info = load_model_dir(_model_dir_of(run_dir), trust_code=args.trust_code)
+    model, info = load_model_dir(find_model_dir(run_dir), trust_code=args.trust_code)
     info = {k: v for k, v in info.items() if k not in ("format", "zootune_version")}
     commit_folder(out, lambda tmp: save_model_dir(tmp, model, info))
     print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {info['num_classes']} classes) to {args.out}")
