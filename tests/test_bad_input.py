@@ -290,16 +290,21 @@ CASES = [
                                                                        zoo=["/nonexistent/m0.pt"]), "--out", o],
      ["/nonexistent/m0.pt"]),
     ("weights-corrupt", lambda ws, o: ["export", _weights(ws, o, b"garbage"), "--out", o], ["model.safetensors"]),
-    ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7), "--out", o],
+    ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7, class_names=None), "--out", o],
      ["does not match its config.json"]),
     ("weights-non-finite", lambda ws, o: ["export", _non_finite_weights(ws, o), "--out", o],
      ["model.safetensors", "conv1.weight", "non-finite"]),
+    ("config-class-names-count", lambda ws, o: ["export", _model_config(ws, o, class_names=["a"]), "--out", o],
+     ["class_names", "2 classes"]),
     # ---- evaluate
     ("evaluate-missing", lambda ws, o: ["evaluate", ws / "no_model", "--data", ws / "data"], ["no_model"]),
     ("evaluate-data-missing", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "no_data"],
      ["no_data"]),
-    ("evaluate-class-count", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "three_classes"],
-     ["2 classes", "3 class folders"]),
+    ("evaluate-unknown-class", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "three_classes"],
+     ["class folder(s) c of", "not among the model's classes (a, b)"]),
+    ("evaluate-class-count-unnamed", lambda ws, o: ["evaluate", _model_config(ws, o, class_names=None),
+                                                    "--data", ws / "three_classes"],
+     ["2 classes", "3 class folders", "records no class names"]),
     ("evaluate-non-finite-weights", lambda ws, o: ["evaluate", _non_finite_weights(ws, o), "--data", ws / "data"],
      ["model.safetensors", "non-finite"]),
     ("evaluate-batch-size", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "data",
@@ -354,3 +359,58 @@ def test_bad_input_gives_one_line_exit_2_and_leaves_no_run_behind(bad_ws, tmp_pa
     if out.exists():
         assert not [p for e in RUN_ENTRIES for p in out.glob(e)], list(out.iterdir())
         assert not [p for p in out.rglob(".*tmp*")], list(out.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- evaluate matches classes by name
+
+
+@pytest.fixture(scope="module")
+def three_class_model(ws):
+    """A model fitted on classes a, b, c (class_names recorded), and its folder of those classes."""
+    _images(ws / "abc", classes=("a", "b", "c"))
+    out = ws / "fitted_abc"
+    assert cli.main([str(a) for a in _fit(ws, out, "--method", "finetune", data="abc")]) == 0
+    return out / "model", ws / "abc"
+
+
+def _predictions(model, dataset):
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(images).argmax(1)
+
+
+def test_evaluate_on_a_subset_of_the_classes_labels_them_by_name(three_class_model, tmp_path):
+    import shutil
+
+    from zootune.data.image_folder import load_evaluation_folder
+    from zootune.model_dir import load_model_dir
+
+    model_dir, full = three_class_model
+    subset = tmp_path / "bc"  # b and c only: by position they would be labels 0 and 1, by name 1 and 2
+    for name in ("b", "c"):
+        shutil.copytree(full / name, subset / name)
+    code, out, err = run_cli(["evaluate", model_dir, "--data", subset])
+    assert code == 0, err
+    assert "2 of the model's 3 classes, 12 images" in out
+
+    model, info = load_model_dir(model_dir)
+    _, whole, _ = load_evaluation_folder(full, info["image_size"], class_names=info["class_names"])
+    _, part, _ = load_evaluation_folder(subset, info["image_size"], class_names=info["class_names"])
+    in_subset = [i for i, path in enumerate(whole.paths) if path.parent.name in ("b", "c")]
+    assert [p.relative_to(subset) for p in part.paths] == [whole.paths[i].relative_to(full) for i in in_subset]
+    assert part.labels.tolist() == whole.labels[in_subset].tolist() and set(part.labels.tolist()) == {1, 2}
+    expected = _predictions(model, whole)[in_subset]
+    assert torch.equal(_predictions(model, part), expected)
+    accuracy = 100.0 * (expected == whole.labels[in_subset]).float().mean().item()
+    assert f"acc {accuracy:.2f}" in out
+
+
+def test_class_folders_are_labelled_by_the_models_order_not_their_own(tmp_path):
+    from zootune.data.image_folder import load_unsplit_image_folder
+
+    _images(tmp_path, classes=("a", "b", "c"), per_class=2)
+    names, sorted_order = load_unsplit_image_folder(tmp_path, 8)
+    _, model_order = load_unsplit_image_folder(tmp_path, 8, class_names=["c", "a", "b"])
+    by_path = dict(zip(model_order.paths, model_order.labels.tolist()))
+    assert names == ["a", "b", "c"] and sorted(by_path) == sorted(sorted_order.paths)
+    assert {path.parent.name: label for path, label in by_path.items()} == {"c": 0, "a": 1, "b": 2}

@@ -129,6 +129,11 @@ def check_model_config(info, config_path) -> dict:
             check_value(f"preprocessing.{key}", value, expected, what="config.json")
         except OptionError as e:
             raise CheckpointError(f"{config_path}: {e}") from None
+    names = info.get("class_names")
+    if names is not None and (len(names) != info["num_classes"] or len(set(names)) != len(names)):
+        # evaluation labels images by these names' positions: they must be the outputs, once each
+        raise CheckpointError(f"{config_path}: class_names must name each of the {info['num_classes']} classes "
+                              f"once (got {len(names)} names, {len(set(names))} distinct)")
     if info["kind"] == "method" and not info.get("zoo"):
         raise CheckpointError(f"{config_path}: a 'method' model needs the zoo checkpoints it was built on ('zoo')")
     return info

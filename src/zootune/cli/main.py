@@ -314,23 +314,9 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _evaluation_set(data: str, image_size: int, options: dict):
-    """(class names, dataset, what): a train/val[/test] folder's test split (else its val split); a
-    single folder of class folders is evaluated whole, without augmentation."""
-    from zootune.data import image_folder
-    root = Path(data).expanduser()
-    folders = image_folder.split_folders(root) if root.is_dir() else None
-    if folders is not None:  # only the evaluated split is read
-        split = "test" if "test" in folders else "val"
-        class_names, dataset = image_folder.load_unsplit_image_folder(folders[split], image_size=image_size, **options)
-        return class_names, dataset, f"{split} split"
-    class_names, dataset = image_folder.load_unsplit_image_folder(root, image_size=image_size, **options)
-    return class_names, dataset, "all images"
-
-
 def cmd_evaluate(args) -> int:
+    from zootune.data.image_folder import load_evaluation_folder
     from zootune.engine import evaluate
-    from zootune.errors import DataError
     from zootune.model_dir import load_model_dir
     from zootune.tasks import ClassificationTask
 
@@ -338,18 +324,11 @@ def cmd_evaluate(args) -> int:
     image_size = args.image_size or info.get("image_size") or 32
     # evaluated as it was trained: the normalisation and crop recorded at export
     options = {**(info.get("preprocessing") or {}), **_folder_options(args)}
-    class_names, dataset, what = _evaluation_set(args.data, image_size, options)
-    model_classes = info.get("class_names") or []
-    if len(class_names) != info["num_classes"]:
-        raise DataError(
-            f"the model predicts {info['num_classes']} classes but {args.data} has {len(class_names)} "
-            f"class folders ({', '.join(class_names)}): labels would be out of range"
-        )
-    if model_classes and list(model_classes) != list(class_names):
-        raise DataError(
-            f"class folders of {args.data} ({', '.join(class_names)}) differ from the model's "
-            f"classes ({', '.join(model_classes)})"
-        )
+    # class folders are matched to the model's outputs by name where it records its class names
+    folder_classes, dataset, what = load_evaluation_folder(
+        args.data, image_size, class_names=info.get("class_names"), num_classes=info["num_classes"], **options)
+    if len(folder_classes) < info["num_classes"]:
+        what += f", {len(folder_classes)} of the model's {info['num_classes']} classes"
     task = ClassificationTask(info["num_classes"])
     metrics = evaluate(model, task, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, image_size))
     print(f"{args.model_dir} on {args.data} ({what}, {len(dataset)} images): "

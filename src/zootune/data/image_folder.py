@@ -214,26 +214,66 @@ def load_unsplit_image_folder(
     root: str | os.PathLike,
     image_size: int = 32,
     *,
+    class_names: Sequence[str] | None = None,
     crop_fraction: float = EVAL_CROP_FRACTION,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
     cache_budget: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[str], ImageFolderDataset]:
-    """A whole ``root/<class>/<image>`` folder as one un-augmented dataset: (class names, dataset).
+    """A whole ``root/<class>/<image>`` folder as one un-augmented dataset: (the folder's class
+    names, sorted; dataset).
 
     For evaluating a trained model on a folder; the same reading, checks and evaluation transform as
-    the validation split of :func:`load_image_folder`.
+    the validation split of :func:`load_image_folder`. ``class_names``: the trained model's classes,
+    in the order of its outputs: each class folder is labelled with its name's index in that list
+    (matched by name, so the folder may hold any subset of the classes, in any order); a class folder
+    that is not among them is refused, naming it. Default: the folder's own classes, sorted.
     """
     root = Path(root).expanduser()
     _check_root(root)
     _check_options(image_size, None, crop_fraction, cache_budget, max_pixels)
     classes = _class_folders(root)
-    class_names = sorted(classes)
-    paths, labels = _flatten(classes, class_names)
+    if class_names is not None:
+        unknown = sorted(set(classes) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"class folder(s) {', '.join(unknown)} of {root} are not among the model's classes "
+                f"({', '.join(class_names)}): it cannot predict them; evaluate on folders of its classes")
+    paths, labels = _flatten(classes, list(class_names) if class_names is not None else sorted(classes))
     sizes = scan_images(paths, max_pixels)
     dataset = ImageFolderDataset(
         paths, labels, image_size, None, crop_fraction=crop_fraction, mean=mean, std=std, max_pixels=max_pixels
     )
     _plan_cache({"all": dataset}, {"all": sizes}, DEFAULT_CACHE_BUDGET if cache_budget is None else cache_budget)
-    return class_names, dataset
+    return sorted(classes), dataset
+
+
+def load_evaluation_folder(
+    root: str | os.PathLike,
+    image_size: int = 32,
+    *,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    **options,
+) -> tuple[list[str], ImageFolderDataset, str]:
+    """What a trained model is evaluated on in ``root``: (the folder's class names, dataset, which
+    images), the test split of a train/val[/test] folder (else its val split), or every image of a
+    single folder of class folders; only that part is read. ``class_names``: the model's classes
+    (:func:`load_unsplit_image_folder`). Without them, ``num_classes``: the model's output count; the
+    sorted class folders then stand for its outputs by position, so their number must be equal.
+    ``options``: as for :func:`load_unsplit_image_folder`.
+    """
+    root = Path(root).expanduser()
+    folders = split_folders(root) if root.is_dir() else None
+    folder, what = root, "all images"
+    if folders is not None:
+        split = "test" if "test" in folders else "val"
+        folder, what = folders[split], f"{split} split"
+    folder_classes, dataset = load_unsplit_image_folder(folder, image_size, class_names=class_names, **options)
+    if class_names is None and num_classes is not None and len(folder_classes) != num_classes:
+        raise DataError(
+            f"the model predicts {num_classes} classes but {folder} has {len(folder_classes)} class folders "
+            f"({', '.join(folder_classes)}); it records no class names, so its outputs can only be matched to "
+            "the class folders by position, which needs as many folders as classes")
+    return folder_classes, dataset, what
