@@ -361,6 +361,48 @@ def test_bad_input_gives_one_line_exit_2_and_leaves_no_run_behind(bad_ws, tmp_pa
         assert not [p for p in out.rglob(".*tmp*")], list(out.rglob("*"))
 
 
+# ----------------------------------------------------------------------------- warnings: one line each
+
+
+def _warnings(stderr: str) -> list[str]:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert all(line.startswith("zootune: warning: ") for line in lines), stderr
+    return lines
+
+
+def test_a_zoo_checkpoint_given_twice_is_warned_about_saying_how_it_is_the_same(ws, tmp_path):
+    copy = tmp_path / "copy_of_m0.safetensors"
+    copy.write_bytes((ws / "m0.safetensors").read_bytes())
+    code, out, err = run_cli(["rank", *ARCH, "--zoo", ws / "m0.safetensors", ws / "m0.safetensors", copy,
+                              ws / "m1.safetensors", "--data", ws / "data"])
+    assert code == 0, err
+    lines = _warnings(err)
+    assert len(lines) == 2, err
+    twice = next(line for line in lines if "given twice" in line)
+    assert "the same file as" in twice and "m0.safetensors" in twice
+    same = next(line for line in lines if "same content" in line)
+    assert str(copy) in same and str(ws / "m0.safetensors") in same and str(ws / "m1.safetensors") not in same
+
+
+def test_a_tiny_image_size_is_warned_about(ws):
+    code, out, err = run_cli(["evaluate", ws / "fitted" / "model", "--data", ws / "data", "--image-size", "4"])
+    assert code == 0, err
+    assert len(_warnings(err)) == 1 and "reduced to 4x4 pixels" in err
+
+
+def test_images_in_sub_folders_of_a_class_folder_are_counted_not_silently_dropped(ws, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(ws / "data", data)
+    _images(data / "a" / "extra", classes=("x",), per_class=2)  # a/extra/x/0.png, a/extra/x/1.png
+    code, out, err = run_cli(["evaluate", ws / "fitted" / "model", "--data", data])
+    assert code == 0, err
+    (line,) = _warnings(err)
+    assert "2 image(s) in sub-folders" in line and f"e.g. {data / 'a' / 'extra' / 'x' / '0.png'}" in line
+    assert "12 images" in out  # what is read: the class folders' own files only
+
+
 # ----------------------------------------------------------------------------- evaluate matches classes by name
 
 

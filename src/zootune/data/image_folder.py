@@ -7,6 +7,9 @@ Two layouts are accepted:
 - separate splits, ``root/train/<class>/...`` and ``root/val/<class>/...`` (and optionally
   ``root/test/<class>/...``), whose class sets must be equal.
 
+Only the files directly in a class folder are read; images in its sub-folders are not (a warning
+counts them and names one).
+
 Each split is an :class:`~zootune.data.folder_dataset.ImageFolderDataset`: files are decoded when an
 item is asked for (:func:`zootune.data.decode.read_rgb`: EXIF orientation, 16-bit, palette/CMYK/alpha),
 so memory does not grow with the number of images. Training items are random-resized crops of the
@@ -21,6 +24,7 @@ folder is a ``DataError`` saying what to fix.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +37,8 @@ from zootune.data.transforms import AUGMENT_PRESETS, EVAL_CROP_FRACTION, MEAN, S
 from zootune.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Below this side length an image keeps too little to learn from: allowed, but warned about.
+SMALL_IMAGE_SIZE = 8
 LAYOUT_HINT = "expected <root>/<class>/<image> or <root>/train/<class>/<image> + <root>/val/<class>/<image>"
 
 
@@ -49,15 +55,36 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     if not class_dirs:
         raise DataError(f"{root} is not a folder of class folders (found only files); {LAYOUT_HINT}")
     classes: dict[str, list[Path]] = {}
+    nested: list[Path] = []  # images in sub-folders of class folders: not read
     for d in class_dirs:
-        images = [p for p in _visible_entries(d) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        entries = _visible_entries(d)
+        images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        below = [image for sub in entries if sub.is_dir() for image in _images_below(sub)]
         if not images:
+            unread = f"; the {len(below)} in its sub-folders are not read (only its own files are)" if below else ""
             raise DataError(
-                f"class folder {d} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                f"class folder {d} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)}){unread}; "
                 "add images or remove the folder"
             )
         classes[d.name] = images
+        nested += below
+    if nested:
+        # Only a class folder's own files are read: a sub-folder may be another class's data, a
+        # copy or an excluded part, and a guess would mislabel images. Silently dropping them would
+        # leave a user training on less data than they think, so they are counted.
+        warnings.warn(f"{len(nested)} image(s) in sub-folders of class folders of {root} are not read "
+                      f"(e.g. {nested[0]}): only the files directly in a class folder are", stacklevel=3)
     return classes
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder`` (itself included, hidden entries skipped), sorted."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        found += [Path(parent) / name for name in sorted(files)
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return found
 
 
 def _flatten(classes: dict[str, list[Path]], class_names: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -81,6 +108,9 @@ def _check_root(root: Path) -> None:
 def _check_options(image_size: int, augment, crop_fraction: float, cache_budget: int | None, max_pixels: int) -> None:
     if not (isinstance(image_size, int) and image_size >= 1):
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size < SMALL_IMAGE_SIZE:
+        warnings.warn(f"image size {image_size}: every image will be reduced to {image_size}x{image_size} pixels, "
+                      "too few to tell most classes apart (zootune's default is 32)", stacklevel=3)
     if not (augment is None or isinstance(augment, RandomResizedCropFlip) or augment in AUGMENT_PRESETS):
         raise DataError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
     if not 0 < crop_fraction <= 1:

@@ -165,6 +165,7 @@ class Zoo(Sequence):
             names = [str(n) for n in names]
             if len(names) != len(paths):  # say so before spending time on loading
                 raise ZootuneError(f"got {len(names)} names for {len(paths)} checkpoints")
+        _warn_repeated_checkpoints(paths)
         kwargs = dict(arch_kwargs or {})
         # partials, not lambdas: a Zoo stays picklable (e.g. handed to spawned DDP workers)
         if isinstance(arch, str):
@@ -372,6 +373,37 @@ def _find_head_or_none(model: nn.Module, head_name: str | None) -> str | None:
         if head_name is not None:
             raise
         return None
+
+
+def _warn_repeated_checkpoints(paths: Sequence[Path]) -> None:
+    """A checkpoint given twice makes two identical members: allowed, but it is rarely meant (a zoo
+    of N members that holds fewer models), so it is warned about, saying how they are the same: the
+    same file, or files of the same content (hashed only when another file has the same size)."""
+    import warnings
+
+    from zootune.data.cache import sha256_file
+
+    first_of: dict[Path, Path] = {}  # resolved path -> the path as given first
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in first_of:
+            warnings.warn(f"zoo checkpoint {path} is given twice (the same file as {first_of[resolved]}): "
+                          "the zoo holds two identical members", stacklevel=3)
+        else:
+            first_of[resolved] = path
+    by_size: dict[int, list[Path]] = {}
+    for path in first_of.values():
+        if path.is_file():
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        first_with: dict[str, Path] = {}
+        for path in same_size:
+            digest = sha256_file(path)
+            if digest in first_with:
+                warnings.warn(f"zoo checkpoints {first_with[digest]} and {path} have the same content (sha256 "
+                              f"{digest[:12]}...): the zoo holds two identical members", stacklevel=3)
+            else:
+                first_with[digest] = path
 
 
 def _build_seeded(builder: Callable[[], nn.Module], seed: int = BUILD_SEED) -> nn.Module:
