@@ -456,3 +456,48 @@ def test_class_folders_are_labelled_by_the_models_order_not_their_own(tmp_path):
     by_path = dict(zip(model_order.paths, model_order.labels.tolist()))
     assert names == ["a", "b", "c"] and sorted(by_path) == sorted(sorted_order.paths)
     assert {path.parent.name: label for path, label in by_path.items()} == {"c": 0, "a": 1, "b": 2}
+
+
+# ----------------------------------------------------------------------------- --resume on other data
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes, except the lock, whose content is the pid of the last process that opened it."""
+    from zootune.run_folder import LOCK_NAME
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_NAME}
+
+
+def test_resume_on_changed_data_is_refused_and_the_run_is_kept(ws, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ws / "fitted", run)
+    moved = tmp_path / "moved_data"  # the same files elsewhere: the same data
+    shutil.copytree(ws / "data", moved)
+    code, _, err = run_cli(_fit(ws, run, "--method", "finetune", "--resume", data=moved))
+    assert code == 0, err
+
+    changed = tmp_path / "changed_data"
+    shutil.copytree(ws / "data", changed)
+    (changed / "a" / "6.png").write_bytes((changed / "a" / "0.png").read_bytes())  # one more image of class a
+    before = _snapshot(run)
+    code, _, err = run_cli(_fit(ws, run, "--method", "finetune", "--resume", data=changed))
+    assert_one_line_error(code, err, "training data changed since", "checkpoint.pt", "--overwrite")
+    assert _snapshot(run) == before
+
+
+def test_resume_from_a_checkpoint_without_a_data_fingerprint_warns_and_continues(ws, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ws / "fitted", run)
+    checkpoint = run / "train" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state.pop("data_fingerprint") is not None  # what an older zootune wrote: no such key
+    torch.save(state, checkpoint)
+    code, _, err = run_cli(_fit(ws, run, "--method", "finetune", "--resume"))
+    assert code == 0, err
+    (line,) = _warnings(err)
+    assert "records no fingerprint of its training data" in line and str(checkpoint) in line

@@ -23,6 +23,8 @@ folder is a ``DataError`` saying what to fix.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -150,6 +152,14 @@ def _plan_cache(datasets: dict[str, ImageFolderDataset], sizes: dict[str, np.nda
             left -= need
 
 
+def folder_fingerprint(root: Path, paths: Sequence[Path], class_names: Sequence[str]) -> str:
+    """sha256 of what a training reads from an image folder: the class names and, sorted, every
+    file's path relative to ``root`` with its size in bytes. Cheap (a stat per file, nothing decoded),
+    and the same wherever the folder is moved; a resumed training compares it with its checkpoint's."""
+    files = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in paths)
+    return hashlib.sha256(json.dumps([sorted(class_names), files]).encode()).hexdigest()
+
+
 def load_image_folder(
     root: str | os.PathLike,
     image_size: int = 32,
@@ -224,6 +234,7 @@ def load_image_folder(
 
     if len(class_names) < 2:
         raise DataError(f"{root} has {len(class_names)} class folder(s); classification needs at least 2")
+    fingerprint = folder_fingerprint(root, [p for paths, _ in parts.values() for p in paths], class_names)
     datasets = {
         split: ImageFolderDataset(paths, labels, image_size, augment if split == "train" else None, **options)
         for split, (paths, labels) in parts.items()
@@ -237,6 +248,7 @@ def load_image_folder(
         name=root.name,
         description=f"image folder {root}",
         class_names=class_names,
+        fingerprint=fingerprint,
     )
 
 
