@@ -145,6 +145,9 @@ def _bad_files(ws: Path) -> None:
     (ws / "zoo_folder" / "m0.safetensors").write_bytes((ws / "m0.safetensors").read_bytes())
     (ws / "export_full").mkdir(exist_ok=True)
     (ws / "export_full" / "something").write_text("x")
+    # a fit folder interrupted before its model was written: a training checkpoint, no model/
+    (ws / "unfinished" / "train").mkdir(parents=True, exist_ok=True)
+    (ws / "unfinished" / "train" / "checkpoint.pt").write_bytes((ws / "fitted" / "train" / "checkpoint.pt").read_bytes())
 
 
 def _fit(ws, out, *extra, zoo=("m0.safetensors", "m1.safetensors"), data="data", arch=ARCH):
@@ -182,6 +185,17 @@ def _weights(ws, out, data: bytes | None = None, **changes):
     folder = _model_config(ws, out, **changes)
     if data is not None:
         (folder / "model.safetensors").write_bytes(data)
+    return folder
+
+
+def _non_finite_weights(ws, out):
+    """A copy of the fitted model folder whose weights hold one NaN (a diverged training's export)."""
+    from zootune.zoo.checkpoint import load_state_dict_file
+
+    folder = _model_config(ws, out)
+    state = load_state_dict_file(folder / "model.safetensors")
+    state["conv1.weight"].view(-1)[0] = float("nan")
+    save_state_dict(folder / "model.safetensors", state)
     return folder
 
 
@@ -244,11 +258,15 @@ CASES = [
     ("seed-text", lambda ws, o: _fit(ws, o, "--seed", "abc"), ["seed", "abc"]),
     ("epochs-zero", lambda ws, o: _fit(ws, o, "--epochs", "0"), ["positive integer"]),
     ("epochs-text", lambda ws, o: _fit(ws, o, "--epochs", "many"), ["many"]),
-    ("lr-zero", lambda ws, o: _fit(ws, o, "--lr", "0"), ["lr must be > 0"]),
+    ("lr-zero", lambda ws, o: _fit(ws, o, "--lr", "0"), ["lr must be > 0 and finite"]),
     ("lr-text", lambda ws, o: _fit(ws, o, "--lr", "fast"), ["--lr", "fast"]),
+    ("lr-inf", lambda ws, o: _fit(ws, o, "--lr", "inf"), ["lr must be > 0 and finite", "inf"]),
+    ("lr-nan", lambda ws, o: _fit(ws, o, "--lr", "nan"), ["lr must be > 0 and finite", "nan"]),
     ("batch-size-zero", lambda ws, o: _fit(ws, o, "--batch-size", "0"), ["positive integer"]),
     ("optimizer-unknown", lambda ws, o: _fit(ws, o, "--optimizer", "lion"), ["optimizer", "lion"]),
     ("weight-decay-negative", lambda ws, o: _fit(ws, o, "--weight-decay", "-1"), ["weight_decay"]),
+    ("weight-decay-inf", lambda ws, o: _fit(ws, o, "--weight-decay", "inf"), ["weight_decay", "finite", "inf"]),
+    ("weight-decay-nan", lambda ws, o: _fit(ws, o, "--weight-decay", "nan"), ["weight_decay", "finite", "nan"]),
     ("image-size-zero", lambda ws, o: _fit(ws, o, "--image-size", "0"), ["positive integer"]),
     ("member-out-of-range", lambda ws, o: _fit(ws, o, "--method", "finetune", "--member", "5"), ["member", "5"]),
     ("unknown-flag", lambda ws, o: _fit(ws, o, "--learning-rate", "0.1"), ["unrecognized", "--learning-rate"]),
@@ -280,6 +298,8 @@ CASES = [
     ("export-missing", lambda ws, o: ["export", ws / "no_run", "--out", o], ["no_run", "does not exist"]),
     ("export-run-is-file", lambda ws, o: ["export", ws / "a_file", "--out", o], ["a_file", "is a file"]),
     ("export-no-config", lambda ws, o: ["export", ws / "empty_dir", "--out", o], ["not an exported zootune model"]),
+    ("export-unfinished-run", lambda ws, o: ["export", ws / "unfinished", "--out", o],
+     ["unfinished", "is an unfinished run", "train/checkpoint.pt", "--resume --out"]),
     ("export-out-is-file", lambda ws, o: ["export", ws / "fitted", "--out", ws / "a_file"], ["a_file", "is a file"]),
     ("export-out-not-empty", lambda ws, o: ["export", ws / "fitted", "--out", ws / "export_full"],
      ["not empty", "--overwrite"]),
@@ -310,14 +330,23 @@ CASES = [
                                                                        zoo=["/nonexistent/m0.pt"]), "--out", o],
      ["/nonexistent/m0.pt"]),
     ("weights-corrupt", lambda ws, o: ["export", _weights(ws, o, b"garbage"), "--out", o], ["model.safetensors"]),
-    ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7), "--out", o],
+    ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7, class_names=None), "--out", o],
      ["does not match its config.json"]),
+    ("weights-non-finite", lambda ws, o: ["export", _non_finite_weights(ws, o), "--out", o],
+     ["model.safetensors", "conv1.weight", "non-finite"]),
+    ("config-class-names-count", lambda ws, o: ["export", _model_config(ws, o, class_names=["a"]), "--out", o],
+     ["class_names", "2 classes"]),
     # ---- evaluate
     ("evaluate-missing", lambda ws, o: ["evaluate", ws / "no_model", "--data", ws / "data"], ["no_model"]),
     ("evaluate-data-missing", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "no_data"],
      ["no_data"]),
-    ("evaluate-class-count", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "three_classes"],
-     ["2 classes", "3 class folders"]),
+    ("evaluate-unknown-class", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "three_classes"],
+     ["class folder(s) c of", "not among the model's classes (a, b)"]),
+    ("evaluate-class-count-unnamed", lambda ws, o: ["evaluate", _model_config(ws, o, class_names=None),
+                                                    "--data", ws / "three_classes"],
+     ["2 classes", "3 class folders", "records no class names"]),
+    ("evaluate-non-finite-weights", lambda ws, o: ["evaluate", _non_finite_weights(ws, o), "--data", ws / "data"],
+     ["model.safetensors", "non-finite"]),
     ("evaluate-batch-size", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "data",
                                            "--batch-size", "-1"], ["positive integer"]),
     # ---- predict
@@ -327,7 +356,7 @@ CASES = [
     ("predict-config-names-a-task", lambda ws, o: _predict(_model_config(ws, o, task="landmarks"), ws / "data", o),
      ["unknown field", "task"]),
     ("predict-class-names-count", lambda ws, o: _predict(_model_config(ws, o, class_names=["a", "b", "c"]),
-                                                         ws / "data", o), ["3 class names", "2 classes"]),
+                                                         ws / "data", o), ["class_names must name each of the 2 classes"]),
     ("predict-no-images", lambda ws, o: _predict(ws / "fitted", ws / "empty_dir", o),
      ["no images found in", "empty_dir", "recursively"]),
     ("predict-image-missing", lambda ws, o: _predict(ws / "fitted", ws / "nope.png", o),
@@ -353,6 +382,7 @@ CASES = [
      ["not in this run", "soup"]),
     ("run-option-no-method", lambda ws, o: ["run", "--option", "align=none", "--out", o], ["METHOD:key=value"]),
     ("run-seeds-negative", lambda ws, o: ["run", "--seeds", "-1,2", "--out", o], ["seed"]),
+    ("run-lr-inf", lambda ws, o: ["run", "--lr", "inf", "--out", o], ["lr must be > 0 and finite"]),
     ("run-seeds-zero-count", lambda ws, o: ["run", "--seeds", "0", "--out", o], ["number of seeds"]),
     ("run-out-holds-results", lambda ws, o: ["run", "--out", ws / "occupied"], ["holds another run"]),
     # ---- rank, zoo, top level
@@ -497,15 +527,153 @@ def test_bad_input_gives_one_line_exit_2_and_leaves_no_run_behind(bad_ws, tmp_pa
         assert not [p for p in out.rglob(".*tmp*")], list(out.rglob("*"))
 
 
-def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+# ----------------------------------------------------------------------------- warnings: one line each
+
+
+def _warnings(stderr: str) -> list[str]:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert all(line.startswith("zootune: warning: ") for line in lines), stderr
+    return lines
+
+
+def test_a_zoo_checkpoint_given_twice_is_warned_about_saying_how_it_is_the_same(ws, tmp_path):
+    copy = tmp_path / "copy_of_m0.safetensors"
+    copy.write_bytes((ws / "m0.safetensors").read_bytes())
+    code, out, err = run_cli(["rank", *ARCH, "--zoo", ws / "m0.safetensors", ws / "m0.safetensors", copy,
+                              ws / "m1.safetensors", "--data", ws / "data"])
+    assert code == 0, err
+    lines = _warnings(err)
+    assert len(lines) == 2, err
+    twice = next(line for line in lines if "given twice" in line)
+    assert "the same file as" in twice and "m0.safetensors" in twice
+    same = next(line for line in lines if "same content" in line)
+    assert str(copy) in same and str(ws / "m0.safetensors") in same and str(ws / "m1.safetensors") not in same
+
+
+def test_a_tiny_image_size_is_warned_about(ws):
+    code, out, err = run_cli(["evaluate", ws / "fitted" / "model", "--data", ws / "data", "--image-size", "4"])
+    assert code == 0, err
+    assert len(_warnings(err)) == 1 and "reduced to 4x4 pixels" in err
+
+
+def test_images_in_sub_folders_of_a_class_folder_are_counted_not_silently_dropped(ws, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(ws / "data", data)
+    _images(data / "a" / "extra", classes=("x",), per_class=2)  # a/extra/x/0.png, a/extra/x/1.png
+    code, out, err = run_cli(["evaluate", ws / "fitted" / "model", "--data", data])
+    assert code == 0, err
+    (line,) = _warnings(err)
+    assert "2 image(s) in sub-folders" in line and f"e.g. {data / 'a' / 'extra' / 'x' / '0.png'}" in line
+    assert "12 images" in out  # what is read: the class folders' own files only
+
+
+# ----------------------------------------------------------------------------- evaluate matches classes by name
+
+
+@pytest.fixture(scope="module")
+def three_class_model(ws):
+    """A model fitted on classes a, b, c (class_names recorded), and its folder of those classes."""
+    _images(ws / "abc", classes=("a", "b", "c"))
+    out = ws / "fitted_abc"
+    assert cli.main([str(a) for a in _fit(ws, out, "--method", "finetune", data="abc")]) == 0
+    return out / "model", ws / "abc"
+
+
+def _predictions(model, dataset):
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        return model(images).argmax(1)
+
+
+def test_evaluate_on_a_subset_of_the_classes_labels_them_by_name(three_class_model, tmp_path):
+    import shutil
+
+    from zootune.data.image_folder import load_evaluation_folder
+    from zootune.model_dir import load_model_dir
+
+    model_dir, full = three_class_model
+    subset = tmp_path / "bc"  # b and c only: by position they would be labels 0 and 1, by name 1 and 2
+    for name in ("b", "c"):
+        shutil.copytree(full / name, subset / name)
+    code, out, err = run_cli(["evaluate", model_dir, "--data", subset])
+    assert code == 0, err
+    assert "2 of the model's 3 classes, 12 images" in out
+
+    model, info = load_model_dir(model_dir)
+    _, whole, _ = load_evaluation_folder(full, info["image_size"], class_names=info["class_names"])
+    _, part, _ = load_evaluation_folder(subset, info["image_size"], class_names=info["class_names"])
+    in_subset = [i for i, path in enumerate(whole.paths) if path.parent.name in ("b", "c")]
+    assert [p.relative_to(subset) for p in part.paths] == [whole.paths[i].relative_to(full) for i in in_subset]
+    assert part.labels.tolist() == whole.labels[in_subset].tolist() and set(part.labels.tolist()) == {1, 2}
+    expected = _predictions(model, whole)[in_subset]
+    assert torch.equal(_predictions(model, part), expected)
+    accuracy = 100.0 * (expected == whole.labels[in_subset]).float().mean().item()
+    assert f"acc {accuracy:.2f}" in out
+
+
+def test_class_folders_are_labelled_by_the_models_order_not_their_own(tmp_path):
+    from zootune.data.image_folder import load_unsplit_image_folder
+
+    _images(tmp_path, classes=("a", "b", "c"), per_class=2)
+    names, sorted_order = load_unsplit_image_folder(tmp_path, 8)
+    _, model_order = load_unsplit_image_folder(tmp_path, 8, class_names=["c", "a", "b"])
+    by_path = dict(zip(model_order.paths, model_order.labels.tolist()))
+    assert names == ["a", "b", "c"] and sorted(by_path) == sorted(sorted_order.paths)
+    assert {path.parent.name: label for path, label in by_path.items()} == {"c": 0, "a": 1, "b": 2}
+
+
+# ----------------------------------------------------------------------------- --resume on other data
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes, except the lock, whose content is the pid of the last process that opened it."""
+    from zootune.run_folder import LOCK_NAME
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != LOCK_NAME}
+
+
+def test_resume_on_changed_data_is_refused_and_the_run_is_kept(ws, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ws / "fitted", run)
+    moved = tmp_path / "moved_data"  # the same files elsewhere: the same data
+    shutil.copytree(ws / "data", moved)
+    code, _, err = run_cli(_fit(ws, run, "--method", "finetune", "--resume", data=moved))
+    assert code == 0, err
+
+    changed = tmp_path / "changed_data"
+    shutil.copytree(ws / "data", changed)
+    (changed / "a" / "6.png").write_bytes((changed / "a" / "0.png").read_bytes())  # one more image of class a
+    before = _snapshot(run)
+    code, _, err = run_cli(_fit(ws, run, "--method", "finetune", "--resume", data=changed))
+    assert_one_line_error(code, err, "training data changed since", "checkpoint.pt", "--overwrite")
+    assert _snapshot(run) == before
+
+
+def test_resume_from_a_checkpoint_without_a_data_fingerprint_warns_and_continues(ws, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ws / "fitted", run)
+    checkpoint = run / "train" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state.pop("data_fingerprint") is not None  # what an older zootune wrote: no such key
+    torch.save(state, checkpoint)
+    code, _, err = run_cli(_fit(ws, run, "--method", "finetune", "--resume"))
+    assert code == 0, err
+    (line,) = _warnings(err)
+    assert "records no fingerprint of its training data" in line and str(checkpoint) in line
 
 
 @pytest.mark.parametrize("source,out", [("fitted", "fitted"), ("fitted/model", "fitted/model"),
                                         ("fitted/model", "fitted"), ("fitted", "fitted/model")])
 def test_export_onto_its_own_run_leaves_the_run_byte_identical(ws, source, out):
-    before = _tree_bytes(ws / "fitted")
+    before = _snapshot(ws / "fitted")
     assert "train/checkpoint.pt" in before and "model/metrics.json" in before
     code, _, stderr = run_cli(["export", ws / source, "--out", ws / out, "--overwrite"])
     assert_one_line_error(code, stderr, "never writes over")
-    assert _tree_bytes(ws / "fitted") == before
+    assert _snapshot(ws / "fitted") == before

@@ -110,7 +110,7 @@ def _bad_folders(root):
         ("unknown_arch", ["unknown architecture"]),
         ("bad_option", ["key=value"]),
         ("bad_seeds", ["seeds"]),
-        ("labels_out_of_range", ["3 classes", "5 class folders"]),
+        ("classes_the_model_lacks", ["class folder(s) class3, class4", "not among the model's classes"]),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(case, fragments, workspace, fitted_run, tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, fragments, workspace, fitted_
         "unknown_arch": ["fit", "--arch", "no_such_arch", *zoo, "--data", data, "--out", tmp_path / "o"],
         "bad_option": fit("--option", "novalue"),
         "bad_seeds": ["run", "--seeds", "0,x"],
-        "labels_out_of_range": ["evaluate", fitted_run / "model", "--data", tmp_path / "five"],
+        "classes_the_model_lacks": ["evaluate", fitted_run / "model", "--data", tmp_path / "five"],
     }[case]
     code, _, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, *fragments)

@@ -328,7 +328,7 @@ def fit_method(
             measuring = time.perf_counter() - begin
         if spec.trains:
             result = Trainer(built, task, splits.train, splits.val, config=train_config, out_dir=out,
-                             resume=resume).fit()
+                             resume=resume, data_fingerprint=splits.fingerprint).fit()
             model, val_metric = result.model, result.best_val_metric
         else:
             model = built.finalize() if hasattr(built, "finalize") else built
@@ -671,6 +671,7 @@ def run_experiment(
     """
     specs = select_methods(config.methods, hub=config.hub)
     options = parse_method_options(specs, config.method_options)  # before any work
+    _train_config(config, seed=0)  # the training settings too (TrainConfig refuses e.g. lr=inf)
     if load_target is None:
         from functools import partial
 

@@ -9,7 +9,8 @@
   with the method's ``build`` on the zoo checkpoints listed in ``zoo`` (absolute paths), then loaded.
 
 The state_dict holds buffers too (BatchNorm running statistics). Weights are loaded with
-``strict=True``: a file that does not match its config is refused, not half-loaded.
+``strict=True``: a file that does not match its config is refused, not half-loaded; so is one whose
+weights hold NaN or infinity.
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def check_model_config(info, config_path) -> dict:
             check_value(f"preprocessing.{key}", value, expected, what="config.json")
         except OptionError as e:
             raise CheckpointError(f"{config_path}: {e}") from None
+    names = info.get("class_names")
+    if names is not None and (len(names) != info["num_classes"] or len(set(names)) != len(names)):
+        # evaluation labels images by these names' positions: they must be the outputs, once each
+        raise CheckpointError(f"{config_path}: class_names must name each of the {info['num_classes']} classes "
+                              f"once (got {len(names)} names, {len(set(names))} distinct)")
     if info["kind"] == "method" and not info.get("zoo"):
         raise CheckpointError(f"{config_path}: a 'method' model needs the zoo checkpoints it was built on ('zoo')")
     return info
@@ -150,13 +156,21 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
     return check_model_config(info, config_path)
 
 
-def model_dir_of(folder: str | os.PathLike) -> Path:
-    """The model folder a path names: a ``zootune fit`` output folder holds it in ``model/``; a model
-    folder is itself."""
-    folder = Path(folder).expanduser()
-    if (folder / "model" / CONFIG_FILE).is_file():
-        return folder / "model"
-    return folder
+def find_model_dir(path: str | os.PathLike) -> Path:
+    """The model folder ``path`` names: the ``model/`` of a ``zootune fit`` output folder, else
+    ``path`` itself. A fit folder with training checkpoints but no ``model/`` yet is an unfinished
+    run, refused as such (it is not "not a model": resuming the run makes its model)."""
+    from zootune.run_folder import TRAINING_CHECKPOINTS
+
+    path = Path(path).expanduser()
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    checkpoints = sorted(str(p.relative_to(path)) for pattern in TRAINING_CHECKPOINTS for p in path.glob(pattern))
+    if checkpoints and not (path / CONFIG_FILE).is_file():
+        raise ZootuneError(
+            f"{path} is an unfinished run: it holds a training checkpoint ({checkpoints[0]}) but no model/ yet; "
+            f"finish it with `zootune fit ... --resume --out {path}` (the run's own arguments), then export it")
+    return path
 
 
 def input_options(info: dict) -> dict:
@@ -204,7 +218,7 @@ def load_model_dir(model_dir: str | os.PathLike, *, trust_code: bool = False) ->
     """The exported model (in eval mode) and its config. Nothing in the folder is executed: the config
     may name only registered architectures and methods; a ``module:function`` architecture is
     imported only with ``trust_code=True``; weights are read from safetensors."""
-    from zootune.zoo.checkpoint import load_state_dict_file
+    from zootune.zoo.checkpoint import check_finite_state, load_state_dict_file
 
     model_dir = Path(model_dir)
     info = read_model_config(model_dir)
@@ -214,6 +228,7 @@ def load_model_dir(model_dir: str | os.PathLike, *, trust_code: bool = False) ->
     else:
         model = _rebuild_method(info, trust_code)
     state = load_state_dict_file(model_dir / MODEL_FILE)  # CheckpointError naming the file if unreadable
+    check_finite_state(state, str(model_dir / MODEL_FILE))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -35,7 +35,7 @@ from torch import nn
 
 from zootune.atomic import atomic_write_text
 from zootune.data.decode import DEFAULT_MAX_PIXELS
-from zootune.errors import CheckpointError, ZootuneError
+from zootune.errors import ZootuneError
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,11 @@ class Prediction:
 
 
 def class_names_of(info: dict) -> list[str]:
-    """The model's class names from its config (``"0"``, ``"1"``, ... when it records none)."""
+    """The model's class names from its config (``"0"``, ``"1"``, ... when it records none; a config
+    whose names do not match its class count is refused when the folder is read, by
+    :func:`zootune.model_dir.check_model_config`)."""
     names = info.get("class_names")
-    if not names:
-        return [str(i) for i in range(info["num_classes"])]
-    if len(names) != info["num_classes"]:
-        raise CheckpointError(f"config.json lists {len(names)} class names for a model of "
-                              f"{info['num_classes']} classes")
-    return list(names)
+    return list(names) if names else [str(i) for i in range(info["num_classes"])]
 
 
 def _check_top_k(top_k: int) -> None:
@@ -139,12 +136,12 @@ def predict_to_csv(model_dir: str | os.PathLike, inputs: Sequence[str | os.PathL
     ``out`` checked (:func:`check_predictions_out`) before the model folder (or a ``zootune fit`` run
     folder's ``model/``) is loaded, :func:`predict_images`, and the CSV written atomically to ``out``."""
     from zootune.data.image_folder import find_images
-    from zootune.model_dir import load_model_dir, model_dir_of
+    from zootune.model_dir import find_model_dir, load_model_dir
 
     _check_top_k(top_k)  # before any file is read
     images = find_images(inputs)
     out = check_predictions_out(out, model_dir=model_dir, images=images, overwrite=overwrite)
-    model, info = load_model_dir(model_dir_of(model_dir), trust_code=trust_code)
+    model, info = load_model_dir(find_model_dir(model_dir), trust_code=trust_code)
     predictions = predict_images(model, info, images, top_k, batch_size, num_workers=num_workers,
                                  max_pixels=max_pixels)
     atomic_write_text(out, predictions_csv(predictions))

@@ -27,9 +27,11 @@ from zootune.atomic import fsync_folder
 from zootune.errors import ZootuneError
 
 LOCK_NAME = ".zootune.lock"
+# The training checkpoints of a `zootune fit` run (its own, and those of the methods it requires).
+TRAINING_CHECKPOINTS = ("train/checkpoint.pt", "requires/*/checkpoint.pt")
 # What a run leaves in its folder that marks it as holding a run: its results, or a training
 # checkpoint (logs of a run that failed before its first checkpoint do not count: nothing to lose).
-RUN_ENTRIES = ("model", "train/checkpoint.pt", "requires/*/checkpoint.pt", "metrics.json", "results.json")
+RUN_ENTRIES = ("model", *TRAINING_CHECKPOINTS, "metrics.json", "results.json")
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -211,4 +213,5 @@ def commit_folder(final: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     return final
 
 
-__all__ = ["RunFolder", "check_writable_folder", "commit_folder", "refuse_overlap", "LOCK_NAME", "RUN_ENTRIES"]
+__all__ = ["RunFolder", "check_writable_folder", "commit_folder", "refuse_overlap", "LOCK_NAME", "RUN_ENTRIES",
+           "TRAINING_CHECKPOINTS"]

@@ -318,7 +318,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from zootune.model_dir import load_model_dir, model_dir_of, save_model_dir
+    from zootune.model_dir import find_model_dir, load_model_dir, save_model_dir
     from zootune.run_folder import check_writable_folder, commit_folder, refuse_overlap
 
     run_dir = Path(args.run_dir)
@@ -332,30 +332,16 @@ def cmd_export(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise ZootuneError(f"--out {out} is not empty: --overwrite replaces it, or choose another folder")
     check_writable_folder(out.parent, "the folder of --out")
-    model, info = load_model_dir(model_dir_of(run_dir), trust_code=args.trust_code)
+    model, info = load_model_dir(find_model_dir(run_dir), trust_code=args.trust_code)
     info = {k: v for k, v in info.items() if k not in ("format", "zootune_version")}
     commit_folder(out, lambda tmp: save_model_dir(tmp, model, info))
     print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {info['num_classes']} classes) to {args.out}")
     return 0
 
 
-def _evaluation_set(data: str, image_size: int, options: dict):
-    """(class names, dataset, what): a train/val[/test] folder's test split (else its val split); a
-    single folder of class folders is evaluated whole, without augmentation."""
-    from zootune.data import image_folder
-    root = Path(data).expanduser()
-    folders = image_folder.split_folders(root) if root.is_dir() else None
-    if folders is not None:  # only the evaluated split is read
-        split = "test" if "test" in folders else "val"
-        class_names, dataset = image_folder.load_unsplit_image_folder(folders[split], image_size=image_size, **options)
-        return class_names, dataset, f"{split} split"
-    class_names, dataset = image_folder.load_unsplit_image_folder(root, image_size=image_size, **options)
-    return class_names, dataset, "all images"
-
-
 def cmd_evaluate(args) -> int:
+    from zootune.data.image_folder import load_evaluation_folder
     from zootune.engine import evaluate
-    from zootune.errors import DataError
     from zootune.model_dir import input_options, load_model_dir
     from zootune.tasks import ClassificationTask
 
@@ -365,18 +351,11 @@ def cmd_evaluate(args) -> int:
     if args.image_size is not None:
         options["image_size"] = args.image_size
     image_size = options.pop("image_size")
-    class_names, dataset, what = _evaluation_set(args.data, image_size, options)
-    model_classes = info.get("class_names") or []
-    if len(class_names) != info["num_classes"]:
-        raise DataError(
-            f"the model predicts {info['num_classes']} classes but {args.data} has {len(class_names)} "
-            f"class folders ({', '.join(class_names)}): labels would be out of range"
-        )
-    if model_classes and list(model_classes) != list(class_names):
-        raise DataError(
-            f"class folders of {args.data} ({', '.join(class_names)}) differ from the model's "
-            f"classes ({', '.join(model_classes)})"
-        )
+    # class folders are matched to the model's outputs by name where it records its class names
+    folder_classes, dataset, what = load_evaluation_folder(
+        args.data, image_size, class_names=info.get("class_names"), num_classes=info["num_classes"], **options)
+    if len(folder_classes) < info["num_classes"]:
+        what += f", {len(folder_classes)} of the model's {info['num_classes']} classes"
     task = ClassificationTask(info["num_classes"])
     metrics = evaluate(model, task, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, image_size))
     print(f"{args.model_dir} on {args.data} ({what}, {len(dataset)} images): "

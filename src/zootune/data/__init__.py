@@ -18,7 +18,7 @@ folders) and ``label`` an int.
 from zootune.data.cache import user_cache_dir
 from zootune.data.datasets import DatasetSplits, ImageDataset, stratified_split
 from zootune.data.folder_dataset import ImageFolderDataset
-from zootune.data.image_folder import find_images, load_image_files, load_image_folder, load_unsplit_image_folder
+from zootune.data.image_folder import find_images, load_evaluation_folder, load_image_files, load_image_folder, load_unsplit_image_folder
 from zootune.data.landmarks import load_landmark_folder
 from zootune.data.targets import DEFAULT_TARGET, TARGETS, get_target
 from zootune.data.transforms import (
@@ -30,5 +30,5 @@ __all__ = [
     "load_landmark_folder", "AUGMENT_PRESETS", "ImageFolderDataset", "RandomResizedCropFlip", "ResizeCenterCrop",
     "DEFAULT_TARGET", "DatasetSplits", "ImageDataset", "MEAN", "STD", "TARGETS", "Compose", "Normalize",
     "RandomHorizontalFlip", "RandomResizedCrop", "default_train_transform", "get_target",
-    "find_images", "load_image_files", "load_image_folder", "load_unsplit_image_folder", "stratified_split", "user_cache_dir",
+    "find_images", "load_evaluation_folder", "load_image_files", "load_image_folder", "load_unsplit_image_folder", "stratified_split", "user_cache_dir",
 ]

@@ -65,6 +65,9 @@ class DatasetSplits:
     # the task (head, loss, metric) when it is not classification with ``num_classes`` classes,
     # e.g. a zootune.tasks.LandmarkTask; None means ClassificationTask(num_classes)
     task: Any = None
+    # what the data was read from, for a resumed training to check that it continues on the same
+    # data (zootune.data.image_folder.folder_fingerprint); None where there is no folder to read
+    fingerprint: str | None = None
 
     def sizes(self) -> dict[str, int]:
         return {

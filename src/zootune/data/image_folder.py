@@ -7,6 +7,9 @@ Two layouts are accepted:
 - separate splits, ``root/train/<class>/...`` and ``root/val/<class>/...`` (and optionally
   ``root/test/<class>/...``), whose class sets must be equal.
 
+Only the files directly in a class folder are read; images in its sub-folders are not (a warning
+counts them and names one).
+
 Each split is an :class:`~zootune.data.folder_dataset.ImageFolderDataset`: files are decoded when an
 item is asked for (:func:`zootune.data.decode.read_rgb`: EXIF orientation, 16-bit, palette/CMYK/alpha),
 so memory does not grow with the number of images. Training items are random-resized crops of the
@@ -24,7 +27,10 @@ transform, exactly as an evaluation split is read.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +43,8 @@ from zootune.data.transforms import AUGMENT_PRESETS, EVAL_CROP_FRACTION, MEAN, S
 from zootune.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Below this side length an image keeps too little to learn from: allowed, but warned about.
+SMALL_IMAGE_SIZE = 8
 LAYOUT_HINT = "expected <root>/<class>/<image> or <root>/train/<class>/<image> + <root>/val/<class>/<image>"
 
 
@@ -53,15 +61,36 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     if not class_dirs:
         raise DataError(f"{root} is not a folder of class folders (found only files); {LAYOUT_HINT}")
     classes: dict[str, list[Path]] = {}
+    nested: list[Path] = []  # images in sub-folders of class folders: not read
     for d in class_dirs:
-        images = [p for p in _visible_entries(d) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        entries = _visible_entries(d)
+        images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        below = [image for sub in entries if sub.is_dir() for image in _images_below(sub)]
         if not images:
+            unread = f"; the {len(below)} in its sub-folders are not read (only its own files are)" if below else ""
             raise DataError(
-                f"class folder {d} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                f"class folder {d} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)}){unread}; "
                 "add images or remove the folder"
             )
         classes[d.name] = images
+        nested += below
+    if nested:
+        # Only a class folder's own files are read: a sub-folder may be another class's data, a
+        # copy or an excluded part, and a guess would mislabel images. Silently dropping them would
+        # leave a user training on less data than they think, so they are counted.
+        warnings.warn(f"{len(nested)} image(s) in sub-folders of class folders of {root} are not read "
+                      f"(e.g. {nested[0]}): only the files directly in a class folder are", stacklevel=3)
     return classes
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder`` (itself included, hidden entries skipped), sorted."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        found += [Path(parent) / name for name in sorted(files)
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return found
 
 
 def _flatten(classes: dict[str, list[Path]], class_names: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -85,6 +114,9 @@ def _check_root(root: Path) -> None:
 def _check_options(image_size: int, augment, crop_fraction: float, cache_budget: int | None, max_pixels: int) -> None:
     if not (isinstance(image_size, int) and image_size >= 1):
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size < SMALL_IMAGE_SIZE:
+        warnings.warn(f"image size {image_size}: every image will be reduced to {image_size}x{image_size} pixels, "
+                      "too few to tell most classes apart (zootune's default is 32)", stacklevel=3)
     if not (augment is None or isinstance(augment, RandomResizedCropFlip) or augment in AUGMENT_PRESETS):
         raise DataError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
     if not 0 < crop_fraction <= 1:
@@ -122,6 +154,14 @@ def _plan_cache(datasets: dict[str, ImageFolderDataset], sizes: dict[str, np.nda
         if need <= left:
             dataset.fill_cache(kind, sizes=sizes[split])
             left -= need
+
+
+def folder_fingerprint(root: Path, paths: Sequence[Path], class_names: Sequence[str]) -> str:
+    """sha256 of what a training reads from an image folder: the class names and, sorted, every
+    file's path relative to ``root`` with its size in bytes. Cheap (a stat per file, nothing decoded),
+    and the same wherever the folder is moved; a resumed training compares it with its checkpoint's."""
+    files = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in paths)
+    return hashlib.sha256(json.dumps([sorted(class_names), files]).encode()).hexdigest()
 
 
 def load_image_folder(
@@ -198,6 +238,7 @@ def load_image_folder(
 
     if len(class_names) < 2:
         raise DataError(f"{root} has {len(class_names)} class folder(s); classification needs at least 2")
+    fingerprint = folder_fingerprint(root, [p for paths, _ in parts.values() for p in paths], class_names)
     datasets = {
         split: ImageFolderDataset(paths, labels, image_size, augment if split == "train" else None, **options)
         for split, (paths, labels) in parts.items()
@@ -211,6 +252,7 @@ def load_image_folder(
         name=root.name,
         description=f"image folder {root}",
         class_names=class_names,
+        fingerprint=fingerprint,
     )
 
 
@@ -218,25 +260,35 @@ def load_unsplit_image_folder(
     root: str | os.PathLike,
     image_size: int = 32,
     *,
+    class_names: Sequence[str] | None = None,
     crop_fraction: float = EVAL_CROP_FRACTION,
     mean: Sequence[float] = MEAN,
     std: Sequence[float] = STD,
     cache_budget: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[str], ImageFolderDataset]:
-    """A whole ``root/<class>/<image>`` folder as one un-augmented dataset: (class names, dataset).
+    """A whole ``root/<class>/<image>`` folder as one un-augmented dataset: (the folder's class
+    names, sorted; dataset).
 
     For evaluating a trained model on a folder; the same reading, checks and evaluation transform as
-    the validation split of :func:`load_image_folder`.
+    the validation split of :func:`load_image_folder`. ``class_names``: the trained model's classes,
+    in the order of its outputs: each class folder is labelled with its name's index in that list
+    (matched by name, so the folder may hold any subset of the classes, in any order); a class folder
+    that is not among them is refused, naming it. Default: the folder's own classes, sorted.
     """
     root = Path(root).expanduser()
     _check_root(root)
     classes = _class_folders(root)
-    class_names = sorted(classes)
-    paths, labels = _flatten(classes, class_names)
+    if class_names is not None:
+        unknown = sorted(set(classes) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"class folder(s) {', '.join(unknown)} of {root} are not among the model's classes "
+                f"({', '.join(class_names)}): it cannot predict them; evaluate on folders of its classes")
+    paths, labels = _flatten(classes, list(class_names) if class_names is not None else sorted(classes))
     dataset = load_image_files(paths, image_size, labels=labels, crop_fraction=crop_fraction, mean=mean, std=std,
                                cache_budget=cache_budget, max_pixels=max_pixels)
-    return class_names, dataset
+    return sorted(classes), dataset
 
 
 def load_image_files(
@@ -298,3 +350,33 @@ def _images_under(folder: Path) -> list[Path]:
         images += [Path(parent, f) for f in files
                    if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     return images
+
+
+def load_evaluation_folder(
+    root: str | os.PathLike,
+    image_size: int = 32,
+    *,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    **options,
+) -> tuple[list[str], ImageFolderDataset, str]:
+    """What a trained model is evaluated on in ``root``: (the folder's class names, dataset, which
+    images), the test split of a train/val[/test] folder (else its val split), or every image of a
+    single folder of class folders; only that part is read. ``class_names``: the model's classes
+    (:func:`load_unsplit_image_folder`). Without them, ``num_classes``: the model's output count; the
+    sorted class folders then stand for its outputs by position, so their number must be equal.
+    ``options``: as for :func:`load_unsplit_image_folder`.
+    """
+    root = Path(root).expanduser()
+    folders = split_folders(root) if root.is_dir() else None
+    folder, what = root, "all images"
+    if folders is not None:
+        split = "test" if "test" in folders else "val"
+        folder, what = folders[split], f"{split} split"
+    folder_classes, dataset = load_unsplit_image_folder(folder, image_size, class_names=class_names, **options)
+    if class_names is None and num_classes is not None and len(folder_classes) != num_classes:
+        raise DataError(
+            f"the model predicts {num_classes} classes but {folder} has {len(folder_classes)} class folders "
+            f"({', '.join(folder_classes)}); it records no class names, so its outputs can only be matched to "
+            "the class folders by position, which needs as many folders as classes")
+    return folder_classes, dataset, what

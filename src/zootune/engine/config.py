@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,10 +91,12 @@ class TrainConfig:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay})")
+        # inf and nan pass a plain comparison (or fail it with a misleading message) and would
+        # surface only later, blamed on divergence
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be > 0 and finite (got {self.lr})")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be >= 0 and finite (got {self.weight_decay})")
         if self.step_size is not None and self.step_size < 1:
             problems.append(f"step_size must be >= 1 (got {self.step_size})")
         if self.warmup_epochs < 0:

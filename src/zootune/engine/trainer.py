@@ -28,6 +28,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -130,6 +131,9 @@ class Trainer:
     process (``trainer.dist.is_main`` tells rank 0). ``example_input``: the batch (a tensor of the
     training batch's shape) on which the engine chooses aggregation formulations and the thread count;
     default: the first training batch (read once more, every random stream restored).
+    ``data_fingerprint``: what identifies the training data (e.g.
+    :func:`zootune.data.image_folder.folder_fingerprint`); stored in the checkpoint, and resuming
+    from a checkpoint of other data is refused.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class Trainer:
         resume: bool = False,
         callbacks: Sequence[Any] | None = None,
         example_input: torch.Tensor | None = None,
+        data_fingerprint: str | None = None,
     ):
         if config is None:
             config = TrainConfig()
@@ -166,6 +171,7 @@ class Trainer:
         self.best_val_metric: float | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
         self.example_input = example_input
+        self.data_fingerprint = data_fingerprint
         self._restored_formulations: dict | None = None
         self._scaler: torch.amp.GradScaler | None = None
         self._channels_last = False
@@ -195,6 +201,7 @@ class Trainer:
                 log.warning("resume: no checkpoint at %s, starting from scratch", path)
             return
         ckpt = load_checkpoint(path)
+        self._check_same_data(ckpt, path)
         try:
             self.module.load_state_dict(ckpt["model"])
         except RuntimeError as err:
@@ -247,6 +254,23 @@ class Trainer:
         if self.dist.is_main:
             log.info("resumed from %s after epoch %d", path, self.epoch)
 
+    def _check_same_data(self, ckpt: dict, path: Path) -> None:
+        """Continuing on other data than the checkpoint was trained on would silently give a model of
+        neither (and replace the run's model): refused. A checkpoint of an older zootune, which
+        records no fingerprint, is resumed with a warning."""
+        if self.data_fingerprint is None:
+            return
+        recorded = ckpt.get("data_fingerprint")
+        if recorded is None:
+            if self.dist.is_main:
+                warnings.warn(f"{path} records no fingerprint of its training data (written by an older zootune): "
+                              "resuming without checking that the data is the same", stacklevel=2)
+            return
+        if recorded != self.data_fingerprint:
+            raise DataError(
+                f"the training data changed since {path} was written (class folders, files or file sizes differ): "
+                "resume with the data it was trained on, or start over with --overwrite")
+
     def _save_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
         # Every rank's RNG state (all must call the gather), written by rank 0.
         rng_states = distributed.all_gather_objects(capture_rng_state())
@@ -264,6 +288,7 @@ class Trainer:
                 "best_state": self._best_state,
                 "history": self.history,
                 "config": self.config.to_dict(),
+                "data_fingerprint": self.data_fingerprint,
                 "rng": rng_states,
                 "sampler": {"seed": self.config.seed, "epoch": self.epoch},
                 # Aggregation layers' formulations (chosen by timing): a resumed run computes what

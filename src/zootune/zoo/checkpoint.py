@@ -133,6 +133,17 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
     )
 
 
+def check_finite_state(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that hold NaN or infinity, naming ``source`` (the file, as the reader should
+    see it) and the tensor: a zoo checkpoint would fail later with a message blaming the learning
+    rate, a model folder would evaluate to a NaN loss and a chance accuracy without complaint."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source}: tensor {key} holds {bad} non-finite value(s) (NaN or "
+                                  "infinity); the file is damaged or was saved from a diverged training")
+
+
 def save_state_dict(
     path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
 ) -> Path:

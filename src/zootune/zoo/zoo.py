@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, overload
 import torch
 from torch import nn
 
-from zootune.errors import CheckpointError, ZooMismatchError, ZootuneError
+from zootune.errors import ZooMismatchError, ZootuneError
 from zootune.models import build_model
 from zootune.models.heads import find_head_name
-from zootune.zoo.checkpoint import load_state_dict_file
+from zootune.zoo.checkpoint import check_finite_state, load_state_dict_file
 from zootune.zoo.preprocessing import DataConfig, disagreements
 from zootune.zoo.remap import Remap, backbone_shapes, is_head_key, match_state_dict
 
@@ -165,6 +165,7 @@ class Zoo(Sequence):
             names = [str(n) for n in names]
             if len(names) != len(paths):  # say so before spending time on loading
                 raise ZootuneError(f"got {len(names)} names for {len(paths)} checkpoints")
+        _warn_repeated_checkpoints(paths)
         kwargs = dict(arch_kwargs or {})
         # partials, not lambdas: a Zoo stays picklable (e.g. handed to spawned DDP workers)
         if isinstance(arch, str):
@@ -184,7 +185,7 @@ class Zoo(Sequence):
         template: nn.Module | None = None
         for path, file_remap in zip(paths, remaps):
             state = load_state_dict_file(path)
-            _check_finite(state, path)
+            check_finite_state(state, f"zoo checkpoint {path}")
             # Seeded builds are identical: build once, then give each member the template's
             # structure with the checkpoint's tensors themselves (no initialisation, no copy of
             # the 25M loaded values); only what the file does not cover (head, counters) is cloned.
@@ -374,14 +375,35 @@ def _find_head_or_none(model: nn.Module, head_name: str | None) -> str | None:
         return None
 
 
-def _check_finite(state: Mapping[str, torch.Tensor], path) -> None:
-    """A checkpoint whose weights hold NaN or infinity is refused, naming the file and the tensor
-    (training from it would fail later with a message blaming the learning rate)."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"zoo checkpoint {path}: tensor {key} holds {bad} non-finite value(s) (NaN or "
-                                  "infinity); the file is damaged or was saved from a diverged training")
+def _warn_repeated_checkpoints(paths: Sequence[Path]) -> None:
+    """A checkpoint given twice makes two identical members: allowed, but it is rarely meant (a zoo
+    of N members that holds fewer models), so it is warned about, saying how they are the same: the
+    same file, or files of the same content (hashed only when another file has the same size)."""
+    import warnings
+
+    from zootune.data.cache import sha256_file
+
+    first_of: dict[Path, Path] = {}  # resolved path -> the path as given first
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in first_of:
+            warnings.warn(f"zoo checkpoint {path} is given twice (the same file as {first_of[resolved]}): "
+                          "the zoo holds two identical members", stacklevel=3)
+        else:
+            first_of[resolved] = path
+    by_size: dict[int, list[Path]] = {}
+    for path in first_of.values():
+        if path.is_file():
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    for same_size in (group for group in by_size.values() if len(group) > 1):
+        first_with: dict[str, Path] = {}
+        for path in same_size:
+            digest = sha256_file(path)
+            if digest in first_with:
+                warnings.warn(f"zoo checkpoints {first_with[digest]} and {path} have the same content (sha256 "
+                              f"{digest[:12]}...): the zoo holds two identical members", stacklevel=3)
+            else:
+                first_with[digest] = path
 
 
 def _build_seeded(builder: Callable[[], nn.Module], seed: int = BUILD_SEED) -> nn.Module:
