@@ -347,11 +347,17 @@ def test_robust_defaults_and_learning_rates_at_the_start():
     zoo = tiny_zoo(3)
     model = ZooTuning(zoo, num_outputs=3, member_scores=[0.0, 1.0, 0.5])
     assert model.config.gate == zt_model.ROBUST_GATE and model.config.norm_init == "start"
-    assert model.config.gate_lr_scale == zt_model.ROBUST_GATE_LR_SCALE
+    assert model.config.gate_lr_scale == model.config.align_lr_scale == "auto"
+    for name in model.config.aggregated_layers:  # the preconditioners, computed plainly
+        kernels = [m.get_submodule(name).weight.detach().double().flatten(1) for m in zoo]
+        assert model.config.gate_lr_scales[name] == pytest.approx(3 / sum(float((w * w).sum()) for w in kernels))
+        assert model.config.align_lr_scales[name] == pytest.approx(
+            min(w.shape[0] / float((w * w).sum()) for w in kernels))
     # one-hot start: rho = sum a_i^2 |W_i|^2 / |sum a_i W_i|^2 = 1, so "auto" gives the bank the base rate
     assert all(v == pytest.approx(1.0) for v in model.config.lr_scales.values())
     paper = ZooTuning(zoo, num_outputs=3, variant="paper")
     assert paper.config.gate == "sigmoid" and paper.config.gate_lr_scale == zt_model.DEFAULT_GATE_LR_SCALE
+    assert set(paper.config.align_lr_scales.values()) == {1.0}
 
 
 def test_a_useless_members_gate_goes_to_zero():
@@ -452,3 +458,79 @@ def test_robust_random_draws_do_not_depend_on_the_number_of_members():
     (gates_2, after_2), (gates_3, after_3) = states
     assert all(torch.equal(gates_2[n], gates_3[n]) for n in gates_2)
     assert torch.equal(after_2, after_3)
+
+
+# ------------------------------------------------------------------ stability against fine-tuning the start
+
+
+def _train_losses_and_kernels(model, batches, lr=0.1):
+    """Plain SGD steps through the engine's optimizer (its param_groups hook), on fixed batches:
+    the loss of every step and each layer's kernel (the aggregated one at the start gates) after."""
+    from zootune.engine import TrainConfig
+    from zootune.engine.optim import build_optimizer
+
+    task = ClassificationTask(7)
+    optimizer = build_optimizer(model, TrainConfig(lr=lr))
+    model.train()
+    losses = []
+    for x, y in batches:
+        loss = task.loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    if isinstance(model, ZooTuning):
+        with torch.no_grad():
+            kernels = {n: layer.fold(layer.gate_ema)[0] for n, layer in model.aggregated_layers().items()}
+    else:
+        kernels = {n: m.weight.detach() for n, m in model.model.named_modules() if isinstance(m, nn.Conv2d)}
+    return losses, kernels
+
+
+def _fixed_batches(n=50, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 16, 16, generator=g, dtype=dtype), torch.randint(0, 7, (16,), generator=g))
+            for _ in range(n)]
+
+
+def _start_and_finetune(zoo, **options):
+    from zootune.methods.finetune import fine_tune
+
+    torch.manual_seed(0)
+    finetuned = fine_tune(zoo[1], ClassificationTask(7))
+    torch.manual_seed(0)
+    model = ZooTuning(zoo, num_outputs=7, start_member=1, **options)
+    return finetuned, model
+
+
+def test_robust_start_with_gates_and_alignments_frozen_trains_exactly_as_finetuning_its_start():
+    # float64: the two compute the same function by different convolutions, and 50 steps at lr 0.1
+    # amplify float32 rounding past 1e-5
+    zoo = tiny_zoo(3, dtype=torch.float64)
+    finetuned, model = _start_and_finetune(zoo)
+    model.double()
+    for layer in model.aggregated_layers().values():
+        for p in [*layer.gate.parameters(), *([layer._align_weight()] if layer.align is not None else [])]:
+            p.requires_grad_(False)
+    batches = _fixed_batches(dtype=torch.float64)
+    want, _ = _train_losses_and_kernels(finetuned, batches)
+    got, _ = _train_losses_and_kernels(model, batches)
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_preconditioned_gates_and_alignments_keep_the_kernels_near_finetunings():
+    """With every factor free at lr 0.1, the aggregated kernels' norms stay within 1.25x of the fine-tuned
+    start member's (layer by layer, after 50 steps); the unpreconditioned rates move them further."""
+    zoo = tiny_zoo(3)
+    batches = _fixed_batches()
+
+    def worst_ratio(**options):
+        finetuned, model = _start_and_finetune(zoo, **options)
+        _, reference = _train_losses_and_kernels(finetuned, batches)
+        _, kernels = _train_losses_and_kernels(model, batches)
+        return max(max(kernels[n].norm() / reference[n].norm(), reference[n].norm() / kernels[n].norm())
+                   for n in kernels)
+
+    preconditioned = worst_ratio()
+    assert preconditioned < 1.25
+    assert worst_ratio(gate_lr_scale=0.2, align_lr_scale=1.0) > preconditioned

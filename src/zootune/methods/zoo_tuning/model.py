@@ -36,6 +36,20 @@ get the learning rate base_lr / rho, measured once at construction; m identical 
 exactly like one fine-tuned source (tested). Layers not followed by a normalisation layer keep
 base_lr. The gates are new, randomly initialised parameters and get ``gate_lr_scale`` x base_lr.
 
+The two other trained factors of the kernel, preconditioned (``gate_lr_scale="auto"``,
+``align_lr_scale="auto"``; the robust variant's default with a start member). A gradient step on a
+factor moves the kernel further than the same step on the kernel itself, by the factor's Jacobian:
+
+    T_i:  Δ(T_i W_i) = -lr G W_i^T W_i     ~ (||W_i||_F^2 / out) x a plain step  ->  lr_T = lr_W · min_i out / ||W_i||_F^2
+    a_i:  ΔW^ = Δa_i W_i,  Δa_i ∝ <G, W_i>  ~ ||W_i||_F^2 x a plain step       ->  lr_a = base_lr / mean_i ||W_i||_F^2
+
+(G: the kernel's gradient). Unscaled, at lr 0.1 both moved the aggregated kernel several times
+further per step than fine-tuning moves a kernel, and the gates (the larger, ||W||_F^2 up to ~190 on
+the MiniZoo) swung the per-input kernels so far that the eval-mode loss, with BatchNorm's running
+statistics lagging, reached 10^3 after 10 steps where fine-tuning the same start member stayed at 5
+(docs/dev-notes/zoo-tuning.md). With the gates and alignments frozen the robust start trains exactly
+as fine-tuning its start member (tested step for step).
+
 Variants. ``variant="paper"`` is the method above (with the two training choices of ours measured
 earlier: the gate's output layer at zero, the per-layer bank learning rate); its outputs equal those
 of the release before the robust variant (tested). ``variant="robust"`` (the default) differs only
@@ -49,7 +63,7 @@ when it is given a ranking of the members (``member_scores``, higher = better, e
 and every untargeted parameter and buffer -- norm affine AND running statistics -- is member s's.
 So step 0 computes exactly member s with the new head (train and eval mode; Lite folded too); the
 other members enter with weights of either sign, bounded by the tanh, only as far as the gradient
-finds them useful; the gates train at ``ROBUST_GATE_LR_SCALE`` x base_lr. Why (measured in
+finds them useful; the gates and alignments train at the preconditioned rates above. Why (measured in
 docs/dev-notes/zoo-tuning.md): from the paper's start -- every member at gate 1/2, the mean of the
 members' norm affine -- a zoo with one good member and several harmful ones starts as (and stays
 near) the harmful majority: the gates hardly move in a few hundred steps, whatever their learning
@@ -97,7 +111,7 @@ DEFAULT_GATE_LR_SCALE = 5.0  # chosen on the MiniZoo targets' validation splits 
 ROBUST_GATE = "tanh"
 ROBUST_OFF_GATE = 0.05
 ROBUST_PRUNE_MARGIN = math.inf
-ROBUST_GATE_LR_SCALE = 0.2
+ROBUST_LR_SCALE = "auto"  # the gates' and alignments' rates, preconditioned (module docstring)
 
 
 @dataclass
@@ -122,9 +136,12 @@ class ZooTuningConfig:
     lite_momentum: float = 0.9
     formulation: str = "auto"
     bank_lr_scale: str | float | dict[str, float] = "auto"  # as given (the measured multipliers: lr_scales)
-    gate_lr_scale: float = DEFAULT_GATE_LR_SCALE
+    gate_lr_scale: str | float | dict[str, float] = DEFAULT_GATE_LR_SCALE  # as resolved for the variant
+    align_lr_scale: str | float | dict[str, float] = 1.0  # as resolved for the variant
     align_weight_decay: float | None = None  # None: the optimizer's
     lr_scales: dict[str, float] = field(default_factory=dict)  # per aggregated layer, as measured
+    gate_lr_scales: dict[str, float] = field(default_factory=dict)  # per aggregated layer
+    align_lr_scales: dict[str, float] = field(default_factory=dict)  # per aggregated layer (x its lr_scale)
     target_types: list[str] = field(default_factory=lambda: ["Conv1d", "Conv2d"])
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -328,6 +345,30 @@ def _bank_lr_scales(members, targets, bank_lr_scale, gates: torch.Tensor | None 
     return scales
 
 
+def _gate_rate(kernels: list[torch.Tensor]) -> float:
+    """1 / mean_i ||W_i||_F^2: a gate step Δa_i moves the kernel by Δa_i W_i, and its gradient is
+    <G, W_i>, so the kernel's step through the gate is ||W_i||^2 times a plain step."""
+    return float(len(kernels) / sum(float(w.square().sum()) for w in kernels))
+
+
+def _align_rate(kernels: list[torch.Tensor]) -> float:
+    """min_i out / ||W_i||_F^2: the step of T_i W_i through T_i is ΔT_i W_i = -lr G W_i^T W_i, on
+    average ||W_i||_F^2 / out times a plain step (the mean eigenvalue of W_i W_i^T)."""
+    return min(float(w.shape[0] / w.square().sum().clamp_min(1e-30)) for w in kernels)
+
+
+@torch.no_grad()
+def _factor_lr_scales(members, targets, scale, rate) -> dict[str, float]:
+    """Per targeted layer: the given multiplier(s), or for "auto" ``rate`` of the members' kernels
+    (each flattened to (out, fan_in), float64)."""
+    if isinstance(scale, dict):
+        return {name: float(scale.get(name, 1.0)) for name in targets}
+    if scale != "auto":
+        return {name: float(scale) for name in targets}
+    return {name: rate([m.get_submodule(name).weight.detach().flatten(1).double() for m in members])
+            for name in targets}
+
+
 @dataclass(frozen=True)
 class _StartPlan:
     """Where a Zoo-Tuning model starts: which members it keeps, on which one its gates start."""
@@ -451,8 +492,11 @@ class ZooTuning(nn.Module):
         bank_lr_scale: learning-rate multiplier of each layer's source kernels and alignment:
             ``"auto"`` (1/rho above at the initial gates, for layers followed by a normalisation
             layer; 1 elsewhere), a number for every layer, or a dict {layer name: multiplier}.
-        gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`); None:
-            the variant's (paper 5, robust with a start member 0.2).
+        gate_lr_scale: learning-rate multiplier of the gates (used by :meth:`param_groups`): a
+            number, a dict {layer: number}, or ``"auto"`` (1 / mean_i ||W_i||_F^2 per layer, see the
+            module docstring); None: the variant's (paper 5, robust with a start member "auto").
+        align_lr_scale: multiplier of the alignments' rate on top of the bank's, as above; "auto":
+            min_i out / ||W_i||_F^2 per layer; None: the variant's (paper 1, robust with a start "auto").
         variant: ``"robust"`` (default) or ``"paper"``; see the module docstring.
         member_scores: one score per zoo member, higher = better; the robust variant starts on the
             best one and drops those more than ``prune_margin`` below it.
@@ -487,11 +531,11 @@ class ZooTuning(nn.Module):
         o = options
         (head_name, target_types, include, exclude, variant, member_scores, start_member, keep_members,
          prune_margin, off_gate, norm_init, align, gate, gate_init, keep_bn_stats, lite_momentum, formulation,
-         bank_lr_scale, gate_lr_scale, align_weight_decay) = (
+         bank_lr_scale, gate_lr_scale, align_lr_scale, align_weight_decay) = (
             o.head_name, o.target_types, o.include, o.exclude, o.variant, o.member_scores, o.start_member,
             o.keep_members, o.prune_margin, o.off_gate, o.norm_init, o.align, o.gate, o.gate_init,
             o.keep_bn_stats, o.lite_momentum, o.formulation, o.bank_lr_scale, o.gate_lr_scale,
-            o.align_weight_decay)
+            o.align_lr_scale, o.align_weight_decay)
         members = list(zoo)
         if not members:
             raise ZootuneError("Zoo-Tuning needs a zoo of at least one model; got an empty zoo")
@@ -500,8 +544,11 @@ class ZooTuning(nn.Module):
         gate = plan.gate
         if gate not in GATE_ACTIVATIONS:
             raise ZootuneError(f"gate must be one of {GATE_ACTIVATIONS}, got {gate!r}")
+        robust_start = variant == "robust" and plan.start is not None
         if gate_lr_scale is None:
-            gate_lr_scale = ROBUST_GATE_LR_SCALE if (variant == "robust" and plan.start is not None) else DEFAULT_GATE_LR_SCALE
+            gate_lr_scale = ROBUST_LR_SCALE if robust_start else DEFAULT_GATE_LR_SCALE
+        if align_lr_scale is None:
+            align_lr_scale = ROBUST_LR_SCALE if robust_start else 1.0
         target_types = resolve_layer_types(target_types)
         replacing_head = head is not None or num_outputs is not None
         resolved_head = find_head_name(members[0], head_name) if replacing_head else None
@@ -530,6 +577,8 @@ class ZooTuning(nn.Module):
                 + (f" (left out: {_names(left_out)}: {left_out[0].reason})" if left_out else ""))
 
         lr_scales = _bank_lr_scales(members, targets, bank_lr_scale, initial_gates)
+        gate_lr_scales = _factor_lr_scales(members, targets, gate_lr_scale, _gate_rate)
+        align_lr_scales = _factor_lr_scales(members, targets, align_lr_scale, _align_rate)
         if plan.norm_init == "start":
             self._copy_untargeted(model, members[start], targets, is_head)
         else:
@@ -565,7 +614,8 @@ class ZooTuning(nn.Module):
             lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
             lite_momentum=lite_momentum, formulation=formulation,
             bank_lr_scale=bank_lr_scale,
-            gate_lr_scale=float(gate_lr_scale), lr_scales=lr_scales, align_weight_decay=align_weight_decay,
+            gate_lr_scale=gate_lr_scale, align_lr_scale=align_lr_scale, lr_scales=lr_scales,
+            gate_lr_scales=gate_lr_scales, align_lr_scales=align_lr_scales, align_weight_decay=align_weight_decay,
             target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
             head_name=resolved_head, aggregated_layers=targets,
         )
@@ -670,7 +720,8 @@ class ZooTuning(nn.Module):
         return dataclasses.replace(
             self.options, member_scores=None, keep_members=None, prune_margin=None,
             start_member=built.start_member, off_gate=built.off_gate, norm_init=built.norm_init, gate=built.gate,
-            gate_lr_scale=built.gate_lr_scale, head_name=built.head_name,
+            gate_lr_scale=dict(built.gate_lr_scales), align_lr_scale=dict(built.align_lr_scales),
+            head_name=built.head_name,
             bank_lr_scale=dict(built.lr_scales) if built.lr_scales else self.options.bank_lr_scale)
 
     # ------------------------------------------------------------------ engine contract
@@ -681,23 +732,23 @@ class ZooTuning(nn.Module):
         return merge_and_unload(self)
 
     def param_groups(self, base_lr: float) -> list[dict]:
-        """Optimizer groups (the engine's hook): per aggregated layer its bank, bias bank and
-        alignment at ``base_lr * lr_scales[layer]``; all gates at ``base_lr * gate_lr_scale``;
-        everything else (norms, head, untargeted layers) at ``base_lr``. With ``align_weight_decay``
-        set, the alignments get that weight decay instead of the optimizer's."""
+        """Optimizer groups (the engine's hook), per aggregated layer l: its bank and bias bank at
+        ``base_lr * lr_scales[l]``, its alignment at that times ``align_lr_scales[l]`` (with
+        ``align_weight_decay`` if set), its gate at ``base_lr * gate_lr_scales[l]``; everything else
+        (norms, head, untargeted layers) at ``base_lr``."""
         groups, seen = [], set()
-        gate_params = []
-        align_decay = self.config.align_weight_decay
+        cfg = self.config
         for name, layer in self.aggregated_layers().items():
-            lr = base_lr * self.config.lr_scales.get(name, 1.0)
+            lr = base_lr * cfg.lr_scales.get(name, 1.0)
+            groups.append({"params": [p for p in (layer.bank, layer.bias_bank) if p is not None], "lr": lr})
             align = layer._align_weight()
-            params = [p for p in (layer.bank, layer.bias_bank, align if align_decay is None else None) if p is not None]
-            groups.append({"params": params, "lr": lr})
-            if align is not None and align_decay is not None:
-                groups.append({"params": [align], "lr": lr, "weight_decay": align_decay})
-            gate_params += list(layer.gate.parameters())
+            if align is not None:
+                group = {"params": [align], "lr": lr * cfg.align_lr_scales.get(name, 1.0)}
+                groups.append(group if cfg.align_weight_decay is None else
+                              {**group, "weight_decay": cfg.align_weight_decay})
+            groups.append({"params": list(layer.gate.parameters()),
+                           "lr": base_lr * cfg.gate_lr_scales.get(name, DEFAULT_GATE_LR_SCALE)})
             seen.update(id(p) for p in layer.parameters())
-        groups.append({"params": gate_params, "lr": base_lr * self.config.gate_lr_scale})
         groups.append({"params": [p for p in self.parameters() if id(p) not in seen], "lr": base_lr})
         return [g for g in groups if g["params"]]
 

@@ -29,6 +29,15 @@ def patterns(value: str | Sequence[str] | None) -> list[str] | None:
 
 
 
+def _is_lr_scale(value) -> bool:
+    """None (the variant's), "auto", a number > 0, or a dict {layer name: number > 0}."""
+    if value is None or value == "auto":
+        return True
+    values = value.values() if isinstance(value, dict) else [value]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+               for v in values)
+
+
 @dataclass
 class ZooTuningOptions:
     """What a user chooses for :class:`ZooTuning` (the ``zoo-tuning``/``lite`` methods' options),
@@ -55,7 +64,8 @@ class ZooTuningOptions:
     lite_momentum: float = 0.9
     formulation: str = "auto"
     bank_lr_scale: str | float | dict[str, float] = "auto"
-    gate_lr_scale: float | None = None
+    gate_lr_scale: str | float | dict[str, float] | None = None
+    align_lr_scale: str | float | dict[str, float] | None = None
     align_weight_decay: float | None = None
 
     def __post_init__(self):
@@ -77,12 +87,11 @@ class ZooTuningOptions:
         require(self.norm_init is None or self.norm_init in NORM_INITS,
                 f"norm_init must be one of {NORM_INITS}, got {self.norm_init!r}")
         require(0.0 <= self.lite_momentum < 1.0, f"lite_momentum must be in [0, 1), got {self.lite_momentum}")
-        scales = self.bank_lr_scale.values() if isinstance(self.bank_lr_scale, dict) else (
-            [] if self.bank_lr_scale == "auto" else [self.bank_lr_scale])
-        require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scales),
+        require(self.bank_lr_scale is not None and _is_lr_scale(self.bank_lr_scale),
                 f"bank_lr_scale must be 'auto', a number > 0 or a dict of them, got {self.bank_lr_scale!r}")
-        require(self.gate_lr_scale is None or self.gate_lr_scale > 0,
-                f"gate_lr_scale must be positive, got {self.gate_lr_scale}")
+        for name in ("gate_lr_scale", "align_lr_scale"):
+            value = getattr(self, name)
+            require(_is_lr_scale(value), f"{name} must be 'auto', a number > 0 or a dict of them, got {value!r}")
         require(self.align_weight_decay is None or self.align_weight_decay >= 0,
                 f"align_weight_decay must be >= 0, got {self.align_weight_decay}")
         require(self.prune_margin is None or self.prune_margin >= 0,
