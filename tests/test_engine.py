@@ -690,3 +690,77 @@ def test_tensorboard_gets_each_epochs_scalars_when_installed(tmp_path, monkeypat
     Trainer(mlp(), ClassificationTask(3), blobs(20), blobs(10), quiet(epochs=2, batch_size=10), out_dir=tmp_path).fit()
     assert logged[0] == ("dir", str(tmp_path / "tensorboard")) and logged[-1] == ("closed", None)
     assert ("val_acc", 1) in logged and ("val_acc", 2) in logged and ("train_loss", 2) in logged
+
+
+# ------------------------------------------------------------------ the divergence guard
+
+
+class Faulty(nn.Module):
+    """An MLP whose output goes bad once: NaN at the ``nan_at``-th training forward, or x1e4 in the
+    ``blow_at``-th evaluation pass (a stand-in for a blow-up the guard must undo)."""
+
+    def __init__(self, nan_at=None, blow_at=None):
+        super().__init__()
+        self.net = mlp()
+        self.nan_at, self.blow_at = nan_at, blow_at
+        self.forwards = {"train": 0, "eval": 0}
+        self._eval_seen = False
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self._eval_seen = False
+            self.forwards["train"] += 1
+            if self.forwards["train"] == self.nan_at:
+                return out * float("nan")
+        else:
+            if not self._eval_seen:  # one count per evaluation pass
+                self.forwards["eval"] += 1
+                self._eval_seen = True
+            if self.forwards["eval"] == self.blow_at:
+                return out * 1e4
+        return out
+
+
+def _final_weights(model, **config):
+    cfg = quiet(epochs=3, batch_size=8, lr=0.2, schedule="constant", **config)
+    result = Trainer(model, ClassificationTask(3), blobs(48), blobs(24, seed=1), cfg).fit()
+    return result, {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def test_a_nan_in_the_first_epoch_rolls_back_to_a_run_at_half_the_rate_bit_for_bit():
+    faulted, weights = _final_weights(Faulty(nan_at=3))
+    assert [e["lr_factor"] for e in faulted.rollbacks] == [0.5] and "non-finite training loss" in faulted.rollbacks[0]["reason"]
+    # back to step 0 with the same data order and augmentations: exactly a clean run at lr x 0.5
+    cfg = quiet(epochs=3, batch_size=8, lr=0.1, schedule="constant")
+    clean = Trainer(Faulty(), ClassificationTask(3), blobs(48), blobs(24, seed=1), cfg).fit()
+    for k, v in clean.model.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    assert [row["lr"] for row in faulted.history] == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_a_validation_loss_far_above_its_start_rolls_the_epoch_back():
+    # eval pass 1 is the reference before training; pass 3 is epoch 2's validation
+    result, _ = _final_weights(Faulty(blow_at=3))
+    (event,) = result.rollbacks
+    assert event["epoch"] == 2 and "validation loss" in event["reason"] and "x its value before training" in event["reason"]
+    assert len(result.history) == 3 and [row["lr"] for row in result.history] == pytest.approx([0.2, 0.1, 0.1])
+    assert all(math.isfinite(row["val_loss"]) and row["val_loss"] < 10 for row in result.history)
+
+
+def test_without_rollbacks_left_a_nan_stops_training_as_before():
+    with pytest.raises(NonFiniteLossError):
+        _final_weights(Faulty(nan_at=3), max_rollbacks=0)
+
+
+def test_the_guard_state_survives_a_resume(tmp_path):
+    cfg = dict(batch_size=8, lr=0.2, schedule="constant")
+    straight = Trainer(Faulty(nan_at=3), ClassificationTask(3), blobs(48), blobs(24, seed=1),
+                       quiet(epochs=3, **cfg)).fit()
+    Trainer(Faulty(nan_at=3), ClassificationTask(3), blobs(48), blobs(24, seed=1), quiet(epochs=2, **cfg),
+            out_dir=tmp_path).fit()
+    resumed = Trainer(Faulty(), ClassificationTask(3), blobs(48), blobs(24, seed=1), quiet(epochs=3, **cfg),
+                      out_dir=tmp_path, resume=True).fit()
+    assert resumed.rollbacks == straight.rollbacks and resumed.history[-1]["lr"] == pytest.approx(0.1)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k

@@ -48,6 +48,10 @@ class TrainConfig:
 
     Several processes (``torchrun``): ``sync_bn`` makes BatchNorm layers normalise over the global
     batch (:mod:`zootune.engine.sync_bn`) instead of each process's slice.
+
+    Divergence (:mod:`zootune.engine.guard`): a non-finite loss or weights, or a validation loss
+    above ``divergence_factor`` x its value before training, rolls the epoch back and halves the
+    learning rate, at most ``max_rollbacks`` times.
     """
 
     epochs: int = 10
@@ -79,6 +83,8 @@ class TrainConfig:
     threads: int | None = None
     formulations: str | None = None
     sync_bn: bool = False
+    divergence_factor: float | None = 10.0  # the divergence guard (zootune.engine.guard); None: no val check
+    max_rollbacks: int = 3  # 0: no guard (a non-finite loss stops training at once)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives a list back
@@ -117,6 +123,11 @@ class TrainConfig:
             problems.append(f"threads must be >= 1 (got {self.threads})")
         if self.formulations is not None and self.formulations not in FORMULATION_MODES:
             problems.append(f"formulations must be one of {', '.join(FORMULATION_MODES)} (got {self.formulations!r})")
+        if self.divergence_factor is not None and not (math.isfinite(self.divergence_factor)
+                                                        and self.divergence_factor > 1):
+            problems.append(f"divergence_factor must be > 1 and finite, or None (got {self.divergence_factor})")
+        if self.max_rollbacks < 0:
+            problems.append(f"max_rollbacks must be >= 0 (got {self.max_rollbacks})")
         if len(self.betas) != 2:
             problems.append(f"betas must be two numbers (got {self.betas})")
         if problems:

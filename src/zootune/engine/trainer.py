@@ -29,6 +29,7 @@ import math
 import sys
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,6 +54,7 @@ from zootune.engine.config import TrainConfig, check_device
 from zootune.engine.distributed import unwrap
 from zootune.engine.evaluation import _model_device, evaluation_sums, sums_to_metrics
 from zootune.engine.formulation_cache import machine_choices
+from zootune.engine.guard import Diverged, DivergenceGuard
 from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
@@ -87,6 +89,7 @@ class FitResult:
     final_metrics: dict[str, float]
     checkpoint_path: Path | None
     seconds: float
+    rollbacks: list[dict] = dataclasses.field(default_factory=list)  # the divergence guard's (engine.guard)
 
 
 def _hook(module: nn.Module, name: str):
@@ -175,6 +178,7 @@ class Trainer:
         self._restored_formulations: dict | None = None
         self._scaler: torch.amp.GradScaler | None = None
         self._channels_last = False
+        self.guard = DivergenceGuard(factor=config.divergence_factor, max_rollbacks=config.max_rollbacks)
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -218,6 +222,7 @@ class Trainer:
             raise CheckpointError(f"{path}: optimizer state does not fit this model's parameters ({err})") from None
         for group, values in zip(optimizer.param_groups, configured):
             group.update(values)
+        self.guard.load_state_dict(ckpt.get("guard"), optimizer)
         changed = sorted(
             k
             for k, v in self.config.to_dict().items()
@@ -295,6 +300,7 @@ class Trainer:
                 # this one did, bit for bit, instead of timing again.
                 "formulations": autotune.formulation_choices(self.module),
                 "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
+                "guard": self.guard.state_dict(),
             },
             self.checkpoint_path,
         )
@@ -357,10 +363,13 @@ class Trainer:
                 find_unused_parameters=cfg.find_unused_parameters,
             )
         metric_log = MetricLog(self.out_dir) if self.out_dir is not None and self.dist.is_main else None
+        if self.val_dataset is not None and self.guard.factor is not None and self.guard.reference_val_loss is None:
+            self.guard.reference_val_loss = sums_to_metrics(self._val_sums(module), self.task)["loss"]
         try:
             while self.epoch < cfg.epochs:
-                record = self._train_epoch(model, module, optimizer, schedule, sampler, device)
-                self._after_epoch(module, optimizer, record)
+                if not self._guarded_epoch(model, module, optimizer, schedule, sampler, device):
+                    continue
+                record = self.history[-1]
                 if metric_log is not None:
                     metric_log.write(self.history)
                 for cb in self.callbacks:
@@ -442,6 +451,19 @@ class Trainer:
             chosen = [choice.chosen for per_phase in report.values() for choice in per_phase.values()]
             log.info("aggregation formulations chosen by timing: %s",
                      {name: chosen.count(name) for name in sorted(set(chosen))})
+
+    def _guarded_epoch(self, model, module, optimizer, schedule, sampler, device) -> bool:
+        """One epoch and its validation; False when the divergence guard rolled it back."""
+        self.guard.remember(module, optimizer)
+        step = self.step
+        try:
+            record = self._train_epoch(model, module, optimizer, schedule, sampler, device)
+            self._after_epoch(module, optimizer, record)
+        except Diverged as problem:
+            self.step = step
+            self.guard.roll_back(module, optimizer, self.epoch + 1, str(problem))
+            return False
+        return True
 
     def _train_epoch(self, model, module, optimizer, schedule: LRSchedule, sampler: GlobalBatchSampler, device):
         cfg, task, world = self.config, self.task, self.dist.world_size
@@ -539,6 +561,8 @@ class Trainer:
             bad = distributed.all_reduce_sum(torch.tensor([float(bad)])).item() > 0
         if not bad:
             return
+        if self.guard.can_roll_back:
+            raise Diverged(f"non-finite training loss ({loss_value}) at step {batch_index + 1}")
         checkpoint = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.is_file() else None
         kept = (f"the last good checkpoint ({checkpoint}, after epoch {self.epoch}) is kept" if checkpoint is not None
                 else "no checkpoint had been written yet")
@@ -551,31 +575,45 @@ class Trainer:
 
     def _after_epoch(self, module: nn.Module, optimizer, record: dict) -> None:
         cfg = self.config
-        self.epoch += 1
-        last = self.epoch == cfg.epochs
-        if self.val_dataset is not None and (self.epoch % cfg.eval_every == 0 or last):
+        epoch = self.epoch + 1
+        last = epoch == cfg.epochs
+        self._check_finite_weights(module, epoch)
+        val = None
+        if self.val_dataset is not None and (epoch % cfg.eval_every == 0 or last):
             val = sums_to_metrics(self._val_sums(module), self.task)
+            problem = self.guard.val_problem(val["loss"])
+            if problem is not None:
+                raise Diverged(problem)
             record.update({f"val_{k}": v for k, v in val.items()})
+        self.epoch = epoch
+        if val is not None:
             metric = val[self.task.metric_name]
             if _is_better(metric, self.best_val_metric, self.task.higher_is_better):
                 self.best_val_metric, self.best_epoch = metric, self.epoch
                 self._best_state = _cpu_state(module)
         elif self.val_dataset is None:
             self.best_epoch = self.epoch
+        if self.guard.events:
+            record["lr_factor"] = self.guard.lr_factor
+        self.history.append(record)
+        if self.dist.is_main:
+            log.info("epoch %d/%d %s", self.epoch, cfg.epochs, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
+        self._save_checkpoint(optimizer)
+
+    def _check_finite_weights(self, module: nn.Module, epoch: int) -> None:
+        cfg = self.config
         for name, tensor in module.state_dict().items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                if self.guard.can_roll_back:
+                    raise Diverged(f"{name} became non-finite")
                 checkpoint = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.is_file() else None
                 raise NonFiniteLossError(
-                    f"{name} became non-finite during epoch {self.epoch} although the loss stayed finite; "
+                    f"{name} became non-finite during epoch {epoch} although the loss stayed finite; "
                     "training stopped before saving" + (f" and the last good checkpoint ({checkpoint}) is kept"
                                                         if checkpoint is not None else ""),
                     checkpoint=checkpoint,
                     advice=f"try a lower learning rate (lr={cfg.lr:g}) or grad_clip",
                 )
-        self.history.append(record)
-        if self.dist.is_main:
-            log.info("epoch %d/%d %s", self.epoch, cfg.epochs, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-        self._save_checkpoint(optimizer)
 
     def _val_sums(self, module: nn.Module) -> torch.Tensor:
         cfg = self.config
@@ -608,4 +646,5 @@ class Trainer:
             final_metrics=final_metrics,
             checkpoint_path=self.checkpoint_path if self.out_dir is not None and self.dist.is_main else None,
             seconds=time.perf_counter() - started,
+            rollbacks=list(self.guard.events),
         )
