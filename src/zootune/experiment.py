@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -268,6 +269,18 @@ class _Trained(NamedTuple):
     val_metric: float
     train_cost: dict | None
     measuring: float  # seconds spent measuring costs (not the method's time)
+    config: Any = None  # the method's options this training was built with, resolved ones included
+
+
+# Candidates (e.g. robust Zoo-Tuning's starts) are screened by successive halving: each trains for
+# this share of the epochs (the schedule still spans all of them), the best on validation continues.
+SCREEN_FRACTION = 0.25
+
+
+def screening_epochs(epochs: int) -> int | None:
+    """Epochs each candidate trains before the best one continues (None: too few epochs to screen)."""
+    screen = max(1, math.ceil(SCREEN_FRACTION * epochs))
+    return screen if screen < epochs else None
 
 
 @dataclass
@@ -303,59 +316,140 @@ def fit_method(
     """Build ``spec`` on ``zoo`` for ``task`` (a :class:`BuildContext` with the data splits), train
     it on ``splits.train`` (selection on ``splits.val``) unless ``spec.trains`` is False, and finalize it.
 
+    A method with further candidates (``spec.candidates``, e.g. robust Zoo-Tuning's second start)
+    screens them by successive halving: every candidate trains the first :func:`screening_epochs` of
+    the run (the first in ``out_dir``, the others in ``out_dir/candidate-<k>``), the one with the best
+    validation metric so far (the first of equals) continues to the end from its checkpoint, which
+    the engine resumes exactly -- the winner ends as it would have alone.
+
     With ``cost_input`` the costs are measured (:func:`zootune.cost.measure_cost`): the training
     columns on the module as built, before training (what training runs: e.g. Knowledge Flow's
     teachers, whose weights training drives to zero), the inference columns on the finalized model.
     The measuring time is not counted in ``seconds``.
     """
     from zootune.cost import measure_cost
-    from zootune.engine import Trainer, evaluate
 
-    config = spec.parse_options(options)
-    required = {name: fitted[name] for name in spec.requires if name in (fitted or {})}
-
-    def fit_one(config, out) -> _Trained:
-        torch.manual_seed(train_config.seed)  # the new heads and gates are initialised from this seed
-        ctx = BuildContext(zoo=zoo, task=task, config=config, data=splits, source=source, fitted=required,
-                           member=member, member_val_metrics=member_val_metrics, train_config=train_config,
-                           seed=train_config.seed)
-        built = spec.build(ctx)
-        train_cost, measuring = None, 0.0
-        if cost_input is not None:
-            # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
-            begin = time.perf_counter()
-            train_cost = measure_cost(built, built, cost_input).to_dict()
-            measuring = time.perf_counter() - begin
-        if spec.trains:
-            result = Trainer(built, task, splits.train, splits.val, config=train_config, out_dir=out,
-                             resume=resume, data_fingerprint=splits.fingerprint).fit()
-            model, val_metric = result.model, result.best_val_metric
-        else:
-            model = built.finalize() if hasattr(built, "finalize") else built
-            val_metric = None
-        model.eval()
-        if val_metric is None:
-            val_metric = evaluate(model, task, splits.val, batch_size=eval_batch_size)[task.metric_name]
-        return _Trained(ctx, built, model, float(val_metric), train_cost, measuring)
-
+    run = _MethodRun(spec, zoo, task, splits, train_config, member=member,
+                     fitted={name: fitted[name] for name in spec.requires if name in (fitted or {})},
+                     member_val_metrics=member_val_metrics, source=source, resume=resume,
+                     eval_batch_size=eval_batch_size, cost_input=cost_input)
     start = time.perf_counter()  # building counts: a method that needs data computes it there
-    first = fit_one(config, out_dir)
-    best, resolved, measuring = first, dict(first.ctx.resolved), first.measuring
-    # Further candidates (e.g. robust Zoo-Tuning's other starts), each trained the same way in a
-    # folder inside the first one's; the best validation metric wins, the first of equals.
-    for k, overrides in enumerate(spec.candidates(first.ctx) if spec.candidates is not None else [], start=2):
-        candidate_config = (dataclasses.replace(config, **overrides) if dataclasses.is_dataclass(config)
-                            else {**(config or {}), **overrides})
-        candidate = fit_one(candidate_config, None if out_dir is None else Path(out_dir) / f"candidate-{k}")
-        measuring += candidate.measuring
-        if candidate.val_metric > best.val_metric if task.higher_is_better else candidate.val_metric < best.val_metric:
-            best, resolved = candidate, {**first.ctx.resolved, **overrides}
-    seconds = time.perf_counter() - start - measuring  # measuring costs is not the method's time
+    first = run.build(spec.parse_options(options))
+    candidates = spec.candidates(first.ctx) if spec.trains and spec.candidates is not None else []
+    screen = screening_epochs(train_config.epochs) if candidates else None
+    if screen is None:
+        best = run.train(first, out_dir)
+        for k, overrides in enumerate(candidates, start=2):  # too few epochs to screen: each in full
+            candidate = run.train(run.build(_with(first.config, overrides)), _candidate_dir(out_dir, k))
+            best = best if not _better(candidate.val_metric, best.val_metric, task) else candidate
+    else:
+        best = run.screen_and_continue(first, candidates, out_dir, screen)
+    seconds = time.perf_counter() - start - run.measuring  # measuring costs is not the method's time
     cost = None
     if cost_input is not None:
         infer_cost = measure_cost(best.model, best.model, cost_input).to_dict()
-        cost = {k: (best.train_cost[k] if k.startswith("train") else v) for k, v in infer_cost.items()}
+        cost = {k: (first.train_cost[k] if k.startswith("train") else v) for k, v in infer_cost.items()}
+    resolved = {**first.ctx.resolved, **_overrides_of(best.config, first.config)}
     return Fitted(best.built, best.model, best.val_metric, seconds, cost, resolved)
+
+
+def _with(config, overrides: dict):
+    return dataclasses.replace(config, **overrides) if dataclasses.is_dataclass(config) else {**(config or {}), **overrides}
+
+
+def _overrides_of(config, first_config) -> dict:
+    """The options in which a candidate's config differs from the first's (what it resolved to)."""
+    if config is None or first_config is None or config is first_config:
+        return {}
+    new = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    old = dataclasses.asdict(first_config) if dataclasses.is_dataclass(first_config) else dict(first_config)
+    return {k: v for k, v in new.items() if old.get(k) != v}
+
+
+def _better(metric: float, than: float, task) -> bool:
+    return metric > than if task.higher_is_better else metric < than
+
+
+def _candidate_dir(out_dir, k: int) -> Path | None:
+    return None if out_dir is None else Path(out_dir) / f"candidate-{k}"
+
+
+class _MethodRun:
+    """What :func:`fit_method` builds and trains one candidate with (the arguments it shares)."""
+
+    def __init__(self, spec, zoo, task, splits, train_config, **shared):
+        self.spec, self.zoo, self.task, self.splits, self.train_config = spec, zoo, task, splits, train_config
+        self.shared = shared
+        self.measuring = 0.0
+
+    def build(self, config) -> _Trained:
+        """The module as built (not trained yet): ``model`` None, the train costs measured."""
+        from zootune.cost import measure_cost
+
+        torch.manual_seed(self.train_config.seed)  # the new heads and gates are initialised from this seed
+        s = self.shared
+        ctx = BuildContext(zoo=self.zoo, task=self.task, config=config, data=self.splits, source=s["source"],
+                           fitted=s["fitted"], member=s["member"], member_val_metrics=s["member_val_metrics"],
+                           train_config=self.train_config, seed=self.train_config.seed)
+        built = self.spec.build(ctx)
+        train_cost = None
+        if s["cost_input"] is not None:
+            # measure_cost leaves the module's state as it was (BN statistics, buffers, RNG-free).
+            begin = time.perf_counter()
+            train_cost = measure_cost(built, built, s["cost_input"]).to_dict()
+            self.measuring += time.perf_counter() - begin
+        resolved = _with(config, ctx.resolved) if ctx.resolved and config is not None else config
+        return _Trained(ctx, built, None, float("nan"), train_cost, 0.0, resolved)
+
+    def train(self, one: _Trained, out, stop_after: int | None = None, resume: bool | None = None) -> _Trained:
+        """Train (unless the method does not), finalize, and the best validation metric; with
+        ``stop_after`` the metric is the best of those epochs."""
+        from zootune.engine import Trainer, evaluate
+
+        model, val_metric = one.built, None
+        if self.spec.trains:
+            config = dataclasses.replace(self.train_config, stop_after=stop_after)
+            result = Trainer(one.built, self.task, self.splits.train, self.splits.val, config=config, out_dir=out,
+                             resume=self.shared["resume"] if resume is None else resume,
+                             data_fingerprint=self.splits.fingerprint).fit()
+            model, val_metric = result.model, result.best_val_metric
+            screened = _best_of_first(result.history, stop_after, self.task) if stop_after is not None else None
+            val_metric = val_metric if screened is None else screened
+        elif hasattr(one.built, "finalize"):
+            model = one.built.finalize()
+        model.eval()
+        if val_metric is None:
+            val_metric = evaluate(model, self.task, self.splits.val,
+                                  batch_size=self.shared["eval_batch_size"])[self.task.metric_name]
+        return one._replace(model=model, val_metric=float(val_metric))
+
+    def screen_and_continue(self, first: _Trained, candidates: list[dict], out_dir, screen: int) -> _Trained:
+        """Successive halving (see :func:`fit_method`): every candidate for ``screen`` epochs, then the
+        best one to the end, resumed from its checkpoint (a temporary folder without ``out_dir``)."""
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="zootune-screen-")) if out_dir is None else None
+        root = Path(out_dir) if out_dir is not None else scratch
+        try:
+            folders = [root] + [_candidate_dir(root, k) for k in range(2, len(candidates) + 2)]
+            starts = [first] + [self.build(_with(first.config, overrides)) for overrides in candidates]
+            screened = [self.train(one, folder, stop_after=screen) for one, folder in zip(starts, folders)]
+            winner = 0
+            for k, one in enumerate(screened):
+                if _better(one.val_metric, screened[winner].val_metric, self.task):
+                    winner = k
+            rebuilt = self.build(screened[winner].config)  # the ranking is in its config: not recomputed
+            return self.train(rebuilt._replace(ctx=screened[winner].ctx), folders[winner], resume=True)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _best_of_first(history: list[dict], epochs: int, task) -> float | None:
+    """The best validation metric of the first ``epochs`` epochs (None when none was validated)."""
+    values = [row[f"val_{task.metric_name}"] for row in history[:epochs] if f"val_{task.metric_name}" in row]
+    return (max if task.higher_is_better else min)(values) if values else None
 
 
 def fit_members(

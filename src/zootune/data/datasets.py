@@ -68,6 +68,9 @@ class DatasetSplits:
     # what the data was read from, for a resumed training to check that it continues on the same
     # data (zootune.data.image_folder.folder_fingerprint); None where there is no folder to read
     fingerprint: str | None = None
+    # an image folder's input size, and what "auto" options resolved to: {option: {"value", "why"}}
+    image_size: int | None = None
+    chosen: dict = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         return {

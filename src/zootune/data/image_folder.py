@@ -39,6 +39,7 @@ import numpy as np
 from zootune.data.datasets import DatasetSplits, stratified_split
 from zootune.data.decode import DEFAULT_MAX_PIXELS, scan_images
 from zootune.data.folder_dataset import DECODED, EVAL_CROPS, ImageFolderDataset, cache_bytes
+from zootune.data.auto import AUTO, auto_augment, auto_image_size
 from zootune.data.transforms import AUGMENT_PRESETS, EVAL_CROP_FRACTION, MEAN, STD, RandomResizedCropFlip
 from zootune.errors import DataError
 
@@ -111,14 +112,18 @@ def _check_root(root: Path) -> None:
         raise DataError(f"dataset path {root} is a file, not a folder; {LAYOUT_HINT}")
 
 
-def _check_options(image_size: int, augment, crop_fraction: float, cache_budget: int | None, max_pixels: int) -> None:
-    if not (isinstance(image_size, int) and image_size >= 1):
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
-    if image_size < SMALL_IMAGE_SIZE:
+def _check_options(image_size: int | str, augment, crop_fraction: float, cache_budget: int | None,
+                   max_pixels: int) -> None:
+    if image_size == AUTO:
+        pass
+    elif not (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size >= 1):
+        raise DataError(f"image_size must be a positive integer or 'auto', got {image_size!r}")
+    elif image_size < SMALL_IMAGE_SIZE:
         warnings.warn(f"image size {image_size}: every image will be reduced to {image_size}x{image_size} pixels, "
                       "too few to tell most classes apart (zootune's default is 32)", stacklevel=3)
-    if not (augment is None or isinstance(augment, RandomResizedCropFlip) or augment in AUGMENT_PRESETS):
-        raise DataError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
+    if not (augment is None or augment == AUTO or isinstance(augment, RandomResizedCropFlip)
+            or augment in AUGMENT_PRESETS):
+        raise DataError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_PRESETS)} or auto")
     if not 0 < crop_fraction <= 1:
         raise DataError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     if cache_budget is not None and cache_budget < 0:
@@ -166,7 +171,7 @@ def folder_fingerprint(root: Path, paths: Sequence[Path], class_names: Sequence[
 
 def load_image_folder(
     root: str | os.PathLike,
-    image_size: int = 32,
+    image_size: int | str = 32,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
     seed: int = 0,
@@ -177,6 +182,7 @@ def load_image_folder(
     std: Sequence[float] = STD,
     cache_budget: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    zoo_input_size: int | None = None,
 ) -> DatasetSplits:
     """Load ``root`` (either layout, see the module docstring) as :class:`DatasetSplits` of
     :class:`~zootune.data.folder_dataset.ImageFolderDataset`.
@@ -188,6 +194,8 @@ def load_image_folder(
     evaluation crop's share of the resized shorter side. ``mean`` / ``std``: normalisation.
     ``cache_budget``: bytes of decoded pixels that may be kept in RAM (default
     :data:`DEFAULT_CACHE_BUDGET`; 0 streams every split). ``max_pixels``: larger images are refused.
+    ``image_size="auto"`` / ``augment="auto"``: chosen from the images (and ``zoo_input_size``) by
+    :mod:`zootune.data.auto`; what was chosen and why is in the result's ``chosen``.
     """
     root = Path(root).expanduser()
     _check_root(root)
@@ -238,6 +246,14 @@ def load_image_folder(
 
     if len(class_names) < 2:
         raise DataError(f"{root} has {len(class_names)} class folder(s); classification needs at least 2")
+    chosen = {}
+    if image_size == AUTO:
+        image_size, why = auto_image_size(all_sizes, zoo_input_size)
+        chosen["image_size"] = {"value": image_size, "why": why}
+        _check_options(image_size, None, crop_fraction, cache_budget, max_pixels)
+    if augment == AUTO:
+        augment, why = auto_augment(image_size)
+        chosen["augment"] = {"value": augment, "why": why}
     fingerprint = folder_fingerprint(root, [p for paths, _ in parts.values() for p in paths], class_names)
     datasets = {
         split: ImageFolderDataset(paths, labels, image_size, augment if split == "train" else None, **options)
@@ -253,6 +269,8 @@ def load_image_folder(
         description=f"image folder {root}",
         class_names=class_names,
         fingerprint=fingerprint,
+        image_size=image_size,
+        chosen=chosen,
     )
 
 

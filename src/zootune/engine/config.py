@@ -83,6 +83,7 @@ class TrainConfig:
     threads: int | None = None
     formulations: str | None = None
     sync_bn: bool = False
+    stop_after: int | None = None  # end this call after this many epochs (the schedule spans `epochs`)
     divergence_factor: float | None = 10.0  # the divergence guard (zootune.engine.guard); None: no val check
     max_rollbacks: int = 3  # 0: no guard (a non-finite loss stops training at once)
 
@@ -126,6 +127,8 @@ class TrainConfig:
         if self.divergence_factor is not None and not (math.isfinite(self.divergence_factor)
                                                         and self.divergence_factor > 1):
             problems.append(f"divergence_factor must be > 1 and finite, or None (got {self.divergence_factor})")
+        if self.stop_after is not None and self.stop_after < 1:
+            problems.append(f"stop_after must be >= 1 (got {self.stop_after})")
         if self.max_rollbacks < 0:
             problems.append(f"max_rollbacks must be >= 0 (got {self.max_rollbacks})")
         if len(self.betas) != 2:

@@ -67,7 +67,7 @@ from zootune.tasks import Task
 log = logging.getLogger(__name__)
 
 # Config fields that may change between a run and its resumption without changing its numbers.
-_RESUME_FREE_FIELDS = {"epochs", "progress", "num_workers", "eval_every", "device", "eval_batch_size"}
+_RESUME_FREE_FIELDS = {"epochs", "stop_after", "progress", "num_workers", "eval_every", "device", "eval_batch_size"}
 # Optimizer-group settings taken from the resuming run's config, not from the checkpoint.
 _RESUMED_HYPERPARAMETERS = ("initial_lr", "lr", "weight_decay", "momentum", "nesterov", "betas")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -366,7 +366,7 @@ class Trainer:
         if self.val_dataset is not None and self.guard.factor is not None and self.guard.reference_val_loss is None:
             self.guard.reference_val_loss = sums_to_metrics(self._val_sums(module), self.task)["loss"]
         try:
-            while self.epoch < cfg.epochs:
+            while self.epoch < min(cfg.epochs, cfg.stop_after or cfg.epochs):
                 if not self._guarded_epoch(model, module, optimizer, schedule, sampler, device):
                     continue
                 record = self.history[-1]
