@@ -139,7 +139,7 @@ def test_presets_no_flip_and_none_never_mirror(tmp_path):
     # presets are what their names promise
     assert AUGMENT_PRESETS["light"][0][0] > AUGMENT_PRESETS["paper"][0][0]
     assert dataset.with_transform("light").transform.scale == (0.35, 1.0)
-    assert set(AUGMENT_PRESETS) == set(cli.AUGMENT_CHOICES)
+    assert set(AUGMENT_PRESETS) | {"auto"} == set(cli.AUGMENT_CHOICES)  # auto: zootune.data.auto
 
 
 def test_load_image_folder_augment_option(tmp_path):

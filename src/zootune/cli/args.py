@@ -57,6 +57,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def auto_or(parse):
+    """An argument type accepting ``auto`` or what ``parse`` accepts."""
+    def parse_or_auto(text: str):
+        return "auto" if text == "auto" else parse(text)
+
+    parse_or_auto.__name__ = parse.__name__  # argparse names the type in its messages
+    return parse_or_auto
+
+
 def parse_value(text: str):
     """An option value: JSON when it parses (numbers, true/false, null, lists), else the string."""
     import json

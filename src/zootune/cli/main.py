@@ -26,6 +26,8 @@ from zootune.cli.args import (
     parse_method_option_list,
     parse_options,
     parse_seeds,
+    auto_or,
+    positive_float,
     positive_int,
     seed_int,
     split_list,
@@ -241,8 +243,7 @@ def _is_main_process() -> bool:
 
 
 def cmd_fit(args) -> int:
-    from zootune.data.image_folder import load_image_folder
-    from zootune.engine import TrainConfig, check_device, evaluate
+    from zootune.engine import evaluate
     from zootune.experiment import fit_with_requirements
     from zootune.methods.registry import get_method
     from zootune.model_dir import export_info, save_model_dir
@@ -262,13 +263,7 @@ def cmd_fit(args) -> int:
     _add_layer_types(spec, options, args.aggregate)
     spec.parse_options(options)  # unknown names, types and ranges
     from_files = _check_zoo_arguments(args)
-    check_device(args.device)
-    workers = _num_workers(args, args.image_size)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
-                         max_steps_per_epoch=args.max_steps_per_epoch, num_workers=workers, device=args.device,
-                         precision=args.precision, sync_bn=args.sync_bn, threads=args.threads,
-                         channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
+    config = _train_config(args)
     main_process = _is_main_process()
     say = print if main_process else (lambda *_a, **_k: None)
     refuse_overlap(args.out, [("--data", args.data)] + ([("--source-data", args.source_data)]
@@ -281,26 +276,21 @@ def cmd_fit(args) -> int:
         if args.member is not None and not 0 <= args.member < len(zoo):
             raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
         preprocessing = _preprocessing(zoo)
-        splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
-                                   test_fraction=args.test_fraction, seed=args.seed, augment=args.augment,
-                                   **preprocessing, **_folder_options(args))
-        source = None
-        if args.source_data is not None:
-            source = load_image_folder(args.source_data, image_size=args.image_size, seed=args.seed,
-                                       augment=args.augment, **preprocessing, **_folder_options(args))
+        splits, source = _fit_data(args, zoo, preprocessing, say)
         task = ClassificationTask(splits.num_classes)
+        config, chosen = _fit_choices(args, config, zoo, task, splits, folder.path, say)
         result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
                                           source=source, out_dir=folder.path, resume=args.resume, echo=say)
-        metrics = {"val": evaluate(result.model, task, splits.val, num_workers=workers)}
+        metrics = {"val": evaluate(result.model, task, splits.val, num_workers=config.num_workers)}
         if splits.test is not None:
-            metrics["test"] = evaluate(result.model, task, splits.test, num_workers=workers)
+            metrics["test"] = evaluate(result.model, task, splits.test, num_workers=config.num_workers)
         member = (args.member or 0) if spec.per_member else args.member
         info = export_info(
             result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
             # the options as the method resolved them from the data (e.g. the members' ranking), so
             # that loading the folder rebuilds the same module without the data
             zoo_paths=args.zoo, method=spec.name, member=member, options={**options, **result.resolved},
-            class_names=list(splits.class_names), image_size=args.image_size, metrics=metrics,
+            class_names=list(splits.class_names), image_size=splits.image_size, metrics=metrics,
             trust_code=args.trust_code, preprocessing=preprocessing,
         )
 
@@ -308,13 +298,80 @@ def cmd_fit(args) -> int:
             # the model, its config and its metrics are one unit: renamed into place together
             save_model_dir(tmp, result.model, info)
             atomic_write_json(tmp / "metrics.json", {"method": spec.name, "member": member,
-                                                      "seconds": result.seconds,
+                                                      "seconds": result.seconds, "chosen": chosen,
                                                       "best_val_metric": result.val_metric, **metrics})
 
         model_dir = folder.commit("model", write_model)
     shown = " ".join(f"{split} {task.metric_name} {m[task.metric_name]:.2f}" for split, m in metrics.items())
     say(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {model_dir} ({info['kind']})")
     return 0
+
+
+def _train_config(args):
+    """The engine's settings from the flags (``auto`` epochs and lr are resolved from the data later)."""
+    from zootune.engine import TrainConfig, check_device
+
+    check_device(args.device)
+    return TrainConfig(epochs=1 if args.epochs == "auto" else args.epochs, batch_size=args.batch_size,
+                       optimizer=args.optimizer, lr=0.1 if args.lr == "auto" else args.lr,
+                       weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
+                       max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
+                       precision=args.precision, sync_bn=args.sync_bn, threads=args.threads,
+                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
+
+
+def _fit_data(args, zoo, preprocessing: dict, say):
+    """The training folder (and ``--source-data``), with ``auto`` size and augmentation resolved and said."""
+    from zootune.data.image_folder import load_image_folder
+    from zootune.zoo.preprocessing import data_config
+
+    zoo_config = data_config(zoo) or {}
+    zoo_size = int(zoo_config["input_size"][-1]) if zoo_config.get("input_size") else None
+    splits = load_image_folder(args.data, image_size=args.image_size, val_fraction=args.val_fraction,
+                               test_fraction=args.test_fraction, seed=args.seed, augment=args.augment,
+                               zoo_input_size=zoo_size, **preprocessing, **_folder_options(args))
+    for option, choice in splits.chosen.items():
+        say(f"--{option.replace('_', '-')} auto: {choice['value']} ({choice['why']})")
+    source = None
+    if args.source_data is not None:
+        augment = splits.chosen.get("augment", {}).get("value", args.augment)
+        source = load_image_folder(args.source_data, image_size=splits.image_size, seed=args.seed,
+                                   augment=augment, **preprocessing, **_folder_options(args))
+    return splits, source
+
+
+CHOICES_FILE = "choices.json"  # what --epochs/--lr auto resolved to, reused by --resume
+
+
+def _fit_choices(args, config, zoo, task, splits, out: Path, say):
+    """``config`` with the workers for the chosen image size and ``auto`` epochs and lr resolved
+    (read back from the run folder on --resume, so the run continues as it started); and what was
+    chosen (for metrics.json)."""
+    import dataclasses
+    import json
+
+    from zootune.engine.config import budget_epochs
+    from zootune.methods.lr_probe import choose_learning_rate
+    from zootune.report import atomic_write_json
+
+    config = dataclasses.replace(config, num_workers=_num_workers(args, splits.image_size))
+    chosen = {name: choice["value"] for name, choice in splits.chosen.items()}
+    saved = json.loads((out / CHOICES_FILE).read_text()) if args.resume and (out / CHOICES_FILE).is_file() else {}
+    if args.epochs == "auto":
+        epochs, why = budget_epochs(len(splits.train), config.batch_size)
+        chosen["epochs"] = saved.get("epochs", epochs)
+        say(f"--epochs auto: {why}")
+    if args.lr == "auto" and "lr_probe" in saved:
+        chosen.update(lr=saved["lr"], lr_probe=saved["lr_probe"])
+        say(f"--lr auto: {saved['lr']:g}, as chosen when the run started")
+    elif args.lr == "auto":
+        probe = choose_learning_rate(zoo, task, splits, dataclasses.replace(config, epochs=1), member=args.member)
+        say(probe.summary())
+        chosen.update(lr=probe.lr, lr_probe=probe.to_dict())
+    config = dataclasses.replace(config, **{k: chosen[k] for k in ("epochs", "lr") if k in chosen})
+    if _is_main_process() and chosen:
+        atomic_write_json(out / CHOICES_FILE, {**saved, **chosen})
+    return config, chosen
 
 
 def cmd_export(args) -> int:
@@ -443,15 +500,16 @@ def _add_trust_argument(p: argparse.ArgumentParser) -> None:
                         "config.json) to be imported and run; without it such names are refused")
 
 
-AUGMENT_CHOICES = ("paper", "light", "no-flip", "none")  # zootune.data.transforms.AUGMENT_PRESETS
+AUGMENT_CHOICES = ("auto", "paper", "light", "no-flip", "none")  # zootune.data.transforms.AUGMENT_PRESETS
 
 
 def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False, cache: bool = True) -> None:
     if augment:
-        p.add_argument("--augment", choices=AUGMENT_CHOICES, default="paper",
+        p.add_argument("--augment", choices=AUGMENT_CHOICES, default="auto",
                        help="training augmentation: paper = random-resized crop (scale 0.08-1) of the original "
                             "+ horizontal flip; light = crop scale 0.35-1 + flip; no-flip = paper's crop only; "
-                            "none = the evaluation centre crop (default paper)")
+                            "none = the evaluation centre crop; auto (default) = none below 64 px, light below "
+                            "96 px, paper from 96 px (zootune.data.auto)")
     p.add_argument("--workers", type=_workers, default="auto",
                    help="DataLoader worker processes decoding images, or 'auto' (default): CPUs - 1 (at most 8) "
                         "for images read at 96 px or more, none for smaller images")
@@ -503,12 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--method", default=DEFAULT_METHOD, help=f"one of: {_method_list()} (default {DEFAULT_METHOD})")
     p.add_argument("--member", type=int, help="zoo member index for per-member methods (default 0)")
-    p.add_argument("--epochs", type=positive_int, default=10)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--epochs", type=auto_or(positive_int), default="auto",
+                   help="epochs, or auto (default): at least 10 epochs and 1000 steps, at most 300 epochs")
+    p.add_argument("--lr", type=auto_or(positive_float), default="auto",
+                   help="learning rate, or auto (default): the best on validation of a 2-epoch fine-tune of "
+                        "one member at 0.01, 0.03, 0.1 (Adam/AdamW: 1e-4, 3e-4, 1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=48)
     p.add_argument("--optimizer", default="sgd", help="sgd (Nesterov momentum 0.9), adam or adamw")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--image-size", type=auto_or(positive_int), default="auto",
+                   help="input size in pixels, or auto (default): the zoo's pretrained input size, else the "
+                        "images' median shorter side within [32, 224]")
     p.add_argument("--val-fraction", type=float, default=0.2, help="for a single folder of classes")
     p.add_argument("--test-fraction", type=float, default=0.0, help="for a single folder of classes")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of everything random (0..2**32-1)")

@@ -5,7 +5,7 @@ the image headers the loader reads anyway (no decoding), and says what it chose 
 
 - **input size**: the zoo's own input size when its pretrained config has one (a timm/torchvision/hub
   model trained at 224 px is given 224-px inputs); otherwise the median shorter side of the training
-  images, rounded to a multiple of 8 and kept within [32, 224] (:func:`auto_image_size`): a folder of
+  images, rounded down to a multiple of 8 and kept within [32, 224] (:func:`auto_image_size`): a folder of
   32-px images trains at 32, one of 64-px photos at 64, one of large photos at 224 -- never upscaled
   past the pixels the images have, never below what a small CNN needs.
 - **augmentation** (:func:`auto_augment`), from the input size: below 64 px ``"none"`` (the paper's
@@ -31,8 +31,8 @@ def auto_image_size(sizes: np.ndarray, zoo_input_size: int | None = None) -> tup
     if zoo_input_size:
         return int(zoo_input_size), f"the zoo's pretrained input size {zoo_input_size}"
     shorter = int(np.median(np.minimum(sizes[:, 0], sizes[:, 1])))
-    size = int(min(MAX_AUTO_SIZE, max(MIN_AUTO_SIZE, 8 * round(shorter / 8))))
-    return size, (f"the training images' median shorter side {shorter} px, rounded to a multiple of 8 "
+    size = int(min(MAX_AUTO_SIZE, max(MIN_AUTO_SIZE, 8 * (shorter // 8))))
+    return size, (f"the images' median shorter side {shorter} px, rounded down to a multiple of 8 "
                   f"within [{MIN_AUTO_SIZE}, {MAX_AUTO_SIZE}]")
 
 

@@ -16,6 +16,24 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 FORMULATION_MODES = ("time", "macs")
 
 
+# The default training budget (``zootune fit`` without --epochs): enough optimizer steps for a small
+# folder, at least the epochs a large one needs (docs/dev-notes/cli-and-run.md has the curve).
+BUDGET_MIN_EPOCHS = 10
+BUDGET_MIN_STEPS = 1000
+BUDGET_MAX_EPOCHS = 300
+
+
+def budget_epochs(num_samples: int, batch_size: int) -> tuple[int, str]:
+    """(epochs, the rule in words): max(10 epochs, 1000 steps), at most 300 epochs,
+
+        epochs = min(300, max(10, ceil(1000 / ceil(num_samples / batch_size))))."""
+    steps_per_epoch = max(1, math.ceil(num_samples / batch_size))
+    epochs = min(BUDGET_MAX_EPOCHS, max(BUDGET_MIN_EPOCHS, math.ceil(BUDGET_MIN_STEPS / steps_per_epoch)))
+    return epochs, (f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} steps "
+                    f"(rule: at least {BUDGET_MIN_EPOCHS} epochs and {BUDGET_MIN_STEPS} steps, at most "
+                    f"{BUDGET_MAX_EPOCHS} epochs; --epochs N overrides)")
+
+
 @dataclass
 class TrainConfig:
     """How the engine trains a model; every method uses the same fields.

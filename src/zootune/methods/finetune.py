@@ -108,6 +108,21 @@ def fine_tune(model: nn.Module, task: Task, config: FineTuneConfig | None = None
     return FineTune(new, name, config.backbone_lr_mult)
 
 
+def probe_fine_tune(member: nn.Module, task: Task, train_dataset, val_dataset, train_config, epochs: int) -> float:
+    """The best validation metric of a short fine-tune of ``member`` (a copy) with ``train_config``'s
+    optimiser settings and seed, its schedule compressed into ``epochs`` epochs: the probe with which
+    zootune ranks members (robust Zoo-Tuning's start) and chooses a learning rate (``--lr auto``)."""
+    import dataclasses
+
+    from zootune.engine import Trainer
+
+    config = dataclasses.replace(train_config, epochs=epochs, stop_after=None, progress=False)
+    torch.manual_seed(config.seed)  # every probe's head starts from the same draw
+    model, head_name = copy_with_new_head(member, task)  # a copy
+    result = Trainer(FineTune(model, head_name), task, train_dataset, val_dataset, config=config).fit()
+    return float(result.best_val_metric)
+
+
 def build(ctx: BuildContext) -> FineTune:
     """Fine-tune zoo member ``ctx.member`` (default 0) with a new head for ``ctx.task``."""
     return fine_tune(ctx.zoo[check_member_index(ctx.zoo, ctx.member)], ctx.task, ctx.config)

@@ -28,7 +28,6 @@ Which one picks the best member more reliably, and at what cost, is measured in 
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
@@ -86,22 +85,14 @@ def _score_members(zoo, task, train_dataset, val_dataset, *, method, train_confi
         raise ZootuneError("the probe scores members on a validation split: pass val_dataset")
     if probe_epochs < 1:
         raise ZootuneError(f"probe_epochs must be >= 1, got {probe_epochs}")
-    import dataclasses
-
-    from zootune.engine import TrainConfig, Trainer
-    from zootune.methods.finetune import FineTune, copy_with_new_head
+    from zootune.engine import TrainConfig
+    from zootune.methods.finetune import probe_fine_tune
 
     config = train_config if train_config is not None else TrainConfig(
         epochs=probe_epochs, batch_size=64, optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="cosine")
-    config = dataclasses.replace(config, epochs=probe_epochs, progress=False)
     sign = 1.0 if task.higher_is_better else -1.0
-    scores = []
-    for member in members:
-        torch.manual_seed(config.seed)  # every member's head starts from the same draw
-        model, head_name = copy_with_new_head(copy.deepcopy(member), task)
-        result = Trainer(FineTune(model, head_name), task, train_dataset, val_dataset, config=config).fit()
-        scores.append(sign * float(result.best_val_metric))
-    return scores
+    return [sign * probe_fine_tune(member, task, train_dataset, val_dataset, config, probe_epochs)
+            for member in members]
 
 
 def rank_if_robust(ctx, options):

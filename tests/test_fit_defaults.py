@@ -1,0 +1,104 @@
+"""What `zootune fit` chooses when the user gives no tuning flags: input size and augmentation from
+the folder (zootune.data.auto), the step budget (engine.config.budget_epochs), the learning rate by
+a probe (methods.lr_probe) -- each stated, recorded and reused on --resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from zootune.data.auto import auto_augment, auto_image_size
+from zootune.engine.config import budget_epochs
+from zootune.methods import lr_probe
+
+
+@pytest.mark.parametrize("sides,zoo,want", [
+    ([(32, 32)] * 5, None, 32),
+    ([(28, 28)] * 5, None, 32),  # never below 32
+    ([(64, 80), (70, 64), (64, 64)], None, 64),  # the shorter side
+    ([(100, 100), (101, 140), (99, 99)], None, 96),  # rounded down to a multiple of 8
+    ([(640, 480)] * 3, None, 224),  # at most 224
+    ([(32, 32)] * 3, 224, 224),  # the zoo's own input size wins
+])
+def test_auto_image_size_follows_its_rule(sides, zoo, want):
+    size, why = auto_image_size(np.array(sides), zoo)
+    assert size == want and why
+
+
+@pytest.mark.parametrize("size,want", [(32, "none"), (63, "none"), (64, "light"), (95, "light"), (96, "paper"),
+                                       (224, "paper")])
+def test_auto_augment_follows_the_input_size(size, want):
+    assert auto_augment(size)[0] == want
+
+
+@pytest.mark.parametrize("n,batch", [(960, 48), (100, 48), (48_000, 48), (10, 64), (5_000_000, 64)])
+def test_the_budget_is_at_least_10_epochs_and_1000_steps_and_at_most_300_epochs(n, batch):
+    epochs, why = budget_epochs(n, batch)
+    steps = math.ceil(n / batch)
+    assert epochs == min(300, max(10, math.ceil(1000 / steps)))
+    assert str(epochs) in why and "--epochs" in why
+
+
+def test_the_lr_probe_keeps_the_best_rate_on_validation_first_of_equals(monkeypatch):
+    from zootune.engine import TrainConfig
+    from zootune.tasks import ClassificationTask
+
+    seen = []
+
+    def probe(member, task, train, val, config, epochs):
+        seen.append((config.lr, epochs))
+        return {0.01: 50.0, 0.03: 70.0, 0.1: 70.0}[config.lr]
+
+    monkeypatch.setattr(lr_probe, "probe_fine_tune", probe)
+    from zootune.data.datasets import DatasetSplits
+
+    splits = DatasetSplits(train=[], val=[], test=None, num_classes=2, name="none")
+    choice = lr_probe.choose_learning_rate([torch.nn.Identity()] * 2, ClassificationTask(2), splits,
+                                           TrainConfig(), member=1)
+    assert choice.lr == 0.03 and choice.member == 1 and seen == [(0.01, 2), (0.03, 2), (0.1, 2)]
+    assert choice.to_dict()["val_acc"] == {"0.01": 50.0, "0.03": 70.0, "0.1": 70.0}
+
+
+def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
+    from zootune.cli import main as cli
+    from zootune.models import resnet_small
+    from zootune.zoo.checkpoint import save_state_dict
+
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for k in range(2):
+        (tmp_path / "data" / f"c{k}").mkdir(parents=True)
+        for i in range(10):
+            pixels = (torch.rand(40, 48, 3, generator=g) * 150 + 80 * k).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / "data" / f"c{k}" / f"{i}.png")
+    for i in range(2):
+        torch.manual_seed(i)
+        save_state_dict(tmp_path / f"m{i}.safetensors", resnet_small(num_classes=3, depth=10, width=4).state_dict())
+    out = tmp_path / "run"
+    argv = ["fit", "--arch", "resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4", "--zoo",
+            tmp_path / "m0.safetensors", tmp_path / "m1.safetensors", "--data", tmp_path / "data",
+            "--method", "finetune", "--max-steps-per-epoch", "1", "--no-progress", "--out", out]
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main([str(a) for a in argv]) == 0
+    text = printed.getvalue()
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    chosen = metrics["chosen"]
+    # 40 x 48 images: median shorter side 40 -> 40 px, below 64 -> no augmentation; 16 training
+    # images at batch 48 -> 1 step per epoch -> 300 epochs (the cap); the probe's best rate
+    assert chosen["image_size"] == 40 and chosen["augment"] == "none" and chosen["epochs"] == 300
+    probed = chosen["lr_probe"]["val_acc"]
+    assert f"{chosen['lr']:g}" == next(lr for lr, acc in probed.items() if acc == max(probed.values()))
+    assert "--image-size auto: 40" in text and "--augment auto: none" in text and "--epochs auto: 300 epochs" in text
+    assert f"-> lr {chosen['lr']:g}" in text
+    assert json.loads((out / "model" / "config.json").read_text())["image_size"] == 40
+    assert json.loads((out / "choices.json").read_text())["lr"] == chosen["lr"]  # what --resume reuses
