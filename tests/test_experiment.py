@@ -114,6 +114,54 @@ def test_costs_and_best_single_follow_from_the_trained_members(tiny_run):
             assert best["test"][k] == rows[f"finetune:{chosen}"]["targets"][target]["test"][k]
 
 
+def _test_disagrees_with_val_target(name: str, seed: int = 0) -> DatasetSplits:
+    """The red-channel task, whose test split is the validation images with the labels flipped: for
+    any two-class model, test accuracy = 100 - validation accuracy, so the member that validates
+    best tests worst."""
+    g = torch.Generator().manual_seed(5)
+
+    def split(n):
+        y = torch.arange(n) % 2
+        x = torch.randn(n, 3, 8, 8, generator=g) * 0.5 + (2 * y - 1).view(-1, 1, 1, 1) * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
+        return ImageDataset(x, y)
+
+    train, val = split(24), split(12)
+    return DatasetSplits(train, val, ImageDataset(val.images, 1 - val.labels), 2, name)
+
+
+def test_best_on_val_row_follows_validation_when_test_disagrees(tmp_path):
+    config = RunConfig(targets=["flip"], seeds=[0], methods=["finetune"], epochs=1, batch_size=8,
+                       max_steps_per_epoch=2, eval_batch_size=16, plots=False)
+    results = run_experiment(config, tmp_path, zoo=tiny_zoo(3), load_target=_test_disagrees_with_val_target,
+                             echo=None)
+    cells = {row["id"]: row["targets"]["flip"] for row in results["methods"]}
+    members = {f"finetune:src{i}": cells[f"finetune:src{i}"] for i in range(3)}
+    val = {row_id: cell["val"][0] for row_id, cell in members.items()}
+    for cell in members.values():  # the target's construction
+        assert cell["test"][0] == pytest.approx(100 - cell["val"][0])
+    assert len(set(val.values())) > 1, "the members must validate differently for the choice to matter"
+    best = cells["finetune:best-on-val"]
+    chosen = best["chosen"][0]
+    # the first member with the best validation accuracy, and that member's test accuracy, which
+    # here is the worst: choosing by the test metric would take another member
+    assert chosen == next(row_id for row_id, v in val.items() if v == max(val.values()))
+    assert best["val"] == [val[chosen]] and best["test"] == members[chosen]["test"]
+    assert best["test"][0] == min(cell["test"][0] for cell in members.values())
+
+
+def test_best_on_val_minimises_a_lower_is_better_validation_metric():
+    from zootune.experiment import MethodResult, _best_on_val
+    from zootune.methods.registry import get_method
+
+    records = [MethodResult(f"finetune:m{i}", f"m{i}", "finetune", f"m{i}", "t", 0, test=test, val=val, seconds=1.0)
+               for i, (val, test) in enumerate([(3.0, 1.0), (1.0, 5.0), (2.0, 0.5), (1.0, 4.0)])]
+    best = _best_on_val(get_method("finetune"), records, higher_is_better=False)
+    assert best.chosen == "finetune:m1"  # lowest validation error, the first of equals
+    assert (best.val, best.test) == (1.0, 5.0)
+    best = _best_on_val(get_method("finetune"), records, higher_is_better=True)
+    assert best.chosen == "finetune:m0" and best.test == 1.0
+
+
 def test_same_config_gives_the_same_numbers(tiny_run, tmp_path):
     _, results, config = tiny_run
     config = RunConfig(**{**config.to_dict(), "targets": ["red"], "seeds": [1], "methods": ["finetune"]})

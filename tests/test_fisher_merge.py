@@ -114,3 +114,47 @@ def test_fisher_merge_builds_trains_and_needs_data():
         build_method("fisher-merge", members, task)
     with pytest.raises(ZootuneError, match="num_examples"):
         build_method("fisher-merge", members, task, data=splits, options={"num_examples": 0})
+
+
+def batch_statistics(model, x):
+    """Per BatchNorm layer: (mean, unbiased variance) of its input over the batch ``x``, computed
+    from a train-mode forward pass (each layer normalises by its batch statistics, as while
+    re-estimating)."""
+    model = copy.deepcopy(model).train()
+    stats, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            def record(module, inputs, name=name):
+                stats[name] = (inputs[0].mean((0, 2, 3)), inputs[0].var((0, 2, 3), unbiased=True))
+            hooks.append(module.register_forward_pre_hook(record))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return stats
+
+
+def test_fisher_merge_model_carries_norm_statistics_re_estimated_on_the_target():
+    members = tiny_members()
+    for i, member in enumerate(members):  # pretrained members: statistics of their own source data
+        for module in member.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.num_batches_tracked.fill_(100 + i)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 3, 16, 16, generator=g) * 1.5 + 0.5, torch.arange(24) % 2
+    splits = DatasetSplits(ImageDataset(x, y), ImageDataset(x[:8], y[:8]), ImageDataset(x[:8], y[:8]), 2, "t")
+    # the registry's build, what `zootune fit` / `run` hand to the engine; every training image is
+    # used (num_examples >= 24) in one batch (<= 64), so the statistics do not depend on the order
+    built = build_method("fisher-merge", members, ClassificationTask(2), data=splits, seed=0)
+    plain = built.finalize()
+    expected = batch_statistics(plain, x)  # the merged weights' statistics on the target images
+    norms = {n: m for n, m in plain.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(norms) == set(expected) and norms
+    for name, module in norms.items():
+        mean, var = expected[name]
+        torch.testing.assert_close(module.running_mean, mean, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(module.running_var, var, rtol=1e-4, atol=1e-5, msg=name)
+        assert int(module.num_batches_tracked) == 1, name
+        assert module.momentum == 0.1, name  # the engine trains with the usual running average

@@ -5,6 +5,7 @@ the real libraries): a ViT-like block with nn.MultiheadAttention, a head that is
 on pooled features (BiT), a convolution subclass with a forward of its own.
 """
 
+import re
 import warnings
 
 import pytest
@@ -161,3 +162,69 @@ def test_named_conv_head_and_headless_resnet():
     # the last 1x1 conv of a bottleneck is followed by its norm: not a head
     with pytest.raises(ZootuneError, match="cannot find a head"):
         find_head_name(headless)
+
+
+def members_with_own_statistics(m=3):
+    """Tiny ResNets whose norm layers hold statistics and affine values of their own, as pretrained
+    members do (a fresh model's are 0/1 in every member, which would hide which member's are used)."""
+    zoo = zoo_of(lambda: resnet_small(num_classes=7, depth=10, width=4), m)
+    with torch.no_grad():
+        for i, member in enumerate(zoo):
+            for module in member.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.5, 0.5)
+                    module.running_mean.uniform_(-1, 1)
+                    module.running_var.uniform_(0.5, 2)
+                    module.num_batches_tracked.fill_(10 + i)
+    return zoo
+
+
+@pytest.mark.parametrize("options, action, start, norm_words", [
+    (dict(variant="paper"), "averaged", None, ["affine = mean over the sources", "running statistics reset"]),
+    (dict(variant="paper", keep_bn_stats=True), "averaged", None, ["affine = mean", "statistics kept (mean"]),
+    (dict(variant="robust"), "averaged", None, ["affine = mean over the sources", "running statistics reset"]),
+    # a start member with the mean norms: the paper's start on a member, or the robust one asked for it
+    (dict(variant="paper", start_member=1), "averaged", None, ["affine = mean over the sources", "reset"]),
+    (dict(variant="robust", start_member=1, norm_init="mean"), "averaged", None, ["affine = mean", "reset"]),
+    (dict(variant="robust", member_scores=[0.1, 0.9, 0.5], prune_margin=float("inf")), "copied", 1,
+     ["affine and running statistics = the start member's (zoo member 1)"]),
+    (dict(variant="robust", start_member=2, keep_members=[0, 2], keep_bn_stats=True), "copied", 2,
+     ["affine and running statistics = the start member's (zoo member 2)"]),
+    (dict(variant="paper", start_member=0, norm_init="start"), "copied", 0,
+     ["affine and running statistics = the start member's (zoo member 0)"]),
+])
+def test_report_says_what_the_untargeted_modules_hold_and_the_model_holds_it(options, action, start, norm_words):
+    zoo = members_with_own_statistics()
+    heading = ("averaged over the sources" if start is None
+               else f"copied from the start member (zoo member {start})")
+    with pytest.warns(UserWarning, match=re.escape(f"the rest is {heading}")):  # layer4 left out: most parameters
+        model = ZooTuning(zoo, num_outputs=3, exclude="layer4.*", **options)
+    report = model.report
+    kept = [zoo[i] for i in model.config.kept_members]
+    assert report.start_member == start
+    untargeted = report.untargeted
+    assert untargeted and {layer.action for layer in report.layers if layer.name in untargeted} == {action}
+    built = dict(model.model.named_modules())
+    for name in untargeted:
+        module = built[name]
+        reason = untargeted[name]
+        if isinstance(module, nn.BatchNorm2d):
+            assert all(words in reason for words in norm_words), reason
+            assert ("mean" in reason) == (start is None) and ("reset" in reason) == (
+                start is None and not options.get("keep_bn_stats")), reason
+        # what the model holds is what the report says: the start member's tensors, or the mean
+        for key, value in {**dict(module.named_parameters(recurse=False)),
+                           **dict(module.named_buffers(recurse=False))}.items():
+            sources = [getattr(m.get_submodule(name), key) for m in kept]
+            if start is not None:
+                assert torch.equal(value, getattr(zoo[start].get_submodule(name), key)), (name, key)
+            elif key == "num_batches_tracked" or (key.startswith("running_") and not options.get("keep_bn_stats")):
+                reset = {"running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}[key]
+                assert bool((value == reset).all()), (name, key)
+            else:
+                torch.testing.assert_close(value, torch.stack([s.detach() for s in sources]).mean(0))
+    text = report.summary()
+    lines = [line for line in text.splitlines()[1:] if not line.strip().startswith("new head")]
+    assert lines and all(line.strip().startswith(heading) for line in lines), text
+    assert ("mean over the sources" in text) == (start is None), text

@@ -152,6 +152,9 @@ class ZooTuningConfig:
         return asdict(self)
 
 
+_UNTARGETED_ACTIONS = ("averaged", "copied")  # what LayerChoice.action says of a module not aggregated
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """What Zoo-Tuning did with one module that has parameters of its own."""
@@ -159,18 +162,22 @@ class LayerChoice:
     name: str
     kind: str  # the module's class name
     parameters: int  # its own parameters (one member's)
-    action: str  # "aggregated", "averaged" or "new head"
-    reason: str = ""
+    # "aggregated"; "averaged" (mean over the sources) or "copied" (from the start member, with its
+    # buffers: norm_init="start"); or "new head"
+    action: str
+    reason: str = ""  # why it is not aggregated, and for a norm layer what its affine and statistics are
 
 
 @dataclass
 class AggregationReport:
-    """Every module with parameters of its own, in registration order: aggregated, averaged over the
-    sources (and why), or the head replaced by the new one."""
+    """Every module with parameters of its own, in registration order: aggregated; not aggregated
+    (and why), then averaged over the sources or, with ``start_member``, copied from that member; or
+    the head replaced by the new one."""
 
     layers: list[LayerChoice]
     num_sources: int
     model: str
+    start_member: int | None = None  # zoo index of the member the untargeted modules are copied from
 
     def of(self, action: str) -> list[LayerChoice]:
         return [layer for layer in self.layers if layer.action == action]
@@ -184,25 +191,40 @@ class AggregationReport:
         """{module name: why it is averaged instead of aggregated}."""
         return {layer.name: layer.reason for layer in self.of("averaged")}
 
+    @property
+    def untargeted(self) -> dict[str, str]:
+        """{module name: why it is not aggregated}, averaged or copied from the start member."""
+        return {layer.name: layer.reason for layer in self.layers if layer.action in _UNTARGETED_ACTIONS}
+
     def aggregated_fraction(self) -> float:
         """Share of the model's parameters (head excluded) in aggregated layers."""
         body = sum(layer.parameters for layer in self.layers if layer.action != "new head")
         return sum(layer.parameters for layer in self.of("aggregated")) / body if body else 0.0
 
-    def averaged_by_reason(self) -> dict[str, list[LayerChoice]]:
+    def untargeted_by_reason(self) -> dict[str, list[LayerChoice]]:
+        """The modules not aggregated, grouped by reason, the group with the most parameters first."""
         groups: dict[str, list[LayerChoice]] = {}
-        for layer in self.of("averaged"):
-            groups.setdefault(layer.reason, []).append(layer)
+        for layer in self.layers:
+            if layer.action in _UNTARGETED_ACTIONS:
+                groups.setdefault(layer.reason, []).append(layer)
         return dict(sorted(groups.items(), key=lambda item: -sum(layer.parameters for layer in item[1])))
 
+    @property
+    def untargeted_source(self) -> str:
+        """What the modules that are not aggregated hold: the sources' mean or the start member's."""
+        if self.start_member is None:
+            return "averaged over the sources"
+        return f"copied from the start member (zoo member {self.start_member})"
+
     def summary(self) -> str:
-        """A few lines: how much is aggregated, and each reason for averaging with its layers."""
+        """A few lines: how much is aggregated, and each reason for not aggregating with its layers
+        and what they hold instead."""
         aggregated = self.of("aggregated")
         lines = [f"Zoo-Tuning on {self.model} ({self.num_sources} sources): {len(aggregated)} layer(s) "
                  f"aggregated, {_millions(sum(l.parameters for l in aggregated))} parameters, "
                  f"{100 * self.aggregated_fraction():.1f}% of the model (head excluded)"]
-        for reason, layers in self.averaged_by_reason().items():
-            lines.append(f"  averaged, {_millions(sum(l.parameters for l in layers))} parameters in "
+        for reason, layers in self.untargeted_by_reason().items():
+            lines.append(f"  {self.untargeted_source}, {_millions(sum(l.parameters for l in layers))} parameters in "
                          f"{len(layers)} module(s) ({_names(layers)}): {reason}")
         heads = self.of("new head")
         if heads:
@@ -210,7 +232,7 @@ class AggregationReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "num_sources": self.num_sources,
+        return {"model": self.model, "num_sources": self.num_sources, "start_member": self.start_member,
                 "aggregated_fraction": self.aggregated_fraction(), "layers": [asdict(l) for l in self.layers]}
 
     def __str__(self) -> str:
@@ -226,17 +248,25 @@ def _names(layers: list[LayerChoice], shown: int = 3) -> str:
     return ", ".join(names) + (f", ... {len(layers) - shown} more" if len(layers) > shown else "")
 
 
-def _norm_reason(module: nn.Module, keep_bn_stats: bool) -> str:
-    reason = "normalisation layer (the paper aggregates convolutions only): affine = mean over the sources"
-    if getattr(module, "track_running_stats", False):
+def _norm_reason(module: nn.Module, keep_bn_stats: bool, start_member: int | None) -> str:
+    """What a norm layer holds: the sources' mean affine and reset (or mean) running statistics, or
+    with a start member (norm_init="start") that member's affine and running statistics."""
+    reason = "normalisation layer (the paper aggregates convolutions only): "
+    statistics = getattr(module, "track_running_stats", False)
+    if start_member is not None:
+        what = "affine and running statistics" if statistics else "affine"
+        return reason + f"{what} = the start member's (zoo member {start_member})"
+    reason += "affine = mean over the sources"
+    if statistics:
         reason += (", running statistics kept (mean over the sources)" if keep_bn_stats
                    else ", running statistics reset (re-estimated on the target data)")
     return reason
 
 
 def _choose_layers(model: nn.Module, target_types: tuple[type, ...], include, exclude, is_head,
-                   keep_bn_stats: bool) -> list[LayerChoice]:
-    """One :class:`LayerChoice` per module with own parameters, and per targeted-type layer."""
+                   keep_bn_stats: bool, start_member: int | None = None) -> list[LayerChoice]:
+    """One :class:`LayerChoice` per module with own parameters, and per targeted-type layer; the
+    modules not aggregated are averaged, or copied from ``start_member`` (a zoo index) when given."""
     modules = dict(model.named_modules())
     type_names = "/".join(t.__name__ for t in target_types)
     choices = []
@@ -270,7 +300,7 @@ def _choose_layers(model: nn.Module, target_types: tuple[type, ...], include, ex
                 choices.append(LayerChoice(name, kind, own, "aggregated"))
                 continue
         elif isinstance(module, _NORM_TYPES):
-            reason = _norm_reason(module, keep_bn_stats)
+            reason = _norm_reason(module, keep_bn_stats, start_member)
         elif isinstance(module, (nn.Linear, *_CONV_LAYER_TYPES)):
             reason = (f"{'Linear' if isinstance(module, nn.Linear) else 'convolution'} layers are not in "
                       f"target_types ({type_names}); add them with target_types=(..., "
@@ -278,7 +308,7 @@ def _choose_layers(model: nn.Module, target_types: tuple[type, ...], include, ex
         else:
             params = ", ".join(n for n, _ in module.named_parameters(recurse=False))
             reason = f"{kind}'s own parameters ({params}): not a layer Zoo-Tuning aggregates"
-        choices.append(LayerChoice(name, kind, own, "averaged", reason))
+        choices.append(LayerChoice(name, kind, own, "averaged" if start_member is None else "copied", reason))
     return choices
 
 
@@ -565,11 +595,12 @@ class ZooTuning(nn.Module):
         def is_head(name: str) -> bool:
             return resolved_head is not None and (name == resolved_head or name.startswith(resolved_head + "."))
 
-        choices = _choose_layers(members[0], target_types, include, exclude, is_head, keep_bn_stats)
+        copied_from = plan.start if plan.norm_init == "start" else None  # zoo index, as the user gave it
+        choices = _choose_layers(members[0], target_types, include, exclude, is_head, keep_bn_stats, copied_from)
         targets = [choice.name for choice in choices if choice.action == "aggregated"]
-        self.report = AggregationReport(choices, len(members), type(members[0]).__name__)
+        self.report = AggregationReport(choices, len(members), type(members[0]).__name__, copied_from)
         if not targets:
-            left_out = [c for c in choices if c.action == "averaged"
+            left_out = [c for c in choices if c.action in _UNTARGETED_ACTIONS
                         and isinstance(members[0].get_submodule(c.name), target_types)]
             raise ZootuneError(
                 "no layer to aggregate: no module matches target_types="
@@ -622,11 +653,11 @@ class ZooTuning(nn.Module):
         log.info("%s", self.report.summary())
         fraction = self.report.aggregated_fraction()
         if fraction < COVERAGE_WARNING_FRACTION:
-            reasons = self.report.averaged_by_reason()
+            reasons = self.report.untargeted_by_reason()
             reason, layers = next(iter(reasons.items()))
             warnings.warn(
                 f"Zoo-Tuning aggregates only {100 * fraction:.1f}% of {self.report.model}'s parameters "
-                f"({len(targets)} layer(s)); the rest is averaged over the sources, mostly "
+                f"({len(targets)} layer(s)); the rest is {self.report.untargeted_source}, mostly "
                 f"{_millions(sum(l.parameters for l in layers))} parameters in {len(layers)} module(s) because: {reason}. "
                 "See ZooTuning(...).report", stacklevel=2)
 
