@@ -48,6 +48,9 @@ from zootune.version import __version__
 
 METHODS = ("scratch", "finetune-best", "zoo-tuning", "lite")
 AGGREGATE_CHOICES = {"conv": (nn.Conv2d,), "conv+linear": (nn.Conv2d, nn.Linear)}
+# Environments stepped together in every DQN run of the comparison (docs/rl.md measures 1, 8 and 16):
+# the replay ratio is the reference loop's for any number (zootune.rl.dqn.update_schedule).
+NUM_ENVS = 16
 LABELS = {"scratch": "from scratch", "finetune-best": "fine-tune best source", "zoo-tuning": "Zoo-Tuning",
           "lite": "Lite Zoo-Tuning (folded)"}
 # Model construction and source selection use seeds offset from the training seed, so a fresh head
@@ -58,15 +61,17 @@ SELECTION_SEED = 2_000_003
 
 @dataclass
 class RLRunConfig:
-    """The comparison's settings; :meth:`quick` is the ~1-2 minute preset."""
+    """The comparison's settings; :meth:`quick` is the short preset (~20 s, docs/rl.md)."""
 
     game: str = "breakout"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     finetune_each: bool = False
     aggregate: str = "conv"
-    dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=15_000, eval_every=1_500, eps_decay_steps=7_500))
-    source_dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=30_000, eval_every=0, eps_decay_steps=15_000))
+    dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=15_000, num_envs=NUM_ENVS, eval_every=1_500,
+                                                             eps_decay_steps=7_500))
+    source_dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=30_000, num_envs=NUM_ENVS, eval_every=0,
+                                                                    eps_decay_steps=15_000))
     zoo_seed: int = 0
     selection_episodes: int = 10
     final_episodes: int = 20
@@ -94,13 +99,13 @@ class RLRunConfig:
 
     @classmethod
     def quick(cls, **overrides) -> RLRunConfig:
-        """One seed, 4k target steps, 3k-step source agents: about 1-2 minutes on 2 CPU cores."""
+        """One seed, 4k target steps, 3k-step source agents: ~20 s on one core, the zoo built included."""
         quick = dict(
             seeds=[0],
-            dqn=DQNConfig(steps=4_000, learning_starts=500, eval_every=1_000, eval_episodes=3,
+            dqn=DQNConfig(steps=4_000, num_envs=NUM_ENVS, learning_starts=500, eval_every=1_000, eval_episodes=3,
                           eps_decay_steps=2_000, replay_capacity=10_000, target_update=500,
                           max_eval_episode_steps=500),
-            source_dqn=DQNConfig(steps=3_000, learning_starts=500, eval_every=0, eval_episodes=3,
+            source_dqn=DQNConfig(steps=3_000, num_envs=NUM_ENVS, learning_starts=500, eval_every=0, eval_episodes=3,
                                  eps_decay_steps=1_500, replay_capacity=10_000, target_update=500,
                                  max_eval_episode_steps=500),
             selection_episodes=3, final_episodes=5,
@@ -203,7 +208,7 @@ def run_rl_transfer(config: RLRunConfig, out: str | Path, log: Callable[[str], N
                 record["curves"][seed] = result.curve
                 curve_rows += [{"method": run_id, "seed": seed, "step": s, "mean_return": r} for s, r in result.curve]
                 say(f"{run_id} seed {seed}: final return {final:.2f} over {config.final_episodes} episodes "
-                    f"({result.seconds:.0f}s, {config.dqn.steps / max(result.seconds, 1e-9):.0f} steps/s)")
+                    f"({result.seconds:.0f}s, {result.steps / max(result.seconds, 1e-9):.0f} steps/s)")
                 _write_curves(out, curve_rows)
         methods = []
         for record in records.values():
