@@ -16,7 +16,7 @@ pytest.importorskip("minatar")
 
 import zootune.cli.main as cli
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.methods.registry import build_method
+from zootune.methods.registry import DEFAULT_RL_METHODS, build_method
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.rl import (
     GAMES,
@@ -38,6 +38,7 @@ from zootune.rl import (
     train_dqn,
 )
 from zootune.rl.dqn import update_schedule
+from zootune.rl.transfer import AGGREGATE_CHOICES, rl_methods
 from zootune.rl.envs import env_seeds, observe
 from zootune.rl.zoo import rl_zoo_dir
 from zootune.tasks import ClassificationTask
@@ -352,6 +353,46 @@ def test_rl_path_builds_the_same_zoo_tuning_class_as_classification_and_trains_t
         torch.testing.assert_close(folded(x), lite(x), rtol=1e-4, atol=1e-5)
 
 
+def old_chain(method: str, zoo, task, seed: int, aggregate=(nn.Conv2d,), member=None):
+    """The if-chain rl/transfer.py built Q-networks with before the registry path (kept as the
+    reference the registry path must equal)."""
+    torch.manual_seed(seed)
+    if method == "scratch":
+        return build_method("finetune", [minatar_qnet(task.num_actions)], task)
+    if method == "finetune":
+        return build_method("finetune", zoo, task, member=member)
+    return build_method(method, zoo, task, options={"target_types": aggregate})
+
+
+def test_the_registry_path_builds_the_q_networks_the_old_chain_built():
+    zoo, task, seed = tiny_zoo(), RLTask(), 11
+    for method, member in (("finetune", 1), ("zoo-tuning", None), ("lite", None)):
+        for aggregate in ("conv", "conv+linear"):
+            new = build_q_network(method, zoo, task, seed=seed, aggregate=aggregate, member=member)
+            old = old_chain(method, zoo, task, seed, AGGREGATE_CHOICES[aggregate], member)
+            assert type(new) is type(old) and same(params(new), params(old)), (method, aggregate)
+    # scratch: the same fresh backbone drawn from the seed; the new head is now drawn from the seed
+    # itself (the registry's scratch builds the fresh net on a forked generator) -- same shape and scale
+    new, old = build_q_network("scratch", zoo, task, seed=seed), old_chain("scratch", zoo, task, seed)
+    assert type(new) is type(old) and params(new).keys() == params(old).keys()
+    assert all(torch.equal(v, params(old)[k]) for k, v in params(new).items() if not k.startswith("model.head"))
+    assert new.model.head.weight.shape == old.model.head.weight.shape and new.model.head.weight.abs().max() < 0.1
+
+
+def test_the_robust_default_starts_on_the_source_with_the_best_zero_shot_return():
+    assert DEFAULT_RL_METHODS == tuple(RLRunConfig().methods) and set(DEFAULT_RL_METHODS) <= set(rl_methods(RLTask()))
+    zoo, task, scores = tiny_zoo(), RLTask(), [0.4, 0.6, 0.6]  # a tie: the first of the best (member 1)
+    robust = build_q_network("zoo-tuning", zoo, task, seed=3, member_scores=scores)
+    best = build_q_network("finetune", zoo, task, seed=3, member=1)
+    assert robust.config.variant == "robust" and robust.config.start_member == 1
+    x = torch.from_numpy(np.concatenate([t[0] for t in random_transitions(5)])).float()
+    robust.eval(), best.eval()
+    with torch.no_grad():  # step 0 is the best source with the same new head
+        torch.testing.assert_close(robust(x), best(x), rtol=1e-5, atol=1e-6)
+    without = build_q_network("zoo-tuning", zoo, task, seed=3)  # no ranking: the paper's uniform start
+    assert without.config.start_member is None
+
+
 # ------------------------------------------------------------------ CLI and a tiny run
 
 def test_cli_rl_bad_input_is_one_line_and_nonzero(capsys, tmp_path):
@@ -370,7 +411,7 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
     short = {"batch_size": 8, "learning_starts": 20, "target_update": 50, "eval_episodes": 1,
              "max_eval_episode_steps": 100, "replay_capacity": 500}
     config = RLRunConfig.quick(
-        game="space_invaders", seeds=[0, 1], methods=["scratch", "finetune-best", "lite"],
+        game="space_invaders", seeds=[0, 1], methods=["scratch", "finetune", "lite"],
         dqn=DQNConfig(steps=100, eval_every=10, **short),
         source_dqn=DQNConfig(steps=64, num_envs=4, eval_every=0, **short),
         selection_episodes=2, final_episodes=2, progress=False, cache_dir=str(tmp_path / "cache"))
@@ -380,6 +421,7 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
     assert results["game"] == "space_invaders" and "space_invaders" not in results["zoo"]["names"]
     assert results["best_source"] == max(results["selection"], key=results["selection"].get)
     assert [m["id"] for m in results["methods"]] == ["scratch", "finetune-best", "lite"]
+    assert results["methods"][1]["member"] == results["best_source"]
     lines = (out / "curves.csv").read_text().splitlines()
     assert lines[0] == "method,seed,step,mean_return" and len(lines) == 1 + 3 * 2 * 10  # eval every 10 steps
     rows = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
@@ -390,7 +432,7 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
         last = [r["mean_return"] for r in rows if r["method"] == method["id"] and r["step"] == 100]
         assert math.isclose(method["curve"][-1]["mean"], float(np.mean(last)), rel_tol=1e-9)
     markdown = (out / "results.md").read_text()
-    assert "Lite Zoo-Tuning (folded)" in markdown and "from scratch" in markdown
+    assert f"finetune [{results['best_source']}] (zero-shot best)" in markdown and "| lite |" in markdown
     pytest.importorskip("matplotlib")
     assert (out / "learning_curves.png").stat().st_size > 0
 

@@ -49,8 +49,8 @@ def add_rl_parser(sub, positive_int, parse_seeds) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, help="DQN environment steps per target run (default 15000)")
     p.add_argument("--source-steps", type=positive_int, help="DQN steps per source agent (default 30000)")
     p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
-    p.add_argument("--methods", help="comma-separated RL transfer methods (default: all; docs/rl.md lists them, "
-                                     "and an unknown name is answered with the list)")
+    p.add_argument("--methods", help="comma-separated registered methods (default: docs/rl.md; an unknown name is "
+                                     "answered with the methods RL can run)")
     p.add_argument("--finetune-each", action="store_true", help="also fine-tune every source agent")
     p.add_argument("--envs", type=positive_int, help="environments stepped together in every DQN run, the same "
                                                      "samples per environment step for any number (default 16; "

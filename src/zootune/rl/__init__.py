@@ -9,7 +9,8 @@ held-out game by the same zoo methods as classification (issue 7, item 3).
 - :mod:`~zootune.rl.dqn`: :class:`DQNConfig`, :class:`DQNLearner`, :func:`train_dqn`, :func:`evaluate_policy`,
   :func:`update_schedule` (the same replay ratio for any number of environments);
 - :mod:`~zootune.rl.zoo`: building, caching and loading the RL zoo (:func:`load_rl_zoo`);
-- :mod:`~zootune.rl.transfer`: the ``zootune rl`` comparison (:func:`run_rl_transfer`).
+- :mod:`~zootune.rl.transfer`: the ``zootune rl`` comparison (:func:`run_rl_transfer`), every method
+  built through the method registry (:func:`rl_methods`, :func:`build_q_network`).
 """
 
 from zootune.rl.dqn import (
@@ -37,6 +38,7 @@ from zootune.rl.task import RLTask
 from zootune.rl.transfer import (
     RLRunConfig,
     build_q_network,
+    rl_methods,
     run_rl_transfer,
     select_best_source,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "make_env",
     "minatar_qnet",
     "pad_observation",
+    "rl_methods",
     "rl_zoo_dir",
     "run_rl_transfer",
     "select_best_source",
