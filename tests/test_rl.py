@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ pytest.importorskip("minatar")
 
 import zootune.cli.main as cli
 from zootune.errors import CheckpointError, ZootuneError
-from zootune.methods.registry import build_method
+from zootune.methods.registry import DEFAULT_RL_METHODS, build_method
 from zootune.methods.zoo_tuning import ZooTuning
 from zootune.rl import (
     GAMES,
@@ -36,7 +37,9 @@ from zootune.rl import (
     run_rl_transfer,
     train_dqn,
 )
-from zootune.rl.envs import observe
+from zootune.rl.dqn import update_schedule
+from zootune.rl.transfer import AGGREGATE_CHOICES, rl_methods
+from zootune.rl.envs import env_seeds, observe
 from zootune.rl.zoo import rl_zoo_dir
 from zootune.tasks import ClassificationTask
 from zootune.zoo import Zoo, save_state_dict
@@ -46,10 +49,16 @@ TINY = dict(batch_size=4, learning_starts=0, train_every=1, eval_every=0, replay
 
 
 def random_transitions(n: int, seed: int = 0):
+    """n transitions, each as the arrays of a one-environment step (one row each)."""
     rng = np.random.default_rng(seed)
     for i in range(n):
-        yield (rng.integers(0, 2, OBS).astype(np.uint8), int(rng.integers(6)), float(rng.integers(0, 2)),
-               rng.integers(0, 2, OBS).astype(np.uint8), bool(i % 5 == 4))
+        yield (rng.integers(0, 2, (1, *OBS)).astype(np.uint8), np.array([rng.integers(6)]),
+               np.array([float(rng.integers(0, 2))]), rng.integers(0, 2, (1, *OBS)).astype(np.uint8),
+               np.array([i % 5 == 4]))
+
+
+def add_one(buffer: ReplayBuffer, obs, action, reward, next_obs, done) -> None:
+    buffer.add(obs[None], [action], [reward], next_obs[None], [done])
 
 
 def params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,13 +104,13 @@ def test_replay_buffer_samples_only_stored_transitions_and_wraps_at_capacity():
     buffer = ReplayBuffer(5, OBS)
     rng = np.random.default_rng(0)
     for i in range(3):  # rewards 1, 2, 3 identify the transitions
-        buffer.add(np.full(OBS, i, np.uint8), i, float(i + 1), np.full(OBS, i + 1, np.uint8), False)
+        add_one(buffer, np.full(OBS, i, np.uint8), i, float(i + 1), np.full(OBS, i + 1, np.uint8), False)
     assert len(buffer) == 3
     batch = buffer.sample(200, rng)
     assert set(batch["reward"].tolist()) <= {1.0, 2.0, 3.0}  # unwritten zero slots never drawn
     assert set(batch["reward"].tolist()) == {1.0, 2.0, 3.0}
     for i in range(3, 7):
-        buffer.add(np.full(OBS, i, np.uint8), i % 6, float(i + 1), np.full(OBS, i + 1, np.uint8), i == 6)
+        add_one(buffer, np.full(OBS, i, np.uint8), i % 6, float(i + 1), np.full(OBS, i + 1, np.uint8), i == 6)
     # 7 transitions into 5 slots: the two oldest (rewards 1, 2) are overwritten in place
     assert len(buffer) == 5 and buffer.position == 2
     assert buffer.rewards.tolist() == [6.0, 7.0, 3.0, 4.0, 5.0]
@@ -111,6 +120,21 @@ def test_replay_buffer_samples_only_stored_transitions_and_wraps_at_capacity():
     ident = batch["obs"][:, 0, 0, 0]
     assert torch.equal(batch["reward"], ident + 1) and torch.equal(batch["next_obs"][:, 0, 0, 0], ident + 1)
     assert torch.equal(batch["done"], (ident == 6).float())
+
+
+def test_replay_buffer_stores_a_batch_as_consecutive_rows_like_one_by_one_adds():
+    columns = [np.concatenate(c) for c in zip(*random_transitions(11, seed=4))]
+    batched, single = ReplayBuffer(7, OBS), ReplayBuffer(7, OBS)
+    for start, stop in ((0, 3), (3, 8), (8, 11)):  # the second batch wraps around the end
+        batched.add(*(c[start:stop] for c in columns))
+    for row in zip(*columns):
+        add_one(single, *row)
+    assert (batched.position, len(batched)) == (single.position, len(single)) == (4, 7)
+    for name in ("observations", "actions", "rewards", "next_observations", "dones"):
+        assert np.array_equal(getattr(batched, name), getattr(single, name)), name
+    oversized = ReplayBuffer(3, OBS)
+    oversized.add(*columns)  # 11 rows into 3 slots: the last 3 are kept
+    assert sorted(oversized.rewards.tolist()) == sorted(columns[2][-3:].tolist())
 
 
 # ------------------------------------------------------------------ DQN
@@ -174,6 +198,91 @@ def test_same_seed_gives_the_same_training_run():
     assert len(runs[0][1]) == 2 and [s for s, _ in runs[0][1]] == [60, 120]
 
 
+class IntegerPolicy(nn.Module):
+    """A fixed Q-network with integer weights: its values are exact sums, the same in any batch, so
+    its greedy actions cannot depend on how observations are batched."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(1000, 6)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randint(-3, 4, (6, 1000), generator=generator).float())
+            self.linear.bias.copy_(torch.arange(6.0) * 0.5)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def recorded_transitions(monkeypatch, num_envs: int, seed: int, steps: int):
+    """Everything ``DQNLearner.observe`` receives in a greedy, non-learning ``train_dqn`` run:
+    a list (one entry per vector step) of (obs, action, reward, next_obs, done) arrays."""
+    calls = []
+    original = DQNLearner.observe
+
+    def observe(self, *arrays):
+        calls.append([np.array(a, copy=True) for a in arrays])
+        original(self, *arrays)
+
+    monkeypatch.setattr(DQNLearner, "observe", observe)
+    cfg = DQNConfig(steps=steps, num_envs=num_envs, eps_start=0.0, eps_end=0.0, learning_starts=10 * steps,
+                    eval_every=0, replay_capacity=steps)
+    result = train_dqn(IntegerPolicy(), "asterix", cfg, seed=seed)
+    monkeypatch.setattr(DQNLearner, "observe", original)
+    return calls, result
+
+
+def check_against_a_plain_environment_loop(transitions, seed: int) -> None:
+    """The recorded one-environment transitions are those of MinAtar played by hand with their
+    actions: the state before, the reward, the end flag and the state after (terminal included)."""
+    env = make_env("asterix", seed)
+    for obs, action, reward, next_obs, done in transitions:
+        assert np.array_equal(obs[0], observe(env))
+        r, d = env.act(int(action[0]))
+        assert (reward[0], done[0]) == (r, d) and np.array_equal(next_obs[0], observe(env))
+        if d:
+            env.reset()
+
+
+def test_vectorised_acting_gives_the_transitions_of_independent_single_environment_runs(monkeypatch):
+    steps = 120
+    vector, vector_result = recorded_transitions(monkeypatch, 3, seed=5, steps=3 * steps)
+    assert len(vector) == steps and all(len(call[0]) == 3 for call in vector)
+    episode_returns = []
+    for i, env_seed in enumerate(env_seeds(5, 3)):
+        single, single_result = recorded_transitions(monkeypatch, 1, seed=env_seed, steps=steps)
+        for t in range(steps):  # row i of vector step t is step t of the single run of environment i's seed
+            for column, (batched, alone) in enumerate(zip(vector[t], single[t])):
+                assert np.array_equal(batched[i], alone[0]), (i, t, column)
+        episode_returns += [r for _, r in single_result.episodes]
+        assert any(call[4][0] for call in single), "the run should cross an episode end (auto-reset)"
+        check_against_a_plain_environment_loop(single, env_seed)
+    assert sorted(r for _, r in vector_result.episodes) == sorted(episode_returns)
+    assert env_seeds(5, 1) == [5]  # one environment: the single run of the same seed
+
+
+@pytest.mark.parametrize("num_envs", [1, 3, 8, 16])
+def test_the_replay_ratio_is_batch_size_over_train_every_for_any_number_of_environments(monkeypatch, num_envs):
+    drawn = []
+    original = ReplayBuffer.sample
+    monkeypatch.setattr(ReplayBuffer, "sample", lambda self, n, rng: drawn.append(n) or original(self, n, rng))
+    cfg = DQNConfig(steps=480, num_envs=num_envs, batch_size=4, train_every=4, learning_starts=0, eval_every=0,
+                    target_update=1000, replay_capacity=500)
+    result = train_dqn(MinAtarQNet(), "breakout", cfg, seed=0)
+    period, batch, lr = update_schedule(cfg)
+    assert result.steps == 480 and sum(drawn) == result.samples
+    assert sum(drawn) / result.steps == cfg.batch_size / cfg.train_every == batch / period  # 1 sample per step
+    assert set(drawn) == {batch} and len(drawn) == result.updates == 480 // period
+    if num_envs == 1:  # the reference loop: batch_size every train_every steps at lr
+        assert (period, batch, lr) == (cfg.train_every, cfg.batch_size, cfg.lr)
+    assert lr == cfg.lr * batch / cfg.batch_size  # linear scaling: the same rate per sample
+    assert {group["lr"] for group in DQNLearner(MinAtarQNet(), cfg).optimizer.param_groups} == {lr}
+    # learning_starts counts environment steps: no sample before it, the same ratio after it
+    drawn.clear()
+    late = train_dqn(MinAtarQNet(), "breakout", replace(cfg, learning_starts=240), seed=0)
+    assert sum(drawn) == late.samples == (480 - 240) * cfg.batch_size // cfg.train_every
+
+
 # ------------------------------------------------------------------ zoo and methods
 
 def test_rl_zoo_loads_through_zootune_zoo(tmp_path):
@@ -210,6 +319,16 @@ def test_rl_zoo_cache_builds_checks_checksums_and_holds_out_the_target(tmp_path)
         load_rl_zoo("breakout", cfg, cache_dir=tmp_path, build_if_missing=False)
 
 
+def test_agents_of_several_environments_have_their_own_file_and_old_rows_count_as_one():
+    from zootune.rl.zoo import _trained_with, agent_file
+
+    cfg = DQNConfig(steps=300)
+    assert agent_file("asterix", cfg, 0) == "asterix-300steps-seed0.safetensors"  # the name before num_envs
+    assert agent_file("asterix", replace(cfg, num_envs=16), 0) == "asterix-300steps-seed0-16envs.safetensors"
+    old_row = {"dqn": {k: v for k, v in cfg.to_dict().items() if k != "num_envs"}}
+    assert _trained_with(old_row) == cfg.to_dict() != replace(cfg, num_envs=16).to_dict()
+
+
 def test_rl_path_builds_the_same_zoo_tuning_class_as_classification_and_trains_through_it():
     zoo = tiny_zoo()
     task = RLTask()
@@ -228,10 +347,50 @@ def test_rl_path_builds_the_same_zoo_tuning_class_as_classification_and_trains_t
     lite = build_q_network("lite", zoo, task, seed=0)
     folded = train_dqn(lite, "space_invaders", cfg, seed=0, task=task).model
     assert type(folded) is MinAtarQNet
-    x = torch.from_numpy(np.stack([t[0] for t in random_transitions(4)])).float()
+    x = torch.from_numpy(np.concatenate([t[0] for t in random_transitions(4)])).float()
     lite.eval()
     with torch.no_grad():
         torch.testing.assert_close(folded(x), lite(x), rtol=1e-4, atol=1e-5)
+
+
+def old_chain(method: str, zoo, task, seed: int, aggregate=(nn.Conv2d,), member=None):
+    """The if-chain rl/transfer.py built Q-networks with before the registry path (kept as the
+    reference the registry path must equal)."""
+    torch.manual_seed(seed)
+    if method == "scratch":
+        return build_method("finetune", [minatar_qnet(task.num_actions)], task)
+    if method == "finetune":
+        return build_method("finetune", zoo, task, member=member)
+    return build_method(method, zoo, task, options={"target_types": aggregate})
+
+
+def test_the_registry_path_builds_the_q_networks_the_old_chain_built():
+    zoo, task, seed = tiny_zoo(), RLTask(), 11
+    for method, member in (("finetune", 1), ("zoo-tuning", None), ("lite", None)):
+        for aggregate in ("conv", "conv+linear"):
+            new = build_q_network(method, zoo, task, seed=seed, aggregate=aggregate, member=member)
+            old = old_chain(method, zoo, task, seed, AGGREGATE_CHOICES[aggregate], member)
+            assert type(new) is type(old) and same(params(new), params(old)), (method, aggregate)
+    # scratch: the same fresh backbone drawn from the seed; the new head is now drawn from the seed
+    # itself (the registry's scratch builds the fresh net on a forked generator) -- same shape and scale
+    new, old = build_q_network("scratch", zoo, task, seed=seed), old_chain("scratch", zoo, task, seed)
+    assert type(new) is type(old) and params(new).keys() == params(old).keys()
+    assert all(torch.equal(v, params(old)[k]) for k, v in params(new).items() if not k.startswith("model.head"))
+    assert new.model.head.weight.shape == old.model.head.weight.shape and new.model.head.weight.abs().max() < 0.1
+
+
+def test_the_robust_default_starts_on_the_source_with_the_best_zero_shot_return():
+    assert DEFAULT_RL_METHODS == tuple(RLRunConfig().methods) and set(DEFAULT_RL_METHODS) <= set(rl_methods(RLTask()))
+    zoo, task, scores = tiny_zoo(), RLTask(), [0.4, 0.6, 0.6]  # a tie: the first of the best (member 1)
+    robust = build_q_network("zoo-tuning", zoo, task, seed=3, member_scores=scores)
+    best = build_q_network("finetune", zoo, task, seed=3, member=1)
+    assert robust.config.variant == "robust" and robust.config.start_member == 1
+    x = torch.from_numpy(np.concatenate([t[0] for t in random_transitions(5)])).float()
+    robust.eval(), best.eval()
+    with torch.no_grad():  # step 0 is the best source with the same new head
+        torch.testing.assert_close(robust(x), best(x), rtol=1e-5, atol=1e-6)
+    without = build_q_network("zoo-tuning", zoo, task, seed=3)  # no ranking: the paper's uniform start
+    assert without.config.start_member is None
 
 
 # ------------------------------------------------------------------ CLI and a tiny run
@@ -252,8 +411,9 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
     short = {"batch_size": 8, "learning_starts": 20, "target_update": 50, "eval_episodes": 1,
              "max_eval_episode_steps": 100, "replay_capacity": 500}
     config = RLRunConfig.quick(
-        game="space_invaders", seeds=[0, 1], methods=["scratch", "finetune-best", "lite"],
-        dqn=DQNConfig(steps=100, eval_every=10, **short), source_dqn=DQNConfig(steps=60, eval_every=0, **short),
+        game="space_invaders", seeds=[0, 1], methods=["scratch", "finetune", "lite"],
+        dqn=DQNConfig(steps=100, eval_every=10, **short),
+        source_dqn=DQNConfig(steps=64, num_envs=4, eval_every=0, **short),
         selection_episodes=2, final_episodes=2, progress=False, cache_dir=str(tmp_path / "cache"))
     results = run_rl_transfer(config, out, log=lambda message: None)
     assert json.loads((out / "results.json").read_text())["methods"] == json.loads(json.dumps(results["methods"]))
@@ -261,6 +421,7 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
     assert results["game"] == "space_invaders" and "space_invaders" not in results["zoo"]["names"]
     assert results["best_source"] == max(results["selection"], key=results["selection"].get)
     assert [m["id"] for m in results["methods"]] == ["scratch", "finetune-best", "lite"]
+    assert results["methods"][1]["member"] == results["best_source"]
     lines = (out / "curves.csv").read_text().splitlines()
     assert lines[0] == "method,seed,step,mean_return" and len(lines) == 1 + 3 * 2 * 10  # eval every 10 steps
     rows = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
@@ -271,7 +432,7 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
         last = [r["mean_return"] for r in rows if r["method"] == method["id"] and r["step"] == 100]
         assert math.isclose(method["curve"][-1]["mean"], float(np.mean(last)), rel_tol=1e-9)
     markdown = (out / "results.md").read_text()
-    assert "Lite Zoo-Tuning (folded)" in markdown and "from scratch" in markdown
+    assert f"finetune [{results['best_source']}] (zero-shot best)" in markdown and "| lite |" in markdown
     pytest.importorskip("matplotlib")
     assert (out / "learning_curves.png").stat().st_size > 0
 
@@ -282,10 +443,11 @@ def test_cli_rl_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
     seen = {}
     monkeypatch.setattr(zootune.rl, "run_rl_transfer", lambda config, out: seen.update(config=config, out=out))
     argv = ["rl", "--quick", "--game", "freeway", "--steps", "300", "--source-steps", "80", "--seeds", "2",
-            "--methods", "scratch,lite", "--aggregate", "conv+linear", "--out", str(tmp_path / "o")]
+            "--methods", "scratch,lite", "--aggregate", "conv+linear", "--envs", "4", "--out", str(tmp_path / "o")]
     assert cli.main(argv) == 0
     config = seen["config"]
     assert config.game == "freeway" and config.seeds == [0, 1] and config.methods == ["scratch", "lite"]
     assert config.aggregate == "conv+linear" and config.dqn.steps == 300 and config.dqn.eval_every == 30
     assert config.source_dqn.steps == 80 and config.dqn.eps_decay_steps <= 150
+    assert config.dqn.num_envs == config.source_dqn.num_envs == 4
     assert seen["out"] == tmp_path / "o"

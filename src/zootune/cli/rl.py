@@ -26,9 +26,12 @@ def cmd_rl(args) -> int:
     if args.source_steps is not None:
         config.source_dqn = replace(config.source_dqn, steps=args.source_steps,
                                     eps_decay_steps=min(config.source_dqn.eps_decay_steps, args.source_steps // 2))
+    if args.envs is not None:
+        config.dqn = replace(config.dqn, num_envs=args.envs)
+        config.source_dqn = replace(config.source_dqn, num_envs=args.envs)
     out = Path(args.out) if args.out else Path("zootune-out") / f"rl-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.quick:
-        print("--quick: one seed, short trainings and a small cached source zoo (about 1-2 min on 2 CPU cores)")
+        print("--quick: one seed, short trainings and a small cached source zoo (well under a minute on one core)")
     run_rl_transfer(config, out)
     return 0
 
@@ -41,14 +44,17 @@ def add_rl_parser(sub, positive_int, parse_seeds) -> argparse.ArgumentParser:
         description="Build or load the RL zoo (one DQN agent per MinAtar game but the target, cached), then "
                     "train each method by DQN on the target game for every seed; writes curves.csv/jsonl, "
                     "learning_curves.png, results.json and results.md into --out.")
-    p.add_argument("--quick", action="store_true", help="1 seed, short trainings: about 1-2 min on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="1 seed, short trainings: well under a minute on one core")
     p.add_argument("--game", help="target game: asterix, breakout, freeway, seaquest or space_invaders (default breakout)")
     p.add_argument("--steps", type=positive_int, help="DQN environment steps per target run (default 15000)")
     p.add_argument("--source-steps", type=positive_int, help="DQN steps per source agent (default 30000)")
     p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
-    p.add_argument("--methods", help="comma-separated RL transfer methods (default: all; docs/rl.md lists them, "
-                                     "and an unknown name is answered with the list)")
+    p.add_argument("--methods", help="comma-separated registered methods (default: docs/rl.md; an unknown name is "
+                                     "answered with the methods RL can run)")
     p.add_argument("--finetune-each", action="store_true", help="also fine-tune every source agent")
+    p.add_argument("--envs", type=positive_int, help="environments stepped together in every DQN run, the same "
+                                                     "samples per environment step for any number (default 16; "
+                                                     "1: the single-environment loop)")
     p.add_argument("--aggregate", choices=("conv", "conv+linear"),
                    help="layers the zoo methods aggregate: conv (default) or conv+linear (also the hidden Linear)")
     p.add_argument("--out", help="output folder (default ./zootune-out/rl-<timestamp>)")

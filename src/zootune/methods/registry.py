@@ -8,8 +8,8 @@ tuner mapping). The experiment and the CLI know methods only through these field
 ``spec.build(ctx)`` returns the module the engine trains (or, with ``trains=False``, uses as it is).
 ``ctx`` holds the zoo, the task, the method's validated options (an instance of ``spec.config``),
 the target's data splits, the fitted models of the methods named in ``requires``, the zoo member
-for ``per_member`` methods, the members' validation metrics when their fine-tunes ran, and the
-training configuration. A method that needs data (a Fisher, a ranking, a source task) computes it
+for ``per_member`` methods, the members' validation metrics when their fine-tunes ran, a ranking of
+the members that the caller measured (``member_scores``), and the training configuration. A method that needs data (a Fisher, a ranking, a source task) computes it
 in ``build`` from ``ctx.data`` through the engine. When a saved model folder is loaded, ``build`` is
 called with ``ctx.rebuilding = True`` and no data: it must then give the module's structure (the
 weights come from the file).
@@ -40,6 +40,9 @@ class BuildContext:
     fitted: Mapping[str, Any] = field(default_factory=dict)  # finalized models of spec.requires
     member: int | None = None  # the zoo member of a per_member method
     member_val_metrics: Sequence[float] | None = None  # each member's fine-tuned validation metric, when run
+    # The caller's ranking of the members on the target, higher = better (zootune rl: each source
+    # agent's zero-shot return): a method that starts from a ranking uses it instead of measuring one.
+    member_scores: Sequence[float] | None = None
     train_config: Any = None  # the zootune.engine.TrainConfig the target is trained with
     seed: int = 0
     rebuilding: bool = False  # only the structure is wanted: a saved model's weights come from its file
@@ -138,6 +141,9 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {}
 DEFAULT_METHOD = "zoo-tuning"  # what `zootune fit` trains when no --method is given
+# What `zootune rl` compares when no --methods is given (docs/rl.md): learning from scratch, fine-tuning
+# the zero-shot-best source (per-member), robust Zoo-Tuning and Lite (both started on that source).
+DEFAULT_RL_METHODS = ("scratch", "finetune", "zoo-tuning", "lite")
 
 # Modules that register methods when imported, in the order tables list them.
 _METHOD_MODULES = (
@@ -194,5 +200,5 @@ def build_method(name: str, zoo, task, *, options: Mapping[str, Any] | None = No
     return spec.build(BuildContext(zoo=zoo, task=task, config=spec.parse_options(options), **context))
 
 
-__all__ = ["BuildContext", "DEFAULT_METHOD", "MethodSpec", "METHODS", "available_methods", "build_method", "get_method",
+__all__ = ["BuildContext", "DEFAULT_METHOD", "DEFAULT_RL_METHODS", "MethodSpec", "METHODS", "available_methods", "build_method", "get_method",
            "register_method"]

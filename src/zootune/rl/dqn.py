@@ -1,32 +1,46 @@
 """Deep Q-learning (DQN; Mnih et al., Nature 2015) for any Q-network module, zoo methods included.
 
-Per environment step t the agent acts epsilon-greedily with a linearly decaying epsilon::
+``num_envs`` = N environments are stepped together (:class:`zootune.rl.envs.VectorEnv`); one step of
+the vector is N environment steps. Its N actions come from one batched forward of the online network,
+epsilon-greedy with the linearly decaying epsilon of the environment steps t done so far::
 
     eps(t) = max(eps_end, eps_start - (eps_start - eps_end) * t / eps_decay_steps),
 
-stores (s, a, r, s', done) in a :class:`~zootune.rl.replay.ReplayBuffer` and, every ``train_every``
-steps once ``learning_starts`` transitions are stored, takes one gradient step on a sampled batch::
+drawn for all N at once (a uniform draw per environment decides whether it explores). The N
+transitions (s, a, r, s', done) go into a :class:`~zootune.rl.replay.ReplayBuffer`. Learning keeps
+the *replay ratio* -- samples drawn per environment step -- at ``batch_size / train_every`` for
+every N: once ``learning_starts`` transitions are stored, one gradient step on a batch of::
+
+    B = batch_size * P / train_every  samples every  P = lcm(N, train_every)  environment steps
+
+(:func:`update_schedule`; N = 1: ``batch_size`` every ``train_every`` steps, the reference loop;
+N = 8 and train_every 4: twice the batch every 8 steps) at the learning rate ``lr * B / batch_size``
+(linear scaling, Goyal et al. 2017: fewer, larger steps move the weights as far per environment step;
+without it N = 16 learned far slower per step, docs/rl.md), on the loss::
 
     y_b = r_b + gamma (1 - done_b) max_a' Q_target(s'_b, a'),     L = mean_b huber(Q(s_b, a_b) - y_b)
 
-(the loss is the task's, :class:`zootune.rl.task.RLTask`). Every ``target_update`` steps the target
-network becomes a hard copy of the online network (after that step's update), so right after a sync
-step the two are equal and between syncs the target is frozen.
+(the task's, :class:`zootune.rl.task.RLTask`). Whenever the environment steps pass a multiple of
+``target_update`` the target network becomes a hard copy of the online network (after that step's
+update), so right after a sync the two are equal and between syncs the target is frozen. A run ends
+at the first vector step that reaches ``steps`` environment steps (at most N - 1 more).
 
 The online network is whatever a zoo method built (a fine-tuned Q-network, a ``ZooTuning`` module,
 ...) and the engine's hook contract (:mod:`zootune.methods.base`) is honoured: ``param_groups``,
 ``set_training_progress``, ``auxiliary_loss``, ``after_optimizer_step`` and, at the end,
 ``finalize`` (Lite Zoo-Tuning folds into a plain Q-network there). The target network is a deepcopy
 of the online module kept in eval mode. Acting uses the online network in eval mode (for Lite:
-the temporal-ensemble gate, not a one-sample batch gate).
+the temporal-ensemble gate, not a batch gate over the N environments).
 
 Everything random is seeded from ``seed``: torch, NumPy's generator for exploration and replay
-sampling, and the environment; the same call gives the same learning curve on the same machine.
+sampling, and the environments (:func:`zootune.rl.envs.env_seeds`); the same call gives the same
+learning curve on the same machine.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +55,7 @@ from zootune.engine.config import OPTIMIZERS, TrainConfig
 from zootune.engine.optim import build_optimizer
 from zootune.errors import NonFiniteLossError, ZootuneError
 from zootune.engine.distributed import unwrap
-from zootune.rl.envs import NUM_ACTIONS, OBSERVATION_SHAPE, make_env, observe
+from zootune.rl.envs import NUM_ACTIONS, OBSERVATION_SHAPE, VectorEnv, env_seeds, make_env, observe
 from zootune.rl.replay import ReplayBuffer
 from zootune.rl.task import RLTask
 
@@ -59,9 +73,16 @@ class DQNConfig:
     starts sooner and updates happen every 4th step (Atari DQN's frequency; 4x cheaper). The
     optimizer is the engine's Adam at MinAtar's learning rate (Adam needs no tuning of RMSprop's
     centring/epsilon and is what zoo methods are trained with elsewhere in zootune).
+
+    ``num_envs``: environments stepped together; the replay ratio ``batch_size / train_every`` is
+    the same for every value (:func:`update_schedule`) and ``lr`` is the rate of an update of
+    ``batch_size`` samples, scaled linearly for the larger batches of several environments. 1 is
+    the reference loop; ``zootune rl`` uses :data:`zootune.rl.transfer.NUM_ENVS` (docs/rl.md:
+    the speed of each, and a learning check).
     """
 
     steps: int = 30_000
+    num_envs: int = 1
     batch_size: int = 32
     gamma: float = 0.99
     optimizer: str = "adam"  # any optimizer of the engine: "adam", "adamw" or "sgd"
@@ -80,7 +101,7 @@ class DQNConfig:
     max_eval_episode_steps: int = 2_000  # bounds the time a good agent's evaluation episode can take
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "replay_capacity", "train_every", "target_update",
+        positive = ("steps", "num_envs", "batch_size", "replay_capacity", "train_every", "target_update",
                     "eval_episodes", "max_eval_episode_steps")
         for name in positive:
             if int(getattr(self, name)) < 1:
@@ -112,22 +133,49 @@ def epsilon_at(step: int, config: DQNConfig) -> float:
 
 def make_optimizer(module: nn.Module, config: DQNConfig) -> torch.optim.Optimizer:
     """The engine's optimizer (:func:`zootune.engine.optim.build_optimizer`: the method's
-    ``param_groups`` when it defines them) with the DQN learning rate and no weight decay."""
-    return build_optimizer(module, TrainConfig(optimizer=config.optimizer, lr=config.lr, weight_decay=0.0))
+    ``param_groups`` when it defines them) with the DQN learning rate (:func:`update_schedule`'s)
+    and no weight decay."""
+    lr = update_schedule(config)[2]
+    return build_optimizer(module, TrainConfig(optimizer=config.optimizer, lr=lr, weight_decay=0.0))
 
 
-def greedy_action(model: nn.Module, observation: np.ndarray) -> int:
+def update_schedule(config: DQNConfig) -> tuple[int, int, float]:
+    """(P, B, lr): one update of B samples every P environment steps, P = lcm(num_envs, train_every)
+    and B = batch_size * P / train_every, so that B / P = batch_size / train_every for every
+    num_envs; at lr = config.lr * B / batch_size (config.lr itself for one environment)."""
+    period = math.lcm(config.num_envs, config.train_every)
+    batch = config.batch_size * period // config.train_every
+    return period, batch, config.lr * batch / config.batch_size
+
+
+def greedy_actions(model: nn.Module, observations: np.ndarray) -> np.ndarray:
+    """argmax_a Q(s_i, a) for a batch of observations (n, C, H, W), by one forward of ``model``."""
     with torch.no_grad():
-        q = model(torch.from_numpy(observation).float().unsqueeze(0))
-    return int(q.argmax(dim=1).item())
+        q = model(torch.from_numpy(observations).float())
+    return q.argmax(dim=1).numpy()
+
+
+def epsilon_greedy(model: nn.Module, observations: np.ndarray, epsilon: float, rng: np.random.Generator,
+                   num_actions: int = NUM_ACTIONS) -> np.ndarray:
+    """One action per observation: uniform with probability ``epsilon``, else greedy. One uniform
+    draw per observation, then one action draw per exploring observation (for one observation the
+    draws of a scalar loop: ``a = rng.integers(A) if rng.random() < eps else greedy``); the forward
+    runs only when some observation acts greedily."""
+    explore = rng.random(len(observations)) < epsilon
+    actions = np.empty(len(observations), dtype=np.int64)
+    actions[explore] = rng.integers(num_actions, size=int(explore.sum()))
+    if not explore.all():
+        actions[~explore] = greedy_actions(model, observations[~explore])
+    return actions
 
 
 class DQNLearner:
     """The learning half of DQN: online/target networks, optimizer, replay and the step counter.
 
-    ``observe(...)`` is called once per environment step; it stores the transition, updates the
-    online network when due and syncs the target network when due. ``act(...)`` picks an action.
-    Tests drive it directly; :func:`train_dqn` drives it with an environment.
+    ``observe(...)`` is called with the n transitions of one (vector) step; it stores them, updates
+    the online network when due (:func:`update_schedule`) and syncs the target network when due.
+    ``act(...)`` picks one action per observation. Tests drive it directly; :func:`train_dqn` drives
+    it with environments.
     """
 
     def __init__(self, model: nn.Module, config: DQNConfig, task: RLTask | None = None, seed: int = 0,
@@ -144,18 +192,19 @@ class DQNLearner:
             p.requires_grad_(False)
         self.optimizer = make_optimizer(self.module, config)
         self.replay = ReplayBuffer(config.replay_capacity, OBSERVATION_SHAPE)
+        self.update_period, self.update_batch, _ = update_schedule(config)
         self.step = 0
         self.updates = 0
+        self.samples = 0
         self.syncs = 0
         self.last_loss: float | None = None
 
     # ---------------------------------------------------------------- acting
-    def act(self, observation: np.ndarray, epsilon: float) -> int:
-        if self.rng.random() < epsilon:
-            return int(self.rng.integers(self.num_actions))
+    def act(self, observations: np.ndarray, epsilon: float) -> np.ndarray:
+        """Epsilon-greedy actions for observations (n, C, H, W), the online network in eval mode."""
         self.online.eval()
         try:
-            return greedy_action(self.online, observation)
+            return epsilon_greedy(self.online, observations, epsilon, self.rng, self.num_actions)
         finally:
             self.online.train()
 
@@ -184,6 +233,7 @@ class DQNLearner:
         if callable(after):
             after()
         self.updates += 1
+        self.samples += len(targets)
         self.last_loss = float(loss.detach())
         return self.last_loss
 
@@ -192,13 +242,16 @@ class DQNLearner:
         self.target.load_state_dict(self.module.state_dict())
         self.syncs += 1
 
-    def observe(self, observation, action: int, reward: float, next_observation, done: bool) -> None:
-        self.step += 1
-        self.replay.add(observation, action, reward, next_observation, done)
+    def observe(self, observations: np.ndarray, actions, rewards, next_observations: np.ndarray, dones) -> None:
+        """Store the n transitions of one step (arrays with n rows); then every update that fell due
+        in these n environment steps (past ``learning_starts``) and, if one fell due, a target sync."""
+        before = self.step
+        self.replay.add(observations, actions, rewards, next_observations, dones)
+        self.step += len(observations)
         cfg = self.config
-        if self.step > cfg.learning_starts and self.step % cfg.train_every == 0:
-            self.update(self.replay.sample(cfg.batch_size, self.rng))
-        if self.step % cfg.target_update == 0:
+        for _ in range(self.step // self.update_period - max(before, cfg.learning_starts) // self.update_period):
+            self.update(self.replay.sample(self.update_batch, self.rng))
+        if self.step // cfg.target_update > before // cfg.target_update:
             self.sync_target()
 
 
@@ -219,7 +272,7 @@ def evaluate_policy(model: nn.Module, game: str, episodes: int, seed: int, epsil
             total, done, steps = 0.0, False, 0
             while not done and steps < max_episode_steps:
                 obs = observe(env)
-                action = int(rng.integers(num_actions)) if rng.random() < epsilon else greedy_action(model, obs)
+                action = int(epsilon_greedy(model, obs[None], epsilon, rng, num_actions)[0])
                 reward, done = env.act(action)
                 total += reward
                 steps += 1
@@ -233,8 +286,10 @@ def evaluate_policy(model: nn.Module, game: str, episodes: int, seed: int, epsil
 class DQNResult:
     """What :func:`train_dqn` returns: the trained (finalized) model and its curves.
 
-    ``curve``: (step, mean evaluation return) every ``eval_every`` steps; ``episodes``: (step at the
-    episode's end, training return) of every finished training episode.
+    ``curve``: (step, mean evaluation return) at the first vector step past each multiple of
+    ``eval_every``; ``episodes``: (environment step at the episode's end, training return) of every
+    finished training episode. ``steps``: environment steps taken (``steps`` rounded up to a multiple
+    of ``num_envs``); ``samples``: replay samples drawn by the updates.
     """
 
     model: nn.Module
@@ -243,56 +298,76 @@ class DQNResult:
     seconds: float
     updates: int
     syncs: int
+    steps: int = 0
+    samples: int = 0
+
+
+class _RunRecord:
+    """The episodes, evaluation curve and progress display of one :func:`train_dqn` run."""
+
+    def __init__(self, game: str, config: DQNConfig, seed: int, progress: bool, desc: str,
+                 log: Callable[[str], None] | None):
+        self.game, self.config, self.seed, self.desc, self.log = game, config, seed, desc, log
+        self.curve: list[tuple[int, float]] = []
+        self.episodes: list[tuple[int, float]] = []
+        self.recent = deque(maxlen=20)
+        self.returns = np.zeros(config.num_envs)  # the running return of each environment's episode
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=config.steps, desc=desc, unit="step", leave=False, mininterval=1.0)
+
+    def add(self, before: int, step: int, rewards: np.ndarray, dones: np.ndarray, model: nn.Module) -> None:
+        """Account for the vector step from environment step ``before`` to ``step``: environment i's
+        transition is step ``before + i + 1``."""
+        self.returns += rewards
+        for i in np.flatnonzero(dones):
+            self.episodes.append((before + int(i) + 1, float(self.returns[i])))
+            self.recent.append(float(self.returns[i]))
+            self.returns[i] = 0.0
+        cfg = self.config
+        if cfg.eval_every and step // cfg.eval_every > before // cfg.eval_every:
+            returns = evaluate_policy(model, self.game, cfg.eval_episodes, seed=self.seed + EVAL_SEED_OFFSET + step,
+                                      epsilon=cfg.eval_epsilon, sticky_action_prob=cfg.sticky_action_prob,
+                                      max_episode_steps=cfg.max_eval_episode_steps)
+            self.curve.append((step, float(np.mean(returns))))
+            if self.log is not None and self.bar is None:
+                self.log(f"{self.desc}: step {step}/{cfg.steps} eval return {self.curve[-1][1]:.2f}")
+        if self.bar is not None and (step // 250 > before // 250 or step >= cfg.steps):
+            self.bar.update(min(step, cfg.steps) - self.bar.n)
+            self.bar.set_postfix(ret=f"{np.mean(self.recent):.2f}" if self.recent else "-",
+                                 eval=f"{self.curve[-1][1]:.2f}" if self.curve else "-", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train_dqn(model: nn.Module, game: str, config: DQNConfig, seed: int = 0, *, task: RLTask | None = None,
               progress: bool = False, desc: str = "dqn",
               log: Callable[[str], None] | None = None) -> DQNResult:
-    """Train ``model`` (any Q-network module) by DQN on ``game``; see the module docstring."""
+    """Train ``model`` (any Q-network module) by DQN on ``game`` with ``config.num_envs``
+    environments stepped together; see the module docstring."""
     seed_everything(seed)
-    env = make_env(game, seed, config.sticky_action_prob)
+    envs = VectorEnv(game, env_seeds(seed, config.num_envs), config.sticky_action_prob)
     learner = DQNLearner(model, config, task=task, seed=seed)
-    curve: list[tuple[int, float]] = []
-    episodes: list[tuple[int, float]] = []
-    recent = deque(maxlen=20)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, desc=desc, unit="step", leave=False, mininterval=1.0)
-    start = time.perf_counter()
-    obs, episode_return = observe(env), 0.0
+    record = _RunRecord(game, config, seed, progress, desc, log)
     set_progress = getattr(learner.module, "set_training_progress", None)
-    for step in range(1, config.steps + 1):
-        if callable(set_progress):
-            set_progress((step - 1) / config.steps)
-        action = learner.act(obs, epsilon_at(step - 1, config))
-        reward, done = env.act(action)
-        next_obs = observe(env)
-        learner.observe(obs, action, reward, next_obs, done)
-        episode_return += reward
-        if done:
-            episodes.append((step, episode_return))
-            recent.append(episode_return)
-            env.reset()
-            obs, episode_return = observe(env), 0.0
-        else:
-            obs = next_obs
-        if config.eval_every and step % config.eval_every == 0:
-            returns = evaluate_policy(learner.online, game, config.eval_episodes,
-                                      seed=seed + EVAL_SEED_OFFSET + step, epsilon=config.eval_epsilon,
-                                      sticky_action_prob=config.sticky_action_prob,
-                                      max_episode_steps=config.max_eval_episode_steps)
-            curve.append((step, float(np.mean(returns))))
-            if log is not None and bar is None:
-                log(f"{desc}: step {step}/{config.steps} eval return {curve[-1][1]:.2f}")
-        if bar is not None and (step % 250 == 0 or step == config.steps):
-            bar.update(step - bar.n)
-            bar.set_postfix(ret=f"{np.mean(recent):.2f}" if recent else "-",
-                            eval=f"{curve[-1][1]:.2f}" if curve else "-", refresh=False)
-    if bar is not None:
-        bar.close()
+    start = time.perf_counter()
+    try:
+        while learner.step < config.steps:
+            before = learner.step
+            if callable(set_progress):
+                set_progress(before / config.steps)
+            observations = envs.observations
+            actions = learner.act(observations, epsilon_at(before, config))
+            rewards, dones, next_observations = envs.step(actions)
+            learner.observe(observations, actions, rewards, next_observations, dones)
+            record.add(before, learner.step, rewards, dones, learner.online)
+    finally:
+        record.close()
     finalize = getattr(learner.module, "finalize", None)
     final = finalize() if callable(finalize) else learner.module
-    return DQNResult(model=final, curve=curve, episodes=episodes, seconds=time.perf_counter() - start,
-                     updates=learner.updates, syncs=learner.syncs)
+    return DQNResult(model=final, curve=record.curve, episodes=record.episodes, seconds=time.perf_counter() - start,
+                     updates=learner.updates, syncs=learner.syncs, steps=learner.step, samples=learner.samples)

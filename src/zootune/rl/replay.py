@@ -1,9 +1,10 @@
 """A fixed-capacity experience replay buffer in NumPy (Lin, 1992; Mnih et al., 2015).
 
 Transitions (s, a, r, s', done) are written into preallocated arrays at ``position``, which wraps to
-0 at ``capacity`` so the oldest transition is overwritten first. Sampling draws indices uniformly
-with replacement from the ``len(buffer)`` stored transitions only: before the buffer is full the
-unwritten slots (zeros) can never be drawn. Observations are stored as uint8 (MinAtar's are boolean)
+0 at ``capacity`` so the oldest transition is overwritten first; the n transitions of one step of a
+vectorised run (one per environment) are n consecutive rows. Sampling draws indices uniformly with
+replacement from the ``len(buffer)`` stored transitions only: before the buffer is full the unwritten
+slots (zeros) can never be drawn. Observations are stored as uint8 (MinAtar's are boolean)
 to keep a 100k buffer at ~200 MB.
 """
 
@@ -31,15 +32,18 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def add(self, observation, action: int, reward: float, next_observation, done: bool) -> None:
-        i = self.position
-        self.observations[i] = observation
-        self.actions[i] = action
-        self.rewards[i] = reward
-        self.next_observations[i] = next_observation
-        self.dones[i] = float(done)
-        self.position = (i + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+    def add(self, observations: np.ndarray, actions, rewards, next_observations: np.ndarray, dones) -> None:
+        """Store n transitions: ``observations``/``next_observations`` (n, *observation_shape), the
+        others (n,). More than ``capacity`` at once keeps the last ``capacity``."""
+        keep = slice(max(0, len(observations) - self.capacity), None)
+        columns = [np.asarray(column)[keep] for column in (observations, actions, rewards, next_observations, dones)]
+        n = len(columns[0])
+        rows = (self.position + np.arange(n)) % self.capacity
+        for store, column in zip((self.observations, self.actions, self.rewards, self.next_observations, self.dones),
+                                 columns):
+            store[rows] = column
+        self.position = int((self.position + n) % self.capacity)
+        self.size = min(self.size + n, self.capacity)
 
     def sample_indices(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
         if self.size == 0:

@@ -1,16 +1,17 @@
 """The RL transfer comparison behind ``zootune rl``: a zoo of MinAtar agents -> a held-out game.
 
-For the target game and each seed, every method's Q-network is built by the *same* method builders
-as in classification (:func:`zootune.methods.registry.get_method` with an :class:`RLTask`, which
-supplies the Q head) and trained by DQN (:func:`zootune.rl.dqn.train_dqn`):
+Every method is a registered method (:mod:`zootune.methods.registry`), built by its own
+``MethodSpec.build`` with an :class:`RLTask` (which supplies the Q head) exactly as classification
+builds it, and trained by DQN (:func:`zootune.rl.dqn.train_dqn`); nothing here names a method.
+The comparison runs the registered methods that make one trained module from the zoo alone
+(:func:`rl_methods`); by default :data:`zootune.methods.registry.DEFAULT_RL_METHODS`.
 
-- ``scratch``: a freshly initialised Q-network (the ``finetune`` builder on a one-model zoo holding
-  a new random network) -- learning without transfer;
-- ``finetune-best``: the source agent with the highest zero-shot return on the target game (its own
-  head, ``selection_episodes`` episodes, epsilon 0.05, before any training on the target) fine-tuned
-  with a new Q head; ``finetune-<game>`` for every source with ``finetune_each``;
-- ``zoo-tuning`` / ``lite``: Zoo-Tuning and Lite Zoo-Tuning of all source agents (Lite is evaluated
-  as its folded plain Q-network).
+Before any training on the target, each source agent plays the target game zero-shot with its own
+head (``selection_episodes`` episodes, epsilon 0.05; :func:`select_best_source`). Those returns are
+the members' ranking: every build receives them as ``BuildContext.member_scores`` (the robust
+Zoo-Tuning variant starts on the best of them), and a per-member method (fine-tuning) runs on the
+best source (row ``<method>-best``) and, with ``finetune_each``, on every source (``<method>-<game>``).
+A method whose result is a plain model (Lite Zoo-Tuning: folded) is evaluated as that model.
 
 Outputs in ``out``: ``curves.csv`` and ``curves.jsonl`` (method, seed, step, mean evaluation return),
 ``learning_curves.png`` (mean ± std over seeds), ``results.json`` and ``results.md`` (final return
@@ -29,9 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from zootune.engine.checkpoint import seed_everything
 from zootune.errors import ZootuneError
-from zootune.methods.registry import build_method
+from zootune.methods.registry import DEFAULT_RL_METHODS, BuildContext, MethodSpec, available_methods, get_method
 from zootune.report import (
     atomic_write_json,
     atomic_write_text,
@@ -41,15 +41,14 @@ from zootune.report import (
 )
 from zootune.rl.dqn import EVAL_SEED_OFFSET, DQNConfig, evaluate_policy, train_dqn
 from zootune.rl.envs import check_game
-from zootune.rl.qnet import minatar_qnet
 from zootune.rl.task import RLTask
 from zootune.rl.zoo import load_rl_zoo
 from zootune.version import __version__
 
-METHODS = ("scratch", "finetune-best", "zoo-tuning", "lite")
 AGGREGATE_CHOICES = {"conv": (nn.Conv2d,), "conv+linear": (nn.Conv2d, nn.Linear)}
-LABELS = {"scratch": "from scratch", "finetune-best": "fine-tune best source", "zoo-tuning": "Zoo-Tuning",
-          "lite": "Lite Zoo-Tuning (folded)"}
+# Environments stepped together in every DQN run of the comparison (docs/rl.md measures 1, 8 and 16):
+# the replay ratio is the reference loop's for any number (zootune.rl.dqn.update_schedule).
+NUM_ENVS = 16
 # Model construction and source selection use seeds offset from the training seed, so a fresh head
 # and the exploration stream are not drawn from one generator state.
 MODEL_SEED_OFFSET = 3_000_017
@@ -58,15 +57,17 @@ SELECTION_SEED = 2_000_003
 
 @dataclass
 class RLRunConfig:
-    """The comparison's settings; :meth:`quick` is the ~1-2 minute preset."""
+    """The comparison's settings; :meth:`quick` is the short preset (~20 s, docs/rl.md)."""
 
     game: str = "breakout"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    finetune_each: bool = False
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_RL_METHODS))
+    finetune_each: bool = False  # also run every per-member method (fine-tuning) on every source
     aggregate: str = "conv"
-    dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=15_000, eval_every=1_500, eps_decay_steps=7_500))
-    source_dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=30_000, eval_every=0, eps_decay_steps=15_000))
+    dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=15_000, num_envs=NUM_ENVS, eval_every=1_500,
+                                                             eps_decay_steps=7_500))
+    source_dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=30_000, num_envs=NUM_ENVS, eval_every=0,
+                                                                    eps_decay_steps=15_000))
     zoo_seed: int = 0
     selection_episodes: int = 10
     final_episodes: int = 20
@@ -77,9 +78,10 @@ class RLRunConfig:
 
     def __post_init__(self):
         check_game(self.game)
-        unknown = [m for m in self.methods if m not in METHODS]
+        runnable = rl_methods(RLTask())
+        unknown = [m for m in self.methods if m not in runnable]
         if unknown:
-            raise ZootuneError(f"unknown RL method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
+            raise ZootuneError(f"unknown RL method {unknown[0]!r}; choose from: {', '.join(runnable)}")
         if not self.methods and not self.finetune_each:
             raise ZootuneError("no RL method selected")
         if self.aggregate not in AGGREGATE_CHOICES:
@@ -94,13 +96,13 @@ class RLRunConfig:
 
     @classmethod
     def quick(cls, **overrides) -> RLRunConfig:
-        """One seed, 4k target steps, 3k-step source agents: about 1-2 minutes on 2 CPU cores."""
+        """One seed, 4k target steps, 3k-step source agents: ~20 s on one core, the zoo built included."""
         quick = dict(
             seeds=[0],
-            dqn=DQNConfig(steps=4_000, learning_starts=500, eval_every=1_000, eval_episodes=3,
+            dqn=DQNConfig(steps=4_000, num_envs=NUM_ENVS, learning_starts=500, eval_every=1_000, eval_episodes=3,
                           eps_decay_steps=2_000, replay_capacity=10_000, target_update=500,
                           max_eval_episode_steps=500),
-            source_dqn=DQNConfig(steps=3_000, learning_starts=500, eval_every=0, eval_episodes=3,
+            source_dqn=DQNConfig(steps=3_000, num_envs=NUM_ENVS, learning_starts=500, eval_every=0, eval_episodes=3,
                                  eps_decay_steps=1_500, replay_capacity=10_000, target_update=500,
                                  max_eval_episode_steps=500),
             selection_episodes=3, final_episodes=5,
@@ -112,17 +114,26 @@ class RLRunConfig:
         return asdict(self)
 
 
-def build_q_network(method: str, zoo, task: RLTask, seed: int, aggregate: str = "conv", member: int | None = None):
-    """The method's Q-network, made by the registered builders (no RL case inside the methods)."""
+def rl_methods(task: RLTask) -> dict[str, MethodSpec]:
+    """The registered methods the comparison can run on ``task``: those that train one module built
+    from the zoo alone (no hub, no other method's fitted models, no source data), in table order.
+    A method that needs the target's labelled data says so when it is built."""
+    return {name: spec for name, spec in available_methods().items()
+            if spec.trains and not spec.hub and not spec.requires and not spec.needs_source_data
+            and spec.supports(task)}
+
+
+def build_q_network(method: str, zoo, task: RLTask, seed: int, aggregate: str = "conv", member: int | None = None,
+                    member_scores: list[float] | None = None) -> nn.Module:
+    """Registered method ``method``'s Q-network, built by its ``MethodSpec.build`` from a
+    :class:`BuildContext` (zoo, task, ``seed``, the zoo ``member`` of a per-member method, the
+    members' ranking ``member_scores``); a method that aggregates layers aggregates ``aggregate``'s.
+    torch's generator is seeded with ``seed`` first, so the new head is drawn from it."""
+    spec = get_method(method)
+    options = {"target_types": AGGREGATE_CHOICES[aggregate]} if "target_types" in spec.option_names() else None
     torch.manual_seed(seed)
-    if method == "scratch":
-        fresh = minatar_qnet(task.num_actions)  # random init drawn from the seeded generator
-        return build_method("finetune", [fresh], task)
-    if method == "finetune":
-        return build_method("finetune", zoo, task, member=member)
-    if method in ("zoo-tuning", "lite"):
-        return build_method(method, zoo, task, options={'target_types': AGGREGATE_CHOICES[aggregate]})
-    raise ZootuneError(f"unknown RL method {method!r}")
+    return spec.build(BuildContext(zoo=zoo, task=task, config=spec.parse_options(options), member=member,
+                                   member_scores=member_scores, seed=seed))
 
 
 def select_best_source(zoo, game: str, episodes: int, sticky_action_prob: float = 0.1,
@@ -138,11 +149,19 @@ def select_best_source(zoo, game: str, episodes: int, sticky_action_prob: float 
     return best, scores
 
 
-def _runs(config: RLRunConfig, zoo, best: int) -> list[tuple[str, str, int | None]]:
-    """(method id, builder name, member) in table order; ``finetune_each`` adds one row per source."""
-    runs = [("finetune-best", "finetune", best) if m == "finetune-best" else (m, m, None) for m in config.methods]
+def _runs(config: RLRunConfig, zoo, best: int) -> list[tuple[str, str, str, int | None]]:
+    """(row id, label, method, member) in table order: a per-member method on the zero-shot-best
+    source; ``finetune_each`` adds every per-member method on every source."""
+    runs = []
+    for name in config.methods:
+        if get_method(name).per_member:
+            runs.append((f"{name}-best", f"{name} [{zoo.names[best]}] (zero-shot best)", name, best))
+        else:
+            runs.append((name, name, name, None))
     if config.finetune_each:
-        runs += [(f"finetune-{name}", "finetune", i) for i, name in enumerate(zoo.names)]
+        per_member = [name for name, spec in rl_methods(RLTask()).items() if spec.per_member]
+        runs += [(f"{name}-{member}", f"{name} [{member}]", name, i)
+                 for name in per_member for i, member in enumerate(zoo.names)]
     return runs
 
 
@@ -179,43 +198,13 @@ def run_rl_transfer(config: RLRunConfig, out: str | Path, log: Callable[[str], N
                                              config.dqn.sticky_action_prob, config.dqn.max_eval_episode_steps)
         say("zero-shot return on " + config.game + ": "
             + ", ".join(f"{n} {v:.2f}" for n, v in selection.items()) + f" -> best source {zoo.names[best]}")
-        task = RLTask()
-        runs = _runs(config, zoo, best)
-        records: dict[str, dict] = {}
-        curve_rows = []
-        for seed in config.seeds:
-            for run_id, builder, member in runs:
-                seed_everything(seed)
-                model = build_q_network(builder, zoo, task, seed=seed + MODEL_SEED_OFFSET, aggregate=config.aggregate,
-                                        member=member)
-                result = train_dqn(model, config.game, config.dqn, seed=seed, task=task, progress=config.progress,
-                                   desc=f"{run_id} seed {seed}", log=say)
-                returns = evaluate_policy(result.model, config.game, config.final_episodes,
-                                          seed=seed + 2 * EVAL_SEED_OFFSET, epsilon=config.dqn.eval_epsilon,
-                                          sticky_action_prob=config.dqn.sticky_action_prob,
-                                          max_episode_steps=config.dqn.max_eval_episode_steps)
-                final = float(np.mean(returns))
-                record = records.setdefault(run_id, {"id": run_id, "label": LABELS.get(run_id, f"fine-tune {run_id[9:]}"),
-                                                     "member": None if member is None else zoo.names[member],
-                                                     "final": [], "seconds": [], "curves": {}})
-                record["final"].append(final)
-                record["seconds"].append(result.seconds)
-                record["curves"][seed] = result.curve
-                curve_rows += [{"method": run_id, "seed": seed, "step": s, "mean_return": r} for s, r in result.curve]
-                say(f"{run_id} seed {seed}: final return {final:.2f} over {config.final_episodes} episodes "
-                    f"({result.seconds:.0f}s, {config.dqn.steps / max(result.seconds, 1e-9):.0f} steps/s)")
-                _write_curves(out, curve_rows)
-        methods = []
-        for record in records.values():
-            mean, std = mean_std(record["final"])
-            methods.append({**{k: v for k, v in record.items() if k != "curves"}, "mean": mean, "std": std,
-                            "curve": summarize_curves(record["curves"]),
-                            "curves": {str(s): c for s, c in record["curves"].items()}})
+        records = _train_runs(config, zoo, best, [selection[name] for name in zoo.names], out, say)
         results = {
             "zootune_version": __version__, "game": config.game, "seeds": list(config.seeds),
             "config": config.to_dict(), "metric": "return", "higher_is_better": True,
             "zoo": {"names": zoo.names, "agents": zoo_rows}, "selection": selection, "best_source": zoo.names[best],
-            "methods": methods, "seconds": time.perf_counter() - start,
+            "methods": [_summarize_record(record) for record in records.values()],
+            "seconds": time.perf_counter() - start,
         }
         if config.plots:
             plot = plot_learning_curves(results, out / "learning_curves.png", log=say)
@@ -227,6 +216,46 @@ def run_rl_transfer(config: RLRunConfig, out: str | Path, log: Callable[[str], N
         return results
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_runs(config: RLRunConfig, zoo, best: int, member_scores: list[float], out: Path,
+                say: Callable[[str], None]) -> dict[str, dict]:
+    """Train every run of every seed (each seed's Q-networks are all built first, so a method that
+    cannot be built fails before any training); returns {row id: record}, curves written as they come."""
+    task = RLTask()
+    runs = _runs(config, zoo, best)
+    records: dict[str, dict] = {}
+    curve_rows = []
+    for seed in config.seeds:
+        models = [build_q_network(method, zoo, task, seed=seed + MODEL_SEED_OFFSET, aggregate=config.aggregate,
+                                  member=member, member_scores=member_scores) for _, _, method, member in runs]
+        for (run_id, label, _, member), model in zip(runs, models):
+            result = train_dqn(model, config.game, config.dqn, seed=seed, task=task, progress=config.progress,
+                               desc=f"{run_id} seed {seed}", log=say)
+            returns = evaluate_policy(result.model, config.game, config.final_episodes,
+                                      seed=seed + 2 * EVAL_SEED_OFFSET, epsilon=config.dqn.eval_epsilon,
+                                      sticky_action_prob=config.dqn.sticky_action_prob,
+                                      max_episode_steps=config.dqn.max_eval_episode_steps)
+            final = float(np.mean(returns))
+            record = records.setdefault(run_id, {"id": run_id, "label": label,
+                                                 "member": None if member is None else zoo.names[member],
+                                                 "final": [], "seconds": [], "curves": {}})
+            record["final"].append(final)
+            record["seconds"].append(result.seconds)
+            record["curves"][seed] = result.curve
+            curve_rows += [{"method": run_id, "seed": seed, "step": s, "mean_return": r} for s, r in result.curve]
+            say(f"{run_id} seed {seed}: final return {final:.2f} over {config.final_episodes} episodes "
+                f"({result.seconds:.0f}s, {result.steps / max(result.seconds, 1e-9):.0f} steps/s)")
+            _write_curves(out, curve_rows)
+    return records
+
+
+def _summarize_record(record: dict) -> dict:
+    """A run's record with its final return's mean and std over seeds and its mean curve."""
+    mean, std = mean_std(record["final"])
+    return {**{k: v for k, v in record.items() if k != "curves"}, "mean": mean, "std": std,
+            "curve": summarize_curves(record["curves"]),
+            "curves": {str(s): c for s, c in record["curves"].items()}}
 
 
 def _write_curves(out: Path, rows: list[dict]) -> None:

@@ -2,13 +2,14 @@
 
 Layout under ``<cache>/rlzoo`` (``<cache>`` from :func:`zootune.data.cache.user_cache_dir`)::
 
-    manifest.json                              # one row per agent: game, steps, seed, sha256, returns
-    <game>-<steps>steps-seed<seed>.safetensors # the agent's full state_dict (head included)
+    manifest.json                                        # one row per agent: game, steps, seed, sha256, returns
+    <game>-<steps>steps-seed<seed>[-<n>envs].safetensors # the agent's state_dict (head included)
 
 Each agent is a :class:`~zootune.rl.qnet.MinAtarQNet` trained by :func:`zootune.rl.dqn.train_dqn`
-from a random initialisation on its game. The file name carries the budget, so a ``--quick`` zoo and
-the full one live side by side. Files are written atomically and checked against the manifest's
-sha256 on load; a missing or corrupt agent is retrained when ``build_if_missing`` (deterministic
+from a random initialisation on its game. The file name carries the budget and the number of
+environments stepped together (when more than one), so a ``--quick`` zoo, the full one and agents
+trained by the single-environment loop live side by side. Files are written atomically and checked
+against the manifest's sha256 on load; a missing or corrupt agent is retrained when ``build_if_missing`` (deterministic
 given the seed), else a :class:`CheckpointError` says which.
 
 The zoo of a target game is the agents of the *other* games (the target is held out).
@@ -51,8 +52,9 @@ def source_games(target: str) -> list[str]:
     return [g for g in GAMES if g != target]
 
 
-def agent_file(game: str, steps: int, seed: int) -> str:
-    return f"{game}-{steps}steps-seed{seed}.safetensors"
+def agent_file(game: str, config: DQNConfig, seed: int) -> str:
+    envs = f"-{config.num_envs}envs" if config.num_envs > 1 else ""
+    return f"{game}-{config.steps}steps-seed{seed}{envs}.safetensors"
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -61,6 +63,12 @@ def _read_manifest(folder: Path) -> dict:
 
 def _is_valid(folder: Path, row: dict | None) -> bool:
     return row is not None and (folder / row["file"]).is_file() and sha256_file(folder / row["file"]) == row.get("sha256")
+
+
+def _trained_with(row: dict) -> dict | None:
+    """The DQN settings a cached agent was trained with (rows from before ``num_envs`` existed: one
+    environment, the only loop there was)."""
+    return {"num_envs": 1, **row["dqn"]} if isinstance(row.get("dqn"), dict) else None
 
 
 def build_rl_agent(game: str, config: DQNConfig, seed: int = 0, progress: bool = False,
@@ -80,10 +88,10 @@ def build_rl_zoo(games: Sequence[str], config: DQNConfig, seed: int = 0, cache_d
     rows = []
     for game in games:
         check_game(game)
-        file = agent_file(game, config.steps, seed)
+        file = agent_file(game, config, seed)
         manifest = _read_manifest(folder)
         row = manifest["agents"].get(file)
-        if not force and _is_valid(folder, row) and row.get("dqn") == config.to_dict():
+        if not force and _is_valid(folder, row) and _trained_with(row) == config.to_dict():
             rows.append(row)
             continue
         log(f"training source agent {game} ({config.steps} DQN steps, seed {seed}); cached in {folder}")
@@ -120,7 +128,7 @@ def load_rl_zoo(target: str, config: DQNConfig, seed: int = 0, cache_dir: str | 
     games = source_games(target)
     folder = rl_zoo_dir(cache_dir)
     manifest = _read_manifest(folder) if folder.exists() else {"agents": {}}
-    missing = [g for g in games if not _is_valid(folder, manifest["agents"].get(agent_file(g, config.steps, seed)))]
+    missing = [g for g in games if not _is_valid(folder, manifest["agents"].get(agent_file(g, config, seed)))]
     if missing and not build_if_missing:
         raise CheckpointError(f"RL zoo in {folder}: agents missing or corrupt for {', '.join(missing)}")
     rows = build_rl_zoo(games, config, seed=seed, cache_dir=cache_dir, progress=progress, log=log)

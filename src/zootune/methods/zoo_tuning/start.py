@@ -96,18 +96,24 @@ def _score_members(zoo, task, train_dataset, val_dataset, *, method, train_confi
 
 
 def rank_if_robust(ctx, options):
-    """``options`` (a dict, or an options dataclass) with ``member_scores`` from
-    :func:`score_members` on the target's data when the robust variant has no start yet (no
-    ``member_scores``/``start_member``), the zoo has more than one member and the data is there; the
-    scores are also recorded in ``ctx.resolved`` so that a saved model is rebuilt on the same start
-    without data. Otherwise ``options`` as given."""
+    """``options`` (a dict, or an options dataclass) with ``member_scores`` when the robust variant
+    has no start yet (no ``member_scores``/``start_member``) and the zoo has more than one member:
+    the caller's ranking ``ctx.member_scores`` when given (e.g. the RL sources' zero-shot returns),
+    else :func:`score_members` on the target's data when it is there. The scores are also recorded
+    in ``ctx.resolved`` so that a saved model is rebuilt on the same start without data. Otherwise
+    ``options`` as given."""
     import dataclasses
 
     get = options.get if isinstance(options, dict) else (lambda key, default=None: getattr(options, key, default))
     if (get("variant", "robust") != "robust" or get("member_scores") is not None
-            or get("start_member") is not None or len(ctx.zoo) < 2 or ctx.rebuilding or ctx.data is None):
+            or get("start_member") is not None or len(ctx.zoo) < 2 or ctx.rebuilding):
         return options
-    scores = score_members(ctx.zoo, ctx.task, ctx.data.train, ctx.data.val, train_config=ctx.train_config)
+    if ctx.member_scores is not None:
+        scores = [float(v) for v in ctx.member_scores]
+    elif ctx.data is not None:
+        scores = score_members(ctx.zoo, ctx.task, ctx.data.train, ctx.data.val, train_config=ctx.train_config)
+    else:
+        return options
     ctx.resolved["member_scores"] = scores
     if isinstance(options, dict):
         return {**options, "member_scores": scores}
