@@ -129,8 +129,9 @@ def cmd_run(args) -> int:
     out = Path(args.out) if args.out else Path("zootune-out") / time.strftime("%Y%m%d-%H%M%S")
     with RunFolder(out, overwrite=args.overwrite, entries=("results.json", "results.md", "log.txt")):
         if args.quick:
-            print("--quick: default target, one seed, short trainings (about 3 min on 2 CPU cores once "
-                  "the MiniZoo is built; building it the first time is extra and cached)")
+            print("--quick: a smoke test -- default target, one seed, 24 steps per training (about 1.5 min on "
+                  "2 CPU cores once the MiniZoo is built, which is extra the first time and cached); its numbers "
+                  "are one seed of undertrained models, not results: `zootune run` is the comparison")
         run_experiment(config, out)
     return 0
 
