@@ -9,10 +9,9 @@ the image headers the loader reads anyway (no decoding), and says what it chose 
   32-px images trains at 32, one of 64-px photos at 64, one of large photos at 224 -- never upscaled
   past the pixels the images have, never below what a small CNN needs.
 - **augmentation** (:func:`auto_augment`), from the input size: below 64 px ``"none"`` (the paper's
-  random-resized crop, made for 224-px photos, keeps as little as 8% of an image: on a 32-px image a
-  few pixels; measured in docs/dev-notes/data-and-minizoo.md, a 32-px folder lost 13 points of
-  fine-tuning accuracy with it at lr 0.01), 64-95 px ``"light"`` (crops keep >= 35%), 96 px and more
-  the paper's protocol (``"paper"``).
+  random-resized crop, made for 224-px photos, keeps as little as 8% of an image: of a 32-px image a
+  few pixels), 64-95 px ``"light"`` (crops keep >= 35%), 96 px and more the paper's protocol
+  (``"paper"``). Measurements: docs/dev-notes/cli-and-run.md.
 """
 
 from __future__ import annotations
