@@ -4,7 +4,7 @@
 the image headers the loader reads anyway (no decoding), and says what it chose and why:
 
 - **input size**: the zoo's own input size when its pretrained config has one (a timm/torchvision/hub
-  model trained at 224 px is given 224-px inputs); otherwise the median shorter side of the training
+  model trained at 224 px is given 224-px inputs); otherwise the median shorter side of the folder's
   images, rounded down to a multiple of 8 and kept within [32, 224] (:func:`auto_image_size`): a folder of
   32-px images trains at 32, one of 64-px photos at 64, one of large photos at 224 -- never upscaled
   past the pixels the images have, never below what a small CNN needs.
