@@ -102,3 +102,16 @@ def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
     assert f"-> lr {chosen['lr']:g}" in text
     assert json.loads((out / "model" / "config.json").read_text())["image_size"] == 40
     assert json.loads((out / "choices.json").read_text())["lr"] == chosen["lr"]  # what --resume reuses
+
+
+def test_a_corrupt_choices_file_is_chosen_again_with_a_warning(tmp_path):
+    from zootune.cli.main import _saved_choices
+
+    path = tmp_path / "choices.json"
+    assert _saved_choices(path) == {}
+    path.write_text('{"lr": 0.03, "epochs": 12}')
+    assert _saved_choices(path) == {"lr": 0.03, "epochs": 12}
+    for text in ("{not json", "[1, 2]", '{"lr": "fast"}'):
+        path.write_text(text)
+        with pytest.warns(UserWarning, match="unreadable"):
+            assert _saved_choices(path) == {}

@@ -344,12 +344,29 @@ def _fit_data(args, zoo, preprocessing: dict, say):
 CHOICES_FILE = "choices.json"  # what --epochs/--lr auto resolved to, reused by --resume
 
 
+def _saved_choices(path: Path) -> dict:
+    """The run's earlier ``auto`` choices; {} (chosen again, the same on this machine) when missing or
+    unreadable, with a warning for the latter."""
+    import json
+    import warnings
+
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("lr", 0.1), (int, float)):
+        warnings.warn(f"{path} is unreadable: the automatic choices are made again")
+        return {}
+    return saved
+
+
 def _fit_choices(args, config, zoo, task, splits, out: Path, say):
     """``config`` with the workers for the chosen image size and ``auto`` epochs and lr resolved
     (read back from the run folder on --resume, so the run continues as it started); and what was
     chosen (for metrics.json)."""
     import dataclasses
-    import json
 
     from zootune.engine.config import budget_epochs
     from zootune.methods.lr_probe import choose_learning_rate
@@ -357,7 +374,7 @@ def _fit_choices(args, config, zoo, task, splits, out: Path, say):
 
     config = dataclasses.replace(config, num_workers=_num_workers(args, splits.image_size))
     chosen = {name: choice["value"] for name, choice in splits.chosen.items()}
-    saved = json.loads((out / CHOICES_FILE).read_text()) if args.resume and (out / CHOICES_FILE).is_file() else {}
+    saved = _saved_choices(out / CHOICES_FILE) if args.resume else {}
     if args.epochs == "auto":
         epochs, why = budget_epochs(len(splits.train), config.batch_size)
         chosen["epochs"] = saved.get("epochs", epochs)
