@@ -31,7 +31,8 @@ from zootune.cost import measure_cost
 from zootune.atomic import atomic_write_bytes, atomic_write_json
 from zootune.data.targets import TARGETS, get_target
 from zootune.engine import TrainConfig, evaluate
-from zootune.experiment import RunConfig, fit_method
+from zootune.experiment import run_training
+from zootune.fitting import fit_method
 from zootune.methods.registry import get_method
 from zootune.minizoo.hub import HUB_ZOO_MEMBERS, load_hub
 from zootune.models import ResNet
@@ -66,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=RunConfig.epochs)  # zootune run's settings
+    parser.add_argument("--epochs", type=int, default=run_training().epochs)  # zootune run's settings
     parser.add_argument("--max-steps-per-epoch", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=RunConfig.lr)
+    parser.add_argument("--lr", type=float, default=run_training().lr)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--zoo-members", nargs="*", default=list(HUB_ZOO_MEMBERS),

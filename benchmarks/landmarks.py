@@ -34,8 +34,8 @@ METHODS = ["finetune", "ensemble", "soup", "zoo-tuning", "lite", "zoo-tuning-pap
 
 def landmark_config(epochs: int = 6, seeds: int = 3, **overrides) -> RunConfig:
     """The benchmark's :class:`RunConfig` (one place, so the docs' command and this script agree)."""
-    values = {"targets": ["landmarks"], "methods": list(METHODS), "seeds": list(range(seeds)), "epochs": epochs,
-              "optimizer": "adamw", "lr": 3e-3}
+    train = {"epochs": epochs, "optimizer": "adamw", "lr": 3e-3, **overrides.pop("train", {})}
+    values = {"targets": ["landmarks"], "methods": list(METHODS), "seeds": list(range(seeds)), "train": train}
     values.update(overrides)
     return RunConfig(**values)
 

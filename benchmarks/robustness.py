@@ -46,7 +46,8 @@ import torch
 from zootune.data.cache import atomic_write_bytes, atomic_write_json
 from zootune.data.targets import TARGETS, get_target
 from zootune.engine import evaluate
-from zootune.experiment import RunConfig, _train_config, fit_method
+from zootune.experiment import run_training
+from zootune.fitting import fit_method
 from zootune.methods.registry import get_method
 from zootune.methods.zoo_tuning.start import combine, rank, score_members
 from zootune.minizoo import load_minizoo
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", nargs="+", default=None, help="restrict the zoo method rows")
     parser.add_argument("--diagnose", nargs="*", default=None, metavar="VARIANT",
                         help=f"train diagnostic variants instead (default: all of {list(DIAGNOSTIC_VARIANTS)})")
-    parser.add_argument("--epochs", type=int, default=RunConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=run_training().epochs)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/robustness")
     parser.add_argument("--threads", type=int, default=1)
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
             return row
         splits = splits_of(target)
         task = ClassificationTask(splits.num_classes)
-        config = _train_config(RunConfig(epochs=args.epochs), seed)
+        config = run_training(epochs=args.epochs, seed=seed)
         result = fit_method(get_method(method), zoo, task, splits, config, member=member, options=options or {})
         test = evaluate(result.model, task, splits.test, batch_size=256)[task.metric_name]
         row = {"zoo": zoo_key, "target": target, "seed": seed, "label": label, "val": result.val_metric,
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
             task = ClassificationTask(splits.num_classes)
             begin = time.perf_counter()
             values = score_members(zoo, task, splits.train, splits.val, method=how,
-                                   train_config=_train_config(RunConfig(epochs=args.epochs), seed))
+                                   train_config=run_training(epochs=args.epochs, seed=seed))
             row = runs.add({"zoo": zoo_key, "target": target, "seed": seed, "label": label, "scores": values,
                             "seconds": round(time.perf_counter() - begin, 2)})
         return row["scores"]

@@ -23,7 +23,8 @@ import torch
 
 from zootune.data.targets import TARGETS, get_target
 from zootune.engine import evaluate
-from zootune.experiment import RunConfig, _train_config, fit_method
+from zootune.experiment import run_training
+from zootune.fitting import fit_method
 from zootune.methods.registry import get_method
 from zootune.minizoo import load_minizoo
 from zootune.tasks import ClassificationTask
@@ -34,8 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target", default="polygons", choices=list(TARGETS))
     parser.add_argument("--member", type=int, default=2, help="zoo member index (2 = scene-segmentation)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=RunConfig.epochs)
-    parser.add_argument("--lr", type=float, default=RunConfig.lr)
+    parser.add_argument("--epochs", type=int, default=run_training().epochs)
+    parser.add_argument("--lr", type=float, default=run_training().lr)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -43,7 +44,7 @@ def main(argv=None) -> None:
     zoo = load_minizoo()
     splits = get_target(args.target, seed=0)
     task = ClassificationTask(splits.num_classes)
-    config = _train_config(RunConfig(epochs=args.epochs, lr=args.lr), args.seed)
+    config = run_training(epochs=args.epochs, lr=args.lr, seed=args.seed)
     one = [zoo[args.member]]
     runs = [
         (f"finetune [{zoo.names[args.member]}]", "finetune", zoo, args.member, {}),

@@ -356,7 +356,7 @@ def test_kf_generic_model_with_named_flow_point():
 
 
 def test_member_val_metrics_reach_later_methods_and_student_is_that_member():
-    from zootune.experiment import FittedSet
+    from zootune.fitting import FittedSet
 
     zoo, task = tiny_zoo(), ClassificationTask(4)
     fitted = [build_method('finetune', zoo, task, member=i).finalize() for i in range(3)]

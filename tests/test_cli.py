@@ -242,10 +242,10 @@ def test_run_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
     assert code == 0 and seen["out"] == tmp_path
     assert config.seeds == [0, 1, 2] and config.targets == ["count", "polygons"]
     assert config.methods == ["finetune", "lite"] and config.method_options == {"lite": {"align": "none"}}
-    assert config.epochs == 4 and config.plots is False
+    assert config.train.epochs == 4 and config.plots is False
     code, printed, _ = run_cli(["run", "--quick", "--seeds", "5,7", "--out", tmp_path], capsys)
     quick = seen["config"]
-    assert quick.seeds == [5, 7] and quick.targets == ["default"] and quick.max_steps_per_epoch and "smoke test" in printed and "not results" in printed
+    assert quick.seeds == [5, 7] and quick.targets == ["default"] and quick.train.max_steps_per_epoch and "smoke test" in printed and "not results" in printed
     run_cli(["run", "--targets", "all", "--out", tmp_path], capsys)
     assert seen["config"].targets is None
 

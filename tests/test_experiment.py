@@ -64,8 +64,8 @@ def test_state_dict_checksum_sees_every_value():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    config = RunConfig(targets=["red", "blue"], seeds=[0, 1], methods=["ensemble"], epochs=1, batch_size=8,
-                       max_steps_per_epoch=2, eval_batch_size=16, plots=False)
+    config = RunConfig(targets=["red", "blue"], seeds=[0, 1], methods=["ensemble"], plots=False,
+                       train=dict(epochs=1, batch_size=8, max_steps_per_epoch=2, eval_batch_size=16))
     results = run_experiment(config, out, zoo=tiny_zoo(), load_target=tiny_target, echo=None)
     return out, results, config
 
@@ -130,8 +130,8 @@ def _test_disagrees_with_val_target(name: str, seed: int = 0) -> DatasetSplits:
 
 
 def test_best_on_val_row_follows_validation_when_test_disagrees(tmp_path):
-    config = RunConfig(targets=["flip"], seeds=[0], methods=["finetune"], epochs=1, batch_size=8,
-                       max_steps_per_epoch=2, eval_batch_size=16, plots=False)
+    config = RunConfig(targets=["flip"], seeds=[0], methods=["finetune"], plots=False,
+                       train=dict(epochs=1, batch_size=8, max_steps_per_epoch=2, eval_batch_size=16))
     results = run_experiment(config, tmp_path, zoo=tiny_zoo(3), load_target=_test_disagrees_with_val_target,
                              echo=None)
     cells = {row["id"]: row["targets"]["flip"] for row in results["methods"]}
@@ -208,8 +208,8 @@ def test_run_skips_methods_that_do_not_support_the_task(tmp_path):
 
     Task.register(_ErrorTask)  # a virtual subclass: not a ClassificationTask
     lines = []
-    config = RunConfig(targets=["reg"], seeds=[0], methods=["finetune", "distill"], epochs=1, batch_size=8,
-                       max_steps_per_epoch=1, eval_batch_size=16, plots=False)
+    config = RunConfig(targets=["reg"], seeds=[0], methods=["finetune", "distill"], plots=False,
+                       train=dict(epochs=1, batch_size=8, max_steps_per_epoch=1, eval_batch_size=16))
     results = run_experiment(config, tmp_path, zoo=tiny_zoo(), load_target=_regression_target, echo=lines.append)
     methods = {row["method"] for row in results["methods"]}
     assert "finetune" in methods and "distill" not in methods
@@ -221,8 +221,8 @@ def test_run_refuses_targets_scored_by_different_metrics(tmp_path):
     def load(name, seed=0):
         return _regression_target(name, seed) if name == "reg" else tiny_target(name, seed)
 
-    config = RunConfig(targets=["red", "reg"], seeds=[0], methods=["soup"], epochs=1, batch_size=8,
-                       max_steps_per_epoch=1, eval_batch_size=16, plots=False)
+    config = RunConfig(targets=["red", "reg"], seeds=[0], methods=["soup"], plots=False,
+                       train=dict(epochs=1, batch_size=8, max_steps_per_epoch=1, eval_batch_size=16))
     with pytest.raises(ZootuneError, match="scored by mae.*acc"):
         run_experiment(config, tmp_path, zoo=tiny_zoo(), load_target=load, echo=None)
 
@@ -234,8 +234,8 @@ def test_run_with_a_hub_adds_the_hub_pathway_row_with_routed_costs(tmp_path):
     torch.manual_seed(7)
     hub = Hub([resnet_small(num_classes=3, depth=10, width=4), resnet_small(num_classes=3, depth=10, width=8),
                vit_tiny32(num_classes=3)], names=["r4", "r8", "vit"])
-    config = RunConfig(targets=["red"], seeds=[0], methods=["soup", "hub-pathway"], hub=True, epochs=1,
-                       batch_size=8, max_steps_per_epoch=2, eval_batch_size=16, plots=False)
+    config = RunConfig(targets=["red"], seeds=[0], methods=["soup", "hub-pathway"], hub=True, plots=False,
+                       train=dict(epochs=1, batch_size=8, max_steps_per_epoch=2, eval_batch_size=16))
     results = run_experiment(config, tmp_path, zoo=tiny_zoo(), hub=hub, load_target=tiny_target, echo=None)
     rows = {row["method"]: row for row in results["methods"]}
     assert set(rows) == {"soup", "hub-pathway"}
@@ -249,7 +249,7 @@ def test_candidates_are_screened_and_the_winner_ends_as_it_would_have_alone(tmp_
     validation continues from its checkpoint -- and ends bit for bit where training that start alone
     for the whole run ends."""
     from zootune.engine import TrainConfig
-    from zootune.experiment import fit_method, screening_epochs
+    from zootune.fitting import fit_method, screening_epochs
     from zootune.methods.registry import get_method
     from zootune.tasks import ClassificationTask
 

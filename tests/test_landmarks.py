@@ -348,8 +348,8 @@ def test_comparison_run_on_a_landmark_target_selects_the_lowest_nme(tmp_path, fa
     def load(name, seed=0):
         return DatasetSplits(train, val, val, lm.NUM_LANDMARKS, name, task=LandmarkTask(lm.NUM_LANDMARKS))
 
-    config = RunConfig(targets=["faces"], seeds=[0], methods=["finetune", "ensemble", "lite"], epochs=1,
-                       batch_size=16, optimizer="adamw", lr=3e-3, eval_batch_size=16, plots=False)
+    config = RunConfig(targets=["faces"], seeds=[0], methods=["finetune", "ensemble", "lite"], plots=False,
+                       train=dict(epochs=1, batch_size=16, optimizer="adamw", lr=3e-3, eval_batch_size=16))
     results = run_experiment(config, tmp_path, zoo=tiny_zoo(2), load_target=load, echo=None)
     assert results["metric"] == "nme" and results["higher_is_better"] is False
     rows = {row["id"]: row for row in results["methods"]}

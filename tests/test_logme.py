@@ -174,7 +174,7 @@ def test_kendall_tau_equals_plain_pairwise_count():
 
 
 def test_logme_vs_members_orients_tau_by_the_metric():
-    from zootune.experiment import logme_vs_members
+    from zootune.analyses import logme_vs_members
 
     scores = {"a": 0.9, "b": 0.5, "c": 0.1, "unranked": 0.0}
     accuracy = {"a": 70.0, "b": 80.0, "c": 60.0}  # "unranked" has no fine-tune: left out

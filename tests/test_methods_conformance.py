@@ -12,7 +12,8 @@ import torch
 
 from zootune.data.datasets import DatasetSplits, ImageDataset
 from zootune.engine import TrainConfig, Trainer
-from zootune.experiment import FittedSet, fit_members, select_methods
+from zootune.experiment import select_methods
+from zootune.fitting import FittedSet, fit_members
 from zootune.methods.registry import BuildContext, available_methods
 from zootune.model_dir import export_info, load_model_dir, save_model_dir
 from zootune.models import resnet_small

@@ -120,7 +120,7 @@ def test_plots_skip_with_a_note_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_markdown_shows_logme_rankings_and_kendall_tau():
-    from zootune.experiment import logme_vs_members
+    from zootune.analyses import logme_vs_members
 
     results = _results()
     per_target = {
@@ -177,8 +177,8 @@ def test_run_stores_logme_scores_and_tau_against_the_finetuned_members(tmp_path)
 
         return DatasetSplits(split(16), split(8), split(8), 2, name)
 
-    config = RunConfig(targets=["t"], seeds=[0], methods=["finetune"], epochs=1, batch_size=8,
-                       max_steps_per_epoch=1, eval_batch_size=16, plots=False)
+    config = RunConfig(targets=["t"], seeds=[0], methods=["finetune"], plots=False,
+                       train=dict(epochs=1, batch_size=8, max_steps_per_epoch=1, eval_batch_size=16))
     results = run_experiment(config, tmp_path, zoo=zoo, load_target=target, echo=None)
     cell = results["logme"]["targets"]["t"]
     # Scores: LogME of each member's pooled features on the training images, computed here directly.

@@ -231,7 +231,7 @@ def test_start_candidates_keeps_the_start_that_validates_best(scores):
     (each exactly as a run given that start), the better on validation kept, its start recorded."""
     from zootune.data.datasets import DatasetSplits
     from zootune.engine import TrainConfig
-    from zootune.experiment import fit_method
+    from zootune.fitting import fit_method
     from zootune.methods.registry import get_method
     from zootune.methods.zoo_tuning.start import rank
 

@@ -15,7 +15,7 @@ from interop_helpers import (
 from zootune.data.datasets import DatasetSplits, ImageDataset
 from zootune.engine import TrainConfig
 from zootune.errors import ZootuneError
-from zootune.experiment import fit_method
+from zootune.fitting import fit_method
 from zootune.methods.hub_pathway import HubPathway
 from zootune.zoo import Hub
 from zootune.methods.knowledge_flow import KnowledgeFlow

@@ -116,10 +116,11 @@ def cmd_run(args) -> int:
         overrides["method_options"] = parse_method_option_list(args.option)
     if args.methods is not None:
         overrides["methods"] = split_list(args.methods)
-    for name in ("epochs", "batch_size", "lr", "optimizer", "max_steps_per_epoch"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    overrides.update(hub=args.hub, cache_dir=args.cache_dir, plots=not args.no_plots, progress=args.progress)
+    # the training flags are TrainConfig fields of the same name, applied over the run's settings
+    train = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "optimizer", "max_steps_per_epoch")
+             if getattr(args, name) is not None}
+    overrides.update(hub=args.hub, cache_dir=args.cache_dir, plots=not args.no_plots,
+                     train={**train, "progress": args.progress})
     config = RunConfig.quick(**overrides) if args.quick else RunConfig(**overrides)
     from zootune.experiment import parse_method_options, resolve_targets, select_methods
     from zootune.run_folder import RunFolder
@@ -245,7 +246,7 @@ def _is_main_process() -> bool:
 
 def cmd_fit(args) -> int:
     from zootune.engine import evaluate
-    from zootune.experiment import fit_with_requirements
+    from zootune.fitting import fit_with_requirements
     from zootune.methods.registry import get_method
     from zootune.model_dir import export_info, save_model_dir
     from zootune.report import atomic_write_json

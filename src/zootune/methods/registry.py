@@ -192,6 +192,26 @@ def get_method(name: str) -> MethodSpec:
     return methods[name]
 
 
+def with_requirements(names: Sequence[str]) -> list[MethodSpec]:
+    """The methods ``names`` in registry order, every method one of them ``requires`` placed before
+    it (transitively). An unknown name or a cycle of requirements raises :class:`ZootuneError`."""
+    registered = available_methods()
+    ordered: list[str] = []
+
+    def add(name: str, chain: tuple[str, ...] = ()) -> None:
+        if name in ordered:
+            return
+        if name in chain:
+            raise ZootuneError(f"methods require each other in a cycle: {' -> '.join(chain + (name,))}")
+        for required in get_method(name).requires:
+            add(required, chain + (name,))
+        ordered.append(name)
+
+    for name in sorted((get_method(n).name for n in names), key=list(registered).index):
+        add(name)
+    return [registered[n] for n in ordered]
+
+
 def build_method(name: str, zoo, task, *, options: Mapping[str, Any] | None = None, **context) -> nn.Module:
     """Build registered method ``name`` from Python: ``build_method("lite", zoo, task,
     options={"align": "none"}, data=splits)``; ``context`` fills the other :class:`BuildContext`
@@ -201,4 +221,4 @@ def build_method(name: str, zoo, task, *, options: Mapping[str, Any] | None = No
 
 
 __all__ = ["BuildContext", "DEFAULT_METHOD", "DEFAULT_RL_METHODS", "MethodSpec", "METHODS", "available_methods", "build_method", "get_method",
-           "register_method"]
+           "register_method", "with_requirements"]
