@@ -163,20 +163,27 @@ def _skin_colour(rng: np.random.Generator) -> np.ndarray:
     return np.clip(dark + tone * (light - dark) + rng.uniform(-0.05, 0.05, 3), 0, 1)
 
 
-def _paint(canvas, parts, mask, colour, part: str) -> None:
-    canvas[mask] = colour
-    parts[mask] = PARTS.index(part)
+class _FaceDrawing:
+    """A face being drawn on the supersampled pixel grid (``x``, ``y``): colours, the index in
+    :data:`PARTS` of what covers each pixel, and the landmarks (K, 2) in pixels."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, canvas: np.ndarray, pose: _FacePose):
+        self.x, self.y, self.canvas, self.pose = x, y, canvas, pose
+        self.parts = np.zeros(x.shape, np.int64)
+        self.points = np.zeros((NUM_LANDMARKS, 2))
+
+    def face_frame(self, z: float) -> tuple[np.ndarray, np.ndarray]:
+        """Face-frame (u, v) of every pixel, for features at depth ``z``."""
+        return self.pose.to_face(self.x, self.y, z)
+
+    def paint(self, mask: np.ndarray, colour, part: str) -> None:
+        self.canvas[mask] = colour
+        self.parts[mask] = PARTS.index(part)
 
 
-def render_face(
-    rng: np.random.Generator, size: int = 32, occlusion_prob: float = 0.35
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One face: uint8 image (size, size, 3), landmarks (K, 2) in pixels, part map (size, size) int64.
-
-    The part map gives, per output pixel, the index in :data:`PARTS` of the part covering most of it.
-    """
-    x, y = render.pixel_grid(size)
-    # Pose: the head (half-height ``scale`` pixels) must keep every landmark inside the image.
+def _random_pose(rng: np.random.Generator, size: int) -> _FacePose:
+    """A pose whose head (half-height ``scale`` pixels) keeps every landmark inside the image; redrawn
+    up to 100 times (the last draw is kept if none fits)."""
     for _attempt in range(100):
         scale = rng.uniform(0.28, 0.4) * size
         roll = np.deg2rad(rng.uniform(-30, 30))
@@ -187,85 +194,130 @@ def render_face(
         top = pose.to_image(0.0, -1.0, 0.0)
         if min(chin.min(), top.min()) > 1.0 and max(chin.max(), top.max()) < size - 1.0:
             break
-    aspect = rng.uniform(0.7, 0.88)  # head half-width / half-height
-    eye_u = rng.uniform(0.3, 0.4)
-    mouth_u = rng.uniform(0.22, 0.34)
-    smile = rng.uniform(-0.08, 0.16)  # > 0: the lip band sags in the middle (a smile)
+    return pose
 
-    canvas = _background(rng, size, x, y)
-    parts = np.zeros(x.shape, np.int64)
-    skin = _skin_colour(rng)
-    hair = rng.uniform(0, 0.45, 3) * rng.uniform(0.3, 1.0)
 
-    # Head: an ellipse foreshortened by yaw (depth 0: the outline does not shift).
-    u, v = pose.to_face(x, y, 0.0)
+def _draw_head(rng: np.random.Generator, face: _FaceDrawing, aspect: float, skin: np.ndarray,
+               hair: np.ndarray) -> None:
+    """The head: an ellipse foreshortened by yaw (depth 0: the outline does not shift), maybe hair."""
+    u, v = face.face_frame(0.0)
     head = _ellipse(u, v, 0.0, 0.0, aspect, 1.0)
-    _paint(canvas, parts, head, skin, "skin")
+    face.paint(head, skin, "skin")
     if rng.uniform() < 0.7:  # hair: the top of the head above a wavy line
         hairline = -0.62 + 0.08 * np.sin(u * rng.uniform(4, 9) + rng.uniform(0, 2 * np.pi))
-        _paint(canvas, parts, head & (v < hairline), hair, "hair")
+        face.paint(head & (v < hairline), hair, "hair")
 
-    points = np.zeros((NUM_LANDMARKS, 2))
+
+def _draw_eyes(rng: np.random.Generator, face: _FaceDrawing, eye_u: float) -> None:
+    """Landmarks 0, 1: white eye ellipses, each with a dark pupil disk at the landmark."""
     eye_white = rng.uniform(0.82, 1.0, 3)
     pupil_colour = rng.uniform(0.0, 0.2, 3)
-    pupil_radius = max(0.85, rng.uniform(0.06, 0.09) * scale)  # >= 0.85 px: the centre pixel is all pupil
-    u, v = pose.to_face(x, y, _EYE_Z)
+    pupil_radius = max(0.85, rng.uniform(0.06, 0.09) * face.pose.scale)  # >= 0.85 px: the centre pixel is all pupil
+    u, v = face.face_frame(_EYE_Z)
     for index, side in ((0, -1.0), (1, 1.0)):
-        _paint(canvas, parts, _ellipse(u, v, side * eye_u, _EYE_V, 0.16, 0.1), eye_white, "eye_white")
+        face.paint(_ellipse(u, v, side * eye_u, _EYE_V, 0.16, 0.1), eye_white, "eye_white")
         gaze = rng.uniform(-0.05, 0.05)  # pupil slightly off the eye's centre
-        points[index] = pose.to_image(side * eye_u + gaze, _EYE_V, _EYE_Z)
-        px, py = points[index]
-        _paint(canvas, parts, render.coverage(render.disk_distance(x, y, px, py, pupil_radius)), pupil_colour,
-               "pupil")
+        face.points[index] = face.pose.to_image(side * eye_u + gaze, _EYE_V, _EYE_Z)
+        px, py = face.points[index]
+        face.paint(render.coverage(render.disk_distance(face.x, face.y, px, py, pupil_radius)), pupil_colour,
+                   "pupil")
 
-    u, v = pose.to_face(x, y, _BROW_Z)
+
+def _draw_brows(rng: np.random.Generator, face: _FaceDrawing, eye_u: float, hair: np.ndarray) -> None:
+    """Landmarks 6, 7: short bars above the eyes, in a darker hair colour."""
+    u, v = face.face_frame(_BROW_Z)
     brow_tilt = rng.uniform(-0.3, 0.3)
     for index, side in ((6, -1.0), (7, 1.0)):
         cu = side * eye_u
         # a short bar, tilted symmetrically (both inner ends up or down)
         bar_v = v - _BROW_V - side * brow_tilt * (u - cu)
-        _paint(canvas, parts, (np.abs(u - cu) <= 0.17) & (np.abs(bar_v) <= 0.09), hair * 0.8, "brow")
-        points[index] = pose.to_image(cu, _BROW_V, _BROW_Z)
+        face.paint((np.abs(u - cu) <= 0.17) & (np.abs(bar_v) <= 0.09), hair * 0.8, "brow")
+        face.points[index] = face.pose.to_image(cu, _BROW_V, _BROW_Z)
 
+
+def _draw_nose(rng: np.random.Generator, face: _FaceDrawing, skin: np.ndarray) -> None:
+    """Landmark 2: a small disk darker than the skin."""
     nose_colour = np.clip(skin * rng.uniform(0.55, 0.8) + np.array([0.08, 0.0, 0.0]), 0, 1)
-    points[2] = pose.to_image(0.0, _NOSE_V, _NOSE_Z)
-    nose_radius = max(0.9, rng.uniform(0.08, 0.12) * scale)
-    _paint(canvas, parts, render.coverage(render.disk_distance(x, y, *points[2], nose_radius)), nose_colour, "nose")
+    face.points[2] = face.pose.to_image(0.0, _NOSE_V, _NOSE_Z)
+    nose_radius = max(0.9, rng.uniform(0.08, 0.12) * face.pose.scale)
+    face.paint(render.coverage(render.disk_distance(face.x, face.y, *face.points[2], nose_radius)), nose_colour,
+               "nose")
 
-    u, v = pose.to_face(x, y, _MOUTH_Z)
+
+def _draw_mouth(rng: np.random.Generator, face: _FaceDrawing, mouth_u: float, smile: float) -> None:
+    """Landmarks 3, 4 (mouth corners) on a curved lip band, and 5, the chin."""
+    u, v = face.face_frame(_MOUTH_Z)
     lips = np.array([rng.uniform(0.45, 0.85), rng.uniform(0.05, 0.3), rng.uniform(0.1, 0.35)])
     t = np.clip(u / mouth_u, -1.0, 1.0)
     middle = _MOUTH_V + smile * (1 - t**2)
     thickness = 0.06 + rng.uniform(0.03, 0.07) * (1 - t**2)
     mouth = (np.abs(u) <= mouth_u) & (np.abs(v - middle) <= thickness)
-    _paint(canvas, parts, mouth, lips, "mouth")
-    points[3] = pose.to_image(-mouth_u, _MOUTH_V, _MOUTH_Z)
-    points[4] = pose.to_image(mouth_u, _MOUTH_V, _MOUTH_Z)
-    points[5] = pose.to_image(0.0, 1.0, 0.0)
+    face.paint(mouth, lips, "mouth")
+    face.points[3] = face.pose.to_image(-mouth_u, _MOUTH_V, _MOUTH_Z)
+    face.points[4] = face.pose.to_image(mouth_u, _MOUTH_V, _MOUTH_Z)
+    face.points[5] = face.pose.to_image(0.0, 1.0, 0.0)
 
-    if rng.uniform() < occlusion_prob:  # a bar or disk over part of the face (a hand, a scarf, a cup)
-        anchor = points[rng.integers(NUM_LANDMARKS)] + rng.normal(0, 0.15 * scale, 2)
-        colour = render.random_color(rng, skin, min_dist=0.3)
-        if rng.uniform() < 0.5:
-            occluder = render.disk_distance(x, y, *anchor, rng.uniform(0.2, 0.4) * scale) >= 0
-        else:
-            angle = rng.uniform(0, np.pi)
-            along = (x - anchor[0]) * np.cos(angle) + (y - anchor[1]) * np.sin(angle)
-            across = -(x - anchor[0]) * np.sin(angle) + (y - anchor[1]) * np.cos(angle)
-            occluder = (np.abs(along) <= rng.uniform(0.4, 0.9) * scale) & (np.abs(across) <= rng.uniform(0.12, 0.25) * scale)
-        _paint(canvas, parts, occluder, colour, "occluder")
 
-    # Lighting: a linear illumination gradient times a brightness, then contrast about the mean,
-    # then sensor noise -- applied to everything, so no part has a fixed colour.
+def _draw_occluder(rng: np.random.Generator, face: _FaceDrawing, skin: np.ndarray) -> None:
+    """A disk or a bar near a random landmark (a hand, a scarf, a cup), in a colour unlike the skin."""
+    x, y, scale = face.x, face.y, face.pose.scale
+    anchor = face.points[rng.integers(NUM_LANDMARKS)] + rng.normal(0, 0.15 * scale, 2)
+    colour = render.random_color(rng, skin, min_dist=0.3)
+    if rng.uniform() < 0.5:
+        occluder = render.disk_distance(x, y, *anchor, rng.uniform(0.2, 0.4) * scale) >= 0
+    else:
+        angle = rng.uniform(0, np.pi)
+        along = (x - anchor[0]) * np.cos(angle) + (y - anchor[1]) * np.sin(angle)
+        across = -(x - anchor[0]) * np.sin(angle) + (y - anchor[1]) * np.cos(angle)
+        occluder = ((np.abs(along) <= rng.uniform(0.4, 0.9) * scale)
+                    & (np.abs(across) <= rng.uniform(0.12, 0.25) * scale))
+    face.paint(occluder, colour, "occluder")
+
+
+def _lit_output(rng: np.random.Generator, face: _FaceDrawing, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 image, part map) at the output size, the image lit: a linear illumination gradient times
+    a brightness, then contrast about the mean, then sensor noise -- applied to everything, so no
+    part has a fixed colour."""
+    x, y = face.x, face.y
     direction = _rotation(rng.uniform(0, 2 * np.pi)) @ np.array([1.0, 0.0])
     gradient = ((x - size / 2) * direction[0] + (y - size / 2) * direction[1]) / size
-    canvas = canvas * (rng.uniform(0.7, 1.15) + rng.uniform(0.0, 0.6) * gradient)[..., None]
+    canvas = face.canvas * (rng.uniform(0.7, 1.15) + rng.uniform(0.0, 0.6) * gradient)[..., None]
     mean = canvas.mean(axis=(0, 1))
     canvas = mean + rng.uniform(0.7, 1.2) * (canvas - mean)
     image = render.downsample(canvas)
     image = image + rng.normal(0, rng.uniform(0.0, 0.03), image.shape)
-    part_map = render.downsample(np.eye(len(PARTS), dtype=np.float32)[parts]).argmax(-1)
-    return render.to_uint8(image), points, part_map
+    part_map = render.downsample(np.eye(len(PARTS), dtype=np.float32)[face.parts]).argmax(-1)
+    return render.to_uint8(image), part_map
+
+
+def render_face(
+    rng: np.random.Generator, size: int = 32, occlusion_prob: float = 0.35
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One face: uint8 image (size, size, 3), landmarks (K, 2) in pixels, part map (size, size) int64.
+
+    The part map gives, per output pixel, the index in :data:`PARTS` of the part covering most of it.
+    """
+    # Every random draw happens in a fixed order (pose, shape, background, colours, parts from the
+    # back to the front, occlusion, lighting): the same rng state gives the same face.
+    x, y = render.pixel_grid(size)
+    pose = _random_pose(rng, size)
+    aspect = rng.uniform(0.7, 0.88)  # head half-width / half-height
+    eye_u = rng.uniform(0.3, 0.4)
+    mouth_u = rng.uniform(0.22, 0.34)
+    smile = rng.uniform(-0.08, 0.16)  # > 0: the lip band sags in the middle (a smile)
+
+    face = _FaceDrawing(x, y, _background(rng, size, x, y), pose)
+    skin = _skin_colour(rng)
+    hair = rng.uniform(0, 0.45, 3) * rng.uniform(0.3, 1.0)
+    _draw_head(rng, face, aspect, skin, hair)
+    _draw_eyes(rng, face, eye_u)
+    _draw_brows(rng, face, eye_u, hair)
+    _draw_nose(rng, face, skin)
+    _draw_mouth(rng, face, mouth_u, smile)
+    if rng.uniform() < occlusion_prob:
+        _draw_occluder(rng, face, skin)
+    image, part_map = _lit_output(rng, face, size)
+    return image, face.points, part_map
 
 
 def face_scenes(
