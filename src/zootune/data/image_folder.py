@@ -32,7 +32,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -169,6 +169,89 @@ def folder_fingerprint(root: Path, paths: Sequence[Path], class_names: Sequence[
     return hashlib.sha256(json.dumps([sorted(class_names), files]).encode()).hexdigest()
 
 
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) "
+            "with val_fraction > 0 and a positive remainder for training"
+        )
+
+
+class _FoundSplits(NamedTuple):
+    """A folder's images assigned to splits, before anything is decoded."""
+
+    class_names: list[str]  # sorted; a label is an index into them
+    files: dict[str, tuple[list[Path], np.ndarray]]  # split -> (image paths, labels)
+    sizes: dict[str, np.ndarray]  # split -> (width, height) of each of its images
+    all_sizes: np.ndarray  # (width, height) of every image of every split
+
+
+def _given_splits(split_classes: dict[str, dict[str, list[Path]]], max_pixels: int) -> _FoundSplits:
+    """The ``train/ val/ [test/]`` layout, from each split's class folders: they must name the same classes."""
+    class_names = sorted(split_classes["train"])
+    for split, classes in split_classes.items():
+        if split != "train" and set(classes) != set(class_names):
+            only_train = sorted(set(class_names) - set(classes))
+            only_other = sorted(set(classes) - set(class_names))
+            raise DataError(
+                f"train and {split} class folders differ: only in train {only_train}, "
+                f"only in {split} {only_other}; give both splits the same class folders"
+            )
+    files = {split: _flatten(classes, class_names) for split, classes in split_classes.items()}
+    # one scan of all files, so every bad file of every split is reported at once
+    all_sizes = scan_images([p for paths, _ in files.values() for p in paths], max_pixels)
+    sizes, start = {}, 0
+    for split, (paths, _) in files.items():
+        sizes[split] = all_sizes[start:start + len(paths)]
+        start += len(paths)
+    return _FoundSplits(class_names, files, sizes, all_sizes)
+
+
+def _seeded_splits(root: Path, classes: dict[str, list[Path]], val_fraction: float, test_fraction: float,
+                   seed: int, max_pixels: int) -> _FoundSplits:
+    """One folder of class folders, split into train/val[/test] by a seeded stratified split."""
+    class_names = sorted(classes)
+    paths, labels = _flatten(classes, class_names)
+    all_sizes = scan_images(paths, max_pixels)
+    fractions = [1.0 - val_fraction - test_fraction, val_fraction] + ([test_fraction] if test_fraction else [])
+    indices = stratified_split(labels, fractions, seed=seed)
+    for name, part in zip(("train", "val", "test"), indices):
+        if len(part) == 0:
+            raise DataError(
+                f"empty dataset: the {name} split of {root} got no images ({len(labels)} images in all); "
+                "add images or change val_fraction/test_fraction"
+            )
+    files, sizes = {}, {}
+    for name, part in zip(("train", "val", "test"), indices):
+        files[name] = ([paths[i] for i in part], labels[part])
+        sizes[name] = all_sizes[part]
+    return _FoundSplits(class_names, files, sizes, all_sizes)
+
+
+def _dataset_splits(root: Path, found: _FoundSplits, image_size: int, augment, chosen: dict,
+                    cache_budget: int | None, **options) -> DatasetSplits:
+    """``found`` as datasets (``augment`` for the training split only), cached where they fit the budget;
+    ``options``: :class:`ImageFolderDataset`'s keyword arguments."""
+    fingerprint = folder_fingerprint(root, [p for paths, _ in found.files.values() for p in paths], found.class_names)
+    datasets = {
+        split: ImageFolderDataset(paths, labels, image_size, augment if split == "train" else None, **options)
+        for split, (paths, labels) in found.files.items()
+    }
+    _plan_cache(datasets, found.sizes, DEFAULT_CACHE_BUDGET if cache_budget is None else cache_budget)
+    return DatasetSplits(
+        train=datasets["train"],
+        val=datasets["val"],
+        test=datasets.get("test"),
+        num_classes=len(found.class_names),
+        name=root.name,
+        description=f"image folder {root}",
+        class_names=found.class_names,
+        fingerprint=fingerprint,
+        image_size=image_size,
+        chosen=chosen,
+    )
+
+
 def load_image_folder(
     root: str | os.PathLike,
     image_size: int | str = 32,
@@ -199,79 +282,29 @@ def load_image_folder(
     """
     root = Path(root).expanduser()
     _check_root(root)
-    if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise DataError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) "
-            "with val_fraction > 0 and a positive remainder for training"
-        )
+    _check_fractions(val_fraction, test_fraction)
     _check_options(image_size, augment, crop_fraction, cache_budget, max_pixels)
-    options = dict(crop_fraction=crop_fraction, mean=mean, std=std, max_pixels=max_pixels)
-
+    # Class folders are listed here, not in the layout helpers: _class_folders warns with a stacklevel
+    # counted from this function.
     folders = split_folders(root)
     if folders is not None:
         split_classes = {split: _class_folders(folder) for split, folder in folders.items()}
-        class_names = sorted(split_classes["train"])
-        for split, classes in split_classes.items():
-            if split != "train" and set(classes) != set(class_names):
-                only_train = sorted(set(class_names) - set(classes))
-                only_other = sorted(set(classes) - set(class_names))
-                raise DataError(
-                    f"train and {split} class folders differ: only in train {only_train}, "
-                    f"only in {split} {only_other}; give both splits the same class folders"
-                )
-        parts = {split: _flatten(classes, class_names) for split, classes in split_classes.items()}
-        all_paths = [p for paths, _ in parts.values() for p in paths]
-        all_sizes = scan_images(all_paths, max_pixels)
-        sizes, start = {}, 0
-        for split, (paths, _) in parts.items():
-            sizes[split] = all_sizes[start:start + len(paths)]
-            start += len(paths)
+        found = _given_splits(split_classes, max_pixels)
     else:
         classes = _class_folders(root)
-        class_names = sorted(classes)
-        paths, labels = _flatten(classes, class_names)
-        all_sizes = scan_images(paths, max_pixels)
-        fractions = [1.0 - val_fraction - test_fraction, val_fraction] + ([test_fraction] if test_fraction else [])
-        indices = stratified_split(labels, fractions, seed=seed)
-        for name, part in zip(("train", "val", "test"), indices):
-            if len(part) == 0:
-                raise DataError(
-                    f"empty dataset: the {name} split of {root} got no images ({len(labels)} images in all); "
-                    "add images or change val_fraction/test_fraction"
-                )
-        parts, sizes = {}, {}
-        for name, part in zip(("train", "val", "test"), indices):
-            parts[name] = ([paths[i] for i in part], labels[part])
-            sizes[name] = all_sizes[part]
-
-    if len(class_names) < 2:
-        raise DataError(f"{root} has {len(class_names)} class folder(s); classification needs at least 2")
+        found = _seeded_splits(root, classes, val_fraction, test_fraction, seed, max_pixels)
+    if len(found.class_names) < 2:
+        raise DataError(f"{root} has {len(found.class_names)} class folder(s); classification needs at least 2")
     chosen = {}
     if image_size == AUTO:
-        image_size, why = auto_image_size(all_sizes, zoo_input_size)
+        image_size, why = auto_image_size(found.all_sizes, zoo_input_size)
         chosen["image_size"] = {"value": image_size, "why": why}
         _check_options(image_size, None, crop_fraction, cache_budget, max_pixels)
     if augment == AUTO:
         augment, why = auto_augment(image_size)
         chosen["augment"] = {"value": augment, "why": why}
-    fingerprint = folder_fingerprint(root, [p for paths, _ in parts.values() for p in paths], class_names)
-    datasets = {
-        split: ImageFolderDataset(paths, labels, image_size, augment if split == "train" else None, **options)
-        for split, (paths, labels) in parts.items()
-    }
-    _plan_cache(datasets, sizes, DEFAULT_CACHE_BUDGET if cache_budget is None else cache_budget)
-    return DatasetSplits(
-        train=datasets["train"],
-        val=datasets["val"],
-        test=datasets.get("test"),
-        num_classes=len(class_names),
-        name=root.name,
-        description=f"image folder {root}",
-        class_names=class_names,
-        fingerprint=fingerprint,
-        image_size=image_size,
-        chosen=chosen,
-    )
+    return _dataset_splits(root, found, image_size, augment, chosen, cache_budget,
+                           crop_fraction=crop_fraction, mean=mean, std=std, max_pixels=max_pixels)
 
 
 def load_unsplit_image_folder(
