@@ -113,6 +113,57 @@ def _preview(keys: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _auto_prefix(state: Mapping[str, torch.Tensor], model: nn.Module, shapes: Mapping[str, torch.Size],
+                 source: str) -> str:
+    """The prefix :func:`detect_prefix` finds; none at all is an error, a tie is logged."""
+    wanted = {k for k in shapes if not is_optional_key(k)}
+    prefix, width, tied = detect_prefix(list(state), set(shapes))
+    if width == 0:
+        raise CheckpointError(
+            f"{source}: none of the {type(model).__name__}'s keys (e.g. {next(iter(wanted), '?')!r}) "
+            f"appear in the checkpoint, under any prefix; its keys look like {_preview(list(state), 3)}. "
+            "Is it another architecture? Otherwise pass remap= (a prefix or a key function)"
+        )
+    if tied:
+        logger.info("%s: prefixes %r and %s cover the backbone equally; using %r (pass remap= to choose)",
+                    source, prefix, ", ".join(map(repr, tied)), prefix)
+    return prefix
+
+
+def _renamed(state: Mapping[str, torch.Tensor], model: nn.Module, shapes: Mapping[str, torch.Size],
+             remap: Remap, source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(the entries under the architecture's key names, where they were found: for error messages)."""
+    if remap == "auto":
+        prefix = _auto_prefix(state, model, shapes, source)
+    elif remap is None or isinstance(remap, str):
+        prefix = remap or ""
+    elif callable(remap):
+        return apply_key_function(state, remap, source), " after remap"
+    else:
+        raise ZootuneError(f"remap must be 'auto', a prefix string, a callable or None, not {type(remap).__name__}")
+    return strip_prefix(state, prefix), f" under prefix {prefix!r}" if prefix else ""
+
+
+def _check_backbone(body: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], model: nn.Module,
+                    source: str, where: str) -> None:
+    """Every backbone key present (``num_batches_tracked`` may be missing), no other key, same shapes."""
+    unexpected = [k for k in body if k not in shapes]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: keys{where} that {type(model).__name__} does not have: {_preview(unexpected)} "
+            "(a different architecture or depth? pass remap= to rename or drop keys)"
+        )
+    missing = [k for k in shapes if k not in body and not is_optional_key(k)]
+    if missing:
+        raise CheckpointError(f"{source}: backbone keys missing{where}: {_preview(missing)}")
+    for key, value in body.items():
+        if value.shape != shapes[key]:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(shapes[key])} in {type(model).__name__} (different width or class count?)"
+            )
+
+
 def match_state_dict(
     state: Mapping[str, torch.Tensor],
     model: nn.Module,
@@ -138,51 +189,13 @@ def match_state_dict(
         CheckpointError: a backbone key is missing, an unexpected key remains, or a shape differs.
     """
     shapes = backbone_shapes(model, head_name)
-    if remap == "auto":
-        wanted = {k for k in shapes if not is_optional_key(k)}
-        prefix, width, tied = detect_prefix(list(state), set(shapes))
-        if width == 0:
-            raise CheckpointError(
-                f"{source}: none of the {type(model).__name__}'s keys (e.g. {next(iter(wanted), '?')!r}) "
-                f"appear in the checkpoint, under any prefix; its keys look like {_preview(list(state), 3)}. "
-                "Is it another architecture? Otherwise pass remap= (a prefix or a key function)"
-            )
-        if tied:
-            logger.info("%s: prefixes %r and %s cover the backbone equally; using %r (pass remap= to choose)",
-                        source, prefix, ", ".join(map(repr, tied)), prefix)
-        mapped = strip_prefix(state, prefix)
-        where = f" under prefix {prefix!r}" if prefix else ""
-    elif remap is None or isinstance(remap, str):
-        prefix = remap or ""
-        mapped = strip_prefix(state, prefix)
-        where = f" under prefix {prefix!r}" if prefix else ""
-    elif callable(remap):
-        mapped = apply_key_function(state, remap, source)
-        where = " after remap"
-    else:
-        raise ZootuneError(f"remap must be 'auto', a prefix string, a callable or None, not {type(remap).__name__}")
-
+    mapped, where = _renamed(state, model, shapes, remap, source)
     # A headless architecture (fc = Identity) still drops a checkpoint's classifier by its usual names.
     head_names = [head_name] if head_name is not None else list(KNOWN_HEAD_NAMES)
     in_head = lambda key: any(is_head_key(key, name) for name in head_names)  # noqa: E731
     head_state = {k: v for k, v in mapped.items() if in_head(k)}
     body = {k: v for k, v in mapped.items() if not in_head(k)}
-
-    unexpected = [k for k in body if k not in shapes]
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: keys{where} that {type(model).__name__} does not have: {_preview(unexpected)} "
-            "(a different architecture or depth? pass remap= to rename or drop keys)"
-        )
-    missing = [k for k in shapes if k not in body and not is_optional_key(k)]
-    if missing:
-        raise CheckpointError(f"{source}: backbone keys missing{where}: {_preview(missing)}")
-    for key, value in body.items():
-        if value.shape != shapes[key]:
-            raise CheckpointError(
-                f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(shapes[key])} in {type(model).__name__} (different width or class count?)"
-            )
+    _check_backbone(body, shapes, model, source, where)
     if keep_head and head_state:
         model_state = model.state_dict()
         if all(k in model_state and model_state[k].shape == v.shape for k, v in head_state.items()):
