@@ -165,42 +165,10 @@ class Zoo(Sequence):
             names = [str(n) for n in names]
             if len(names) != len(paths):  # say so before spending time on loading
                 raise ZootuneError(f"got {len(names)} names for {len(paths)} checkpoints")
-        _warn_repeated_checkpoints(paths)
-        kwargs = dict(arch_kwargs or {})
-        # partials, not lambdas: a Zoo stays picklable (e.g. handed to spawned DDP workers)
-        if isinstance(arch, str):
-            builder: Callable[[], nn.Module] = functools.partial(build_model, arch, **kwargs)
-        elif callable(arch):
-            builder = functools.partial(arch, **kwargs)
-        else:
-            raise ZootuneError(f"arch must be an architecture name or a callable, not {type(arch).__name__}")
-        if isinstance(remap, (list, tuple)):
-            if len(remap) != len(paths):
-                raise ZootuneError(f"got {len(remap)} remap entries for {len(paths)} checkpoints")
-            remaps = list(remap)
-        else:
-            remaps = [remap] * len(paths)
-
-        members = []
-        template: nn.Module | None = None
-        for path, file_remap in zip(paths, remaps):
-            state = load_state_dict_file(path)
-            check_finite_state(state, f"zoo checkpoint {path}")
-            # Seeded builds are identical: build once, then give each member the template's
-            # structure with the checkpoint's tensors themselves (no initialisation, no copy of
-            # the 25M loaded values); only what the file does not cover (head, counters) is cloned.
-            if template is None:
-                template = _build_seeded(builder)
-            head = _find_head_or_none(template, head_name)
-            matched = match_state_dict(
-                state, template, head_name=head, remap=file_remap, source=str(path), keep_head=keep_head
-            )
-            reference = template.state_dict(keep_vars=True)
-            matched = {k: v.to(dtype=reference[k].dtype) for k, v in matched.items()}
-            shared_until_assigned = {id(reference[k]): reference[k] for k in matched}
-            model = copy.deepcopy(template, shared_until_assigned)
-            model.load_state_dict(matched, strict=False, assign=True)
-            members.append(model)
+        _warn_repeated_checkpoints(paths)  # here: its warnings' stacklevel is counted from this method
+        builder = _checkpoint_builder(arch, arch_kwargs)
+        remaps = _remap_per_file(remap, len(paths))
+        members = _load_members(paths, remaps, builder, head_name, keep_head)
         if names is None:
             names = _unique_names([checkpoint_stem(p) for p in paths])
         return cls(members, names, head_name=head_name, builder=builder, sources=[str(p) for p in paths])
@@ -404,6 +372,59 @@ def _warn_repeated_checkpoints(paths: Sequence[Path]) -> None:
                               f"{digest[:12]}...): the zoo holds two identical members", stacklevel=3)
             else:
                 first_with[digest] = path
+
+
+def _checkpoint_builder(arch: str | Callable[..., nn.Module], arch_kwargs: Mapping[str, Any] | None
+                        ) -> Callable[[], nn.Module]:
+    """``arch`` (a registered name or a builder) with ``arch_kwargs`` bound, as a builder of no arguments."""
+    kwargs = dict(arch_kwargs or {})
+    # partials, not lambdas: a Zoo stays picklable (e.g. handed to spawned DDP workers)
+    if isinstance(arch, str):
+        return functools.partial(build_model, arch, **kwargs)
+    if callable(arch):
+        return functools.partial(arch, **kwargs)
+    raise ZootuneError(f"arch must be an architecture name or a callable, not {type(arch).__name__}")
+
+
+def _remap_per_file(remap: Remap | Sequence[Remap], count: int) -> list[Remap]:
+    """One remap per checkpoint: a list or tuple is one per file, anything else applies to all."""
+    if isinstance(remap, (list, tuple)):
+        if len(remap) != count:
+            raise ZootuneError(f"got {len(remap)} remap entries for {count} checkpoints")
+        return list(remap)
+    return [remap] * count
+
+
+def _load_members(paths: Sequence[Path], remaps: Sequence[Remap], builder: Callable[[], nn.Module],
+                  head_name: str | None, keep_head: bool) -> list[nn.Module]:
+    """One model per checkpoint file, each holding the file's tensors (read safely, checked finite)."""
+    members = []
+    template: nn.Module | None = None
+    for path, file_remap in zip(paths, remaps):
+        state = load_state_dict_file(path)
+        check_finite_state(state, f"zoo checkpoint {path}")
+        if template is None:  # built once the first file is known to be readable
+            template = _build_seeded(builder)
+        head = _find_head_or_none(template, head_name)
+        matched = match_state_dict(
+            state, template, head_name=head, remap=file_remap, source=str(path), keep_head=keep_head
+        )
+        members.append(_with_tensors(template, matched))
+    return members
+
+
+def _with_tensors(template: nn.Module, matched: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``template`` holding the ``matched`` tensors themselves, cast to the template's dtypes.
+
+    Seeded builds are identical: the template is built once, and each member gets its structure with
+    the checkpoint's tensors (no initialisation, no copy of the 25M loaded values); only what the file
+    does not cover (head, counters) is cloned."""
+    reference = template.state_dict(keep_vars=True)
+    matched = {k: v.to(dtype=reference[k].dtype) for k, v in matched.items()}
+    shared_until_assigned = {id(reference[k]): reference[k] for k in matched}
+    model = copy.deepcopy(template, shared_until_assigned)
+    model.load_state_dict(matched, strict=False, assign=True)
+    return model
 
 
 def _build_seeded(builder: Callable[[], nn.Module], seed: int = BUILD_SEED) -> nn.Module:
