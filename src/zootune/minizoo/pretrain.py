@@ -12,6 +12,7 @@ from torch import nn
 from zootune.engine.threads import forward_macs, thread_rule
 from zootune.errors import ZootuneError
 from zootune.minizoo.members import MEMBERS, MemberSpec
+from zootune.minizoo.objectives import Objective
 
 
 def get_member(name_or_spec: str | MemberSpec) -> MemberSpec:
@@ -21,6 +22,41 @@ def get_member(name_or_spec: str | MemberSpec) -> MemberSpec:
         if spec.name == name_or_spec:
             return spec
     raise ZootuneError(f"unknown MiniZoo member {name_or_spec!r}; known: {', '.join(m.name for m in MEMBERS)}")
+
+
+def _train(model: nn.Module, head: nn.Module, objective: Objective, spec: MemberSpec, x_train: torch.Tensor,
+           y_train: torch.Tensor, seed: int, progress: bool) -> float:
+    """``spec.steps`` Adam steps (lr cosine-decayed to 0) on batches drawn with a generator seeded by
+    ``seed``; returns the last step's loss."""
+    params = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=1e-5)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, spec.steps) / spec.steps))
+    )
+    batches = torch.Generator().manual_seed(seed)
+    steps = range(spec.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"pretrain {spec.name}", unit="step", leave=False)
+    model.train()
+    head.train()
+    loss_value = float("nan")
+    # Tiny models on a shared machine: intra-op threads cost far more than they give (measured in
+    # docs/dev-notes/engine.md); the engine's rule picks the count, so the weights do not depend on
+    # how many cores the machine happens to have.
+    with thread_rule(None, torch.device("cpu"), lambda: forward_macs(model, (x_train[: spec.batch_size],))):
+        for _ in steps:
+            idx = torch.randint(0, x_train.shape[0], (spec.batch_size,), generator=batches)
+            loss = objective.loss(model, head, objective.augment(x_train[idx]), y_train[idx])
+            if not torch.isfinite(loss):
+                raise ZootuneError(f"pretraining {spec.name} diverged (loss {loss.item()}); try another seed")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_value = loss.item()
+    return loss_value
 
 
 def pretrain(
@@ -50,34 +86,7 @@ def pretrain(
     x_train, y_train, x_held, y_held = spec.make_data(seed, spec.num_images)
     objective = spec.make_objective()
     head = objective.build_head(model, x_train[: spec.batch_size])
-    params = list(model.parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=1e-5)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, spec.steps) / spec.steps))
-    )
-    batches = torch.Generator().manual_seed(seed)
-    steps = range(spec.steps)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=f"pretrain {spec.name}", unit="step", leave=False)
-    model.train()
-    head.train()
-    loss_value = float("nan")
-    # Tiny models on a shared machine: intra-op threads cost far more than they give (measured in
-    # docs/dev-notes/engine.md); the engine's rule picks the count, so the weights do not depend on
-    # how many cores the machine happens to have.
-    with thread_rule(None, torch.device("cpu"), lambda: forward_macs(model, (x_train[: spec.batch_size],))):
-        for _ in steps:
-            idx = torch.randint(0, x_train.shape[0], (spec.batch_size,), generator=batches)
-            loss = objective.loss(model, head, objective.augment(x_train[idx]), y_train[idx])
-            if not torch.isfinite(loss):
-                raise ZootuneError(f"pretraining {spec.name} diverged (loss {loss.item()}); try another seed")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_value = loss.item()
+    loss_value = _train(model, head, objective, spec, x_train, y_train, seed, progress)
     model.eval()
     head.eval()
     metric = objective.metric(model, head, x_held, y_held)
