@@ -78,6 +78,36 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
+def _pretrain_member(folder: Path, spec: MemberSpec, base_row: dict | None, seed: int, progress: bool) -> dict:
+    """Pretrain ``spec`` (from the weights of its base's ``base_row``, if it has one), write its file
+    to ``folder``; returns its manifest row."""
+    base_sha = base_row["sha256"] if base_row else None
+    if base_row is None:
+        initial = minizoo_resnet
+    else:
+        initial = minizoo_resnet()
+        initial.load_state_dict(load_member(folder / base_row["file"], base_sha).state_dict(), strict=False)
+    model, summary = pretrain(initial, spec, seed=seed, progress=progress)
+    file = f"{spec.name}.safetensors"
+    # one metadata entry: safetensors writes several in arbitrary order, and a rebuild with the same
+    # seed must give the same bytes (and so the same sha256)
+    metadata = {"zootune": json.dumps({"member": spec.name, "zootune_version": __version__}, sort_keys=True)}
+    atomic_write_bytes(folder / file, save_safetensors_bytes(backbone_state_dict(model), metadata=metadata))
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "file": file,
+        "sha256": sha256_file(folder / file),
+        "size_bytes": (folder / file).stat().st_size,
+        "arch": ARCH,
+        "init_from": spec.init_from,
+        "init_from_sha256": base_sha,
+        "zootune_version": __version__,
+        "torch_version": torch.__version__,
+        **summary,
+    }
+
+
 def build_minizoo(
     cache_dir: str | os.PathLike | None = None,
     members: Sequence[str] | None = None,
@@ -110,38 +140,15 @@ def build_minizoo(
         ):
             rows.append(row)
             continue
-        if base_row is None:
-            initial = minizoo_resnet
-        else:
-            initial = minizoo_resnet()
-            initial.load_state_dict(load_member(folder / base_row["file"], base_sha).state_dict(), strict=False)
-        model, summary = pretrain(initial, spec, seed=seed, progress=progress)
-        file = f"{spec.name}.safetensors"
-        # one metadata entry: safetensors writes several in arbitrary order, and a rebuild with the same
-        # seed must give the same bytes (and so the same sha256)
-        metadata = {"zootune": json.dumps({"member": spec.name, "zootune_version": __version__}, sort_keys=True)}
-        atomic_write_bytes(folder / file, save_safetensors_bytes(backbone_state_dict(model), metadata=metadata))
-        row = {
-            "name": spec.name,
-            "description": spec.description,
-            "file": file,
-            "sha256": sha256_file(folder / file),
-            "size_bytes": (folder / file).stat().st_size,
-            "arch": ARCH,
-            "init_from": spec.init_from,
-            "init_from_sha256": base_sha,
-            "zootune_version": __version__,
-            "torch_version": torch.__version__,
-            **summary,
-        }
+        row = _pretrain_member(folder, spec, base_row, seed, progress)
         manifest["members"][spec.name] = row
         manifest["format"] = MANIFEST_FORMAT
         atomic_write_manifest(folder / "manifest.json", manifest)
         rows.append(row)
         if progress:
             print(
-                f"built {spec.name}: {summary['metric_name']}={summary['metric']:.1f} "
-                f"in {summary['seconds']:.0f}s", flush=True,
+                f"built {spec.name}: {row['metric_name']}={row['metric']:.1f} "
+                f"in {row['seconds']:.0f}s", flush=True,
             )
     return rows
 
