@@ -47,7 +47,7 @@ def write_folder(name: str, root: Path) -> Path:
     if (out / "test").is_dir():
         return out
     if name == "photos112":
-        from zootune.data import sources
+        from zootune.suite import sources
 
         names = sources.TEXTURE_TARGET_IMAGES
         regions = {"train": (0.0, 0.6), "val": (0.6, 1.0), "test": (0.6, 1.0)}
@@ -59,7 +59,7 @@ def write_folder(name: str, root: Path) -> Path:
             labels = np.repeat(np.arange(len(names)), counts[split])
             _write_split(out / split, np.concatenate(images), labels, names, ".jpg")
         return out
-    from zootune.data.targets import SPLITS, TARGETS, EXTRA_TARGETS, _cached_arrays
+    from zootune.suite.targets import SPLITS, TARGETS, EXTRA_TARGETS, _cached_arrays
 
     spec = TARGETS.get(name) or EXTRA_TARGETS[name]
     arrays = _cached_arrays(spec, 0, None)

@@ -29,7 +29,7 @@ import torch
 
 from zootune.cost import measure_cost
 from zootune.atomic import atomic_write_bytes, atomic_write_json
-from zootune.data.targets import TARGETS, get_target
+from zootune.suite.targets import TARGETS, get_target
 from zootune.engine import TrainConfig, evaluate
 from zootune.experiment import run_training
 from zootune.fitting import fit_method

@@ -2,7 +2,7 @@
 
 Every single fine-tune, the best-on-validation single, the ensemble (mean of the fine-tuned members'
 coordinates), the uniform soup, Zoo-Tuning and Lite Zoo-Tuning on the generated ``landmarks`` target
-(:mod:`zootune.data.landmarks`), mean ± std of the test NME (percent of the inter-ocular distance,
+(:mod:`zootune.suite.faces`), mean ± std of the test NME (percent of the inter-ocular distance,
 lower is better) over seeds, with training / inference GFLOPs per image from the shared cost
 accounting. It is exactly the comparison run::
 

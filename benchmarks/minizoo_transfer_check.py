@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from zootune.data import get_target, TARGETS
+from zootune.suite.targets import TARGETS, get_target
 from zootune.minizoo import load_minizoo, minizoo_arch, pooled_features, MEMBERS
 from zootune.models.heads import replace_head, new_linear_head
 CACHE = os.environ.get("ZOOTUNE_CACHE")

@@ -7,7 +7,7 @@ shared engine (:func:`zootune.experiment.fit_method`), formulations chosen by MA
 - ``a``: the four suite targets (digits8x8, textures, count, polygons) with the MiniZoo;
 - ``b``: the same targets with the MiniZoo plus two junk members (``zootune.minizoo.junk``: a random
   initialisation and a model pretrained on MNIST with shuffled labels);
-- ``c``: the ``letters`` target (:mod:`zootune.data.letters`), where one member dominates and most
+- ``c``: the ``letters`` target (:mod:`zootune.suite.letters`), where one member dominates and most
   transfer no better than training from scratch (the ``random-init`` member fine-tuned IS training
   from scratch: its row is reported too).
 
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from zootune.data.cache import atomic_write_bytes, atomic_write_json
-from zootune.data.targets import TARGETS, get_target
+from zootune.suite.targets import TARGETS, get_target
 from zootune.engine import evaluate
 from zootune.experiment import run_training
 from zootune.fitting import fit_method

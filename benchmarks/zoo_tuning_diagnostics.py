@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from zootune.data.targets import TARGETS, get_target
+from zootune.suite.targets import TARGETS, get_target
 from zootune.engine import evaluate
 from zootune.experiment import run_training
 from zootune.fitting import fit_method

@@ -19,7 +19,7 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from zootune.data.targets import get_target
+from zootune.suite.targets import get_target
 from zootune.methods.finetune import fine_tune
 from zootune.methods.zoo_tuning import ZooTuning, ZooTuningOptions
 from zootune.minizoo import load_minizoo

@@ -141,7 +141,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, fragments, workspace, fitted_
 
 
 def test_unknown_target_is_reported_before_any_work(tmp_path, capsys):
-    pytest.importorskip("zootune.data.targets")
+    pytest.importorskip("zootune.suite.targets")
     code, _, err = run_cli(["run", "--targets", "no-such-target", "--out", tmp_path, "--cache-dir", tmp_path], capsys)
     assert_one_line_error(code, err, "unknown target")
     assert not (tmp_path / "minizoo").exists()  # the zoo was not built for a run that cannot start

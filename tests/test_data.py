@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from zootune.data import (
-    MEAN, STD, TARGETS, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, get_target,
-    load_image_folder, load_unsplit_image_folder, stratified_split,
+    MEAN, STD, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, load_image_folder,
+    load_unsplit_image_folder, stratified_split,
 )
-from zootune.data import scenes, targets
+from zootune.suite import scenes, targets
+from zootune.suite.targets import TARGETS, get_target
 from zootune.errors import DataError
 
 # ----------------------------------------------------------------------------- transforms

@@ -174,7 +174,7 @@ def test_same_config_gives_the_same_numbers(tiny_run, tmp_path):
 
 
 def test_unknown_target_is_a_user_error(tmp_path):
-    pytest.importorskip("zootune.data.targets")
+    pytest.importorskip("zootune.suite.targets")
     with pytest.raises(ZootuneError, match="unknown target"):
         run_experiment(RunConfig(targets=["no-such-target"], plots=False), tmp_path, zoo=tiny_zoo(), echo=None)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from zootune.data import landmarks as lm
-from zootune.data.targets import (
+from zootune.suite import faces as face_suite
+from zootune.suite.targets import (
     EXTRA_TARGETS,
     TARGETS,
     TargetSpec,
@@ -83,8 +84,8 @@ def test_metric_sums_over_batches_equal_the_nme_of_the_concatenation():
 
 
 def test_split_metric_does_not_depend_on_the_batch_size():
-    task = LandmarkTask(lm.NUM_LANDMARKS)
-    images, points = lm.face_scenes(10, seed=5)
+    task = LandmarkTask(face_suite.NUM_LANDMARKS)
+    images, points = face_suite.face_scenes(10, seed=5)
     dataset = lm.LandmarkDataset.from_uint8(images, points)
     model = resnet_small(num_classes=task.num_outputs, depth=10, width=4)
     assert evaluate(model, task, dataset, batch_size=3)["nme"] == pytest.approx(
@@ -138,21 +139,21 @@ def test_trainer_stops_on_nan_landmarks_with_a_data_error():
 
 
 def test_faces_are_deterministic_for_a_seed_and_differ_between_seeds():
-    a_images, a_points = lm.face_scenes(4, seed=11)
-    b_images, b_points = lm.face_scenes(4, seed=11)
-    c_images, c_points = lm.face_scenes(4, seed=12)
+    a_images, a_points = face_suite.face_scenes(4, seed=11)
+    b_images, b_points = face_suite.face_scenes(4, seed=11)
+    c_images, c_points = face_suite.face_scenes(4, seed=12)
     assert a_images.shape == (4, 32, 32, 3) and a_images.dtype == np.uint8
-    assert a_points.shape == (4, lm.NUM_LANDMARKS, 2) and a_points.dtype == np.float32
+    assert a_points.shape == (4, face_suite.NUM_LANDMARKS, 2) and a_points.dtype == np.float32
     assert np.array_equal(a_images, b_images) and np.array_equal(a_points, b_points)
     assert not np.array_equal(a_images, c_images) and not np.allclose(a_points, c_points)
 
 
 def test_landmarks_lie_inside_the_image_on_the_rendered_features():
     n = 40
-    images, points, parts = lm.face_scenes(n, seed=3, occlusion_prob=0.0, return_parts=True)
+    images, points, parts = face_suite.face_scenes(n, seed=3, occlusion_prob=0.0, return_parts=True)
     assert (points > 0).all() and (points < 1).all()
     pixel = np.floor(points * 32).astype(int)  # the pixel containing each landmark
-    part = lm.PARTS.index
+    part = face_suite.PARTS.index
     luminance = images.astype(np.float64).mean(axis=3)
 
     def around(i, k, radius=1):
@@ -160,7 +161,7 @@ def test_landmarks_lie_inside_the_image_on_the_rendered_features():
         return parts[i, max(y - radius, 0): y + radius + 1, max(x - radius, 0): x + radius + 1]
 
     for i in range(n):
-        for eye in lm.EYE_INDICES:
+        for eye in face_suite.EYE_INDICES:
             x, y = pixel[i, eye]
             assert parts[i, y, x] == part("pupil")
             # the pupil is darker than the white of the same eye (lighting varies slowly over 2 px)
@@ -176,18 +177,18 @@ def test_landmarks_lie_inside_the_image_on_the_rendered_features():
             assert (around(i, brow) == part("brow")).any()
         chin = around(i, 5)  # on the outline of the head: skin on one side, background on the other
         assert (chin == part("skin")).any() and (chin == part("background")).any()
-    assert np.isin(lm.PARTS.index("pupil"), parts)
+    assert np.isin(face_suite.PARTS.index("pupil"), parts)
     # Inter-ocular distances are a few pixels at 32x32: the faces are small but not degenerate.
     iod = np.linalg.norm(points[:, 0] - points[:, 1], axis=1) * 32
     assert iod.min() > 2.5 and iod.max() < 16
 
 
 def test_occluders_are_drawn_some_of_the_time():
-    _, _, parts = lm.face_scenes(40, seed=4, return_parts=True)
-    occluded = (parts == lm.PARTS.index("occluder")).any(axis=(1, 2)).mean()
+    _, _, parts = face_suite.face_scenes(40, seed=4, return_parts=True)
+    occluded = (parts == face_suite.PARTS.index("occluder")).any(axis=(1, 2)).mean()
     assert 0.1 < occluded < 0.7
-    _, _, clean = lm.face_scenes(20, seed=4, occlusion_prob=0.0, return_parts=True)
-    assert not (clean == lm.PARTS.index("occluder")).any()
+    _, _, clean = face_suite.face_scenes(20, seed=4, occlusion_prob=0.0, return_parts=True)
+    assert not (clean == face_suite.PARTS.index("occluder")).any()
 
 
 def test_landmark_target_is_extra_not_in_all_and_comes_with_its_task(monkeypatch, tmp_path):
@@ -198,15 +199,15 @@ def test_landmark_target_is_extra_not_in_all_and_comes_with_its_task(monkeypatch
     assert resolve_targets(["landmarks"]) == ["landmarks"]
     # the registered target, with small splits so the test is fast
     spec = EXTRA_TARGETS["landmarks"]
-    small = TargetSpec(**{**spec.__dict__, "make_arrays": _generated("landmarks", lm.face_scenes,
+    small = TargetSpec(**{**spec.__dict__, "make_arrays": _generated("landmarks", face_suite.face_scenes,
                                                                      {"train": 6, "val": 4, "test": 4})})
     monkeypatch.setitem(EXTRA_TARGETS, "landmarks", small)
     splits = get_target("landmarks", seed=0, cache_dir=tmp_path)
     again = get_target("landmarks", seed=0, cache_dir=tmp_path)  # from the .npz cache
-    assert isinstance(splits.task, LandmarkTask) and splits.task.num_landmarks == lm.NUM_LANDMARKS
+    assert isinstance(splits.task, LandmarkTask) and splits.task.num_landmarks == face_suite.NUM_LANDMARKS
     assert splits.sizes() == {"train": 6, "val": 4, "test": 4}
     image, points = splits.train[0]
-    assert image.shape == (3, 32, 32) and points.shape == (lm.NUM_LANDMARKS, 2) and points.dtype == torch.float32
+    assert image.shape == (3, 32, 32) and points.shape == (face_suite.NUM_LANDMARKS, 2) and points.dtype == torch.float32
     assert torch.equal(splits.test.landmarks, again.test.landmarks) and torch.equal(splits.val.images, again.val.images)
     assert list((tmp_path / "targets").glob("landmarks-seed0-*.npz"))
     splits.task.check_targets(splits.val.landmarks)
@@ -267,7 +268,7 @@ def tiny_zoo(m: int = 3) -> Zoo:
 
 @pytest.fixture(scope="module")
 def faces():
-    images, points = lm.face_scenes(48, seed=9)
+    images, points = face_suite.face_scenes(48, seed=9)
     return (lm.LandmarkDataset.from_uint8(images[:32], points[:32]),
             lm.LandmarkDataset.from_uint8(images[32:], points[32:]))
 
@@ -277,11 +278,11 @@ def test_landmarks_go_through_the_same_zoo_tuning_class_as_classification(method
     from zootune.methods.zoo_tuning import ZooTuning
 
     zoo = tiny_zoo()
-    task = LandmarkTask(lm.NUM_LANDMARKS)
+    task = LandmarkTask(face_suite.NUM_LANDMARKS)
     spec = get_method(method)
     built = build_method(spec.name, zoo, task)
     assert type(built) is type(build_method(spec.name, zoo, ClassificationTask(4))) is ZooTuning
-    assert built(faces[0].images[:2]).shape == (2, 2 * lm.NUM_LANDMARKS)
+    assert built(faces[0].images[:2]).shape == (2, 2 * face_suite.NUM_LANDMARKS)
     train, val = faces
     config = TrainConfig(epochs=3, batch_size=16, optimizer="adamw", lr=3e-3, progress=False, seed=0)
     result = Trainer(built, task, train, val, config).fit()
@@ -289,13 +290,13 @@ def test_landmarks_go_through_the_same_zoo_tuning_class_as_classification(method
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert result.best_val_metric == min(r["val_nme"] for r in result.history)  # lower is better
     outputs = result.model.eval()(val.images[:4])
-    assert outputs.shape == (4, 2 * lm.NUM_LANDMARKS)
+    assert outputs.shape == (4, 2 * face_suite.NUM_LANDMARKS)
     if method == "lite":  # folded into one plain model with the same head size
         assert not isinstance(result.model, ZooTuning)
 
 
 def test_ensemble_returns_the_mean_of_the_members_coordinates(faces):
-    task = LandmarkTask(lm.NUM_LANDMARKS)
+    task = LandmarkTask(face_suite.NUM_LANDMARKS)
     zoo = tiny_zoo(2)
     members = []
     for i in range(2):
@@ -311,20 +312,20 @@ def test_ensemble_returns_the_mean_of_the_members_coordinates(faces):
 
 
 def test_soup_and_finetune_build_landmark_heads():
-    task = LandmarkTask(lm.NUM_LANDMARKS)
+    task = LandmarkTask(face_suite.NUM_LANDMARKS)
     zoo = tiny_zoo(2)
     for method in ("soup", "finetune"):
         model = build_method(method, zoo, task).finalize()
-        assert model.fc.out_features == 2 * lm.NUM_LANDMARKS and torch.all(model.fc.bias == 0.5)
+        assert model.fc.out_features == 2 * face_suite.NUM_LANDMARKS and torch.all(model.fc.bias == 0.5)
 
 
 @pytest.mark.parametrize("method", ["knowledge-flow", "hub-pathway"])
 def test_other_zoo_methods_train_on_a_landmark_task(method, faces):
-    task = LandmarkTask(lm.NUM_LANDMARKS)
+    task = LandmarkTask(face_suite.NUM_LANDMARKS)
     model = build_method(method, tiny_zoo(2), task)
     x, y = faces[0].images[:8], faces[0].landmarks[:8]
     outputs = model(x)
-    assert outputs.shape == (8, 2 * lm.NUM_LANDMARKS)
+    assert outputs.shape == (8, 2 * face_suite.NUM_LANDMARKS)
     loss = task.loss(outputs, y)
     if hasattr(model, "auxiliary_loss"):
         loss = loss + model.auxiliary_loss(outputs, y)
@@ -346,7 +347,7 @@ def test_comparison_run_on_a_landmark_target_selects_the_lowest_nme(tmp_path, fa
     train, val = faces
 
     def load(name, seed=0):
-        return DatasetSplits(train, val, val, lm.NUM_LANDMARKS, name, task=LandmarkTask(lm.NUM_LANDMARKS))
+        return DatasetSplits(train, val, val, face_suite.NUM_LANDMARKS, name, task=LandmarkTask(face_suite.NUM_LANDMARKS))
 
     config = RunConfig(targets=["faces"], seeds=[0], methods=["finetune", "ensemble", "lite"], plots=False,
                        train=dict(epochs=1, batch_size=16, optimizer="adamw", lr=3e-3, eval_batch_size=16))

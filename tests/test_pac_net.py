@@ -408,7 +408,7 @@ def test_registry_build_with_source_data_runs_allocate():
 
 def test_source_splits_from_the_suite_run_allocate_on_that_dataset():
     # A source task given as DatasetSplits (what `zootune fit --source-data FOLDER` reads).
-    from zootune.data import get_target
+    from zootune.suite.targets import get_target
 
     members = [resnet_small(num_classes=10, depth=10, width=4)]
     with warnings.catch_warnings():

@@ -137,7 +137,7 @@ def test_random_init_junk_member_is_the_seeded_architecture():
 
 def test_letters_target_is_deterministic_and_covers_every_letter():
     pytest.importorskip("matplotlib")
-    from zootune.data.letters import LETTERS, letter_scenes
+    from zootune.suite.letters import LETTERS, letter_scenes
 
     images, labels = letter_scenes(60, seed=3)
     again, _ = letter_scenes(60, seed=3)
@@ -151,7 +151,7 @@ def test_letters_target_is_deterministic_and_covers_every_letter():
 
 
 def test_letters_is_an_extra_target_not_in_the_default_suite():
-    from zootune.data import targets
+    from zootune.suite import targets
 
     assert "letters" in targets.EXTRA_TARGETS and "letters" not in targets.TARGETS
     assert targets.EXTRA_TARGETS["letters"].num_classes == 10

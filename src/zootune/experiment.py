@@ -182,7 +182,7 @@ def parse_method_options(specs: Sequence[MethodSpec], method_options: dict | Non
 
 def resolve_targets(names: Sequence[str] | None) -> list[str]:
     """Target names: ``None``/``["all"]`` = the whole suite; ``"default"`` = the suite's default."""
-    from zootune.data import targets as suite
+    from zootune.suite import targets as suite
 
     known = list(suite.TARGETS)
     if names is None or list(names) == ["all"]:
@@ -385,7 +385,7 @@ def _resolve_loader(config: RunConfig, load_target: Callable | None,
     if load_target is None:
         from functools import partial
 
-        from zootune.data.targets import get_target
+        from zootune.suite.targets import get_target
 
         return partial(get_target, cache_dir=config.cache_dir), resolve_targets(config.targets)
     targets = list(target_names or config.targets or [])
@@ -442,7 +442,7 @@ def run_experiment(
 
     ``zoo`` defaults to the MiniZoo (:func:`zootune.minizoo.load_minizoo`, built if missing), ``hub``
     (for hub methods) to the MiniZoo hub (:func:`zootune.minizoo.hub.load_hub`), and
-    ``load_target(name, seed) -> DatasetSplits`` to :func:`zootune.data.targets.get_target`; tests
+    ``load_target(name, seed) -> DatasetSplits`` to :func:`zootune.suite.targets.get_target`; tests
     pass tiny ones. ``target_names`` then overrides the suite's names.
     """
     specs = select_methods(config.methods, hub=config.hub)

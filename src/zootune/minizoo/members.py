@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from zootune.data import scenes, sources
+from zootune.suite import scenes, sources
 from zootune.data.transforms import normalize_batch, to_float_chw
 from zootune.minizoo import objectives
 
