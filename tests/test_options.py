@@ -66,6 +66,7 @@ def test_every_registered_method_declares_its_options_and_refuses_unknown_ones()
     for name, spec in available_methods().items():
         assert dataclasses.is_dataclass(spec.config), name  # one option system: a dataclass
         assert spec.option_names(), name
+        assert spec.layer_types_option is None or spec.layer_types_option in spec.option_names(), name
         with pytest.raises(OptionError, match=f"unknown {name} option"):
             spec.parse_options({"no_such_option": 1})
         spec.parse_options({})  # the defaults are valid

@@ -80,6 +80,8 @@ class MethodSpec:
     classes it supports (None: any). ``in_default_run=False`` (with ``default_run_note`` saying why):
     left out of ``zootune run`` unless named. ``needs_source_data``: uses ``ctx.source``.
     ``reports_gates``: the built module has ``record_gates()``/``gate_statistics()`` (gate heatmaps).
+    ``layer_types_option``: the name of the option that takes the layer types to change, for
+    ``--aggregate`` (None: the method aggregates no layers).
     ``plain_model``: what ``finalize()`` returns is a plain model of the zoo's architecture.
     ``candidates(ctx)``: called with the first build's context (``ctx.resolved`` filled), a list of
     option overrides to train the same way as further candidates; the one with the best validation
@@ -101,6 +103,9 @@ class MethodSpec:
     reports_gates: bool = False
     plain_model: bool = False  # finalize() gives a plain model of the zoo's architecture (no method modules)
     candidates: Callable[[BuildContext], list[dict]] | None = None
+    # The name of the option that takes the layer types to change, for --aggregate (None: the method
+    # aggregates no layers and --aggregate does not apply to it).
+    layer_types_option: str | None = None
 
     def supports(self, task) -> bool:
         return self.task_types is None or isinstance(task, self.task_types)
