@@ -195,14 +195,16 @@ def _parse_layer_types(text: str) -> list[str]:
 
 
 def _add_layer_types(spec, options: dict, layer_types: list[str] | None) -> None:
-    """Put ``--aggregate`` into the method's options, if the method takes layer types."""
+    """Put ``--aggregate`` into the method's options, if the method takes layer types (its spec's
+    ``layer_types_option`` names the option)."""
     if layer_types is None:
         return
-    if "target_types" not in spec.option_names():
+    option = spec.layer_types_option
+    if option is None:
         raise ZootuneError(f"method {spec.name!r} aggregates no layers: --aggregate does not apply to it")
-    if "target_types" in options:
-        raise ZootuneError("give the layer types once: --aggregate or --option target_types=..., not both")
-    options["target_types"] = layer_types
+    if option in options:
+        raise ZootuneError(f"give the layer types once: --aggregate or --option {option}=..., not both")
+    options[option] = layer_types
 
 
 def _print_build_reports() -> None:
