@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Sequence
 
 from zootune.cli.args import (
+    auto_or,
+    layer_types,
+    mebibytes,
     parse_method_option_list,
     parse_options,
     parse_seeds,
-    auto_or,
     positive_float,
     positive_int,
     seed_int,
     split_list,
+    worker_count,
 )
 from zootune.errors import NonFiniteLossError, ZootuneError
 from zootune.methods.registry import DEFAULT_METHOD
@@ -48,28 +51,6 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _workers(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {value}")
-    return value
-
-
-def _mebibytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}")
-    return value
 
 
 def _folder_options(args) -> dict:
@@ -179,19 +160,6 @@ def _load_zoo(args, from_files: bool):
         shown = ", ".join(f"{k} {v}" for k, v in zoo.data_config.to_dict().items())
         print(f"zoo: {len(zoo)} x {zoo.architecture}; the checkpoints' preprocessing: {shown}")
     return zoo
-
-
-def _parse_layer_types(text: str) -> list[str]:
-    """``--aggregate conv,linear`` (or conv+linear): validated layer type names."""
-    from zootune.layers.targets import LAYER_TYPE_NAMES
-
-    names = [part.strip().lower() for part in text.replace("+", ",").split(",") if part.strip()]
-    unknown = [name for name in names if name not in LAYER_TYPE_NAMES]
-    if unknown or not names:
-        problem = f"unknown layer type {unknown[0]!r}" if unknown else "give at least one layer type"
-        raise argparse.ArgumentTypeError(
-            f"{problem}; choose from {', '.join(LAYER_TYPE_NAMES)} (comma-separated, e.g. conv,linear)")
-    return names
 
 
 def _add_layer_types(spec, options: dict, layer_types: list[str] | None) -> None:
@@ -530,11 +498,11 @@ def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False, cac
                             "+ horizontal flip; light = crop scale 0.35-1 + flip; no-flip = paper's crop only; "
                             "none = the evaluation centre crop; auto (default) = none below 64 px, light below "
                             "96 px, paper from 96 px (zootune.data.auto)")
-    p.add_argument("--workers", type=_workers, default="auto",
+    p.add_argument("--workers", type=worker_count, default="auto",
                    help="DataLoader worker processes decoding images, or 'auto' (default): CPUs - 1 (at most 8) "
                         "for images read at 96 px or more, none for smaller images")
     if cache:
-        p.add_argument("--cache-budget", type=_mebibytes, metavar="MIB",
+        p.add_argument("--cache-budget", type=mebibytes, metavar="MIB",
                        help="MiB of decoded pixels that may be kept in RAM to skip re-decoding (default 512; 0: "
                             "stream every image from disk)")
     p.add_argument("--max-image-pixels", type=positive_int, default=89_478_485, metavar="N",
@@ -597,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of everything random (0..2**32-1)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="an option of the method (repeatable; unknown names and wrong types are refused before any work)")
-    p.add_argument("--aggregate", type=_parse_layer_types, metavar="TYPES",
+    p.add_argument("--aggregate", type=layer_types, metavar="TYPES",
                    help="layer types to aggregate, comma-separated: conv, linear, conv1d, conv2d, conv3d "
                         "(default: the method's, conv; a ViT needs conv,linear)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
@@ -674,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from zootune.cli.rl import add_rl_parser
 
-    add_rl_parser(sub, positive_int, parse_seeds)
+    add_rl_parser(sub)
     return parser
 
 
