@@ -509,11 +509,8 @@ def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False, cac
                    help="refuse images with more pixels than this (default 89478485, Pillow's warning threshold)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="zootune", description="Transfer learning from a zoo of pretrained models.")
-    parser.add_argument("--version", action="version", version=f"zootune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_run_parser(sub) -> None:
+    """``zootune run``: the comparison of the methods on the MiniZoo targets."""
     p = sub.add_parser("run", help="compare all methods on the MiniZoo targets (the main job)",
                        description="Build or load the MiniZoo, train every method on every target and "
                                    "seed, print a Table-1-style table and write results.json, results.md, "
@@ -541,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     p.set_defaults(func=cmd_run)
 
+
+def _add_fit_parser(sub) -> None:
+    """``zootune fit``: train one method on an image folder and export the model."""
     p = sub.add_parser("fit", help="train one method on your image folder and export the model",
                        description="Train a method on an image folder (<root>/<class>/<image>, or "
                                    "train/ val/ [test/] folders of those) from a zoo of checkpoints; "
@@ -589,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: BatchNorm statistics over the global batch instead of each process's")
     p.set_defaults(func=cmd_fit)
 
+
+def _add_export_parser(sub) -> None:
+    """``zootune export``: a fit folder's model as safetensors + config.json."""
     p = sub.add_parser("export", help="write the trained model of a fit folder as safetensors + config.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `zootune fit` (or a model folder)")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
@@ -596,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_evaluate_parser(sub) -> None:
+    """``zootune evaluate``: an exported model on an image folder."""
     p = sub.add_parser("evaluate", help="evaluate an exported model on an image folder")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model folder (model.safetensors + config.json)")
     p.add_argument("--data", required=True, help="image folder; its test/ split if it has one, else all images")
@@ -605,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict_parser(sub) -> None:
+    """``zootune predict``: an exported model's classes of images, as CSV."""
     p = sub.add_parser("predict", help="apply an exported model to images; write the predicted classes as CSV",
                        description="Predict the classes of image files and folders (searched recursively) with an "
                                    "exported model, preprocessed as it was evaluated; one CSV row per image: path, "
@@ -621,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_zoo_parser(sub) -> None:
+    """``zootune zoo build|list``: the MiniZoo."""
     p = sub.add_parser("zoo", help="the MiniZoo: build or list", description="The MiniZoo of small pretrained ResNets.")
     zoo_sub = p.add_subparsers(dest="zoo_command", metavar="ACTION")
     q = zoo_sub.add_parser("build", help="pretrain the MiniZoo members that are missing (cached)")
@@ -632,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache-dir")
     q.set_defaults(func=cmd_zoo_list)
 
+
+def _add_rank_parser(sub) -> None:
+    """``zootune rank``: the zoo members by LogME on an image folder."""
     p = sub.add_parser("rank", help="rank zoo members by LogME transferability on your data")
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
@@ -640,9 +655,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folder_arguments(p)
     p.set_defaults(func=cmd_rank)
 
+def build_parser() -> argparse.ArgumentParser:
     from zootune.cli.rl import add_rl_parser
 
-    add_rl_parser(sub)
+    parser = _Parser(prog="zootune", description="Transfer learning from a zoo of pretrained models.")
+    parser.add_argument("--version", action="version", version=f"zootune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_parser in (_add_run_parser, _add_fit_parser, _add_export_parser, _add_evaluate_parser,
+                       _add_predict_parser, _add_zoo_parser, _add_rank_parser, add_rl_parser):
+        add_parser(sub)
     return parser
 
 
