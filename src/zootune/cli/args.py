@@ -1,5 +1,10 @@
 """The ``zootune`` flags' argument types (every ``type=`` of the parsers) and the small parsers of
-flag values, shared by the subcommands (no subcommand imports another)."""
+flag values, shared by the subcommands (no subcommand imports another).
+
+A flag that sets a :class:`zootune.engine.TrainConfig` field checks no range of its own that differs
+from the one ``TrainConfig`` checks (``positive_int`` is its ``>= 1``, ``positive_float`` its finite
+``> 0``); tests/test_cli.py holds them to it.
+"""
 
 from __future__ import annotations
 

@@ -214,25 +214,12 @@ def _is_main_process() -> bool:
 
 
 def cmd_fit(args) -> int:
-    from zootune.engine import evaluate
     from zootune.experiment import fit_with_requirements
-    from zootune.methods.registry import get_method
-    from zootune.model_dir import export_info, save_model_dir
-    from zootune.report import atomic_write_json
     from zootune.run_folder import RunFolder, refuse_overlap
     from zootune.tasks import ClassificationTask
 
     # Everything the user typed is checked before any file is read or any model is built.
-    spec = get_method(args.method)
-    if spec.hub:
-        raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
-    if args.source_data is not None and not spec.needs_source_data:
-        raise ZootuneError(f"method {spec.name!r} uses no source data; --source-data is for "
-                           f"{', '.join(n for n, s in _methods().items() if s.needs_source_data) or 'none'}")
-    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
-    options = parse_options(args.option)
-    _add_layer_types(spec, options, args.aggregate)
-    spec.parse_options(options)  # unknown names, types and ranges
+    spec, options = _fit_method(args)
     from_files = _check_zoo_arguments(args)
     config = _train_config(args)
     main_process = _is_main_process()
@@ -252,30 +239,73 @@ def cmd_fit(args) -> int:
         config, chosen = _fit_choices(args, config, zoo, task, splits, folder.path, say)
         result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
                                           source=source, out_dir=folder.path, resume=args.resume, echo=say)
-        metrics = {"val": evaluate(result.model, task, splits.val, num_workers=config.num_workers)}
-        if splits.test is not None:
-            metrics["test"] = evaluate(result.model, task, splits.test, num_workers=config.num_workers)
-        member = (args.member or 0) if spec.per_member else args.member
-        info = export_info(
-            result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
-            # the options as the method resolved them from the data (e.g. the members' ranking), so
-            # that loading the folder rebuilds the same module without the data
-            zoo_paths=args.zoo, method=spec.name, member=member, options={**options, **result.resolved},
-            class_names=list(splits.class_names), image_size=splits.image_size, metrics=metrics,
-            trust_code=args.trust_code, preprocessing=preprocessing,
-        )
-
-        def write_model(tmp: Path) -> None:
-            # the model, its config and its metrics are one unit: renamed into place together
-            save_model_dir(tmp, result.model, info)
-            atomic_write_json(tmp / "metrics.json", {"method": spec.name, "member": member,
-                                                      "seconds": result.seconds, "chosen": chosen,
-                                                      "best_val_metric": result.val_metric, **metrics})
-
-        model_dir = folder.commit("model", write_model)
+        metrics = _fitted_metrics(result.model, task, splits, config)
+        model_dir, info = _save_fitted(folder, args, spec, {**options, **result.resolved}, result, splits,
+                                       metrics, chosen, preprocessing)
     shown = " ".join(f"{split} {task.metric_name} {m[task.metric_name]:.2f}" for split, m in metrics.items())
     say(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {model_dir} ({info['kind']})")
     return 0
+
+
+def _fit_method(args):
+    """The method of ``--method`` and its options (``--option``, ``--aggregate``), checked (names,
+    types and ranges), and ``args.arch_kwargs`` parsed from ``--arch-option``."""
+    from zootune.methods.registry import get_method
+
+    spec = get_method(args.method)
+    if spec.hub:
+        raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
+    if args.source_data is not None and not spec.needs_source_data:
+        raise ZootuneError(f"method {spec.name!r} uses no source data; --source-data is for "
+                           f"{', '.join(n for n, s in _methods().items() if s.needs_source_data) or 'none'}")
+    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
+    options = parse_options(args.option)
+    _add_layer_types(spec, options, args.aggregate)
+    spec.parse_options(options)  # unknown names, types and ranges
+    return spec, options
+
+
+def _fitted_metrics(model, task, splits, config) -> dict:
+    """The fitted model's metrics on the validation split, and on the test split when there is one."""
+    from zootune.engine import evaluate
+
+    metrics = {"val": evaluate(model, task, splits.val, num_workers=config.num_workers)}
+    if splits.test is not None:
+        metrics["test"] = evaluate(model, task, splits.test, num_workers=config.num_workers)
+    return metrics
+
+
+def _save_fitted(folder, args, spec, options: dict, result, splits, metrics: dict, chosen: dict,
+                 preprocessing: dict) -> tuple[Path, dict]:
+    """Commit the fitted model (safetensors + config.json) and metrics.json into the run folder as
+    one unit; its folder and its config. ``options``: as the method resolved them from the data
+    (e.g. the members' ranking), so that loading the folder rebuilds the same module without it."""
+    from zootune.model_dir import export_info, save_model_dir
+    from zootune.report import atomic_write_json
+
+    member = (args.member or 0) if spec.per_member else args.member
+    info = export_info(
+        result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
+        zoo_paths=args.zoo, method=spec.name, member=member, options=options,
+        class_names=list(splits.class_names), image_size=splits.image_size, metrics=metrics,
+        trust_code=args.trust_code, preprocessing=preprocessing,
+    )
+
+    def write_model(tmp: Path) -> None:
+        # the model, its config and its metrics are one unit: renamed into place together
+        save_model_dir(tmp, result.model, info)
+        atomic_write_json(tmp / "metrics.json", {"method": spec.name, "member": member,
+                                                  "seconds": result.seconds, "chosen": chosen,
+                                                  "best_val_metric": result.val_metric, **metrics})
+
+    return folder.commit("model", write_model), info
+
+
+# The flags of `zootune fit` that set the TrainConfig fields of the same names (TrainConfig checks
+# their ranges); `auto` epochs and lr are resolved from the data later.
+TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "seed", "device", "precision",
+               "threads", "channels_last", "sync_bn", "max_steps_per_epoch")
+CHANNELS_LAST = {"auto": None, "on": True, "off": False}  # --channels-last -> TrainConfig.channels_last
 
 
 def _train_config(args):
@@ -283,12 +313,10 @@ def _train_config(args):
     from zootune.engine import TrainConfig, check_device
 
     check_device(args.device)
-    return TrainConfig(epochs=1 if args.epochs == "auto" else args.epochs, batch_size=args.batch_size,
-                       optimizer=args.optimizer, lr=0.1 if args.lr == "auto" else args.lr,
-                       weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
-                       max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
-                       precision=args.precision, sync_bn=args.sync_bn, threads=args.threads,
-                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
+    values = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    values.update(epochs=1 if args.epochs == "auto" else args.epochs, lr=0.1 if args.lr == "auto" else args.lr,
+                  channels_last=CHANNELS_LAST[args.channels_last], progress=not args.no_progress)
+    return TrainConfig(**values)
 
 
 def _fit_data(args, zoo, preprocessing: dict, say):
@@ -511,6 +539,8 @@ def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False, cac
 
 def _add_run_parser(sub) -> None:
     """``zootune run``: the comparison of the methods on the MiniZoo targets."""
+    from zootune.engine.config import OPTIMIZERS
+
     p = sub.add_parser("run", help="compare all methods on the MiniZoo targets (the main job)",
                        description="Build or load the MiniZoo, train every method on every target and "
                                    "seed, print a Table-1-style table and write results.json, results.md, "
@@ -526,7 +556,7 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--epochs", type=positive_int, help="epochs per training")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="for every training (default sgd; the landmark target uses adamw, see docs/landmarks.md)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", help="output folder (default ./zootune-out/<timestamp>)")
@@ -540,7 +570,10 @@ def _add_run_parser(sub) -> None:
 
 
 def _add_fit_parser(sub) -> None:
-    """``zootune fit``: train one method on an image folder and export the model."""
+    """``zootune fit``: train one method on an image folder and export the model. The flags named in
+    ``TRAIN_FLAGS`` are the TrainConfig fields of the same names."""
+    from zootune.engine.config import PRECISIONS
+
     p = sub.add_parser("fit", help="train one method on your image folder and export the model",
                        description="Train a method on an image folder (<root>/<class>/<image>, or "
                                    "train/ val/ [test/] folders of those) from a zoo of checkpoints; "
@@ -579,9 +612,9 @@ def _add_fit_parser(sub) -> None:
                    help="image folder of the source task, for methods that re-train a source task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this process's GPU when there is one, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="autocast precision of the forward pass (fp16 adds loss scaling; default fp32)")
-    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
                    help="channels-last memory format for convolutional models (auto: on for CUDA)")
     p.add_argument("--threads", type=positive_int,
                    help="CPU intra-op threads (default: 1 for small models or a busy machine, else all cores)")
