@@ -263,3 +263,69 @@ def test_rank_prints_rank_zoo_order(workspace, capsys):
     dataset = load_image_folder(workspace / "data", image_size=16).train.with_transform(None)
     expected = [[name, f"{score:.4f}"] for name, score in logme.rank_zoo(zoo, dataset)]
     assert printed == expected
+
+
+# ------------------------------------------------------------------------------- training flags
+
+FIT_REQUIRED = ["fit", "--zoo", "m.pth", "--data", "data", "--out", "out"]
+
+
+def _fit_args(*extra):
+    return cli.build_parser().parse_args(FIT_REQUIRED + list(extra))
+
+
+def test_every_training_flag_of_fit_is_the_train_config_field_of_its_name():
+    """A flag listed in TRAIN_FLAGS sets the TrainConfig field of the same name: one for a field that
+    does not exist fails here, and so does a fit flag named like a field but not passed on."""
+    import dataclasses
+
+    from zootune.engine import TrainConfig
+
+    assert cli.TRAIN_FLAGS == ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "seed", "device",
+                               "precision", "threads", "channels_last", "sync_bn", "max_steps_per_epoch")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(cli.TRAIN_FLAGS) <= fields
+    flags = {name for name in vars(_fit_args()) if name != "func"}
+    assert flags & fields == set(cli.TRAIN_FLAGS)
+    args = _fit_args("--epochs", "3", "--batch-size", "5", "--lr", "0.2", "--weight-decay", "0.1", "--optimizer",
+                     "adam", "--seed", "7", "--device", "cpu", "--precision", "bf16", "--threads", "2",
+                     "--channels-last", "on", "--sync-bn", "--max-steps-per-epoch", "4", "--no-progress")
+    config = cli._train_config(args)
+    assert {name: getattr(config, name) for name in cli.TRAIN_FLAGS} == {
+        "epochs": 3, "batch_size": 5, "lr": 0.2, "weight_decay": 0.1, "optimizer": "adam", "seed": 7,
+        "device": "cpu", "precision": "bf16", "threads": 2, "channels_last": True, "sync_bn": True,
+        "max_steps_per_epoch": 4}
+    assert config.progress is False
+    auto = cli._train_config(_fit_args())  # auto epochs and lr: placeholders until the data is read
+    assert (auto.epochs, auto.lr, auto.channels_last, auto.progress) == (1, 0.1, None, True)
+
+
+# TrainConfig decides these alone: the flag parses the value and checks no range of its own.
+CHECKED_BY_TRAIN_CONFIG_ONLY = {"weight_decay", "optimizer"}
+
+
+@pytest.mark.parametrize("flag, texts", [
+    ("epochs", ["-1", "0", "1", "7"]), ("batch_size", ["0", "1", "48"]), ("threads", ["-3", "0", "1", "2"]),
+    ("max_steps_per_epoch", ["0", "1"]), ("lr", ["-0.1", "0", "inf", "nan", "1e-3"]),
+    ("weight_decay", ["-1", "nan", "inf", "0", "5e-4"]), ("optimizer", ["sgd", "adamw", "lbfgs"]),
+    ("precision", ["fp32", "bf16", "fp16", "fp8"]),
+])
+def test_a_training_flag_refuses_what_train_config_refuses_and_nothing_else(flag, texts):
+    """The range a training flag checks is TrainConfig's range, not another one."""
+    from zootune.engine import TrainConfig
+    from zootune.errors import ZootuneError
+
+    kind = type(getattr(TrainConfig(), flag) or 1)
+    for text in texts:
+        try:
+            value, refused_by_flag = getattr(_fit_args(f"--{flag.replace('_', '-')}", text), flag), False
+        except cli._UsageError:
+            value, refused_by_flag = kind(text), True
+        try:
+            TrainConfig(**{flag: value})
+            refused_by_config = False
+        except ZootuneError:
+            refused_by_config = True
+        assert refused_by_config or not refused_by_flag, (flag, text)  # never stricter than TrainConfig
+        if flag not in CHECKED_BY_TRAIN_CONFIG_ONLY:
+            assert refused_by_flag == refused_by_config, (flag, text)  # nor more lenient

@@ -105,6 +105,24 @@ def test_aggregate_linear_reaches_the_method_and_the_report_is_printed(workspace
     assert code == 0, err
 
 
+def test_aggregate_applies_to_the_methods_that_declare_a_layer_types_option():
+    """--aggregate reads MethodSpec.layer_types_option, not an option name: the Zoo-Tuning family
+    declares it; a method that does not is refused, whatever its options are called."""
+    declared = {name: spec.layer_types_option for name, spec in available_methods().items()
+                if spec.layer_types_option is not None}
+    assert declared == {name: "target_types" for name in ("zoo-tuning", "lite", "zoo-tuning-paper", "lite-paper")}
+    from dataclasses import replace
+
+    from zootune.errors import ZootuneError
+
+    lite = available_methods()["lite"]
+    options = {}
+    cli._add_layer_types(replace(lite, layer_types_option="layers"), options, ["conv"])
+    assert options == {"layers": ["conv"]}
+    with pytest.raises(ZootuneError, match="aggregates no layers"):
+        cli._add_layer_types(replace(lite, layer_types_option=None), {}, ["conv"])
+
+
 @pytest.mark.parametrize("extra, fragments", [
     (["--aggregate", "conv,lnear"], ["unknown layer type 'lnear'", "conv, conv1d"]),
     (["--aggregate", ","], ["give at least one layer type"]),

@@ -466,3 +466,32 @@ def test_registry_passes_member_scores_to_the_robust_variant():
     task = ClassificationTask(NUM_CLASSES)
     model = build_method("hub-pathway", Hub(tiny_hub_models()), task, options={"member_scores": [0, 3, 1, 2]})
     assert model.route_prior.topk(2).indices.tolist() in ([1, 3], [3, 1]) and model.variant == "robust"
+
+
+def test_options_are_one_dataclass_with_the_constructors_former_names_and_defaults():
+    from zootune.errors import OptionError
+    from zootune.methods.hub_pathway import HubPathwayOptions
+
+    spec = get_method("hub-pathway")
+    assert spec.config is HubPathwayOptions
+    assert spec.option_names() == [
+        "k", "explore_weight", "exploit_weight", "exploit_weighting", "noisy", "generator_width",
+        "generator_input_size", "input_shape", "backbone_lr_mult", "copy_members", "variant", "member_scores",
+        "route_prior", "route_prior_top", "explore", "generator_lr_mult"]
+    assert isinstance(spec.parse_options({"k": 3}), HubPathwayOptions)
+    defaults = HubPathway(tiny_hub_models(), NUM_CLASSES)
+    assert defaults.options == HubPathwayOptions() and defaults.k == 2 and defaults.explore == "prior"
+    assert (defaults.explore_weight, defaults.exploit_weight, defaults.exploit_weighting) == (0.01, 1.0, "none")
+    assert HubPathway(tiny_hub_models(), NUM_CLASSES, 3).k == 3  # k may stay positional
+    torch.manual_seed(0)
+    by_keywords = HubPathway(tiny_hub_models(), NUM_CLASSES, k=1, exploit_weighting="gate")
+    torch.manual_seed(0)
+    by_options = HubPathway(tiny_hub_models(), NUM_CLASSES, options=HubPathwayOptions(k=1, exploit_weighting="gate"))
+    for a, b in zip(by_keywords.state_dict().values(), by_options.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ZootuneError, match="either options= or keyword options"):
+        HubPathway(tiny_hub_models(), NUM_CLASSES, options=HubPathwayOptions(), k=1)
+    with pytest.raises(OptionError, match="unknown hub-pathway option.*'width'"):
+        HubPathway(tiny_hub_models(), NUM_CLASSES, width=3)
+    with pytest.raises(OptionError, match="exploit_weighting must be 'none' or 'gate'"):
+        HubPathwayOptions(exploit_weighting="all")

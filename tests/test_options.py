@@ -64,8 +64,9 @@ def test_check_kwargs_follows_the_signature():
 
 def test_every_registered_method_declares_its_options_and_refuses_unknown_ones():
     for name, spec in available_methods().items():
-        assert spec.config is not None or spec.options_of is not None, name
+        assert dataclasses.is_dataclass(spec.config), name  # one option system: a dataclass
         assert spec.option_names(), name
+        assert spec.layer_types_option is None or spec.layer_types_option in spec.option_names(), name
         with pytest.raises(OptionError, match=f"unknown {name} option"):
             spec.parse_options({"no_such_option": 1})
         spec.parse_options({})  # the defaults are valid
@@ -78,6 +79,10 @@ def test_range_checks_of_methods():
         get_method("distill").parse_options({"alpha": 2.0})
     with pytest.raises(OptionError, match="prune_fraction"):
         get_method("pac-net").parse_options({"prune_fraction": 1.5})
+    with pytest.raises(OptionError, match="hub-pathway: variant must be one of"):
+        get_method("hub-pathway").parse_options({"variant": "fast"})
+    with pytest.raises(OptionError, match="hub-pathway: k must be >= 1"):
+        get_method("hub-pathway").parse_options({"k": 0})
 
 
 def test_every_registered_architecture_declares_options_its_builder_accepts():

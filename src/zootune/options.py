@@ -156,21 +156,20 @@ def config_to_dict(config) -> dict:
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
-def check_kwargs(function: Callable, values: Mapping[str, Any] | None, *, what: str,
-                 exclude: tuple[str, ...] = ()) -> dict:
+def check_kwargs(function: Callable, values: Mapping[str, Any] | None, *, what: str) -> dict:
     """``values`` checked against what ``function`` accepts: an architecture builder's keyword
     parameters, or -- when ``function`` is a dataclass -- an architecture's declared option table.
 
     A table is checked completely before anything is built (:func:`parse_config`: names, types, and
     the ranges of its ``__post_init__``); the names in its ``fixed`` (builder arguments that the
     architecture sets itself) are refused as such. A builder is checked as far as its signature
-    tells: unknown names (and the ``exclude`` d ones, which the caller fills itself) are refused
-    unless it takes ``**kwargs``; types where a parameter is annotated, else against the type of its
-    default (a float default admits ints); ranges are left to the builder.
+    tells: unknown names are refused unless it takes ``**kwargs``; types where a parameter is
+    annotated, else against the type of its default (a float default admits ints); ranges are left
+    to the builder.
     """
     values = dict(values or {})
     if dataclasses.is_dataclass(function):
-        return _check_table(function, values, what=what, exclude=exclude)
+        return _check_table(function, values, what=what)
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -180,7 +179,7 @@ def check_kwargs(function: Callable, values: Mapping[str, Any] | None, *, what: 
     except Exception:  # unresolvable string annotations: fall back to the defaults' types
         hints = {}
     params = {n: p for n, p in signature.parameters.items()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self" and n not in exclude}
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     unknown = set(values) - set(params)
     if unknown and not takes_any:
@@ -197,13 +196,12 @@ def check_kwargs(function: Callable, values: Mapping[str, Any] | None, *, what: 
     return checked
 
 
-def _check_table(table: type, values: dict, *, what: str, exclude: tuple[str, ...]) -> dict:
+def _check_table(table: type, values: dict, *, what: str) -> dict:
     """``values`` checked against the option table ``table`` (see :func:`check_kwargs`); only the
     names given come back (the builder's defaults stay the builder's)."""
-    refused = sorted(set(values) & (set(getattr(table, "fixed", ())) | set(exclude)))
+    refused = sorted(set(values) & set(getattr(table, "fixed", ())))
     if refused:
-        valid = ", ".join(sorted(f.name for f in dataclasses.fields(table)
-                                 if f.init and not f.name.startswith("_") and f.name not in exclude))
+        valid = ", ".join(sorted(f.name for f in dataclasses.fields(table) if f.init and not f.name.startswith("_")))
         raise OptionError(f"{what} option {refused[0]!r} is fixed by this architecture; valid: {valid}")
     config = parse_config(table, values, what=what)
     return {name: getattr(config, name) for name in values}

@@ -1,4 +1,10 @@
-"""Argument types and small parsers shared by the ``zootune`` subcommands (no subcommand imports another)."""
+"""The ``zootune`` flags' argument types (every ``type=`` of the parsers) and the small parsers of
+flag values, shared by the subcommands (no subcommand imports another).
+
+A flag that sets a :class:`zootune.engine.TrainConfig` field checks no range of its own that differs
+from the one ``TrainConfig`` checks (``positive_int`` is its ``>= 1``, ``positive_float`` its finite
+``> 0``); tests/test_cli.py holds them to it.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +44,18 @@ def _check_seed(seed: int) -> int:
     return seed
 
 
+def _checked(text: str, convert, accept, not_converted: str, not_accepted: str):
+    """``convert(text)`` when it converts and ``accept`` takes the value; else an argparse error,
+    ``not_converted`` or ``not_accepted`` formatted with ``text`` and ``value``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(not_converted.format(text=text)) from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(not_accepted.format(text=text, value=value))
+    return value
+
+
 def seed_int(text: str) -> int:
     """A seed: an integer in 0..2**32-1 (what every random generator zootune seeds accepts)."""
     try:
@@ -48,26 +66,43 @@ def seed_int(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return _checked(text, int, lambda value: value >= 1, "expected a positive integer, got {text!r}",
+                    "expected a positive integer, got {value}")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (a learning rate)."""
     import math
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda value: math.isfinite(value) and value > 0,
+                    "expected a positive number, got {text!r}", "expected a finite number > 0, got {text!r}")
+
+
+def worker_count(text: str) -> int | str:
+    """``auto`` or a number of DataLoader worker processes >= 0."""
+    if text == "auto":
+        return text
+    return _checked(text, int, lambda value: value >= 0, "expected 'auto' or a number of workers >= 0, got {text!r}",
+                    "expected 'auto' or a number of workers >= 0, got {value}")
+
+
+def mebibytes(text: str) -> float:
+    """A size in MiB >= 0."""
+    return _checked(text, float, lambda value: value >= 0, "expected a size in MiB >= 0, got {text!r}",
+                    "expected a size in MiB >= 0, got {text!r}")
+
+
+def layer_types(text: str) -> list[str]:
+    """``--aggregate conv,linear`` (or conv+linear): validated layer type names."""
+    from zootune.layers.targets import LAYER_TYPE_NAMES
+
+    names = [part.strip().lower() for part in text.replace("+", ",").split(",") if part.strip()]
+    unknown = [name for name in names if name not in LAYER_TYPE_NAMES]
+    if unknown or not names:
+        problem = f"unknown layer type {unknown[0]!r}" if unknown else "give at least one layer type"
+        raise argparse.ArgumentTypeError(
+            f"{problem}; choose from {', '.join(LAYER_TYPE_NAMES)} (comma-separated, e.g. conv,linear)")
+    return names
 
 
 def auto_or(parse):

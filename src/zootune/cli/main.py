@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Sequence
 
 from zootune.cli.args import (
+    auto_or,
+    layer_types,
+    mebibytes,
     parse_method_option_list,
     parse_options,
     parse_seeds,
-    auto_or,
     positive_float,
     positive_int,
     seed_int,
     split_list,
+    worker_count,
 )
 from zootune.errors import NonFiniteLossError, ZootuneError
 from zootune.methods.registry import DEFAULT_METHOD
@@ -48,28 +51,6 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _workers(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers >= 0, got {value}")
-    return value
-
-
-def _mebibytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, got {text!r}")
-    return value
 
 
 def _folder_options(args) -> dict:
@@ -182,28 +163,17 @@ def _load_zoo(args, from_files: bool):
     return zoo
 
 
-def _parse_layer_types(text: str) -> list[str]:
-    """``--aggregate conv,linear`` (or conv+linear): validated layer type names."""
-    from zootune.layers.targets import LAYER_TYPE_NAMES
-
-    names = [part.strip().lower() for part in text.replace("+", ",").split(",") if part.strip()]
-    unknown = [name for name in names if name not in LAYER_TYPE_NAMES]
-    if unknown or not names:
-        problem = f"unknown layer type {unknown[0]!r}" if unknown else "give at least one layer type"
-        raise argparse.ArgumentTypeError(
-            f"{problem}; choose from {', '.join(LAYER_TYPE_NAMES)} (comma-separated, e.g. conv,linear)")
-    return names
-
-
 def _add_layer_types(spec, options: dict, layer_types: list[str] | None) -> None:
-    """Put ``--aggregate`` into the method's options, if the method takes layer types."""
+    """Put ``--aggregate`` into the method's options, if the method takes layer types (its spec's
+    ``layer_types_option`` names the option)."""
     if layer_types is None:
         return
-    if "target_types" not in spec.option_names():
+    option = spec.layer_types_option
+    if option is None:
         raise ZootuneError(f"method {spec.name!r} aggregates no layers: --aggregate does not apply to it")
-    if "target_types" in options:
-        raise ZootuneError("give the layer types once: --aggregate or --option target_types=..., not both")
-    options["target_types"] = layer_types
+    if option in options:
+        raise ZootuneError(f"give the layer types once: --aggregate or --option {option}=..., not both")
+    options[option] = layer_types
 
 
 def _print_build_reports() -> None:
@@ -245,25 +215,12 @@ def _is_main_process() -> bool:
 
 
 def cmd_fit(args) -> int:
-    from zootune.engine import evaluate
     from zootune.fitting import fit_with_requirements
-    from zootune.methods.registry import get_method
-    from zootune.model_dir import export_info, save_model_dir
-    from zootune.report import atomic_write_json
     from zootune.run_folder import RunFolder, refuse_overlap
     from zootune.tasks import ClassificationTask
 
     # Everything the user typed is checked before any file is read or any model is built.
-    spec = get_method(args.method)
-    if spec.hub:
-        raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
-    if args.source_data is not None and not spec.needs_source_data:
-        raise ZootuneError(f"method {spec.name!r} uses no source data; --source-data is for "
-                           f"{', '.join(n for n, s in _methods().items() if s.needs_source_data) or 'none'}")
-    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
-    options = parse_options(args.option)
-    _add_layer_types(spec, options, args.aggregate)
-    spec.parse_options(options)  # unknown names, types and ranges
+    spec, options = _fit_method(args)
     from_files = _check_zoo_arguments(args)
     config = _train_config(args)
     main_process = _is_main_process()
@@ -283,30 +240,73 @@ def cmd_fit(args) -> int:
         config, chosen = _fit_choices(args, config, zoo, task, splits, folder.path, say)
         result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
                                           source=source, out_dir=folder.path, resume=args.resume, echo=say)
-        metrics = {"val": evaluate(result.model, task, splits.val, num_workers=config.num_workers)}
-        if splits.test is not None:
-            metrics["test"] = evaluate(result.model, task, splits.test, num_workers=config.num_workers)
-        member = (args.member or 0) if spec.per_member else args.member
-        info = export_info(
-            result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
-            # the options as the method resolved them from the data (e.g. the members' ranking), so
-            # that loading the folder rebuilds the same module without the data
-            zoo_paths=args.zoo, method=spec.name, member=member, options={**options, **result.resolved},
-            class_names=list(splits.class_names), image_size=splits.image_size, metrics=metrics,
-            trust_code=args.trust_code, preprocessing=preprocessing,
-        )
-
-        def write_model(tmp: Path) -> None:
-            # the model, its config and its metrics are one unit: renamed into place together
-            save_model_dir(tmp, result.model, info)
-            atomic_write_json(tmp / "metrics.json", {"method": spec.name, "member": member,
-                                                      "seconds": result.seconds, "chosen": chosen,
-                                                      "best_val_metric": result.val_metric, **metrics})
-
-        model_dir = folder.commit("model", write_model)
+        metrics = _fitted_metrics(result.model, task, splits, config)
+        model_dir, info = _save_fitted(folder, args, spec, {**options, **result.resolved}, result, splits,
+                                       metrics, chosen, preprocessing)
     shown = " ".join(f"{split} {task.metric_name} {m[task.metric_name]:.2f}" for split, m in metrics.items())
     say(f"{spec.name}: {shown} ({result.seconds:.1f} s); model written to {model_dir} ({info['kind']})")
     return 0
+
+
+def _fit_method(args):
+    """The method of ``--method`` and its options (``--option``, ``--aggregate``), checked (names,
+    types and ranges), and ``args.arch_kwargs`` parsed from ``--arch-option``."""
+    from zootune.methods.registry import get_method
+
+    spec = get_method(args.method)
+    if spec.hub:
+        raise ZootuneError(f"method {spec.name!r} needs a hub of different architectures; use the Python API")
+    if args.source_data is not None and not spec.needs_source_data:
+        raise ZootuneError(f"method {spec.name!r} uses no source data; --source-data is for "
+                           f"{', '.join(n for n, s in _methods().items() if s.needs_source_data) or 'none'}")
+    args.arch_kwargs = parse_options(args.arch_option, flag="--arch-option")
+    options = parse_options(args.option)
+    _add_layer_types(spec, options, args.aggregate)
+    spec.parse_options(options)  # unknown names, types and ranges
+    return spec, options
+
+
+def _fitted_metrics(model, task, splits, config) -> dict:
+    """The fitted model's metrics on the validation split, and on the test split when there is one."""
+    from zootune.engine import evaluate
+
+    metrics = {"val": evaluate(model, task, splits.val, num_workers=config.num_workers)}
+    if splits.test is not None:
+        metrics["test"] = evaluate(model, task, splits.test, num_workers=config.num_workers)
+    return metrics
+
+
+def _save_fitted(folder, args, spec, options: dict, result, splits, metrics: dict, chosen: dict,
+                 preprocessing: dict) -> tuple[Path, dict]:
+    """Commit the fitted model (safetensors + config.json) and metrics.json into the run folder as
+    one unit; its folder and its config. ``options``: as the method resolved them from the data
+    (e.g. the members' ranking), so that loading the folder rebuilds the same module without it."""
+    from zootune.model_dir import export_info, save_model_dir
+    from zootune.report import atomic_write_json
+
+    member = (args.member or 0) if spec.per_member else args.member
+    info = export_info(
+        result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
+        zoo_paths=args.zoo, method=spec.name, member=member, options=options,
+        class_names=list(splits.class_names), image_size=splits.image_size, metrics=metrics,
+        trust_code=args.trust_code, preprocessing=preprocessing,
+    )
+
+    def write_model(tmp: Path) -> None:
+        # the model, its config and its metrics are one unit: renamed into place together
+        save_model_dir(tmp, result.model, info)
+        atomic_write_json(tmp / "metrics.json", {"method": spec.name, "member": member,
+                                                  "seconds": result.seconds, "chosen": chosen,
+                                                  "best_val_metric": result.val_metric, **metrics})
+
+    return folder.commit("model", write_model), info
+
+
+# The flags of `zootune fit` that set the TrainConfig fields of the same names (TrainConfig checks
+# their ranges); `auto` epochs and lr are resolved from the data later.
+TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "seed", "device", "precision",
+               "threads", "channels_last", "sync_bn", "max_steps_per_epoch")
+CHANNELS_LAST = {"auto": None, "on": True, "off": False}  # --channels-last -> TrainConfig.channels_last
 
 
 def _train_config(args):
@@ -314,12 +314,10 @@ def _train_config(args):
     from zootune.engine import TrainConfig, check_device
 
     check_device(args.device)
-    return TrainConfig(epochs=1 if args.epochs == "auto" else args.epochs, batch_size=args.batch_size,
-                       optimizer=args.optimizer, lr=0.1 if args.lr == "auto" else args.lr,
-                       weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
-                       max_steps_per_epoch=args.max_steps_per_epoch, device=args.device,
-                       precision=args.precision, sync_bn=args.sync_bn, threads=args.threads,
-                       channels_last={"auto": None, "on": True, "off": False}[args.channels_last])
+    values = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    values.update(epochs=1 if args.epochs == "auto" else args.epochs, lr=0.1 if args.lr == "auto" else args.lr,
+                  channels_last=CHANNELS_LAST[args.channels_last], progress=not args.no_progress)
+    return TrainConfig(**values)
 
 
 def _fit_data(args, zoo, preprocessing: dict, say):
@@ -529,21 +527,20 @@ def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False, cac
                             "+ horizontal flip; light = crop scale 0.35-1 + flip; no-flip = paper's crop only; "
                             "none = the evaluation centre crop; auto (default) = none below 64 px, light below "
                             "96 px, paper from 96 px (zootune.data.auto)")
-    p.add_argument("--workers", type=_workers, default="auto",
+    p.add_argument("--workers", type=worker_count, default="auto",
                    help="DataLoader worker processes decoding images, or 'auto' (default): CPUs - 1 (at most 8) "
                         "for images read at 96 px or more, none for smaller images")
     if cache:
-        p.add_argument("--cache-budget", type=_mebibytes, metavar="MIB",
+        p.add_argument("--cache-budget", type=mebibytes, metavar="MIB",
                        help="MiB of decoded pixels that may be kept in RAM to skip re-decoding (default 512; 0: "
                             "stream every image from disk)")
     p.add_argument("--max-image-pixels", type=positive_int, default=89_478_485, metavar="N",
                    help="refuse images with more pixels than this (default 89478485, Pillow's warning threshold)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="zootune", description="Transfer learning from a zoo of pretrained models.")
-    parser.add_argument("--version", action="version", version=f"zootune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_run_parser(sub) -> None:
+    """``zootune run``: the comparison of the methods on the MiniZoo targets."""
+    from zootune.engine.config import OPTIMIZERS
 
     p = sub.add_parser("run", help="compare all methods on the MiniZoo targets (the main job)",
                        description="Build or load the MiniZoo, train every method on every target and "
@@ -560,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, help="epochs per training")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"),
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="for every training (default sgd; the landmark target uses adamw, see docs/landmarks.md)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
     p.add_argument("--out", help="output folder (default ./zootune-out/<timestamp>)")
@@ -571,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="do not write plots")
     p.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     p.set_defaults(func=cmd_run)
+
+
+def _add_fit_parser(sub) -> None:
+    """``zootune fit``: train one method on an image folder and export the model. The flags named in
+    ``TRAIN_FLAGS`` are the TrainConfig fields of the same names."""
+    from zootune.engine.config import PRECISIONS
 
     p = sub.add_parser("fit", help="train one method on your image folder and export the model",
                        description="Train a method on an image folder (<root>/<class>/<image>, or "
@@ -596,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of everything random (0..2**32-1)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="an option of the method (repeatable; unknown names and wrong types are refused before any work)")
-    p.add_argument("--aggregate", type=_parse_layer_types, metavar="TYPES",
+    p.add_argument("--aggregate", type=layer_types, metavar="TYPES",
                    help="layer types to aggregate, comma-separated: conv, linear, conv1d, conv2d, conv3d "
                         "(default: the method's, conv; a ViT needs conv,linear)")
     p.add_argument("--max-steps-per-epoch", type=positive_int, help=argparse.SUPPRESS)
@@ -610,9 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folder of the source task, for methods that re-train a source task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this process's GPU when there is one, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="autocast precision of the forward pass (fp16 adds loss scaling; default fp32)")
-    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--channels-last", choices=tuple(CHANNELS_LAST), default="auto",
                    help="channels-last memory format for convolutional models (auto: on for CUDA)")
     p.add_argument("--threads", type=positive_int,
                    help="CPU intra-op threads (default: 1 for small models or a busy machine, else all cores)")
@@ -620,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: BatchNorm statistics over the global batch instead of each process's")
     p.set_defaults(func=cmd_fit)
 
+
+def _add_export_parser(sub) -> None:
+    """``zootune export``: a fit folder's model as safetensors + config.json."""
     p = sub.add_parser("export", help="write the trained model of a fit folder as safetensors + config.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `zootune fit` (or a model folder)")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
@@ -627,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_evaluate_parser(sub) -> None:
+    """``zootune evaluate``: an exported model on an image folder."""
     p = sub.add_parser("evaluate", help="evaluate an exported model on an image folder")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model folder (model.safetensors + config.json)")
     p.add_argument("--data", required=True, help="image folder; its test/ split if it has one, else all images")
@@ -636,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict_parser(sub) -> None:
+    """``zootune predict``: an exported model's classes of images, as CSV."""
     p = sub.add_parser("predict", help="apply an exported model to images; write the predicted classes as CSV",
                        description="Predict the classes of image files and folders (searched recursively) with an "
                                    "exported model, preprocessed as it was evaluated; one CSV row per image: path, "
@@ -652,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_zoo_parser(sub) -> None:
+    """``zootune zoo build|list``: the MiniZoo."""
     p = sub.add_parser("zoo", help="the MiniZoo: build or list", description="The MiniZoo of small pretrained ResNets.")
     zoo_sub = p.add_subparsers(dest="zoo_command", metavar="ACTION")
     q = zoo_sub.add_parser("build", help="pretrain the MiniZoo members that are missing (cached)")
@@ -663,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache-dir")
     q.set_defaults(func=cmd_zoo_list)
 
+
+def _add_rank_parser(sub) -> None:
+    """``zootune rank``: the zoo members by LogME on an image folder."""
     p = sub.add_parser("rank", help="rank zoo members by LogME transferability on your data")
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
@@ -671,9 +689,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folder_arguments(p)
     p.set_defaults(func=cmd_rank)
 
+def build_parser() -> argparse.ArgumentParser:
     from zootune.cli.rl import add_rl_parser
 
-    add_rl_parser(sub, positive_int, parse_seeds)
+    parser = _Parser(prog="zootune", description="Transfer learning from a zoo of pretrained models.")
+    parser.add_argument("--version", action="version", version=f"zootune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_parser in (_add_run_parser, _add_fit_parser, _add_export_parser, _add_evaluate_parser,
+                       _add_predict_parser, _add_zoo_parser, _add_rank_parser, add_rl_parser):
+        add_parser(sub)
     return parser
 
 

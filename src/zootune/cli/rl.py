@@ -36,7 +36,10 @@ def cmd_rl(args) -> int:
     return 0
 
 
-def add_rl_parser(sub, positive_int, parse_seeds) -> argparse.ArgumentParser:
+def add_rl_parser(sub) -> argparse.ArgumentParser:
+    """``zootune rl``'s parser, added to the subcommands ``sub``."""
+    from zootune.cli.args import parse_seeds, positive_int
+
     # Help texts name the choices without importing zootune.rl (torch): `zootune --help` stays fast.
     # The library checks every value and says what is allowed.
     p = sub.add_parser(

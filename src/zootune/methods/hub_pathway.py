@@ -89,6 +89,7 @@ from torch import nn
 
 from zootune.errors import ZootuneError
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
+from zootune.options import parse_config, require
 from zootune.zoo.hub import Hub, as_hub
 from zootune.tasks import ClassificationTask, Task
 
@@ -97,6 +98,7 @@ GATE_INIT_STD = 0.01  # small next to the initial noise std softplus(0) ~ 0.69 (
 
 VARIANTS = ("paper", "robust")
 EXPLORE_TARGETS = ("uniform", "prior")
+EXPLOIT_WEIGHTINGS = ("none", "gate")
 # The robust variant's logit bonus for the member ranked first (chosen by measurement: docs/robustness.md)
 ROBUST_ROUTE_PRIOR = 3.0
 ROBUST_GENERATOR_LR_MULT = 1.0
@@ -186,13 +188,80 @@ def _per_sample_losses(task: Task, outputs: torch.Tensor, targets: torch.Tensor)
     return torch.stack([task.loss(outputs[j : j + 1], targets[j : j + 1]) for j in range(len(targets))])
 
 
+@dataclass
+class HubPathwayOptions:
+    """What a user chooses for :class:`HubPathway` (the ``hub-pathway`` method's options), checked
+    once, here (:class:`zootune.errors.OptionError`); the meaning of each field is on
+    :class:`HubPathway`. What depends on the hub itself (``k`` and ``route_prior_top`` at most its
+    size, one score per model, a ``route_prior`` only with scores) is checked by the constructor."""
+
+    k: int = 2
+    explore_weight: float = 0.01
+    exploit_weight: float = 1.0
+    exploit_weighting: str = "none"
+    noisy: bool = True
+    generator_width: int = 16
+    generator_input_size: int = 32
+    input_shape: Sequence[int] = (3, 32, 32)
+    backbone_lr_mult: float = 1.0
+    copy_members: bool = True
+    variant: str = "robust"
+    member_scores: Sequence[float] | None = None
+    route_prior: float | None = None
+    route_prior_top: int | None = None
+    explore: str | None = None
+    generator_lr_mult: float | None = None
+
+    def __post_init__(self):
+        require(self.k >= 1, f"k must be >= 1, got {self.k}")
+        require(self.exploit_weighting in EXPLOIT_WEIGHTINGS,
+                f"exploit_weighting must be 'none' or 'gate', got {self.exploit_weighting!r}")
+        require(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        require(not self.explore or self.explore in EXPLORE_TARGETS,  # None (or ""): the variant's
+                f"explore must be one of {EXPLORE_TARGETS}, got {self.explore!r}")
+        require(self.route_prior_top is None or self.route_prior_top >= 1,
+                f"route_prior_top must be >= 1, got {self.route_prior_top}")
+        require(self.generator_lr_mult is None or self.generator_lr_mult > 0,
+                f"generator_lr_mult must be positive, got {self.generator_lr_mult}")
+        require(self.member_scores is None or all(math.isfinite(float(v)) for v in self.member_scores),
+                f"member_scores must be finite numbers, got {self.member_scores}")
+
+
+def routing_prior(options: HubPathwayOptions, m: int) -> torch.Tensor:
+    """The fixed logits p added to the generator's (see the module docstring): ``route_prior`` for the
+    ``route_prior_top`` best-ranked of the hub's ``m`` models in the robust variant with
+    ``member_scores``, else 0. Checks what depends on the hub's size."""
+    if not 1 <= options.k <= m:
+        raise ZootuneError(f"k must be between 1 and the hub size {m}, got {options.k}")
+    prior = torch.zeros(m)
+    if options.member_scores is None:
+        if options.route_prior is not None:
+            raise ZootuneError("route_prior needs member_scores (which member to prefer)")
+        return prior
+    scores = [float(v) for v in options.member_scores]
+    if len(scores) != m or not all(math.isfinite(v) for v in scores):
+        raise ZootuneError(f"member_scores must be {m} finite numbers (one per hub model), got {options.member_scores}")
+    if options.variant == "robust":
+        strength = ROBUST_ROUTE_PRIOR if options.route_prior is None else float(options.route_prior)
+        top = options.k if options.route_prior_top is None else int(options.route_prior_top)
+        if not 1 <= top <= m:
+            raise ZootuneError(f"route_prior_top must be between 1 and the hub size {m}, got {top}")
+        ranked = sorted(range(m), key=lambda i: (-scores[i], i))  # ties: lower index first
+        prior[ranked[:top]] = strength
+    return prior
+
+
 class HubPathway(nn.Module):
     """Hub-Pathway on a :class:`Hub` (or any sequence of models); see the module docstring.
 
     Args:
         hub: the pretrained models (a :class:`Hub` for custom feature entry points).
         task_or_num_outputs: a :class:`zootune.tasks.Task`, or a number of classes.
-        k: models activated per input (1 ≤ k ≤ m).
+        k: the option ``k``, which may be given as the third positional argument.
+        options: a :class:`HubPathwayOptions`; or, instead, its fields as keyword arguments.
+
+    The options (fields of :class:`HubPathwayOptions`):
+        k: models activated per input (1 ≤ k ≤ m; default 2).
         explore_weight: λ_explore, weight of CV²(Importance) + CV²(Load).
         exploit_weight: λ_exploit, weight of the per-model exploitation loss.
         exploit_weighting: ``"none"`` (every routed pair counts equally) or ``"gate"`` (weighted by
@@ -213,83 +282,53 @@ class HubPathway(nn.Module):
         generator_lr_mult: the generator's learning rate is ``base_lr * generator_lr_mult``.
     """
 
-    def __init__(
-        self,
-        hub: Hub | Sequence[nn.Module],
-        task_or_num_outputs: Task | int,
-        k: int = 2,
-        *,
-        explore_weight: float = 0.01,
-        exploit_weight: float = 1.0,
-        exploit_weighting: str = "none",
-        noisy: bool = True,
-        generator_width: int = 16,
-        generator_input_size: int = 32,
-        input_shape: Sequence[int] = (3, 32, 32),
-        backbone_lr_mult: float = 1.0,
-        copy_members: bool = True,
-        variant: str = "robust",
-        member_scores: Sequence[float] | None = None,
-        route_prior: float | None = None,
-        route_prior_top: int | None = None,
-        explore: str | None = None,
-        generator_lr_mult: float | None = None,
-    ):
+    def __init__(self, hub: Hub | Sequence[nn.Module], task_or_num_outputs: Task | int, k: int | None = None, *,
+                 options: HubPathwayOptions | None = None, **option_values):
         super().__init__()
+        if k is not None:
+            option_values["k"] = k
+        options = _options(options, option_values)
         hub = as_hub(hub)
-        m = len(hub)
-        if not 1 <= k <= m:
-            raise ZootuneError(f"k must be between 1 and the hub size {m}, got {k}")
-        if exploit_weighting not in ("none", "gate"):
-            raise ZootuneError(f"exploit_weighting must be 'none' or 'gate', got {exploit_weighting!r}")
-        if variant not in VARIANTS:
-            raise ZootuneError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        explore = explore or ("prior" if variant == "robust" else "uniform")
-        if explore not in EXPLORE_TARGETS:
-            raise ZootuneError(f"explore must be one of {EXPLORE_TARGETS}, got {explore!r}")
-        prior = torch.zeros(m)
-        if member_scores is not None:
-            scores = [float(v) for v in member_scores]
-            if len(scores) != m or not all(math.isfinite(v) for v in scores):
-                raise ZootuneError(f"member_scores must be {m} finite numbers (one per hub model), got {member_scores}")
-            if variant == "robust":
-                strength = ROBUST_ROUTE_PRIOR if route_prior is None else float(route_prior)
-                top = k if route_prior_top is None else int(route_prior_top)
-                if not 1 <= top <= m:
-                    raise ZootuneError(f"route_prior_top must be between 1 and the hub size {m}, got {top}")
-                ranked = sorted(range(m), key=lambda i: (-scores[i], i))  # ties: lower index first
-                prior[ranked[:top]] = strength
-        elif route_prior is not None:
-            raise ZootuneError("route_prior needs member_scores (which member to prefer)")
-        self.variant = variant
-        self.explore = explore
-        if generator_lr_mult is None:
-            generator_lr_mult = ROBUST_GENERATOR_LR_MULT if (variant == "robust" and prior.any()) else 1.0
-        if not generator_lr_mult > 0:
-            raise ZootuneError(f"generator_lr_mult must be positive, got {generator_lr_mult}")
-        self.generator_lr_mult = float(generator_lr_mult)
-        self.member_scores = None if member_scores is None else [float(v) for v in member_scores]
-        task = ClassificationTask(task_or_num_outputs) if isinstance(task_or_num_outputs, int) else task_or_num_outputs
-        self.task = task
-        self.k = k
-        self.explore_weight = explore_weight
-        self.exploit_weight = exploit_weight
-        self.exploit_weighting = exploit_weighting
-        self.noisy = noisy
-        self.backbone_lr_mult = backbone_lr_mult
-        self.names = list(hub.names)
-        self.extractors = list(hub.extractors)
-        self.members = nn.ModuleList(copy.deepcopy(model) if copy_members else model for model in hub)
-        dims = [self._probe_member(i, tuple(input_shape)) for i in range(m)]
-        self.feature_dims = dims
-        self.heads = nn.ModuleList(task.make_head(d) for d in dims)
-        self.generator = PathwayGenerator(input_shape[0], m, generator_width, generator_input_size)
+        prior = routing_prior(options, len(hub))
+        self.options = options
+        self._set_choices(options, prior)
+        self.task = ClassificationTask(task_or_num_outputs) if isinstance(task_or_num_outputs, int) else task_or_num_outputs
+        self._add_pathways(hub, options)
         # The initial routing preference, added to the generator's logits (kept out of the generator,
         # whose own initialisation is not ours to change, and out of weight decay): rebuilt from the
         # options, so not saved in the state_dict.
         self.register_buffer("route_prior", prior, persistent=False)
         self.has_route_prior = bool(prior.any())
         self._last: dict | None = None
+
+    def _set_choices(self, options: HubPathwayOptions, prior: torch.Tensor) -> None:
+        """The options as attributes, with the variant's defaults resolved (``explore``, ``generator_lr_mult``)."""
+        self.variant = options.variant
+        self.explore = options.explore or ("prior" if options.variant == "robust" else "uniform")
+        generator_lr_mult = options.generator_lr_mult
+        if generator_lr_mult is None:
+            generator_lr_mult = ROBUST_GENERATOR_LR_MULT if (options.variant == "robust" and prior.any()) else 1.0
+        self.generator_lr_mult = float(generator_lr_mult)
+        self.member_scores = None if options.member_scores is None else [float(v) for v in options.member_scores]
+        self.k = options.k
+        self.explore_weight = options.explore_weight
+        self.exploit_weight = options.exploit_weight
+        self.exploit_weighting = options.exploit_weighting
+        self.noisy = options.noisy
+        self.backbone_lr_mult = options.backbone_lr_mult
+
+    def _add_pathways(self, hub: Hub, options: HubPathwayOptions) -> None:
+        """The members (copied unless ``copy_members=False``), a new head on each one's features
+        (sizes found by a probe input) and the pathway generator."""
+        input_shape = tuple(options.input_shape)
+        self.names = list(hub.names)
+        self.extractors = list(hub.extractors)
+        self.members = nn.ModuleList(copy.deepcopy(model) if options.copy_members else model for model in hub)
+        dims = [self._probe_member(i, input_shape) for i in range(len(hub))]
+        self.feature_dims = dims
+        self.heads = nn.ModuleList(self.task.make_head(d) for d in dims)
+        self.generator = PathwayGenerator(input_shape[0], len(hub), options.generator_width,
+                                          options.generator_input_size)
 
     def _probe_member(self, index: int, input_shape: tuple[int, ...]) -> int:
         """Feature size of member ``index``; freezes its parameters that do not reach the features."""
@@ -436,10 +475,19 @@ class HubPathway(nn.Module):
         return torch.bincount(top_index.flatten(), minlength=len(self.members))
 
 
+def _options(options: HubPathwayOptions | None, values: dict) -> HubPathwayOptions:
+    """``options``, or the keyword ``values`` checked into a :class:`HubPathwayOptions` (not both)."""
+    if options is None:
+        return parse_config(HubPathwayOptions, values, what="hub-pathway")
+    if values:
+        raise ZootuneError(f"give HubPathway either options= or keyword options, not both ({sorted(values)})")
+    return options
+
+
 def _build(ctx: BuildContext) -> nn.Module:
     from zootune.methods.zoo_tuning.start import rank_if_robust
 
-    return HubPathway(as_hub(ctx.zoo), ctx.task, **rank_if_robust(ctx, dict(ctx.config or {})))
+    return HubPathway(as_hub(ctx.zoo), ctx.task, options=rank_if_robust(ctx, ctx.config or HubPathwayOptions()))
 
 
 register_method(
@@ -448,9 +496,8 @@ register_method(
         help="Hub-Pathway (NeurIPS 2022): route each input to k of a hub's models of any architectures",
         build=_build,
         hub=True,
-        options_of=HubPathway.__init__,
-        options_exclude=("hub", "task_or_num_outputs"),
+        config=HubPathwayOptions,
     )
 )
 
-__all__ = ["HubPathway", "PathwayGenerator", "Route", "balance_loss", "cv_squared", "smooth_load"]
+__all__ = ["HubPathway", "HubPathwayOptions", "PathwayGenerator", "Route", "balance_loss", "cv_squared", "smooth_load"]

@@ -333,6 +333,48 @@ def _mark_previous_stale(module: "KnowledgeFlow", _incompatible_keys) -> None:
     module._previous_stale = True
 
 
+def _check_arguments(teachers: Sequence[nn.Module], lambda1: float, lambda2: float, mix_lr_mult: float,
+                     initial_student_weight: float | None, channel_dim: int | None) -> None:
+    if channel_dim not in (None, 1, -1):
+        raise ZootuneError(f"channel_dim must be 1 (channels first), -1 (channels last) or None, got {channel_dim!r}")
+    if len(teachers) == 0:
+        raise ZootuneError("knowledge flow needs at least one teacher")
+    if lambda1 < 0 or lambda2 < 0 or mix_lr_mult <= 0:
+        raise ZootuneError("knowledge flow needs lambda1 >= 0, lambda2 >= 0 and mix_lr_mult > 0")
+    if initial_student_weight is not None and not 0.0 < initial_student_weight < 1.0:
+        raise ZootuneError(f"initial_student_weight must be in (0, 1), got {initial_student_weight}")
+
+
+def _checked_flow_points(student: nn.Module, teachers: Sequence[nn.Module],
+                         flow_points: Sequence[str] | None) -> list[str]:
+    """``flow_points`` (default: :func:`default_flow_points` of the student), each a module of the
+    student and of every teacher."""
+    names = list(flow_points) if flow_points is not None else default_flow_points(student)
+    if not names:
+        raise ZootuneError("knowledge flow needs at least one flow point")
+    student_modules = dict(student.named_modules())
+    for name in names:
+        if name not in student_modules or name == "":
+            raise ZootuneError(f"flow point {name!r} is not a module of the student")
+        for i, teacher in enumerate(teachers):
+            if name not in dict(teacher.named_modules()):
+                raise ZootuneError(f"flow point {name!r} is not a module of teacher {i}")
+    return names
+
+
+def _flow_point_layouts(student: nn.Module, teacher: nn.Module, flow_points: Sequence[str],
+                        example_input: torch.Tensor | None, channel_dim: int | None) -> list[list[tuple]]:
+    """Per model (the student, then the teacher), per flow point: (channels, dim or None, the last
+    layer's hint), traced on ``example_input`` when given."""
+    layouts = []
+    for model in (student, teacher):
+        shapes = (probe_shapes(model, flow_points, example_input) if example_input is not None
+                  else [None] * len(flow_points))
+        layouts.append([_layout(name, model.get_submodule(name), shape, channel_dim)
+                        for name, shape in zip(flow_points, shapes)])
+    return layouts
+
+
 class KnowledgeFlow(nn.Module):
     """Student with teachers' features flowing in at ``flow_points``; see the module docstring."""
 
@@ -351,41 +393,15 @@ class KnowledgeFlow(nn.Module):
         channel_dim: int | None = None,
     ):
         super().__init__()
-        if channel_dim not in (None, 1, -1):
-            raise ZootuneError(f"channel_dim must be 1 (channels first), -1 (channels last) or None, got {channel_dim!r}")
-        if len(teachers) == 0:
-            raise ZootuneError("knowledge flow needs at least one teacher")
-        if lambda1 < 0 or lambda2 < 0 or mix_lr_mult <= 0:
-            raise ZootuneError("knowledge flow needs lambda1 >= 0, lambda2 >= 0 and mix_lr_mult > 0")
-        if initial_student_weight is not None and not 0.0 < initial_student_weight < 1.0:
-            raise ZootuneError(f"initial_student_weight must be in (0, 1), got {initial_student_weight}")
-        self.flow_points = list(flow_points) if flow_points is not None else default_flow_points(student)
-        if not self.flow_points:
-            raise ZootuneError("knowledge flow needs at least one flow point")
-        student_modules = dict(student.named_modules())
-        for name in self.flow_points:
-            if name not in student_modules or name == "":
-                raise ZootuneError(f"flow point {name!r} is not a module of the student")
-            for i, teacher in enumerate(teachers):
-                if name not in dict(teacher.named_modules()):
-                    raise ZootuneError(f"flow point {name!r} is not a module of teacher {i}")
-        layouts = []  # per model, per flow point: (channels, dim or None, the last layer's hint)
-        for model in (student, teachers[0]):
-            shapes = (probe_shapes(model, self.flow_points, example_input) if example_input is not None
-                      else [None] * len(self.flow_points))
-            layouts.append([_layout(name, model.get_submodule(name), shape, channel_dim)
-                            for name, shape in zip(self.flow_points, shapes)])
-        student_channels = [layout[0] for layout in layouts[0]]
-        teacher_channels = [layout[0] for layout in layouts[1]]
-        channel_dims = [layout[1] for layout in layouts[1]]
-        hints = [layout[2] for layout in layouts[1]]
-
+        _check_arguments(teachers, lambda1, lambda2, mix_lr_mult, initial_student_weight, channel_dim)
+        self.flow_points = _checked_flow_points(student, teachers, flow_points)
+        layouts = _flow_point_layouts(student, teachers[0], self.flow_points, example_input, channel_dim)
         self.teachers = nn.ModuleList(teachers)
         for p in self.teachers.parameters():
             p.requires_grad_(False)
         self.teachers.eval()
         # Wrap the student's flow-point modules in place (the wrapper keeps the original as base_layer).
-        for name, c_s, c_t, dim, hint in zip(self.flow_points, student_channels, teacher_channels, channel_dims, hints):
+        for name, (c_s, _, _), (c_t, dim, hint) in zip(self.flow_points, *layouts):
             flow_point = FlowPoint(
                 student.get_submodule(name), c_s, c_t, len(teachers), initial_student_weight, transform_init, dim, hint
             )

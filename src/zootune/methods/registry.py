@@ -80,6 +80,8 @@ class MethodSpec:
     classes it supports (None: any). ``in_default_run=False`` (with ``default_run_note`` saying why):
     left out of ``zootune run`` unless named. ``needs_source_data``: uses ``ctx.source``.
     ``reports_gates``: the built module has ``record_gates()``/``gate_statistics()`` (gate heatmaps).
+    ``layer_types_option``: the name of the option that takes the layer types to change, for
+    ``--aggregate`` (None: the method aggregates no layers).
     ``plain_model``: what ``finalize()`` returns is a plain model of the zoo's architecture.
     ``candidates(ctx)``: called with the first build's context (``ctx.resolved`` filled), a list of
     option overrides to train the same way as further candidates; the one with the best validation
@@ -101,10 +103,9 @@ class MethodSpec:
     reports_gates: bool = False
     plain_model: bool = False  # finalize() gives a plain model of the zoo's architecture (no method modules)
     candidates: Callable[[BuildContext], list[dict]] | None = None
-    # Instead of a config dataclass: options are the keyword parameters of this callable (a
-    # constructor), less those ``build`` fills itself (``options_exclude``); parsed to a dict.
-    options_of: Callable | None = None
-    options_exclude: tuple[str, ...] = ()
+    # The name of the option that takes the layer types to change, for --aggregate (None: the method
+    # aggregates no layers and --aggregate does not apply to it).
+    layer_types_option: str | None = None
 
     def supports(self, task) -> bool:
         return self.task_types is None or isinstance(task, self.task_types)
@@ -113,12 +114,8 @@ class MethodSpec:
         """The options as an instance of ``config``: a dict is checked field by field (unknown names,
         types, ranges: :class:`zootune.errors.OptionError`); an instance passes as it is."""
         from zootune.errors import OptionError
-        from zootune.options import check_kwargs, parse_config
+        from zootune.options import parse_config
 
-        if self.options_of is not None:
-            if options is not None and not isinstance(options, Mapping):
-                raise OptionError(f"options of {self.name!r} must be a dict")
-            return check_kwargs(self.options_of, options, what=self.name, exclude=self.options_exclude)
         if self.config is None:
             if options:
                 raise OptionError(f"method {self.name!r} takes no options, got {', '.join(sorted(options))}")
@@ -130,12 +127,6 @@ class MethodSpec:
         return parse_config(self.config, options, what=self.name)
 
     def option_names(self) -> list[str]:
-        if self.options_of is not None:
-            import inspect
-
-            params = inspect.signature(self.options_of).parameters.values()
-            return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                    and p.name not in self.options_exclude and p.name != "self"]
         return [] if self.config is None else [f.name for f in dataclasses.fields(self.config) if f.init]
 
 

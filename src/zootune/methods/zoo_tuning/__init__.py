@@ -65,6 +65,7 @@ register_method(MethodSpec(
     build=_builder(lite=False),
     config=ZooTuningOptions,
     reports_gates=True,
+    layer_types_option="target_types",
     candidates=candidate_starts,
 ))
 register_method(MethodSpec(
@@ -73,6 +74,7 @@ register_method(MethodSpec(
     build=_builder(lite=True),
     config=ZooTuningOptions,
     reports_gates=True,
+    layer_types_option="target_types",
     plain_model=True,
     candidates=candidate_starts,
 ))
@@ -83,6 +85,7 @@ register_method(MethodSpec(
     build=_builder(lite=False),
     config=PaperOptions,
     reports_gates=True,
+    layer_types_option="target_types",
 ))
 register_method(MethodSpec(
     name="lite-paper",
@@ -90,6 +93,7 @@ register_method(MethodSpec(
     build=_builder(lite=True),
     config=PaperOptions,
     reports_gates=True,
+    layer_types_option="target_types",
     plain_model=True,
 ))
 
