@@ -130,7 +130,7 @@ def build_q_network(method: str, zoo, task: RLTask, seed: int, aggregate: str = 
     members' ranking ``member_scores``); a method that aggregates layers aggregates ``aggregate``'s.
     torch's generator is seeded with ``seed`` first, so the new head is drawn from it."""
     spec = get_method(method)
-    options = {"target_types": AGGREGATE_CHOICES[aggregate]} if "target_types" in spec.option_names() else None
+    options = {spec.layer_types_option: AGGREGATE_CHOICES[aggregate]} if spec.layer_types_option else None
     torch.manual_seed(seed)
     return spec.build(BuildContext(zoo=zoo, task=task, config=spec.parse_options(options), member=member,
                                    member_scores=member_scores, seed=seed))
