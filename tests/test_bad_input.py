@@ -188,6 +188,19 @@ def _weights(ws, out, data: bytes | None = None, **changes):
     return folder
 
 
+def _landmark_model(ws, out):
+    """A copy of the fitted model folder turned into a 2-landmark model: its task recorded as such and
+    its head resized to the 4 outputs that task makes (so that it loads)."""
+    from zootune.zoo.checkpoint import load_state_dict_file
+
+    folder = _model_config(ws, out, task={"type": "landmarks", "num_landmarks": 2}, num_classes=None,
+                           class_names=None)
+    state = load_state_dict_file(folder / "model.safetensors")
+    state["fc.weight"], state["fc.bias"] = state["fc.weight"][:1].repeat(4, 1), torch.zeros(4)
+    save_state_dict(folder / "model.safetensors", state)
+    return folder
+
+
 def _non_finite_weights(ws, out):
     """A copy of the fitted model folder whose weights hold one NaN (a diverged training's export)."""
     from zootune.zoo.checkpoint import load_state_dict_file
@@ -334,8 +347,19 @@ CASES = [
                                                                        zoo=["/nonexistent/m0.pt"]), "--out", o],
      ["/nonexistent/m0.pt"]),
     ("weights-corrupt", lambda ws, o: ["export", _weights(ws, o, b"garbage"), "--out", o], ["model.safetensors"]),
-    ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7, class_names=None), "--out", o],
-     ["does not match its config.json"]),
+    ("weights-mismatch", lambda ws, o: ["export", _weights(ws, o, num_classes=7, class_names=None,
+                                                           task={"type": "classification", "num_classes": 7}),
+                                        "--out", o], ["does not match its config.json"]),
+    ("config-task-unknown", lambda ws, o: ["export", _model_config(ws, o, task={"type": "segmentation"}), "--out", o],
+     ["unknown task type 'segmentation'", "known: classification, landmarks"]),
+    ("config-task-option-unknown", lambda ws, o: ["export", _model_config(
+        ws, o, task={"type": "classification", "num_classes": 2, "smoothing": 0.1}), "--out", o],
+     ["unknown task 'classification' option", "'smoothing'"]),
+    ("config-task-num-classes-differ", lambda ws, o: ["export", _model_config(
+        ws, o, task={"type": "classification", "num_classes": 3}), "--out", o],
+     ["num_classes 2 differs from its task's 3"]),
+    ("config-no-task", lambda ws, o: ["export", _model_config(ws, o, task=None, num_classes=None), "--out", o],
+     ["lacks task"]),
     ("weights-non-finite", lambda ws, o: ["export", _non_finite_weights(ws, o), "--out", o],
      ["model.safetensors", "conv1.weight", "non-finite"]),
     ("config-class-names-count", lambda ws, o: ["export", _model_config(ws, o, class_names=["a"]), "--out", o],
@@ -349,6 +373,8 @@ CASES = [
     ("evaluate-class-count-unnamed", lambda ws, o: ["evaluate", _model_config(ws, o, class_names=None),
                                                     "--data", ws / "three_classes"],
      ["2 classes", "3 class folders", "records no class names"]),
+    ("evaluate-landmark-model", lambda ws, o: ["evaluate", _landmark_model(ws, o), "--data", ws / "data"],
+     ["zootune evaluate applies image classifiers", "a landmarks model"]),
     ("evaluate-non-finite-weights", lambda ws, o: ["evaluate", _non_finite_weights(ws, o), "--data", ws / "data"],
      ["model.safetensors", "non-finite"]),
     ("evaluate-batch-size", lambda ws, o: ["evaluate", ws / "fitted" / "model", "--data", ws / "data",
@@ -357,8 +383,10 @@ CASES = [
     ("predict-model-missing", lambda ws, o: _predict(ws / "no_model", ws / "data", o), ["no_model", "does not exist"]),
     ("predict-not-a-model-folder", lambda ws, o: _predict(ws / "empty_dir", ws / "data", o),
      ["not an exported zootune model"]),
-    ("predict-config-names-a-task", lambda ws, o: _predict(_model_config(ws, o, task="landmarks"), ws / "data", o),
-     ["unknown field", "task"]),
+    ("predict-config-task-not-a-record", lambda ws, o: _predict(_model_config(ws, o, task="landmarks"), ws / "data", o),
+     ["'task'", "must be a JSON object"]),
+    ("predict-landmark-model", lambda ws, o: _predict(_landmark_model(ws, o), ws / "data", o),
+     ["predict applies image classifiers", "a landmarks model"]),
     ("predict-class-names-count", lambda ws, o: _predict(_model_config(ws, o, class_names=["a", "b", "c"]),
                                                          ws / "data", o), ["class_names must name each of the 2 classes"]),
     ("predict-no-images", lambda ws, o: _predict(ws / "fitted", ws / "empty_dir", o),

@@ -12,9 +12,10 @@ probabilities, gives back those averaged probabilities). The ``top_k`` classes a
 highest ``p``, most probable first, ties in class order; a ``top_k`` above the number of classes is
 clamped to it.
 
-A model folder holds an image classifier: zootune writes no other kind (config.json records no task,
-and a field it does not know, such as a ``task``, is refused when the folder is read); a model whose
-output is not one score per class, ``(N, num_classes)``, is refused.
+The model folder must hold an image classifier: its config.json's ``task`` is a classification
+(:func:`zootune.model_dir.classifier_task`; a landmark model, or a model saved from Python without
+its task, is refused in one line), and a model whose output is not one score per class,
+``(N, num_classes)``, is refused.
 
 The CSV (:func:`predictions_csv`): a header ``path,class,probability,top2_class,top2_probability,...``
 and one row per image in sorted path order, written atomically (:mod:`zootune.atomic`). The file is
@@ -76,9 +77,10 @@ def predict_images(model: nn.Module, info: dict, paths: Sequence[str | os.PathLi
     from zootune.data.image_folder import load_image_files
     from zootune.data.loading import default_num_workers
     from zootune.engine.evaluation import predict
-    from zootune.model_dir import input_options
+    from zootune.model_dir import classifier_task, input_options
 
     _check_top_k(top_k)
+    classifier_task(info, "predict")
     names = class_names_of(info)
     # every image is read once: a RAM cache would only decode them twice
     dataset = load_image_files(paths, **input_options(info), cache_budget=0, max_pixels=max_pixels)

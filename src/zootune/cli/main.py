@@ -217,7 +217,7 @@ def _is_main_process() -> bool:
 def cmd_fit(args) -> int:
     from zootune.fitting import fit_with_requirements
     from zootune.run_folder import RunFolder, refuse_overlap
-    from zootune.tasks import ClassificationTask
+    from zootune.tasks import task_for
 
     # Everything the user typed is checked before any file is read or any model is built.
     spec, options = _fit_method(args)
@@ -236,7 +236,7 @@ def cmd_fit(args) -> int:
             raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
         preprocessing = _preprocessing(zoo)
         splits, source = _fit_data(args, zoo, preprocessing, say)
-        task = ClassificationTask(splits.num_classes)
+        task = task_for(splits)
         config, chosen = _fit_choices(args, config, zoo, task, splits, folder.path, say)
         result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
                                           source=source, out_dir=folder.path, resume=args.resume, echo=say)
@@ -416,10 +416,10 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     from zootune.data.image_folder import load_evaluation_folder
     from zootune.engine import evaluate
-    from zootune.model_dir import input_options, load_model_dir
-    from zootune.tasks import ClassificationTask
+    from zootune.model_dir import classifier_task, input_options, load_model_dir
 
     model, info = load_model_dir(args.model_dir, trust_code=args.trust_code)
+    task = classifier_task(info, "zootune evaluate")
     # evaluated as it was trained: the size, normalisation and crop recorded at export
     options = {**input_options(info), **_folder_options(args)}
     if args.image_size is not None:
@@ -430,7 +430,6 @@ def cmd_evaluate(args) -> int:
         args.data, image_size, class_names=info.get("class_names"), num_classes=info["num_classes"], **options)
     if len(folder_classes) < info["num_classes"]:
         what += f", {len(folder_classes)} of the model's {info['num_classes']} classes"
-    task = ClassificationTask(info["num_classes"])
     metrics = evaluate(model, task, dataset, batch_size=args.batch_size, num_workers=_num_workers(args, image_size))
     print(f"{args.model_dir} on {args.data} ({what}, {len(dataset)} images): "
           + " ".join(f"{k} {v:.4f}" if k == "loss" else f"{k} {v:.2f}" for k, v in metrics.items()))

@@ -5,6 +5,8 @@ import abc
 import torch
 from torch import nn
 
+from zootune.errors import ZootuneError
+
 
 class Task(abc.ABC):
     """The head, loss and metric of a target task.
@@ -30,3 +32,9 @@ class Task(abc.ABC):
 
     def check_targets(self, targets: torch.Tensor) -> None:
         """Raise :class:`zootune.errors.DataError` for targets this task cannot use."""
+
+    def to_config(self) -> dict:
+        """This task as a model folder's config.json records it: ``{"type": name, **arguments}``, read
+        back by :func:`zootune.tasks.task_from_config`. Only the task types registered there have one."""
+        raise ZootuneError(f"a {type(self).__name__} cannot be recorded in a model folder: only the task "
+                           "types of zootune.tasks.TASK_TYPES can")

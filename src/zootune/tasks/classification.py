@@ -23,6 +23,9 @@ class ClassificationTask(Task):
     def make_head(self, in_features: int) -> nn.Module:
         return new_linear_head(in_features, self.num_classes)
 
+    def to_config(self) -> dict:
+        return {"type": "classification", "num_classes": self.num_classes}
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets)
 

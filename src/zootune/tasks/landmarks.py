@@ -92,6 +92,11 @@ class LandmarkTask(Task):
     def __repr__(self) -> str:
         return f"LandmarkTask(num_landmarks={self.num_landmarks}, normalisation={self.normalisation!r})"
 
+    def to_config(self) -> dict:
+        return {"type": "landmarks", "num_landmarks": self.num_landmarks, "normalisation": self.normalisation,
+                "eye_indices": list(self.eye_indices), "beta": self.beta,
+                "landmark_names": list(self.landmark_names) if self.landmark_names is not None else None}
+
     # ------------------------------------------------------------------ head and loss
     def make_head(self, in_features: int) -> nn.Module:
         head = new_linear_head(in_features, self.num_outputs)

@@ -2,7 +2,7 @@
 
 - :mod:`~zootune.methods.zoo_tuning.model`: :class:`ZooTuning`, the zoo turned into one model;
 - :mod:`~zootune.methods.zoo_tuning.fold`: Lite folding, ``merge_and_unload``;
-- :mod:`~zootune.methods.zoo_tuning.io`: save/load of Zoo-Tuning and folded models;
+- :mod:`~zootune.methods.zoo_tuning.io`: save/load of Zoo-Tuning and folded models (model folders, :mod:`zootune.model_dir`);
 - the layers themselves are in :mod:`zootune.layers`.
 
 Registers the methods ``zoo-tuning`` and ``lite``.
