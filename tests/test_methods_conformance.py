@@ -100,7 +100,7 @@ def test_build_step_finalize_save_load(name, zoo, tmp_path):
         torch.testing.assert_close(rebuilt.eval()(x), expected, rtol=0, atol=0)
 
     if not spec.hub:  # the user's path: a model folder written and read back by zootune
-        info = export_info(model, arch=ARCH, arch_kwargs=ARCH_KWARGS, num_classes=NUM_CLASSES,
+        info = export_info(model, arch=ARCH, arch_kwargs=ARCH_KWARGS, task=ClassificationTask(NUM_CLASSES),
                            zoo_paths=list(zoo.sources), method=name, member=0 if spec.per_member else None,
                            options=resolved)
         save_model_dir(tmp_path / "model", model, info)

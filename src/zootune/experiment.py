@@ -57,7 +57,7 @@ from zootune.errors import ZootuneError
 from zootune.fitting import FittedSet, fit_members
 from zootune.methods.registry import MethodSpec, available_methods, with_requirements
 from zootune.report import atomic_write_json, atomic_write_text, mean_std, results_markdown, results_table
-from zootune.tasks import ClassificationTask
+from zootune.tasks import ClassificationTask, task_for
 from zootune.version import __version__
 
 BEST_ON_VAL = "best-on-val"  # id suffix of a per-member method's "best on val" row
@@ -401,7 +401,7 @@ def _run_targets(run: _RunContext, targets: list[str], load_target: Callable) ->
     metric_name, higher_is_better = None, True
     for target in targets:
         splits = load_target(target, seed=run.config.data_seed)
-        task = getattr(splits, "task", None) or ClassificationTask(splits.num_classes)
+        task = task_for(splits)
         if metric_name is not None and task.metric_name != metric_name:
             # one table has one metric: a mean over targets of accuracy and NME means nothing
             raise ZootuneError(

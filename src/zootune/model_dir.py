@@ -399,16 +399,11 @@ def _load_error_detail(error: RuntimeError) -> str:
 
 
 def export_info(model: nn.Module, *, arch: str, arch_kwargs: dict, zoo_paths: list[str], method: str,
-                member: int | None, options: dict, task: Task | None = None, num_classes: int | None = None,
+                member: int | None, options: dict, task: Task,
                 head_name: str | None = None, trust_code: bool = False, **extra) -> dict:
-    """config.json content for ``model`` (the finalized output of ``method``, trained for ``task``;
-    ``num_classes`` alone, as callers wrote before ``task=``: a classifier of that many classes)."""
+    """config.json content for ``model`` (the finalized output of ``method``, trained for ``task``)."""
     from zootune.zoo import is_pretrained_name
 
-    if task is None:
-        if num_classes is None:
-            raise TypeError("export_info needs the model's task (task=...)")
-        task = ClassificationTask(num_classes)
     info = {
         "kind": "plain",
         "arch": arch,

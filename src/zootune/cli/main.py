@@ -283,10 +283,11 @@ def _save_fitted(folder, args, spec, options: dict, result, splits, metrics: dic
     (e.g. the members' ranking), so that loading the folder rebuilds the same module without it."""
     from zootune.model_dir import export_info, save_model_dir
     from zootune.report import atomic_write_json
+    from zootune.tasks import task_for
 
     member = (args.member or 0) if spec.per_member else args.member
     info = export_info(
-        result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, num_classes=splits.num_classes,
+        result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, task=task_for(splits),
         zoo_paths=args.zoo, method=spec.name, member=member, options=options,
         class_names=list(splits.class_names), image_size=splits.image_size, metrics=metrics,
         trust_code=args.trust_code, preprocessing=preprocessing,
@@ -409,7 +410,8 @@ def cmd_export(args) -> int:
     model, info = load_model_dir(find_model_dir(run_dir), trust_code=args.trust_code)
     info = {k: v for k, v in info.items() if k not in ("format", "zootune_version")}
     commit_folder(out, lambda tmp: save_model_dir(tmp, model, info))
-    print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {info['num_classes']} classes) to {args.out}")
+    outputs = f"{info['num_classes']} classes" if "num_classes" in info else f"a {info['task']['type']} model"
+    print(f"exported {info['method']} ({info['kind']} model, {info['arch']}, {outputs}) to {args.out}")
     return 0
 
 

@@ -19,7 +19,7 @@ from zootune.methods.pac_net.model import PRUNE_CALIBRATE_WARNING, PACNet, PACNe
 from zootune.methods.pac_net.prune import magnitude_masks
 from zootune.methods.registry import BuildContext, MethodSpec, register_method
 from zootune.options import require
-from zootune.tasks import ClassificationTask
+from zootune.tasks import task_for
 
 __all__ = ["PACNet", "PACNetConfig", "PACNetOptions", "MaskedLayer", "magnitude_masks", "build",
            "PRUNE_CALIBRATE_WARNING"]
@@ -76,7 +76,7 @@ def build(ctx: BuildContext) -> PACNet:
         return net.begin_calibrate(snapshot=False)
     if ctx.source is not None:
         source = ctx.source
-        source_task = getattr(source, "task", None) or ClassificationTask(source.num_classes)
+        source_task = task_for(source)
         _check_source_head(net, source_task)
         from zootune.engine import TrainConfig
 
