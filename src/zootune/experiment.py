@@ -273,9 +273,9 @@ def _run_seed(run: _RunContext, target: str, splits, task, seed: int, first_seed
                 log(f"{spec.name}: skipped on {target} (supports "
                     f"{', '.join(t.__name__ for t in spec.task_types)} only)")
             continue
-        source = run.hub if spec.hub else run.zoo
-        names = member_names(source)
-        fits = fit_members(spec, source, task, splits, train_config, done, options=run.options[spec.name],
+        members = run.hub if spec.hub else run.zoo
+        names = member_names(members)
+        fits = fit_members(spec, members, task, splits, train_config, done, options=run.options[spec.name],
                            eval_batch_size=config.train.eval_batch_size,
                            # the architecture is the same for every seed: measure once per target
                            cost_input=example if first_seed else None)

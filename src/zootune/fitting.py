@@ -84,7 +84,7 @@ def fit_method(
     fitted: dict | None = None,
     options=None,
     member_val_metrics: Sequence[float] | None = None,
-    source=None,
+    source_data=None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     eval_batch_size: int = 256,
@@ -108,7 +108,7 @@ def fit_method(
 
     run = _MethodRun(spec, zoo, task, splits, train_config, member=member,
                      fitted={name: fitted[name] for name in spec.requires if name in (fitted or {})},
-                     member_val_metrics=member_val_metrics, source=source, resume=resume,
+                     member_val_metrics=member_val_metrics, source_data=source_data, resume=resume,
                      eval_batch_size=eval_batch_size, cost_input=cost_input)
     start = time.perf_counter()  # building counts: a method that needs data computes it there
     first = run.build(spec.parse_options(options))
@@ -165,7 +165,7 @@ class _MethodRun:
 
         torch.manual_seed(self.train_config.seed)  # the new heads and gates are initialised from this seed
         s = self.shared
-        ctx = BuildContext(zoo=self.zoo, task=self.task, config=config, data=self.splits, source=s["source"],
+        ctx = BuildContext(zoo=self.zoo, task=self.task, config=config, data=self.splits, source_data=s["source_data"],
                            fitted=s["fitted"], member=s["member"], member_val_metrics=s["member_val_metrics"],
                            train_config=self.train_config, seed=self.train_config.seed)
         built = self.spec.build(ctx)
@@ -239,7 +239,7 @@ def fit_members(
     *,
     members: Sequence[int] | None = None,
     options=None,
-    source=None,
+    source_data=None,
     out_dir: Callable[[int | None], Path | None] | None = None,
     resume: bool = False,
     eval_batch_size: int = 256,
@@ -252,7 +252,7 @@ def fit_members(
     for member in chosen:
         fits.append((member, fit_method(
             spec, zoo, task, splits, train_config, member=member, fitted=done.models, options=options,
-            member_val_metrics=done.member_val_metrics, source=source,
+            member_val_metrics=done.member_val_metrics, source_data=source_data,
             out_dir=out_dir(member) if out_dir is not None else None, resume=resume,
             eval_batch_size=eval_batch_size, cost_input=cost_input)))
     done.add(spec, [f for _, f in fits], len(zoo))
@@ -268,7 +268,7 @@ def fit_with_requirements(
     *,
     member: int | None = None,
     options=None,
-    source=None,
+    source_data=None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     echo: Callable[[str], None] | None = None,
@@ -291,7 +291,7 @@ def fit_with_requirements(
         fit_members(required, zoo, task, splits, train_config, done, out_dir=folder(required.name),
                     resume=resume, eval_batch_size=eval_batch_size)
     fits = fit_members(spec, zoo, task, splits, train_config, done, members=[member or 0], options=options,
-                       source=source, out_dir=None if root is None else (lambda _m: root / "train"),
+                       source_data=source_data, out_dir=None if root is None else (lambda _m: root / "train"),
                        resume=resume, eval_batch_size=eval_batch_size)
     return fits[0][1], done
 

@@ -57,10 +57,10 @@ _POINTWISE_HEADS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3
 
 
 def build_arch(arch: str, arch_kwargs: dict | None = None, *, trust_code: bool = False,
-               source: str = "--arch") -> nn.Module:
+               origin: str = "--arch") -> nn.Module:
     """A fresh model of ``arch``, its keyword options checked first (against the architecture's option
     table, or its builder's signature: :func:`zootune.models.resolve_arch_options`)."""
-    builder, kwargs = resolve_arch_options(arch, arch_kwargs, trust_code=trust_code, source=source)
+    builder, kwargs = resolve_arch_options(arch, arch_kwargs, trust_code=trust_code, origin=origin)
     try:
         model = builder(**kwargs)
     except (TypeError, ValueError) as e:
@@ -133,10 +133,10 @@ def with_fresh_head(model: nn.Module, info: dict, head: nn.Module | None = None)
     return model
 
 
-def plain_model(info: dict, *, trust_code: bool = False, source: str = "config.json arch") -> nn.Module:
+def plain_model(info: dict, *, trust_code: bool = False, origin: str = "config.json arch") -> nn.Module:
     """A fresh model of a "plain" folder's layout: the architecture ``arch(**arch_kwargs)`` with the
     task's new head."""
-    model = build_arch(info["arch"], info.get("arch_kwargs"), trust_code=trust_code, source=source)
+    model = build_arch(info["arch"], info.get("arch_kwargs"), trust_code=trust_code, origin=origin)
     return with_fresh_head(model, info)
 
 
@@ -338,7 +338,7 @@ def _rebuild_method(info: dict, trust_code: bool) -> nn.Module:
         zoo = Zoo.from_pretrained(info["zoo"])
     else:
         builder, arch_kwargs = resolve_arch_options(info["arch"], info.get("arch_kwargs"), trust_code=trust_code,
-                                                    source="config.json arch")
+                                                    origin="config.json arch")
         zoo = Zoo.from_checkpoints(info["zoo"], arch=builder, arch_kwargs=arch_kwargs)
     task = model_task(info)
     specs = with_requirements([info["method"]])  # an unknown method name: ZootuneError listing the known ones
@@ -419,7 +419,7 @@ def export_info(model: nn.Module, *, arch: str, arch_kwargs: dict, zoo_paths: li
         "zoo": [p if is_pretrained_name(p) else str(Path(p).resolve()) for p in zoo_paths],
     }
     try:
-        is_plain = same_layout(model, plain_model(info, trust_code=trust_code, source="--arch"))
+        is_plain = same_layout(model, plain_model(info, trust_code=trust_code, origin="--arch"))
     except UntrustedCodeError:
         raise
     except ZootuneError:

@@ -53,7 +53,7 @@ def test_torchvision_member_from_its_own_cache(monkeypatch, tmp_path):
     zoo = Zoo.from_pretrained(["torchvision:resnet18.IMAGENET1K_V1"])
     expected = torch.load(path, weights_only=True)
     assert all(torch.equal(zoo[0].state_dict()[k], v) for k, v in expected.items())
-    assert zoo.sources == (str(path),) and zoo.architecture == "torchvision:resnet18"
+    assert zoo.origins == (str(path),) and zoo.architecture == "torchvision:resnet18"
     # the checkpoint's own preprocessing: torchvision's ResNet18_Weights.IMAGENET1K_V1.transforms()
     assert data_config(zoo) == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
                                 "input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 224 / 256}
@@ -67,7 +67,7 @@ def test_timm_member_from_a_local_file_keeps_its_pretrained_config(tmp_path):
 
     saved = load_file(path)
     assert all(torch.equal(zoo[0].state_dict()[k], v) for k, v in saved.items())
-    assert zoo.names == ["timm:resnet18.a1_in1k"] and zoo.sources == (str(path),)
+    assert zoo.names == ["timm:resnet18.a1_in1k"] and zoo.origins == (str(path),)
     config = data_config(zoo)  # timm.data.resolve_data_config of resnet18.a1_in1k
     assert config["interpolation"] == "bicubic" and config["crop_pct"] == 0.95
 

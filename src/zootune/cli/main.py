@@ -235,11 +235,11 @@ def cmd_fit(args) -> int:
         if args.member is not None and not 0 <= args.member < len(zoo):
             raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
         preprocessing = _preprocessing(zoo)
-        splits, source = _fit_data(args, zoo, preprocessing, say)
+        splits, source_data = _fit_data(args, zoo, preprocessing, say)
         task = task_for(splits)
         config, chosen = _fit_choices(args, config, zoo, task, splits, folder.path, say)
         result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
-                                          source=source, out_dir=folder.path, resume=args.resume, echo=say)
+                                          source_data=source_data, out_dir=folder.path, resume=args.resume, echo=say)
         metrics = _fitted_metrics(result.model, task, splits, config)
         model_dir, info = _save_fitted(folder, args, spec, {**options, **result.resolved}, result, splits,
                                        metrics, chosen, preprocessing)
@@ -333,12 +333,12 @@ def _fit_data(args, zoo, preprocessing: dict, say):
                                zoo_input_size=zoo_size, **preprocessing, **_folder_options(args))
     for option, choice in splits.chosen.items():
         say(f"--{option.replace('_', '-')} auto: {choice['value']} ({choice['why']})")
-    source = None
+    source_data = None
     if args.source_data is not None:
         augment = splits.chosen.get("augment", {}).get("value", args.augment)
-        source = load_image_folder(args.source_data, image_size=splits.image_size, seed=args.seed,
+        source_data = load_image_folder(args.source_data, image_size=splits.image_size, seed=args.seed,
                                    augment=augment, **preprocessing, **_folder_options(args))
-    return splits, source
+    return splits, source_data
 
 
 CHOICES_FILE = "choices.json"  # what --epochs/--lr auto resolved to, reused by --resume

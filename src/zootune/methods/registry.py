@@ -36,7 +36,7 @@ class BuildContext:
     task: Any  # a zootune.tasks.Task
     config: Any = None  # the method's options: an instance of spec.config (None if it has none)
     data: Any = None  # the target's DatasetSplits (train / val / test); None when rebuilding a saved model
-    source: Any = None  # DatasetSplits of a source task, for methods that need one (needs_source_data)
+    source_data: Any = None  # DatasetSplits of a source task, for methods that need one (needs_source_data)
     fitted: Mapping[str, Any] = field(default_factory=dict)  # finalized models of spec.requires
     member: int | None = None  # the zoo member of a per_member method
     member_val_metrics: Sequence[float] | None = None  # each member's fine-tuned validation metric, when run
@@ -78,7 +78,7 @@ class MethodSpec:
     the "best on val" single-model row, and the members' validation metrics reach later methods as
     ``ctx.member_val_metrics``. ``hub``: expects a :class:`zootune.Hub`. ``task_types``: the task
     classes it supports (None: any). ``in_default_run=False`` (with ``default_run_note`` saying why):
-    left out of ``zootune run`` unless named. ``needs_source_data``: uses ``ctx.source``.
+    left out of ``zootune run`` unless named. ``needs_source_data``: uses ``ctx.source_data``.
     ``reports_gates``: the built module has ``record_gates()``/``gate_statistics()`` (gate heatmaps).
     ``layer_types_option``: the name of the option that takes the layer types to change, for
     ``--aggregate`` (None: the method aggregates no layers).

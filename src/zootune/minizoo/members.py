@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from zootune.suite import scenes, sources
+from zootune.suite import bundled, scenes
 from zootune.data.transforms import normalize_batch, to_float_chw
 from zootune.minizoo import objectives
 
@@ -70,17 +70,17 @@ def _split(x: torch.Tensor, y: torch.Tensor) -> PretextData:
 
 
 def _mnist_data(seed: int, num_images: int) -> PretextData:
-    images, labels = sources.mnist_digits()
+    images, labels = bundled.mnist_digits()
     order = np.random.default_rng(data_seed("mnist", seed)).permutation(len(labels))[:num_images]
     return _split(_images(images[order]), torch.from_numpy(labels[order]))
 
 
 def _photo_crops(seed: int, num_images: int) -> PretextData:
     rng = np.random.default_rng(data_seed("photo", seed))
-    per_photo = -(-num_images // len(sources.NATURAL_PRETRAIN_IMAGES))
+    per_photo = -(-num_images // len(bundled.NATURAL_PRETRAIN_IMAGES))
     crops = [
-        sources.random_crops(sources.skimage_image(name), per_photo, rng, side_range=(24, 160), size=40)
-        for name in sources.NATURAL_PRETRAIN_IMAGES
+        bundled.random_crops(bundled.skimage_image(name), per_photo, rng, side_range=(24, 160), size=40)
+        for name in bundled.NATURAL_PRETRAIN_IMAGES
     ]
     x = _images(np.concatenate(crops))
     x = x[torch.from_numpy(rng.permutation(len(x)))[:num_images]]

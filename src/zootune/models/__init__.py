@@ -92,46 +92,46 @@ def _library_builder(library: str, name: str) -> Callable[..., nn.Module]:
 ARCH_NAMESPACES = ("timm", "torchvision")
 
 
-def resolve_arch(spec: str, *, trust_code: bool = False, source: str = "--arch") -> Callable[..., nn.Module]:
+def resolve_arch(spec: str, *, trust_code: bool = False, origin: str = "--arch") -> Callable[..., nn.Module]:
     """The builder named by ``spec``: a registered architecture (``resnet50``), a model of a library's
     own registry (``timm:convnext_atto``, ``torchvision:resnet18``), or -- only with
-    ``trust_code=True`` -- ``module:function``, imported and called. ``source`` says where the name
+    ``trust_code=True`` -- ``module:function``, imported and called. ``origin`` says where the name
     came from, for the message that refuses untrusted code."""
     if not isinstance(spec, str) or not spec:
-        raise ZootuneError(f"{source}: an architecture must be a name, got {spec!r}")
+        raise ZootuneError(f"{origin}: an architecture must be a name, got {spec!r}")
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in ARCH_NAMESPACES:
         return _library_builder(prefix, rest)
     if sep:
         if not trust_code:
             raise UntrustedCodeError(
-                f"{source} names code to import ({spec!r}); zootune never imports code named in a file or "
+                f"{origin} names code to import ({spec!r}); zootune never imports code named in a file or "
                 "option unless told to: pass --trust-code (trust_code=True in Python) if you trust its source")
         import importlib
 
         try:
             module = importlib.import_module(prefix)
         except ImportError as e:
-            raise ZootuneError(f"cannot import module {prefix!r} for {source} {spec}: {e}") from None
+            raise ZootuneError(f"cannot import module {prefix!r} for {origin} {spec}: {e}") from None
         builder = getattr(module, rest, None)
         if not callable(builder):
-            raise ZootuneError(f"module {prefix!r} has no callable {rest!r} ({source} {spec})")
+            raise ZootuneError(f"module {prefix!r} has no callable {rest!r} ({origin} {spec})")
         return builder
     if spec not in ARCHITECTURES:
         raise ZootuneError(
-            f"unknown architecture {spec!r} ({source}); known: {', '.join(sorted(ARCHITECTURES))}, "
+            f"unknown architecture {spec!r} ({origin}); known: {', '.join(sorted(ARCHITECTURES))}, "
             f"or {'/'.join(ARCH_NAMESPACES)}:NAME")
     return ARCHITECTURES[spec]
 
 
 def resolve_arch_options(spec: str, arch_kwargs: dict | None, *, trust_code: bool = False,
-                         source: str = "--arch") -> tuple[Callable[..., nn.Module], dict]:
+                         origin: str = "--arch") -> tuple[Callable[..., nn.Module], dict]:
     """The builder named by ``spec`` (:func:`resolve_arch`) and ``arch_kwargs`` checked for it before
     anything is built: against the architecture's option table (:data:`ARCH_OPTIONS`: names, types,
     ranges, names the architecture fixes) when it is registered with one, else against the builder's
     signature (``timm:``, ``torchvision:``, ``module:function``). :class:`zootune.errors.OptionError`
     naming the architecture, the option and what is valid."""
-    builder = resolve_arch(spec, trust_code=trust_code, source=source)
+    builder = resolve_arch(spec, trust_code=trust_code, origin=origin)
     table = ARCH_OPTIONS.get(spec) if spec in ARCHITECTURES else None
     return builder, check_kwargs(table or builder, arch_kwargs, what=f"architecture {spec!r}")
 

@@ -6,7 +6,7 @@ images -- all made by code or read from what installed packages ship, nothing do
 - :mod:`zootune.suite.scenes`, :mod:`zootune.suite.render` -- procedural scenes and shapes;
 - :mod:`zootune.suite.letters` -- the ``letters`` target's typeset letters;
 - :mod:`zootune.suite.faces` -- the ``landmarks`` target's cartoon faces;
-- :mod:`zootune.suite.sources` -- images bundled with installed packages.
+- :mod:`zootune.suite.bundled` -- images bundled with installed packages.
 
 The user's own data goes through :mod:`zootune.data` instead.
 """

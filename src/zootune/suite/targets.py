@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from zootune.data.landmarks import LandmarkDataset
-from zootune.suite import faces, letters, scenes, sources
+from zootune.suite import bundled, faces, letters, scenes
 from zootune.data.cache import atomic_save_npz, user_cache_dir
 from zootune.data.datasets import DatasetSplits, ImageDataset, stratified_split
 from zootune.data.transforms import Compose, RandomHorizontalFlip, RandomResizedCrop, normalize_batch, to_float_chw
@@ -72,7 +72,7 @@ def _split_seed(name: str, seed: int, split: str) -> int:
 # ---------------------------------------------------------------------------- digits8x8
 
 def _digits_arrays(seed: int) -> Arrays:
-    images, labels = sources.sklearn_digits()
+    images, labels = bundled.sklearn_digits()
     parts = stratified_split(labels, (0.3, 0.2, 0.5), seed=seed)
     return {split: (images[idx], labels[idx]) for split, idx in zip(SPLITS, parts)}
 
@@ -89,9 +89,9 @@ def _texture_arrays(seed: int) -> Arrays:
     for split in SPLITS:
         rng = np.random.default_rng(_split_seed("textures", seed, split))
         images, labels = [], []
-        for label, name in enumerate(sources.TEXTURE_TARGET_IMAGES):
-            picture = sources.skimage_image(name)
-            images.append(sources.random_crops(
+        for label, name in enumerate(bundled.TEXTURE_TARGET_IMAGES):
+            picture = bundled.skimage_image(name)
+            images.append(bundled.random_crops(
                 picture, TEXTURE_PER_CLASS[split], rng, side_range=(20, 64), column_range=TEXTURE_REGIONS[split]
             ))
             labels.append(np.full(TEXTURE_PER_CLASS[split], label, np.int64))
@@ -135,7 +135,7 @@ register_target(TargetSpec(
 register_target(TargetSpec(
     name="textures",
     description="which of 10 grey scikit-image pictures a 32x32 crop comes from (500 / 300 / 600)",
-    class_names=sources.TEXTURE_TARGET_IMAGES,
+    class_names=bundled.TEXTURE_TARGET_IMAGES,
     make_arrays=_texture_arrays,
     make_train_transform=lambda: Compose([RandomResizedCrop(32, scale=(0.35, 1.0)), RandomHorizontalFlip()]),
 ))

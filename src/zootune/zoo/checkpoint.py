@@ -50,7 +50,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint is not a file: {path}")
     if path.name.endswith(SAFETENSORS_SUFFIX):
         return _load_safetensors(path)
-    return unwrap_state_dict(_torch_load(path), source=str(path))
+    return unwrap_state_dict(_torch_load(path), origin=str(path))
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -107,12 +107,12 @@ def _unsafe_reason(message: str) -> str:
     return "objects other than tensors and plain containers"
 
 
-def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any, origin: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensor dict inside a (possibly nested) training checkpoint.
 
     Descends into the first of :data:`CONTAINER_KEYS` whose value is a dict, repeatedly, until it
     reaches a dict that holds tensors; non-tensor entries (epoch counters, config strings) are
-    dropped. ``source`` names the file in error messages.
+    dropped. ``origin`` names the file in error messages.
     """
     seen = 0
     while isinstance(obj, Mapping) and seen < 8:
@@ -127,20 +127,20 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
         obj, seen = inner, seen + 1
     if isinstance(obj, Mapping):
         keys = ", ".join(map(str, list(obj)[:8])) or "none"
-        raise CheckpointError(f"{source} holds no weights: no tensors found (top-level keys: {keys})")
+        raise CheckpointError(f"{origin} holds no weights: no tensors found (top-level keys: {keys})")
     raise CheckpointError(
-        f"{source} holds a {type(obj).__name__}, not a state dict of tensors; save model.state_dict() instead"
+        f"{origin} holds a {type(obj).__name__}, not a state dict of tensors; save model.state_dict() instead"
     )
 
 
-def check_finite_state(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse weights that hold NaN or infinity, naming ``source`` (the file, as the reader should
+def check_finite_state(state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Refuse weights that hold NaN or infinity, naming ``origin`` (the file, as the reader should
     see it) and the tensor: a zoo checkpoint would fail later with a message blaming the learning
     rate, a model folder would evaluate to a NaN loss and a chance accuracy without complaint."""
     for key, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{source}: tensor {key} holds {bad} non-finite value(s) (NaN or "
+            raise CheckpointError(f"{origin}: tensor {key} holds {bad} non-finite value(s) (NaN or "
                                   "infinity); the file is damaged or was saved from a diverged training")
 
 

@@ -24,7 +24,7 @@ class DataConfig:
 
     ``input_size`` is (C, H, W) of the network's input (the centre crop); ``crop_pct`` = crop side /
     resize side at evaluation (torchvision: 224 / 232 for ResNet-50 V2 weights); ``interpolation`` a
-    lower-case name (``"bilinear"``, ``"bicubic"``); ``source`` says where the values were read.
+    lower-case name (``"bilinear"``, ``"bicubic"``); ``origin`` says where the values were read.
     """
 
     mean: tuple[float, ...]
@@ -32,11 +32,11 @@ class DataConfig:
     input_size: tuple[int, int, int]
     interpolation: str
     crop_pct: float
-    source: str = ""
+    origin: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """``{mean, std, input_size, interpolation, crop_pct}``: what a data loader takes."""
-        return {k: v for k, v in asdict(self).items() if k != "source"}
+        return {k: v for k, v in asdict(self).items() if k != "origin"}
 
 
 def from_timm(model: nn.Module) -> DataConfig:
@@ -48,7 +48,7 @@ def from_timm(model: nn.Module) -> DataConfig:
         mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),
         input_size=tuple(int(v) for v in cfg["input_size"]), interpolation=str(cfg["interpolation"]),
         crop_pct=float(cfg["crop_pct"]),
-        source=f"timm pretrained_cfg of {getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}"
+        origin=f"timm pretrained_cfg of {getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}"
                f".{getattr(model, 'pretrained_cfg', {}).get('tag', '')}",
     )
 
@@ -65,7 +65,7 @@ def from_torchvision(weights) -> DataConfig | None:
     return DataConfig(
         mean=tuple(float(v) for v in transforms.mean), std=tuple(float(v) for v in transforms.std),
         input_size=(3, int(crop), int(crop)), interpolation=str(interpolation).lower(),
-        crop_pct=float(crop) / float(resize), source=f"torchvision {type(weights).__name__}.{weights.name}.transforms()",
+        crop_pct=float(crop) / float(resize), origin=f"torchvision {type(weights).__name__}.{weights.name}.transforms()",
     )
 
 

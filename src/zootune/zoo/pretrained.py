@@ -117,13 +117,13 @@ class PretrainedMember:
     model: nn.Module
     architecture: str
     data_config: DataConfig | None
-    source: str
+    origin: str
     arch_kwargs: dict = field(default_factory=dict)
 
 
 class PretrainedModels(Sequence):
     """Models loaded by name, of any architectures: a sequence of ``nn.Module`` with ``names``
-    (so ``zootune.Hub(load_pretrained([...]))`` takes it as it is), ``data_configs`` and ``sources``."""
+    (so ``zootune.Hub(load_pretrained([...]))`` takes it as it is), ``data_configs`` and ``origins``."""
 
     def __init__(self, members: list[PretrainedMember]):
         self.loaded = list(members)
@@ -146,8 +146,8 @@ class PretrainedModels(Sequence):
         return [member.data_config for member in self.loaded]
 
     @property
-    def sources(self) -> list[str]:
-        return [member.source for member in self.loaded]
+    def origins(self) -> list[str]:
+        return [member.origin for member in self.loaded]
 
 
 def load_pretrained(names: Sequence[str], *, offline: bool | None = None) -> PretrainedModels:
@@ -193,16 +193,16 @@ def _load_timm(name: PretrainedName, offline: bool) -> PretrainedMember:
         overlay = {"file": str(name.file)}
         if not str(name.file).endswith(".npz"):
             overlay["custom_load"] = False
-        source = str(name.file)
+        origin = str(name.file)
     else:
-        source = _timm_cached(timm, name)
-        if source is None and offline:
+        origin = _timm_cached(timm, name)
+        if origin is None and offline:
             raise NotCachedError(f"zoo member {name.text!r} is not in the local cache and downloads are off "
                                  f"(offline); {_fetch_hint(name)}")
     model = timm.create_model(name.model_name, pretrained=True, pretrained_cfg_overlay=overlay)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     architecture = f"timm:{cfg.get('architecture') or name.architecture}"
-    return PretrainedMember(name.text, model, architecture, from_timm(model), source or name.text,
+    return PretrainedMember(name.text, model, architecture, from_timm(model), origin or name.text,
                             {"num_classes": getattr(model, "num_classes", None)} if getattr(model, "num_classes", 0) else {})
 
 
@@ -270,15 +270,15 @@ def _load_torchvision(name: PretrainedName, offline: bool) -> PretrainedMember:
         with tempfile.TemporaryDirectory(prefix="zootune-tv-") as hub_dir, _torch_hub_dir(hub_dir):
             _place_weights(Path(name.file), Path(hub_dir) / "checkpoints" / file_name)
             model = models.get_model(name.model_name, weights=weights)
-        source = str(name.file)
+        origin = str(name.file)
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
         if not cached.is_file() and offline:
             raise NotCachedError(f"zoo member {name.text!r} is not in the local cache ({cached} is missing) and "
                                  f"downloads are off (offline); {_fetch_hint(name)}")
         model = models.get_model(name.model_name, weights=weights)
-        source = str(cached)
-    return PretrainedMember(name.text, model, f"torchvision:{name.model_name}", from_torchvision(weights), source,
+        origin = str(cached)
+    return PretrainedMember(name.text, model, f"torchvision:{name.model_name}", from_torchvision(weights), origin,
                             {"num_classes": len(weights.meta["categories"])} if "categories" in weights.meta else {})
 
 

@@ -94,17 +94,17 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
 
 
 def apply_key_function(
-    state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], source: str
+    state: Mapping[str, torch.Tensor], rename: Callable[[str], str | None], origin: str
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
+    old_key: dict[str, str] = {}  # new key -> the checkpoint key renamed to it
     for key, value in state.items():
         new = rename(key)
         if new is None:
             continue
         if new in out:
-            raise CheckpointError(f"{source}: remap sends both {origin[new]!r} and {key!r} to {new!r}")
-        out[new], origin[new] = value, key
+            raise CheckpointError(f"{origin}: remap sends both {old_key[new]!r} and {key!r} to {new!r}")
+        out[new], old_key[new] = value, key
     return out
 
 
@@ -114,52 +114,52 @@ def _preview(keys: list[str], limit: int = 5) -> str:
 
 
 def _auto_prefix(state: Mapping[str, torch.Tensor], model: nn.Module, shapes: Mapping[str, torch.Size],
-                 source: str) -> str:
+                 origin: str) -> str:
     """The prefix :func:`detect_prefix` finds; none at all is an error, a tie is logged."""
     wanted = {k for k in shapes if not is_optional_key(k)}
     prefix, width, tied = detect_prefix(list(state), set(shapes))
     if width == 0:
         raise CheckpointError(
-            f"{source}: none of the {type(model).__name__}'s keys (e.g. {next(iter(wanted), '?')!r}) "
+            f"{origin}: none of the {type(model).__name__}'s keys (e.g. {next(iter(wanted), '?')!r}) "
             f"appear in the checkpoint, under any prefix; its keys look like {_preview(list(state), 3)}. "
             "Is it another architecture? Otherwise pass remap= (a prefix or a key function)"
         )
     if tied:
         logger.info("%s: prefixes %r and %s cover the backbone equally; using %r (pass remap= to choose)",
-                    source, prefix, ", ".join(map(repr, tied)), prefix)
+                    origin, prefix, ", ".join(map(repr, tied)), prefix)
     return prefix
 
 
 def _renamed(state: Mapping[str, torch.Tensor], model: nn.Module, shapes: Mapping[str, torch.Size],
-             remap: Remap, source: str) -> tuple[dict[str, torch.Tensor], str]:
+             remap: Remap, origin: str) -> tuple[dict[str, torch.Tensor], str]:
     """(the entries under the architecture's key names, where they were found: for error messages)."""
     if remap == "auto":
-        prefix = _auto_prefix(state, model, shapes, source)
+        prefix = _auto_prefix(state, model, shapes, origin)
     elif remap is None or isinstance(remap, str):
         prefix = remap or ""
     elif callable(remap):
-        return apply_key_function(state, remap, source), " after remap"
+        return apply_key_function(state, remap, origin), " after remap"
     else:
         raise ZootuneError(f"remap must be 'auto', a prefix string, a callable or None, not {type(remap).__name__}")
     return strip_prefix(state, prefix), f" under prefix {prefix!r}" if prefix else ""
 
 
 def _check_backbone(body: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], model: nn.Module,
-                    source: str, where: str) -> None:
+                    origin: str, where: str) -> None:
     """Every backbone key present (``num_batches_tracked`` may be missing), no other key, same shapes."""
     unexpected = [k for k in body if k not in shapes]
     if unexpected:
         raise CheckpointError(
-            f"{source}: keys{where} that {type(model).__name__} does not have: {_preview(unexpected)} "
+            f"{origin}: keys{where} that {type(model).__name__} does not have: {_preview(unexpected)} "
             "(a different architecture or depth? pass remap= to rename or drop keys)"
         )
     missing = [k for k in shapes if k not in body and not is_optional_key(k)]
     if missing:
-        raise CheckpointError(f"{source}: backbone keys missing{where}: {_preview(missing)}")
+        raise CheckpointError(f"{origin}: backbone keys missing{where}: {_preview(missing)}")
     for key, value in body.items():
         if value.shape != shapes[key]:
             raise CheckpointError(
-                f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{origin}: {key} has shape {tuple(value.shape)} in the checkpoint but "
                 f"{tuple(shapes[key])} in {type(model).__name__} (different width or class count?)"
             )
 
@@ -170,7 +170,7 @@ def match_state_dict(
     *,
     head_name: str | None,
     remap: Remap = "auto",
-    source: str = "checkpoint",
+    origin: str = "checkpoint",
     keep_head: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Checkpoint entries renamed to ``model``'s keys and checked; ready for ``load_state_dict``.
@@ -183,23 +183,23 @@ def match_state_dict(
         remap: ``"auto"`` detects the prefix; a string strips exactly that prefix (keys outside it
             are ignored); ``None`` or ``""`` uses the keys as they are; a callable maps each key to
             the architecture's key or to ``None`` to drop it.
-        source: file name for error messages.
+        origin: file name for error messages.
 
     Raises:
         CheckpointError: a backbone key is missing, an unexpected key remains, or a shape differs.
     """
     shapes = backbone_shapes(model, head_name)
-    mapped, where = _renamed(state, model, shapes, remap, source)
+    mapped, where = _renamed(state, model, shapes, remap, origin)
     # A headless architecture (fc = Identity) still drops a checkpoint's classifier by its usual names.
     head_names = [head_name] if head_name is not None else list(KNOWN_HEAD_NAMES)
     in_head = lambda key: any(is_head_key(key, name) for name in head_names)  # noqa: E731
     head_state = {k: v for k, v in mapped.items() if in_head(k)}
     body = {k: v for k, v in mapped.items() if not in_head(k)}
-    _check_backbone(body, shapes, model, source, where)
+    _check_backbone(body, shapes, model, origin, where)
     if keep_head and head_state:
         model_state = model.state_dict()
         if all(k in model_state and model_state[k].shape == v.shape for k, v in head_state.items()):
             body.update(head_state)
         else:
-            logger.info("%s: checkpoint head does not fit the model's head; keeping a fresh head", source)
+            logger.info("%s: checkpoint head does not fit the model's head; keeping a fresh head", origin)
     return body

@@ -82,7 +82,7 @@ class Zoo(Sequence):
         *,
         head_name: str | None = None,
         builder: Callable[[], nn.Module] | None = None,
-        sources: Iterable[str | None] | None = None,
+        origins: Iterable[str | None] | None = None,
         data_configs: Iterable[DataConfig | None] | None = None,
         architecture: str | None = None,
         arch_kwargs: Mapping[str, Any] | None = None,
@@ -104,8 +104,8 @@ class Zoo(Sequence):
                 raise ZootuneError(f"zoo member names must be unique; repeated: {', '.join(repeated)}")
         self.head_name = _find_head_or_none(self._members[0], head_name)
         self._builder = builder
-        self.sources: tuple[str | None, ...] = (
-            tuple(sources) if sources is not None else (None,) * len(self._members)
+        self.origins: tuple[str | None, ...] = (
+            tuple(origins) if origins is not None else (None,) * len(self._members)
         )
         self.data_configs: tuple[DataConfig | None, ...] = (
             tuple(data_configs) if data_configs is not None else (None,) * len(self._members)
@@ -171,7 +171,7 @@ class Zoo(Sequence):
         members = _load_members(paths, remaps, builder, head_name, keep_head)
         if names is None:
             names = _unique_names([checkpoint_stem(p) for p in paths])
-        return cls(members, names, head_name=head_name, builder=builder, sources=[str(p) for p in paths])
+        return cls(members, names, head_name=head_name, builder=builder, origins=[str(p) for p in paths])
 
     @classmethod
     def from_pretrained(
@@ -204,7 +204,7 @@ class Zoo(Sequence):
         reference_head = _find_head_or_none(reference.model, head_name)
         models = [reference.model] + [_in_reference_class(reference, member, reference_head) for member in loaded[1:]]
         try:
-            zoo = cls(models, [m.name for m in loaded], head_name=head_name, sources=[m.source for m in loaded],
+            zoo = cls(models, [m.name for m in loaded], head_name=head_name, origins=[m.origin for m in loaded],
                       data_configs=[m.data_config for m in loaded], architecture=reference.architecture,
                       arch_kwargs=reference.arch_kwargs)
         except ZooMismatchError as err:
@@ -245,7 +245,7 @@ class Zoo(Sequence):
             picked = range(len(self))[index]
             return Zoo([self._members[i] for i in picked], [self._names[i] for i in picked],
                        head_name=self.head_name, builder=self._builder,
-                       sources=[self.sources[i] for i in picked],
+                       origins=[self.origins[i] for i in picked],
                        data_configs=[self.data_configs[i] for i in picked],
                        architecture=self.architecture, arch_kwargs=self.arch_kwargs)
         if isinstance(index, str):
@@ -327,8 +327,8 @@ class Zoo(Sequence):
         params = sum(p.numel() for p in member.parameters())
         lines = [f"Zoo({len(self)} x {type(member).__name__}, {params / 1e6:.2f}M params each, "
                  f"head={self.head_name!r})"]
-        for i, (name, source) in enumerate(zip(self._names, self.sources)):
-            lines.append(f"  [{i}] {name}" + (f"  <- {source}" if source else ""))
+        for i, (name, origin) in enumerate(zip(self._names, self.origins)):
+            lines.append(f"  [{i}] {name}" + (f"  <- {origin}" if origin else ""))
         return "\n".join(lines)
 
 
@@ -407,7 +407,7 @@ def _load_members(paths: Sequence[Path], remaps: Sequence[Remap], builder: Calla
             template = _build_seeded(builder)
         head = _find_head_or_none(template, head_name)
         matched = match_state_dict(
-            state, template, head_name=head, remap=file_remap, source=str(path), keep_head=keep_head
+            state, template, head_name=head, remap=file_remap, origin=str(path), keep_head=keep_head
         )
         members.append(_with_tensors(template, matched))
     return members

@@ -52,7 +52,7 @@ def build(ctx: BuildContext) -> PACNet:
     """A PAC-Net model ready for Calibrate (the engine's training is Calibrate).
 
     The source model is zoo member ``ctx.member`` (else ``member``). With source data
-    (``ctx.source``: the source task's DatasetSplits, with a ``task`` or ``num_classes``), Allocate
+    (``ctx.source_data``: the source task's DatasetSplits, with a ``task`` or ``num_classes``), Allocate
     re-trains the source task on the kept weights here, through the engine (Adam, ``allocate_lr``,
     ``allocate_epochs``, ``allocate_batch_size``, the run's seed); without it the method runs as
     "prune-calibrate" and warns. When a saved model is rebuilt (``ctx.rebuilding``) only the
@@ -74,8 +74,8 @@ def build(ctx: BuildContext) -> PACNet:
                  scope=config.scope, l2_lambda=config.l2_lambda, freeze_norm_stats=config.freeze_norm_stats)
     if ctx.rebuilding:
         return net.begin_calibrate(snapshot=False)
-    if ctx.source is not None:
-        source = ctx.source
+    if ctx.source_data is not None:
+        source = ctx.source_data
         source_task = task_for(source)
         _check_source_head(net, source_task)
         from zootune.engine import TrainConfig

@@ -78,10 +78,10 @@ def load_pretrained(cls, directory, zoo_or_builder: Sequence[nn.Module] | Callab
     return load_weights(model, directory)
 
 
-def save_folded(model: nn.Module, directory, head_name: str | None = None, source: str = "lite") -> None:
+def save_folded(model: nn.Module, directory, head_name: str | None = None, method: str = "lite") -> None:
     """Save a folded (plain) model: its full state_dict, BatchNorm buffers included."""
     head_name = head_name or find_head_name(model)
-    save_model_dir(directory, model, {"kind": "plain", "arch": None, "method": source, "head_name": head_name,
+    save_model_dir(directory, model, {"kind": "plain", "arch": None, "method": method, "head_name": head_name,
                                       "head": head_spec(model.get_submodule(head_name))})
 
 
