@@ -32,7 +32,7 @@ import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -95,6 +95,29 @@ class FitResult:
 def _hook(module: nn.Module, name: str):
     fn = getattr(module, name, None)
     return fn if callable(fn) else None
+
+
+class _StepHooks(NamedTuple):
+    """The module's optional per-step hooks (:mod:`zootune.methods.base`), looked up once per epoch."""
+
+    set_progress: Callable[[float], None] | None
+    auxiliary_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    after_step: Callable[[], None] | None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "_StepHooks":
+        return cls(_hook(module, "set_training_progress"), _hook(module, "auxiliary_loss"),
+                   _hook(module, "after_optimizer_step"))
+
+
+class _Batch(NamedTuple):
+    """This process's slice of one global batch: its inputs and targets as the loader gives them, the
+    global batch's size (the loss weight's denominator) and its index in the epoch."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    global_size: int
+    index: int
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -213,35 +236,10 @@ class Trainer:
                 f"{path} does not fit this model ({str(err).splitlines()[0]}); was it written by another method "
                 "or architecture?"
             ) from None
-        # The optimizer's saved groups carry the old run's rates and weight decay: the ones this run was
-        # configured with take effect from the next step instead (lr(step) = new initial_lr * f(step)).
-        configured = [{k: g[k] for k in _RESUMED_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: optimizer state does not fit this model's parameters ({err})") from None
-        for group, values in zip(optimizer.param_groups, configured):
-            group.update(values)
+        self._restore_optimizer(ckpt["optimizer"], optimizer, path)
         self.guard.load_state_dict(ckpt.get("guard"), optimizer)
-        changed = sorted(
-            k
-            for k, v in self.config.to_dict().items()
-            if k not in _RESUME_FREE_FIELDS and ckpt["config"].get(k) != v
-        )
-        if changed and self.dist.is_main:
-            old = ckpt["config"]
-            log.warning(
-                "resume: %s changed (%s); from step %d on the new values apply: lr(step) = lr * f(step) with the "
-                "schedule f of the new settings, so the run will not match an uninterrupted one",
-                ", ".join(changed), ", ".join(f"{k} {old.get(k)} -> {getattr(self.config, k)}" for k in changed),
-                int(ckpt["step"]) + 1,
-            )
-        if ckpt["config"].get("epochs") != self.config.epochs and self.dist.is_main:
-            log.warning(
-                "resume: epochs changed from %s to %s; a schedule that depends on the total changes",
-                ckpt["config"].get("epochs"),
-                self.config.epochs,
-            )
+        if self.dist.is_main:
+            self._warn_about_changed_config(ckpt)
         self.epoch = int(ckpt["epoch"])
         self.step = int(ckpt["step"])
         self.history = list(ckpt["history"])
@@ -258,6 +256,40 @@ class Trainer:
             seed_everything(epoch_seed(self.config.seed, self.epoch, stream=1000 + self.dist.rank))
         if self.dist.is_main:
             log.info("resumed from %s after epoch %d", path, self.epoch)
+
+    @staticmethod
+    def _restore_optimizer(saved: dict, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        # The optimizer's saved groups carry the old run's rates and weight decay: the ones this run was
+        # configured with take effect from the next step instead (lr(step) = new initial_lr * f(step)).
+        configured = [{k: g[k] for k in _RESUMED_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: optimizer state does not fit this model's parameters ({err})") from None
+        for group, values in zip(optimizer.param_groups, configured):
+            group.update(values)
+
+    def _warn_about_changed_config(self, ckpt: dict) -> None:
+        """Say which settings differ from the checkpoint's."""
+        old = ckpt["config"]
+        changed = sorted(
+            k
+            for k, v in self.config.to_dict().items()
+            if k not in _RESUME_FREE_FIELDS and old.get(k) != v
+        )
+        if changed:
+            log.warning(
+                "resume: %s changed (%s); from step %d on the new values apply: lr(step) = lr * f(step) with the "
+                "schedule f of the new settings, so the run will not match an uninterrupted one",
+                ", ".join(changed), ", ".join(f"{k} {old.get(k)} -> {getattr(self.config, k)}" for k in changed),
+                int(ckpt["step"]) + 1,
+            )
+        if old.get("epochs") != self.config.epochs:
+            log.warning(
+                "resume: epochs changed from %s to %s; a schedule that depends on the total changes",
+                old.get("epochs"),
+                self.config.epochs,
+            )
 
     def _check_same_data(self, ckpt: dict, path: Path) -> None:
         """Continuing on other data than the checkpoint was trained on would silently give a model of
@@ -309,6 +341,38 @@ class Trainer:
     def fit(self) -> FitResult:
         started = time.perf_counter()
         cfg = self.config
+        module, device = self._join_and_place()
+        sampler = self._sampler(module)
+        threads_before = torch.get_num_threads()
+        converted_bn = self._apply_speed_settings(module, sampler, device)
+        self._scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        optimizer = build_optimizer(module, cfg)
+        schedule = LRSchedule(cfg, len(sampler))
+        if self.resume:
+            self._restore(optimizer)
+        self._choose_formulations(module, sampler, device)
+        model = self._distributed(module, device)
+        metric_log = MetricLog(self.out_dir) if self.out_dir is not None and self.dist.is_main else None
+        if self.val_dataset is not None and self.guard.factor is not None and self.guard.reference_val_loss is None:
+            self.guard.reference_val_loss = sums_to_metrics(self._val_sums(module), self.task)["loss"]
+        try:
+            self._train_epochs(model, module, optimizer, schedule, sampler, device, metric_log)
+            self._undo_speed_settings(module, converted_bn)
+            result = self._finish(module, started)
+        finally:
+            if metric_log is not None:
+                metric_log.close()
+            self._undo_speed_settings(module, converted_bn)
+            torch.set_num_threads(threads_before)
+        for cb in self.callbacks:
+            if _hook(cb, "on_fit_end"):
+                cb.on_fit_end(self, result)
+        return result
+
+    def _join_and_place(self) -> tuple[nn.Module, torch.device]:
+        """Join the process group (under ``torchrun``), check the data, put the module on this
+        process's device and seed its random streams: (module, device)."""
+        cfg = self.config
         check_device(cfg.device)
         # A CPU run uses gloo even on a machine with GPUs (NCCL only reduces GPU tensors).
         on_cpu = cfg.device is not None and torch.device(cfg.device).type == "cpu"
@@ -318,7 +382,11 @@ class Trainer:
         module = self.module.to(device)
         # Distinct streams per rank (dropout, augmentation), the same streams on every run.
         seed_everything(cfg.seed + self.dist.rank)
+        return module, device
 
+    def _sampler(self, module: nn.Module) -> GlobalBatchSampler:
+        """This process's slices of the global batches, every epoch; refuses data that gives no batch."""
+        cfg = self.config
         sampler = GlobalBatchSampler(
             len(self.train_dataset),
             cfg.batch_size,
@@ -333,13 +401,41 @@ class Trainer:
             # (index, seed) keys: per-sample augmentation independent of workers and resumes
             sample_seeds=bool(getattr(self.train_dataset, "accepts_sample_seeds", False)),
         )
-        steps_per_epoch = len(sampler)
-        if steps_per_epoch == 0:
+        if len(sampler) == 0:
             raise DataError(
                 f"the training dataset ({len(self.train_dataset)} samples) gives no batch to train on with "
                 f"batch_size={cfg.batch_size}, drop_last={cfg.drop_last} and {self.dist.world_size} process(es)"
             )
-        threads_before = torch.get_num_threads()
+        return sampler
+
+    def _distributed(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """``module`` wrapped for DistributedDataParallel under several processes, else itself."""
+        if not self.dist.enabled:
+            return module
+        return nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self.config.find_unused_parameters,
+        )
+
+    def _train_epochs(self, model, module, optimizer, schedule, sampler, device, metric_log) -> None:
+        """The epochs left (up to ``stop_after``), each logged and reported to the callbacks."""
+        cfg = self.config
+        while self.epoch < min(cfg.epochs, cfg.stop_after or cfg.epochs):
+            if not self._guarded_epoch(model, module, optimizer, schedule, sampler, device):
+                continue
+            record = self.history[-1]
+            if metric_log is not None:
+                metric_log.write(self.history)
+            for cb in self.callbacks:
+                if _hook(cb, "on_epoch_end"):
+                    cb.on_epoch_end(self, record)
+
+    # ------------------------------------------------------------------ before the first step
+    def _apply_speed_settings(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> list:
+        """The thread count, SyncBatchNorm and channels-last (undone by :meth:`_undo_speed_settings`);
+        returns the converted BatchNorm layers."""
+        cfg = self.config
         threads = choose_threads(cfg.threads, device, lambda: forward_macs(module, (self._example(sampler, device),)))
         if threads is not None:
             torch.set_num_threads(threads)
@@ -348,46 +444,7 @@ class Trainer:
             device.type == "cuda" and _has_conv2d(module))
         if self._channels_last:
             _four_d_layout(module, torch.channels_last)
-        self._scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-        optimizer = build_optimizer(module, cfg)
-        schedule = LRSchedule(cfg, steps_per_epoch)
-        if self.resume:
-            self._restore(optimizer)
-        self._choose_formulations(module, sampler, device)
-
-        model: nn.Module = module
-        if self.dist.enabled:
-            model = nn.parallel.DistributedDataParallel(
-                module,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.find_unused_parameters,
-            )
-        metric_log = MetricLog(self.out_dir) if self.out_dir is not None and self.dist.is_main else None
-        if self.val_dataset is not None and self.guard.factor is not None and self.guard.reference_val_loss is None:
-            self.guard.reference_val_loss = sums_to_metrics(self._val_sums(module), self.task)["loss"]
-        try:
-            while self.epoch < min(cfg.epochs, cfg.stop_after or cfg.epochs):
-                if not self._guarded_epoch(model, module, optimizer, schedule, sampler, device):
-                    continue
-                record = self.history[-1]
-                if metric_log is not None:
-                    metric_log.write(self.history)
-                for cb in self.callbacks:
-                    if _hook(cb, "on_epoch_end"):
-                        cb.on_epoch_end(self, record)
-            self._undo_speed_settings(module, converted_bn)
-            result = self._finish(module, started)
-        finally:
-            if metric_log is not None:
-                metric_log.close()
-            self._undo_speed_settings(module, converted_bn)
-            torch.set_num_threads(threads_before)
-        for cb in self.callbacks:
-            if _hook(cb, "on_fit_end"):
-                cb.on_fit_end(self, result)
-        return result
-
-    # ------------------------------------------------------------------ before the first step
+        return converted_bn
     def _undo_speed_settings(self, module: nn.Module, converted_bn) -> None:
         """The architecture's own BatchNorm classes and a contiguous layout again (for the caller,
         finalize() and saving: safetensors stores contiguous tensors only). Idempotent."""
@@ -466,8 +523,9 @@ class Trainer:
         return True
 
     def _train_epoch(self, model, module, optimizer, schedule: LRSchedule, sampler: GlobalBatchSampler, device):
-        cfg, task, world = self.config, self.task, self.dist.world_size
-        epoch = self.epoch
+        """One pass over this process's slices of the epoch's global batches; the epoch's training
+        metrics over all processes."""
+        cfg, epoch = self.config, self.epoch
         sampler.set_epoch(epoch)
         global_sizes = [len(b) for b in sampler.global_batches()]
         loader = DataLoader(
@@ -479,9 +537,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, stream=1 + self.dist.rank)),
             pin_memory=device.type == "cuda",
         )
-        set_progress = _hook(module, "set_training_progress")
-        auxiliary_loss = _hook(module, "auxiliary_loss")
-        after_step = _hook(module, "after_optimizer_step")
+        hooks = _StepHooks.of(module)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         show = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
@@ -489,56 +545,71 @@ class Trainer:
         model.train()
         t0 = time.perf_counter()
         for i, (inputs, targets) in enumerate(one_line_worker_errors(loader)):
-            self._check_targets(targets)
-            if set_progress is not None:
-                set_progress(self.step / schedule.total_steps)
-            schedule.apply(optimizer, self.step)
-            inputs, targets = self._to_device(inputs, device), targets.to(device, non_blocking=True)
-            with self._autocast(device):
-                outputs = model(inputs)
-                loss = task.loss(outputs, targets)
-                if auxiliary_loss is not None:
-                    loss = loss + auxiliary_loss(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
+            batch = _Batch(inputs, targets, global_sizes[i], i)
+            outputs, targets, loss_value = self._train_step(model, hooks, optimizer, schedule, params, batch, device)
             n = targets.shape[0]
-            weight = rank_loss_weight(n, global_sizes[i], world) if world > 1 else 1.0
-            weighted = loss * weight if weight != 1.0 else loss
-            (self._scaler.scale(weighted) if self._scaler is not None else weighted).backward()
-            loss_value = float(loss.detach())
-            self._check_finite(loss_value, epoch, i)  # before the step: the weights stay good
-            if self._scaler is not None:
-                self._scaler.unscale_(optimizer)  # clip (and step) on the true gradients
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if self._scaler is not None:
-                self._scaler.step(optimizer)  # skipped when a gradient overflowed fp16
-                self._scaler.update()
-            else:
-                optimizer.step()
-            if after_step is not None:
-                after_step()
-            self.step += 1
-            metric_sum, metric_count = task.metric_sums(outputs.detach(), targets)
+            metric_sum, metric_count = self.task.metric_sums(outputs.detach(), targets)
             sums += torch.tensor([loss_value * n, metric_sum, metric_count, n], dtype=torch.float64)
             if show:
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{sums[0] / sums[3]:.4f}",
-                    **{task.metric_name: f"{sums[1] / max(sums[2], 1):.2f}"},
-                    img_s=f"{world * sums[3] / (time.perf_counter() - t0):.0f}",
+                    **{self.task.metric_name: f"{sums[1] / max(sums[2], 1):.2f}"},
+                    img_s=f"{self.dist.world_size * sums[3] / (time.perf_counter() - t0):.0f}",
                 )
         bar.close()
-        seconds = time.perf_counter() - t0
+        return self._epoch_record(optimizer, sums, time.perf_counter() - t0)
+
+    def _train_step(self, model, hooks: _StepHooks, optimizer, schedule: LRSchedule, params, batch: _Batch, device):
+        """One optimisation step on this process's slice of a global batch (the contract in the module
+        docstring): (outputs, targets on the device, the loss's value)."""
+        world = self.dist.world_size
+        self._check_targets(batch.targets)
+        if hooks.set_progress is not None:
+            hooks.set_progress(self.step / schedule.total_steps)
+        schedule.apply(optimizer, self.step)
+        inputs, targets = self._to_device(batch.inputs, device), batch.targets.to(device, non_blocking=True)
+        with self._autocast(device):
+            outputs = model(inputs)
+            loss = self.task.loss(outputs, targets)
+            if hooks.auxiliary_loss is not None:
+                loss = loss + hooks.auxiliary_loss(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        weight = rank_loss_weight(targets.shape[0], batch.global_size, world) if world > 1 else 1.0
+        weighted = loss * weight if weight != 1.0 else loss
+        (self._scaler.scale(weighted) if self._scaler is not None else weighted).backward()
+        loss_value = float(loss.detach())
+        self._check_finite(loss_value, self.epoch, batch.index)  # before the step: the weights stay good
+        self._optimizer_step(optimizer, params)
+        if hooks.after_step is not None:
+            hooks.after_step()
+        self.step += 1
+        return outputs, targets, loss_value
+
+    def _optimizer_step(self, optimizer, params) -> None:
+        """The update from the gradients: unscaled (fp16), clipped (``grad_clip``), then stepped."""
+        if self._scaler is not None:
+            self._scaler.unscale_(optimizer)  # clip (and step) on the true gradients
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if self._scaler is not None:
+            self._scaler.step(optimizer)  # skipped when a gradient overflowed fp16
+            self._scaler.update()
+        else:
+            optimizer.step()
+
+    def _epoch_record(self, optimizer, sums: torch.Tensor, seconds: float) -> dict[str, float]:
+        """The epoch's training metrics from this process's ``sums`` (loss * n, metric sum, metric
+        count, n), summed over all processes."""
         sums = distributed.all_reduce_sum(sums)
-        record = {
-            "epoch": epoch + 1,
+        return {
+            "epoch": self.epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": sums[0].item() / sums[3].item(),
-            f"train_{task.metric_name}": sums[1].item() / max(sums[2].item(), 1),
+            f"train_{self.task.metric_name}": sums[1].item() / max(sums[2].item(), 1),
             "seconds": seconds,
             "images_per_s": sums[3].item() / max(seconds, 1e-9),
         }
-        return record
 
     def _check_targets(self, targets: torch.Tensor) -> None:
         """``task.check_targets`` on every batch; with several processes a bad batch on one rank stops
