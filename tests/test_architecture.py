@@ -1,6 +1,6 @@
-"""The layout keeps its floors: no import circles, no arrow from the engine up to the methods,
-layers that import nothing above them, and no method named above ``methods/`` (the experiment, the
-CLI, the reports and the RL comparison know methods only through the registry)."""
+"""The layout keeps its floors: no import circles, no arrow from the engine up to the methods or to
+the layers, layers that import nothing above them, and no method named above ``methods/`` (the
+experiment, the CLI, the reports and the RL comparison know methods only through the registry)."""
 
 from __future__ import annotations
 
@@ -83,11 +83,21 @@ def test_no_import_cycles():
     assert _cycles(_import_graph()) == []
 
 
+# Below every floor: modules that import nothing of zootune (errors, atomic file writes).
+BASEMENT = ("zootune.errors", "zootune.atomic")
+
+
+def test_the_basement_imports_nothing_of_zootune():
+    graph = _import_graph()
+    assert {name: graph[name] for name in BASEMENT} == {name: set() for name in BASEMENT}
+
+
 def test_no_arrow_up_from_the_lower_floors():
     graph = _import_graph()
     upward = [(a, b) for a, targets in graph.items() for b in targets
-              if (a.startswith("zootune.engine") and b.startswith(("zootune.methods", "zootune.experiment", "zootune.cli")))
-              or (a.startswith("zootune.layers") and not b.startswith(("zootune.layers", "zootune.errors")))]
+              if (a.startswith("zootune.engine")
+                  and b.startswith(("zootune.methods", "zootune.experiment", "zootune.cli", "zootune.layers")))
+              or (a.startswith("zootune.layers") and not b.startswith(("zootune.layers", *BASEMENT)))]
     assert upward == []
 
 

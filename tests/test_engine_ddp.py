@@ -269,5 +269,5 @@ def test_only_rank_0_writes_and_logs_and_every_rank_uses_its_formulations(tmp_pa
     assert any("epoch 3/3" in line for line in rank0["logs"])
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "metrics.csv", "metrics.jsonl"]
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert rank0["choices"] == rank1["choices"] == ckpt["formulations"]
+    assert rank0["choices"] == rank1["choices"] == ckpt["training_states"]
     assert set(rank0["choices"]) == {"0", "2"}

@@ -19,14 +19,13 @@ from torch.utils.data import Dataset
 
 from zootune.engine import TrainConfig, Trainer
 from zootune.engine import threads as engine_threads
-from zootune.engine import formulation_cache
 from zootune.engine.checkpoint import load_checkpoint
 from zootune.engine.sync_bn import (
     CpuSyncBatchNorm,
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
-from zootune.layers import AggregatedLayer, autotune
+from zootune.layers import AggregatedLayer, autotune, formulation_cache
 from zootune.tasks import ClassificationTask
 
 
@@ -219,7 +218,7 @@ def test_formulations_are_tuned_once_before_training_and_stored(tmp_path, monkey
             out_dir=tmp_path).fit()
     assert len(calls) == 1 and calls[0]["mode"] == "time"
     assert calls[0]["example"].shape == (8, 3, 8, 8)  # the first training batch
-    stored = load_checkpoint(tmp_path / "checkpoint.pt")["formulations"]
+    stored = load_checkpoint(tmp_path / "checkpoint.pt")["training_states"]
     layers = autotune.aggregated_layers(net)
     assert set(stored) == set(layers) and stored == autotune.formulation_choices(net)
     for name, per_phase in stored.items():
@@ -265,7 +264,7 @@ def test_timed_choices_are_reused_from_the_machine_cache_so_reruns_are_bit_ident
     assert all(torch.equal(first[k], second[k]) for k in first)
     # without the cache the noisy timing chooses otherwise and the weights differ: the cache is what
     # makes the rerun equal
-    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: tmp_path / "other.json")
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir: tmp_path / "other.json")
     calls.append("the load changed")  # the next timings pick the other survivors
     third = _trained_state(agg_net())
     assert any(not torch.equal(first[k], third[k]) for k in first)
@@ -276,7 +275,7 @@ def test_a_corrupt_or_unwritable_formulation_cache_is_measured_again(monkeypatch
     with pytest.warns(UserWarning, match="unreadable"):
         _trained_state(agg_net(), epochs=1)
     assert json.loads((tmp_path / "formulations.json").read_text())  # replaced by a valid one
-    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: Path("/proc/zootune-x/f.json"))
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir: Path("/proc/zootune-x/f.json"))
     with pytest.warns(UserWarning, match="cannot be written"):
         _trained_state(agg_net(), epochs=1)
 
@@ -284,7 +283,7 @@ def test_a_corrupt_or_unwritable_formulation_cache_is_measured_again(monkeypatch
 def test_macs_mode_stores_no_choice_and_fixed_formulations_are_not_tuned(tmp_path):
     net = agg_net()
     Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=1, formulations="macs"), out_dir=tmp_path).fit()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["formulations"] == {}
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["training_states"] == {"0": {}, "3": {}}
     fixed = agg_net(formulation="stacked")
     Trainer(fixed, ClassificationTask(3), Images(24), None, quiet(epochs=1)).fit()
     assert autotune.formulation_choices(fixed) == {}
@@ -331,7 +330,7 @@ def _worker(out: str, epochs: int, prefer: str, kill_in_epoch: int | None, resum
 
     autotune.measure = measure
     # each run folder its own cache of timed choices: the processes stand for different machines
-    formulation_cache.choices_path = lambda cache_dir=None: Path(out) / "formulations.json"
+    formulation_cache.choices_path = lambda cache_dir: Path(out) / "formulations.json"
     state = {"epoch_done": 0, "reads_in_epoch": 0}
 
     class Killing(Images):
@@ -380,7 +379,7 @@ def test_resume_after_kill_9_in_a_fresh_process_is_bit_exact_with_timed_formulat
     assert ckpt["epoch"] == 1 and not (killed / "final.pt").exists()
     control = tmp_path / "control"
     control.mkdir()
-    stripped = dict(ckpt, formulations=None)
+    stripped = dict(ckpt, training_states=None)
     torch.save(stripped, control / "checkpoint.pt")
 
     assert _run_worker(killed, "outputs", resume=True) == 0

@@ -11,12 +11,12 @@ Per step (the contract in :mod:`zootune.methods.base`)::
 The forward and the loss run under ``torch.autocast`` when ``precision`` is bf16/fp16 (fp16 scales the
 loss with a ``GradScaler``). Before the first step (once per process, outside any forward) the engine
 sets the intra-op thread count (:mod:`zootune.engine.threads`), converts BatchNorm layers for
-``sync_bn``, moves convolutional models to channels-last, and chooses the formulation of every
-aggregation layer (:func:`zootune.layers.autotune.tune`) on the first batch -- or reads the choices
-back from the checkpoint when resuming.
+``sync_bn``, moves convolutional models to channels-last, and calls every module's
+``prepare_for_training`` (:mod:`zootune.engine.hooks`) with the first batch -- and, when resuming,
+the state the module kept in the checkpoint.
 
 After each epoch: validation (metric sums over all processes), best-on-validation state kept, an
-atomic checkpoint with every RNG state and the formulation choices, ``metrics.jsonl`` /
+atomic checkpoint with every RNG state and the modules' ``training_state()``, ``metrics.jsonl`` /
 ``metrics.csv``. At the end the best state is loaded and ``module.finalize()`` (if defined) gives the
 model that is returned. Under ``torchrun`` only rank 0 writes files and logs.
 """
@@ -24,6 +24,7 @@ model that is returned. Under ``torchrun`` only rank 0 writes files and logs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -39,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from zootune.data.cache import user_cache_dir
 from zootune.data.loading import one_line_worker_errors
 from zootune.engine import distributed
 from zootune.engine.checkpoint import (
@@ -53,15 +55,21 @@ from zootune.engine.checkpoint import (
 from zootune.engine.config import TrainConfig, check_device
 from zootune.engine.distributed import unwrap
 from zootune.engine.evaluation import _model_device, evaluation_sums, sums_to_metrics
-from zootune.engine.formulation_cache import machine_choices
 from zootune.engine.guard import Diverged, DivergenceGuard
+from zootune.engine.hooks import (
+    TRAINING_STATES_KEY,
+    PreparationContext,
+    optional_method,
+    prepare_for_training,
+    saved_training_states,
+    training_states,
+)
 from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
 from zootune.engine.sync_bn import convert_sync_batchnorm, revert_sync_batchnorm
 from zootune.engine.threads import choose_threads, forward_macs
 from zootune.errors import CheckpointError, DataError, NonFiniteLossError, ZootuneError
-from zootune.layers import autotune
 from zootune.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -92,11 +100,6 @@ class FitResult:
     rollbacks: list[dict] = dataclasses.field(default_factory=list)  # the divergence guard's (engine.guard)
 
 
-def _hook(module: nn.Module, name: str):
-    fn = getattr(module, name, None)
-    return fn if callable(fn) else None
-
-
 class _StepHooks(NamedTuple):
     """The module's optional per-step hooks (:mod:`zootune.methods.base`), looked up once per epoch."""
 
@@ -106,8 +109,8 @@ class _StepHooks(NamedTuple):
 
     @classmethod
     def of(cls, module: nn.Module) -> "_StepHooks":
-        return cls(_hook(module, "set_training_progress"), _hook(module, "auxiliary_loss"),
-                   _hook(module, "after_optimizer_step"))
+        return cls(optional_method(module, "set_training_progress"), optional_method(module, "auxiliary_loss"),
+                   optional_method(module, "after_optimizer_step"))
 
 
 class _Batch(NamedTuple):
@@ -125,17 +128,17 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _has_conv2d(module: nn.Module) -> bool:
-    from zootune.layers import AggregatedLayer
-
-    return any(isinstance(m, nn.Conv2d) or (isinstance(m, AggregatedLayer) and m.bank.dim() == 5)
-               for m in module.modules())
+    """Whether a module runs 2-d convolutions: an ``nn.Conv2d``, or one that says so
+    (``convolves_2d``, :mod:`zootune.engine.hooks`)."""
+    return any(isinstance(m, nn.Conv2d) or getattr(m, "convolves_2d", False) for m in module.modules())
 
 
 @torch.no_grad()
 def _four_d_layout(module: nn.Module, memory_format: torch.memory_format) -> None:
     """Every 4-d parameter and buffer (convolution kernels) in ``memory_format``, in place (the same
-    Parameter objects). ``module.to(memory_format=...)`` would refuse the 5-d banks of aggregation
-    layers; their kernels are built per step and follow the input's layout in the convolution."""
+    Parameter objects). ``module.to(memory_format=...)`` would refuse parameters of other
+    dimensions (e.g. a 5-d stack of 2-d kernels, from which a module builds its kernel each step: that
+    kernel follows the input's layout in the convolution)."""
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.dim() == 4:
             tensor.data = tensor.data.contiguous(memory_format=memory_format)
@@ -155,8 +158,9 @@ class Trainer:
     from its checkpoint to the same numbers an uninterrupted run gives. ``callbacks``: objects with
     optional ``on_epoch_end(trainer, record)`` and ``on_fit_end(trainer, result)``, called on every
     process (``trainer.dist.is_main`` tells rank 0). ``example_input``: the batch (a tensor of the
-    training batch's shape) on which the engine chooses aggregation formulations and the thread count;
-    default: the first training batch (read once more, every random stream restored).
+    training batch's shape) that modules preparing for training see (:mod:`zootune.engine.hooks`) and
+    on which the engine chooses the thread count; default: the first training batch (read once more,
+    every random stream restored).
     ``data_fingerprint``: what identifies the training data (e.g.
     :func:`zootune.data.image_folder.folder_fingerprint`); stored in the checkpoint, and resuming
     from a checkpoint of other data is refused.
@@ -198,7 +202,7 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self.example_input = example_input
         self.data_fingerprint = data_fingerprint
-        self._restored_formulations: dict | None = None
+        self._saved_training_states: dict | None = None
         self._scaler: torch.amp.GradScaler | None = None
         self._channels_last = False
         self.guard = DivergenceGuard(factor=config.divergence_factor, max_rollbacks=config.max_rollbacks)
@@ -246,7 +250,7 @@ class Trainer:
         self.best_epoch = int(ckpt["best_epoch"])
         self.best_val_metric = ckpt["best_val_metric"]
         self._best_state = ckpt["best_state"]
-        self._restored_formulations = ckpt.get("formulations")
+        self._saved_training_states = saved_training_states(ckpt)
         if self._scaler is not None and ckpt.get("grad_scaler"):
             self._scaler.load_state_dict(ckpt["grad_scaler"])
         rng_states = ckpt["rng"]
@@ -328,9 +332,9 @@ class Trainer:
                 "data_fingerprint": self.data_fingerprint,
                 "rng": rng_states,
                 "sampler": {"seed": self.config.seed, "epoch": self.epoch},
-                # Aggregation layers' formulations (chosen by timing): a resumed run computes what
-                # this one did, bit for bit, instead of timing again.
-                "formulations": autotune.formulation_choices(self.module),
+                # What modules chose before training (e.g. by timing): a resumed run computes what
+                # this one did, bit for bit, instead of choosing again.
+                TRAINING_STATES_KEY: training_states(self.module),
                 "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
                 "guard": self.guard.state_dict(),
             },
@@ -350,7 +354,7 @@ class Trainer:
         schedule = LRSchedule(cfg, len(sampler))
         if self.resume:
             self._restore(optimizer)
-        self._choose_formulations(module, sampler, device)
+        self._prepare_modules(module, sampler, device)
         model = self._distributed(module, device)
         metric_log = MetricLog(self.out_dir) if self.out_dir is not None and self.dist.is_main else None
         if self.val_dataset is not None and self.guard.factor is not None and self.guard.reference_val_loss is None:
@@ -365,7 +369,7 @@ class Trainer:
             self._undo_speed_settings(module, converted_bn)
             torch.set_num_threads(threads_before)
         for cb in self.callbacks:
-            if _hook(cb, "on_fit_end"):
+            if optional_method(cb, "on_fit_end"):
                 cb.on_fit_end(self, result)
         return result
 
@@ -428,7 +432,7 @@ class Trainer:
             if metric_log is not None:
                 metric_log.write(self.history)
             for cb in self.callbacks:
-                if _hook(cb, "on_epoch_end"):
+                if optional_method(cb, "on_epoch_end"):
                     cb.on_epoch_end(self, record)
 
     # ------------------------------------------------------------------ before the first step
@@ -477,37 +481,17 @@ class Trainer:
             restore_rng_state(state)
         return self._to_device(inputs, device)
 
-    def _choose_formulations(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> None:
-        """Each aggregation layer's training formulation: read back from the checkpoint when
-        resuming, else chosen once on an example batch (:func:`zootune.layers.autotune.tune`),
-        outside any forward, timing only what this machine's cache of earlier choices
-        (:mod:`zootune.engine.formulation_cache`) does not hold -- so the same command trains the same
-        model bit for bit; under several processes every rank uses rank 0's choices. Evaluation
-        keeps the fewest-multiply-adds rule, so the trained model's numbers do not depend on where
-        it is evaluated."""
-        if not any(layer.formulation == "auto" for layer in autotune.aggregated_layers(module).values()):
-            return
-        if self._restored_formulations is not None:
-            try:
-                autotune.load_formulation_choices(module, self._restored_formulations)
-            except ValueError as err:
-                raise CheckpointError(f"{self.checkpoint_path}: {err}") from None
-            return
-        if autotune.resolve_mode(self.config.formulations) == "macs":
-            # Nothing to measure: every call takes the fewest multiply-adds for its shape.
-            autotune.clear_choices(module)
-            return
-        example = self._example(sampler, device)
-        cached = machine_choices() if self.dist.is_main else contextlib.nullcontext(None)
-        with cached as known, self._autocast(device):
-            report = autotune.tune(module, example, mode="time", training=True, known=known)
-        if self.dist.enabled:
-            autotune.load_formulation_choices(module, distributed.all_gather_objects(
-                autotune.formulation_choices(module))[0])
-        if self.dist.is_main and report:
-            chosen = [choice.chosen for per_phase in report.values() for choice in per_phase.values()]
-            log.info("aggregation formulations chosen by timing: %s",
-                     {name: chosen.count(name) for name in sorted(set(chosen))})
+    def _prepare_modules(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> None:
+        """Every module's ``prepare_for_training`` (:mod:`zootune.engine.hooks`), with the state it kept
+        in the checkpoint when resuming. The example batch is read only if a module asks for it."""
+        context = PreparationContext(
+            model=module, name="", device=device, config=self.config, saved_state=None,
+            is_main=self.dist.is_main, cache_dir=user_cache_dir(),
+            example_batch=functools.cache(lambda: self._example(sampler, device)),
+            agree=lambda value: distributed.all_gather_objects(value)[0],
+            autocast=lambda: self._autocast(device),
+        )
+        prepare_for_training(module, context, self._saved_training_states, self.checkpoint_path)
 
     def _guarded_epoch(self, model, module, optimizer, schedule, sampler, device) -> bool:
         """One epoch and its validation; False when the divergence guard rolled it back."""
@@ -701,7 +685,7 @@ class Trainer:
     def _finish(self, module: nn.Module, started: float) -> FitResult:
         if self._best_state is not None:
             module.load_state_dict(self._best_state)
-        finalize = _hook(module, "finalize")
+        finalize = optional_method(module, "finalize")
         final_model = finalize() if finalize is not None else module
         if self.val_dataset is not None:
             final = sums_to_metrics(self._val_sums(final_model), self.task)
