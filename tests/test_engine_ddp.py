@@ -110,7 +110,7 @@ def train_tiny(out: Path, dropout: float = 0.0, kill_after: int | None = None, r
     train, val = blobs(45), blobs(21)  # 45 = 4 x 10 + 5: the last global batch splits 3 / 2
     model = _model(kind, dropout)
     cfg = TrainConfig(epochs=3, batch_size=10, lr=0.1, optimizer="sgd", schedule="cosine", progress=False,
-                      device="cpu", sync_bn=sync_bn, formulations="time")
+                      device="cpu", sync_bn=sync_bn, exact_choices="time")
     callbacks = [KillAfter(kill_after)] if kill_after else []
     try:
         result = Trainer(model, ClassificationTask(3), train, val, cfg, out_dir=out / "run", resume=resume,

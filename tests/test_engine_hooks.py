@@ -1,7 +1,7 @@
 """The engine's preparation hook (zootune.engine.hooks): a module's ``prepare_for_training`` is called
 once before training with the example batch, its ``training_state()`` is kept in the checkpoint and
 given back on resume; checkpoints written before the hook (the aggregation layers' choices under
-their old key) still resume exactly."""
+their old key, the option under its old name) still resume exactly."""
 
 from __future__ import annotations
 
@@ -105,6 +105,11 @@ def test_the_channels_last_rule_counts_a_module_that_says_it_convolves_in_2d():
 # ------------------------------------------------------------------ checkpoints of older zootune
 
 
+def test_the_old_option_name_is_read():
+    assert TrainConfig.from_dict({"formulations": "macs"}) == TrainConfig(exact_choices="macs")
+    assert TrainConfig.from_json('{"formulations": "time"}').exact_choices == "time"
+
+
 def agg_net(seed=0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(AggregatedLayer([nn.Linear(5, 8) for _ in range(3)]), nn.Tanh(),
@@ -127,18 +132,19 @@ def _last_survivor(monkeypatch):
 
 def test_a_checkpoint_written_before_the_hook_resumes_exactly(tmp_path, monkeypatch, caplog):
     calls = _last_survivor(monkeypatch)
-    train, config = data(40), quiet(epochs=3, formulations="time", lr=0.1)
+    train, config = data(40), quiet(epochs=3, exact_choices="time", lr=0.1)
     whole = Trainer(agg_net(), ClassificationTask(3), train, None, config).fit().model.state_dict()
     chosen = autotune.formulation_choices(Trainer(agg_net(), ClassificationTask(3), train, None,
-                                                  quiet(epochs=3, stop_after=1, formulations="time", lr=0.1),
+                                                  quiet(epochs=3, stop_after=1, exact_choices="time", lr=0.1),
                                                   out_dir=tmp_path).fit().model)
     fewest_macs = {name: {"train": per_phase["train"].chosen}
                    for name, per_phase in autotune.tune(agg_net(), train[:8][0], mode="macs").items()}
     assert calls and chosen != fewest_macs  # what the multiply-add rule would take instead
-    # as an older zootune wrote it: non-empty choices under "formulations"
+    # as an older zootune wrote it: non-empty choices under "formulations", the option under its old name
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     states = checkpoint.pop("training_states")
     checkpoint["formulations"] = {name: state for name, state in states.items() if state}
+    checkpoint["config"]["formulations"] = checkpoint["config"].pop("exact_choices")
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
 
     calls.clear()
@@ -146,5 +152,5 @@ def test_a_checkpoint_written_before_the_hook_resumes_exactly(tmp_path, monkeypa
     with caplog.at_level(logging.WARNING, logger="zootune"):
         resumed = Trainer(net, ClassificationTask(3), train, None, config, out_dir=tmp_path, resume=True).fit()
     assert calls == [] and autotune.formulation_choices(net) == chosen  # read back, not timed again
-    assert not [r for r in caplog.records if "changed" in r.getMessage()]
+    assert not [r for r in caplog.records if "changed" in r.getMessage()]  # the renamed option is the same
     assert all(torch.equal(whole[k], v) for k, v in resumed.model.state_dict().items())

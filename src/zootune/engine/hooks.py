@@ -12,7 +12,7 @@ and before the model is wrapped for DistributedDataParallel. The ``context``
 config, the state the module kept in the checkpoint and a way to agree across processes.
 
 What it is for: a computation a module can run in several exact, equivalent ways whose speed
-depends on the machine (``TrainConfig.formulations``: by measured time or by the fewest
+depends on the machine (``TrainConfig.exact_choices``: by measured time or by the fewest
 multiply-adds) is chosen once here -- timed on the example batch -- instead of inside ``forward``
 (where timing would run a backward pass inside DDP's and ``torch.compile``'s view). Each way sums in
 its own order, so the choice decides the last bits of the numbers: the module returns it from

@@ -274,8 +274,9 @@ class Trainer:
             group.update(values)
 
     def _warn_about_changed_config(self, ckpt: dict) -> None:
-        """Say which settings differ from the checkpoint's."""
-        old = ckpt["config"]
+        """Say which settings differ from the checkpoint's (options renamed since it was written are
+        compared under their current names)."""
+        old = TrainConfig.with_current_names(ckpt["config"])
         changed = sorted(
             k
             for k, v in self.config.to_dict().items()

@@ -319,7 +319,7 @@ def prepare_for_training(layer: TunableLayer, context) -> None:
     ``context`` is a :class:`zootune.engine.hooks.PreparationContext`).
 
     A layer with a fixed formulation has nothing to choose. Otherwise its training formulation is read
-    back from the checkpoint when resuming; else, with ``formulations="macs"``, nothing is stored
+    back from the checkpoint when resuming; else, with ``exact_choices="macs"``, nothing is stored
     (every call takes the fewest multiply-adds for its shape); else ("time") the first such layer of
     the model chooses for all of them at once (:func:`tune`, one pass over the example batch).
     Evaluation keeps the fewest-multiply-adds rule, so the trained model's numbers do not depend on
@@ -330,7 +330,7 @@ def prepare_for_training(layer: TunableLayer, context) -> None:
     if context.saved_state is not None:
         layer.formulation_choice = _checked_choice(layer, context.name, context.saved_state)
         return
-    if resolve_mode(context.config.formulations) == "macs":
+    if resolve_mode(context.config.exact_choices) == "macs":
         layer.formulation_choice = {}  # nothing to measure: every call takes the fewest multiply-adds
         return
     tuned = [other for other in aggregated_layers(context.model).values() if other.formulation == "auto"]
