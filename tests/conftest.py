@@ -15,6 +15,6 @@ def _seed():
 def _own_formulation_cache(tmp_path, monkeypatch):
     """Each test starts with an empty cache of timed formulation choices (the user's stays untouched);
     CLI tests in subprocesses use the user cache, as a user's runs do."""
-    from zootune.engine import formulation_cache
+    from zootune.layers import formulation_cache
 
-    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: tmp_path / "formulations.json")
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir: tmp_path / "formulations.json")

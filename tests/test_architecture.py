@@ -1,6 +1,7 @@
-"""The layout keeps its floors: no import circles, no arrow from the engine up to the methods,
-layers that import nothing above them, and no method named above ``methods/`` (the experiment, the
-CLI, the reports and the RL comparison know methods only through the registry)."""
+"""The layout keeps its floors: no import circles, no arrow from the engine up to the methods or to
+the layers, layers that import nothing above them, no method named above ``methods/`` (the
+experiment, the CLI, the reports and the RL comparison know methods only through the registry), and
+an engine that names no method or layer (methods reach it through its hooks)."""
 
 from __future__ import annotations
 
@@ -83,12 +84,56 @@ def test_no_import_cycles():
     assert _cycles(_import_graph()) == []
 
 
+# Below every floor: modules that import nothing of zootune (errors, atomic file writes).
+BASEMENT = ("zootune.errors", "zootune.atomic")
+
+
+def test_the_basement_imports_nothing_of_zootune():
+    graph = _import_graph()
+    assert {name: graph[name] for name in BASEMENT} == {name: set() for name in BASEMENT}
+
+
 def test_no_arrow_up_from_the_lower_floors():
     graph = _import_graph()
     upward = [(a, b) for a, targets in graph.items() for b in targets
-              if (a.startswith("zootune.engine") and b.startswith(("zootune.methods", "zootune.experiment", "zootune.cli")))
-              or (a.startswith("zootune.layers") and not b.startswith(("zootune.layers", "zootune.errors")))]
+              if (a.startswith("zootune.engine")
+                  and b.startswith(("zootune.methods", "zootune.experiment", "zootune.cli", "zootune.layers")))
+              or (a.startswith("zootune.layers") and not b.startswith(("zootune.layers", *BASEMENT)))]
     assert upward == []
+
+
+# What the engine's source may not name: a layer class or a method's concern. The exceptions are the
+# names older checkpoints and configs used, which the engine still reads (each on one assignment line).
+ENGINE_NEVER_NAMES = ("AggregatedLayer", "formulation", "zoo-tuning", "zoo_tuning", "hub-pathway", "hub_pathway",
+                      "zootune.layers")
+OLDER_NAMES = {("hooks.py", "OLDER_TRAINING_STATES_KEY"), ("config.py", "_RENAMED_OPTIONS")}
+
+
+def _engine_mentions(files: list[Path]) -> list[str]:
+    """``file:line: text`` for every line of ``files`` naming what the engine may not name."""
+    found = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if any(line.startswith(f"{name} = ") for file, name in OLDER_NAMES if path.name == file):
+                continue
+            if any(word.lower() in line.lower() for word in ENGINE_NEVER_NAMES):
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    return found
+
+
+def test_the_engine_names_no_method_or_layer():
+    files = sorted((PACKAGE / "engine").glob("*.py"))
+    assert PACKAGE / "engine" / "hooks.py" in files
+    assert _engine_mentions(files) == []
+
+
+def test_a_layer_planted_in_the_engine_is_found(tmp_path):
+    planted = tmp_path / "trainer.py"
+    planted.write_text('from zootune.layers import AggregatedLayer\n_RENAMED_OPTIONS = {"formulations": "x"}\n')
+    assert _engine_mentions([planted]) == [
+        "trainer.py:1: from zootune.layers import AggregatedLayer",
+        'trainer.py:2: _RENAMED_OPTIONS = {"formulations": "x"}',  # only config.py's is an exception
+    ]
 
 
 def _string_constants(path: Path) -> list[tuple[int, str]]:

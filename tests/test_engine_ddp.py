@@ -110,7 +110,7 @@ def train_tiny(out: Path, dropout: float = 0.0, kill_after: int | None = None, r
     train, val = blobs(45), blobs(21)  # 45 = 4 x 10 + 5: the last global batch splits 3 / 2
     model = _model(kind, dropout)
     cfg = TrainConfig(epochs=3, batch_size=10, lr=0.1, optimizer="sgd", schedule="cosine", progress=False,
-                      device="cpu", sync_bn=sync_bn, formulations="time")
+                      device="cpu", sync_bn=sync_bn, exact_choices="time")
     callbacks = [KillAfter(kill_after)] if kill_after else []
     try:
         result = Trainer(model, ClassificationTask(3), train, val, cfg, out_dir=out / "run", resume=resume,
@@ -269,5 +269,5 @@ def test_only_rank_0_writes_and_logs_and_every_rank_uses_its_formulations(tmp_pa
     assert any("epoch 3/3" in line for line in rank0["logs"])
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "metrics.csv", "metrics.jsonl"]
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert rank0["choices"] == rank1["choices"] == ckpt["formulations"]
+    assert rank0["choices"] == rank1["choices"] == ckpt["training_states"]
     assert set(rank0["choices"]) == {"0", "2"}

@@ -19,14 +19,13 @@ from torch.utils.data import Dataset
 
 from zootune.engine import TrainConfig, Trainer
 from zootune.engine import threads as engine_threads
-from zootune.engine import formulation_cache
 from zootune.engine.checkpoint import load_checkpoint
 from zootune.engine.sync_bn import (
     CpuSyncBatchNorm,
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
-from zootune.layers import AggregatedLayer, autotune
+from zootune.layers import AggregatedLayer, autotune, formulation_cache
 from zootune.tasks import ClassificationTask
 
 
@@ -94,9 +93,9 @@ class Probe(nn.Module):
 def test_bf16_autocast_in_training_and_validation_and_close_to_fp32():
     train, val = Images(48, seed=1), Images(16, seed=2)
     task = ClassificationTask(3)
-    fp32 = Trainer(agg_net(), task, train, val, quiet(epochs=2, formulations="macs")).fit()
+    fp32 = Trainer(agg_net(), task, train, val, quiet(epochs=2, exact_choices="macs")).fit()
     probe = Probe(agg_net())
-    bf16 = Trainer(probe, task, train, val, quiet(epochs=2, precision="bf16", formulations="macs")).fit()
+    bf16 = Trainer(probe, task, train, val, quiet(epochs=2, precision="bf16", exact_choices="macs")).fit()
     assert {(training, dtype, out) for training, dtype, out, *_ in probe.seen} == {
         (True, torch.bfloat16, torch.bfloat16), (False, torch.bfloat16, torch.bfloat16)}
     for name, p in bf16.model.inner.named_parameters():
@@ -113,7 +112,7 @@ def test_mixed_precision_resume_is_exact(tmp_path, precision):
     """The fp16 GradScaler's state travels in the checkpoint; bf16 needs none. (Formulations by
     multiply-adds: two timed runs in one process may choose differently; see the last test.)"""
     train, task = Images(40, seed=3), ClassificationTask(3)
-    cfg = quiet(epochs=3, precision=precision, lr=0.1, formulations="macs")
+    cfg = quiet(epochs=3, precision=precision, lr=0.1, exact_choices="macs")
     straight = Trainer(agg_net(), task, train, None, cfg, out_dir=tmp_path / "a").fit()
 
     class Stop(Exception):
@@ -146,10 +145,10 @@ def test_unknown_precision_is_a_config_error():
 def test_channels_last_trains_in_that_layout_and_returns_a_contiguous_model():
     train, task = Images(32, seed=4), ClassificationTask(3)
     probe = Probe(agg_net())
-    result = Trainer(probe, task, train, None, quiet(epochs=1, channels_last=True, formulations="macs")).fit()
+    result = Trainer(probe, task, train, None, quiet(epochs=1, channels_last=True, exact_choices="macs")).fit()
     assert all(cl for training, _, _, cl, _ in probe.seen if training)
     assert all(p.is_contiguous() for p in result.model.parameters())
-    plain = Trainer(agg_net(), task, train, None, quiet(epochs=1, formulations="macs")).fit()
+    plain = Trainer(agg_net(), task, train, None, quiet(epochs=1, exact_choices="macs")).fit()
     for p, q in zip(result.model.inner.parameters(), plain.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # other kernels, same numbers
     # the default on the CPU is the plain layout
@@ -215,11 +214,11 @@ def test_formulations_are_tuned_once_before_training_and_stored(tmp_path, monkey
     monkeypatch.setattr(autotune, "tune", lambda model, example, **k: calls.append({**k, "example": example})
                         or real_tune(model, example, **k))
     net = agg_net()
-    Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=2, formulations="time"),
+    Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=2, exact_choices="time"),
             out_dir=tmp_path).fit()
     assert len(calls) == 1 and calls[0]["mode"] == "time"
     assert calls[0]["example"].shape == (8, 3, 8, 8)  # the first training batch
-    stored = load_checkpoint(tmp_path / "checkpoint.pt")["formulations"]
+    stored = load_checkpoint(tmp_path / "checkpoint.pt")["training_states"]
     layers = autotune.aggregated_layers(net)
     assert set(stored) == set(layers) and stored == autotune.formulation_choices(net)
     for name, per_phase in stored.items():
@@ -228,11 +227,11 @@ def test_formulations_are_tuned_once_before_training_and_stored(tmp_path, monkey
     # resuming reads them back instead of timing again
     calls.clear()
     fresh = agg_net()
-    Trainer(fresh, ClassificationTask(3), Images(24), None, quiet(epochs=3, formulations="time"),
+    Trainer(fresh, ClassificationTask(3), Images(24), None, quiet(epochs=3, exact_choices="time"),
             out_dir=tmp_path, resume=True).fit()
     assert calls == [] and autotune.formulation_choices(fresh) == stored
     # a given example batch is what the tuning sees
-    Trainer(agg_net(), ClassificationTask(3), Images(24), None, quiet(epochs=1, formulations="time"),
+    Trainer(agg_net(), ClassificationTask(3), Images(24), None, quiet(epochs=1, exact_choices="time"),
             example_input=torch.randn(5, 3, 8, 8)).fit()
     assert calls[-1]["example"].shape == (5, 3, 8, 8)
 
@@ -251,7 +250,7 @@ def _noisy_timing(monkeypatch):
 
 
 def _trained_state(net, epochs=2):
-    Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=epochs, formulations="time")).fit()
+    Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=epochs, exact_choices="time")).fit()
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
@@ -265,7 +264,7 @@ def test_timed_choices_are_reused_from_the_machine_cache_so_reruns_are_bit_ident
     assert all(torch.equal(first[k], second[k]) for k in first)
     # without the cache the noisy timing chooses otherwise and the weights differ: the cache is what
     # makes the rerun equal
-    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: tmp_path / "other.json")
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir: tmp_path / "other.json")
     calls.append("the load changed")  # the next timings pick the other survivors
     third = _trained_state(agg_net())
     assert any(not torch.equal(first[k], third[k]) for k in first)
@@ -276,15 +275,15 @@ def test_a_corrupt_or_unwritable_formulation_cache_is_measured_again(monkeypatch
     with pytest.warns(UserWarning, match="unreadable"):
         _trained_state(agg_net(), epochs=1)
     assert json.loads((tmp_path / "formulations.json").read_text())  # replaced by a valid one
-    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir=None: Path("/proc/zootune-x/f.json"))
+    monkeypatch.setattr(formulation_cache, "choices_path", lambda cache_dir: Path("/proc/zootune-x/f.json"))
     with pytest.warns(UserWarning, match="cannot be written"):
         _trained_state(agg_net(), epochs=1)
 
 
 def test_macs_mode_stores_no_choice_and_fixed_formulations_are_not_tuned(tmp_path):
     net = agg_net()
-    Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=1, formulations="macs"), out_dir=tmp_path).fit()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["formulations"] == {}
+    Trainer(net, ClassificationTask(3), Images(24), None, quiet(epochs=1, exact_choices="macs"), out_dir=tmp_path).fit()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["training_states"] == {"0": {}, "3": {}}
     fixed = agg_net(formulation="stacked")
     Trainer(fixed, ClassificationTask(3), Images(24), None, quiet(epochs=1)).fit()
     assert autotune.formulation_choices(fixed) == {}
@@ -309,8 +308,8 @@ def test_sync_bn_conversion_is_in_place_and_reverts():
 
 def test_sync_bn_with_one_process_is_a_no_op():
     train, task = Images(24), ClassificationTask(3)
-    a = Trainer(agg_net(), task, train, None, quiet(epochs=1, sync_bn=True, formulations="macs")).fit()
-    b = Trainer(agg_net(), task, train, None, quiet(epochs=1, formulations="macs")).fit()
+    a = Trainer(agg_net(), task, train, None, quiet(epochs=1, sync_bn=True, exact_choices="macs")).fit()
+    b = Trainer(agg_net(), task, train, None, quiet(epochs=1, exact_choices="macs")).fit()
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
     assert all(type(m) is not CpuSyncBatchNorm for m in a.model.modules())
@@ -331,7 +330,7 @@ def _worker(out: str, epochs: int, prefer: str, kill_in_epoch: int | None, resum
 
     autotune.measure = measure
     # each run folder its own cache of timed choices: the processes stand for different machines
-    formulation_cache.choices_path = lambda cache_dir=None: Path(out) / "formulations.json"
+    formulation_cache.choices_path = lambda cache_dir: Path(out) / "formulations.json"
     state = {"epoch_done": 0, "reads_in_epoch": 0}
 
     class Killing(Images):
@@ -347,7 +346,7 @@ def _worker(out: str, epochs: int, prefer: str, kill_in_epoch: int | None, resum
             state["epoch_done"] = trainer.epoch
             state["reads_in_epoch"] = 0
 
-    cfg = quiet(epochs=epochs, formulations="time", lr=0.1, batch_size=6)
+    cfg = quiet(epochs=epochs, exact_choices="time", lr=0.1, batch_size=6)
     # No validation data: the last epoch's weights are returned, not an earlier best one.
     result = Trainer(agg_net(), ClassificationTask(3), Killing(42), None, cfg, out_dir=out,
                      resume=resume, callbacks=[Count()]).fit()
@@ -380,7 +379,7 @@ def test_resume_after_kill_9_in_a_fresh_process_is_bit_exact_with_timed_formulat
     assert ckpt["epoch"] == 1 and not (killed / "final.pt").exists()
     control = tmp_path / "control"
     control.mkdir()
-    stripped = dict(ckpt, formulations=None)
+    stripped = dict(ckpt, training_states=None)
     torch.save(stripped, control / "checkpoint.pt")
 
     assert _run_worker(killed, "outputs", resume=True) == 0

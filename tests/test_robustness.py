@@ -239,7 +239,7 @@ def test_start_candidates_keeps_the_start_that_validates_best(scores):
     zoo = [resnet_small(num_classes=3, depth=10, width=4).eval() for _ in range(3)]
     data = DatasetSplits(_tiny_data(16, 0), _tiny_data(12, 1), None, 3, "t")
     task = ClassificationTask(3)
-    config = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=3, progress=False, formulations="macs")  # exact: no timing
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=3, progress=False, exact_choices="macs")  # exact: no timing
     spec = get_method("zoo-tuning")
     first, second = rank(scores)[:2]
     alone = {start: fit_method(spec, zoo, task, data, config, options={"member_scores": scores, "start_member": start})

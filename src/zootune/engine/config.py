@@ -13,7 +13,9 @@ from zootune.errors import ZootuneError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
-FORMULATION_MODES = ("time", "macs")
+EXACT_CHOICE_MODES = ("time", "macs")
+# Options renamed since older checkpoints and config files were written: {old name: new name}.
+_RENAMED_OPTIONS = {"formulations": "exact_choices"}
 
 
 # The default training budget (``zootune fit`` without --epochs): enough optimizer steps for a small
@@ -59,10 +61,11 @@ class TrainConfig:
       docs/dev-notes/engine.md). The returned model is contiguous again.
     - ``threads``: intra-op threads on the CPU; ``None``: 1 for small models or a busy machine, else
       torch's default (:mod:`zootune.engine.threads`).
-    - ``formulations``: how aggregation layers (Zoo-Tuning) choose their exact formulation before
-      training (:func:`zootune.layers.autotune.tune`): ``"time"`` (measured; stored in the
-      checkpoint, so resuming is exact) or ``"macs"`` (fewest multiply-adds, the same on every
-      machine); ``None``: "time".
+    - ``exact_choices``: how a method chooses among exact, equivalent ways of computing the same
+      thing (they differ in speed, and in the order of their sums: in the last bits), once before
+      training (:mod:`zootune.engine.hooks`): ``"time"`` (the fastest measured on this machine,
+      kept in the checkpoint so that resuming is exact) or ``"macs"`` (the fewest multiply-adds,
+      the same on every machine); ``None``: "time".
 
     Several processes (``torchrun``): ``sync_bn`` makes BatchNorm layers normalise over the global
     batch (:mod:`zootune.engine.sync_bn`) instead of each process's slice.
@@ -93,13 +96,13 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm
     eval_batch_size: int | None = None  # defaults to batch_size
     device: str | None = None  # None: "cuda" (the local rank's GPU) when available, else "cpu"
-    # DDP must know when some parameters get no gradient in a step (Hub-Pathway's top-k pathways do);
-    # the extra graph walk is cheap next to a forward pass.
+    # DDP must know when some parameters get no gradient in a step (a method that routes each input
+    # through some of its branches only); the extra graph walk is cheap next to a forward pass.
     find_unused_parameters: bool = True
     precision: str = "fp32"
     channels_last: bool | None = None
     threads: int | None = None
-    formulations: str | None = None
+    exact_choices: str | None = None
     sync_bn: bool = False
     stop_after: int | None = None  # end this call after this many epochs (the schedule spans `epochs`)
     divergence_factor: float | None = 10.0  # the divergence guard (zootune.engine.guard); None: no val check
@@ -140,8 +143,9 @@ class TrainConfig:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be >= 1 (got {self.threads})")
-        if self.formulations is not None and self.formulations not in FORMULATION_MODES:
-            problems.append(f"formulations must be one of {', '.join(FORMULATION_MODES)} (got {self.formulations!r})")
+        if self.exact_choices is not None and self.exact_choices not in EXACT_CHOICE_MODES:
+            problems.append(f"exact_choices must be one of {', '.join(EXACT_CHOICE_MODES)} "
+                            f"(got {self.exact_choices!r})")
         if self.divergence_factor is not None and not (math.isfinite(self.divergence_factor)
                                                         and self.divergence_factor > 1):
             problems.append(f"divergence_factor must be > 1 and finite, or None (got {self.divergence_factor})")
@@ -160,8 +164,16 @@ class TrainConfig:
         out["betas"] = list(self.betas)
         return out
 
+    @staticmethod
+    def with_current_names(values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (a config as a dict, e.g. from an older checkpoint) with renamed options under
+        their current names."""
+        return {_RENAMED_OPTIONS.get(key, key): value for key, value in values.items()}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from :meth:`to_dict`'s output, also an older zootune's (renamed options read)."""
+        values = cls.with_current_names(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -9,7 +9,7 @@ What W processes compute, against one process with the same global batch (``Trai
 - equal (up to float rounding, ~1e-6 relative; tested with 2 gloo processes): the samples of every
   optimisation step (each global batch cut into W slices, :mod:`zootune.engine.sampler`), the
   gradient (each rank's loss weighted by its slice size), the learning rate, the validation metrics
-  (sums over ranks), Lite Zoo-Tuning's gate ensemble (averaged over ranks every step), and
+  (sums over ranks), what a module averages over ranks itself every step (e.g. a gate ensemble), and
   BatchNorm **only with** ``sync_bn=True`` (global-batch statistics, :mod:`zootune.engine.sync_bn`);
 - not equal: BatchNorm without ``sync_bn`` (each rank normalises its own slice: a different function
   of the global batch, and different running statistics); random augmentation and dropout (each
@@ -17,7 +17,7 @@ What W processes compute, against one process with the same global batch (``Trai
   on W -- unless the dataset draws per sample from (seed, epoch, index)); a final global batch with
   fewer than W (2W with BatchNorm) samples, which W processes drop.
 - bit-for-bit: a W-process run resumed on W processes equals the uninterrupted W-process run (every
-  rank's RNG state and the formulation choices are in rank 0's checkpoint).
+  rank's RNG state and the modules' training states are in rank 0's checkpoint).
 
 Only rank 0 writes the engine's files (checkpoint, metrics) and logs; :func:`is_main` tells callers.
 """

@@ -11,12 +11,12 @@ Per step (the contract in :mod:`zootune.methods.base`)::
 The forward and the loss run under ``torch.autocast`` when ``precision`` is bf16/fp16 (fp16 scales the
 loss with a ``GradScaler``). Before the first step (once per process, outside any forward) the engine
 sets the intra-op thread count (:mod:`zootune.engine.threads`), converts BatchNorm layers for
-``sync_bn``, moves convolutional models to channels-last, and chooses the formulation of every
-aggregation layer (:func:`zootune.layers.autotune.tune`) on the first batch -- or reads the choices
-back from the checkpoint when resuming.
+``sync_bn``, moves convolutional models to channels-last, and calls every module's
+``prepare_for_training`` (:mod:`zootune.engine.hooks`) with the first batch -- and, when resuming,
+the state the module kept in the checkpoint.
 
 After each epoch: validation (metric sums over all processes), best-on-validation state kept, an
-atomic checkpoint with every RNG state and the formulation choices, ``metrics.jsonl`` /
+atomic checkpoint with every RNG state and the modules' ``training_state()``, ``metrics.jsonl`` /
 ``metrics.csv``. At the end the best state is loaded and ``module.finalize()`` (if defined) gives the
 model that is returned. Under ``torchrun`` only rank 0 writes files and logs.
 """
@@ -24,6 +24,7 @@ model that is returned. Under ``torchrun`` only rank 0 writes files and logs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -32,13 +33,14 @@ import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from zootune.data.cache import user_cache_dir
 from zootune.data.loading import one_line_worker_errors
 from zootune.engine import distributed
 from zootune.engine.checkpoint import (
@@ -53,15 +55,21 @@ from zootune.engine.checkpoint import (
 from zootune.engine.config import TrainConfig, check_device
 from zootune.engine.distributed import unwrap
 from zootune.engine.evaluation import _model_device, evaluation_sums, sums_to_metrics
-from zootune.engine.formulation_cache import machine_choices
 from zootune.engine.guard import Diverged, DivergenceGuard
+from zootune.engine.hooks import (
+    TRAINING_STATES_KEY,
+    PreparationContext,
+    optional_method,
+    prepare_for_training,
+    saved_training_states,
+    training_states,
+)
 from zootune.engine.metric_log import MetricLog
 from zootune.engine.optim import LRSchedule, build_optimizer
 from zootune.engine.sampler import GlobalBatchSampler, epoch_seed, rank_loss_weight
 from zootune.engine.sync_bn import convert_sync_batchnorm, revert_sync_batchnorm
 from zootune.engine.threads import choose_threads, forward_macs
 from zootune.errors import CheckpointError, DataError, NonFiniteLossError, ZootuneError
-from zootune.layers import autotune
 from zootune.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -92,9 +100,27 @@ class FitResult:
     rollbacks: list[dict] = dataclasses.field(default_factory=list)  # the divergence guard's (engine.guard)
 
 
-def _hook(module: nn.Module, name: str):
-    fn = getattr(module, name, None)
-    return fn if callable(fn) else None
+class _StepHooks(NamedTuple):
+    """The module's optional per-step hooks (:mod:`zootune.methods.base`), looked up once per epoch."""
+
+    set_progress: Callable[[float], None] | None
+    auxiliary_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    after_step: Callable[[], None] | None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "_StepHooks":
+        return cls(optional_method(module, "set_training_progress"), optional_method(module, "auxiliary_loss"),
+                   optional_method(module, "after_optimizer_step"))
+
+
+class _Batch(NamedTuple):
+    """This process's slice of one global batch: its inputs and targets as the loader gives them, the
+    global batch's size (the loss weight's denominator) and its index in the epoch."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    global_size: int
+    index: int
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,17 +128,17 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _has_conv2d(module: nn.Module) -> bool:
-    from zootune.layers import AggregatedLayer
-
-    return any(isinstance(m, nn.Conv2d) or (isinstance(m, AggregatedLayer) and m.bank.dim() == 5)
-               for m in module.modules())
+    """Whether a module runs 2-d convolutions: an ``nn.Conv2d``, or one that says so
+    (``convolves_2d``, :mod:`zootune.engine.hooks`)."""
+    return any(isinstance(m, nn.Conv2d) or getattr(m, "convolves_2d", False) for m in module.modules())
 
 
 @torch.no_grad()
 def _four_d_layout(module: nn.Module, memory_format: torch.memory_format) -> None:
     """Every 4-d parameter and buffer (convolution kernels) in ``memory_format``, in place (the same
-    Parameter objects). ``module.to(memory_format=...)`` would refuse the 5-d banks of aggregation
-    layers; their kernels are built per step and follow the input's layout in the convolution."""
+    Parameter objects). ``module.to(memory_format=...)`` would refuse parameters of other
+    dimensions (e.g. a 5-d stack of 2-d kernels, from which a module builds its kernel each step: that
+    kernel follows the input's layout in the convolution)."""
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.dim() == 4:
             tensor.data = tensor.data.contiguous(memory_format=memory_format)
@@ -132,8 +158,9 @@ class Trainer:
     from its checkpoint to the same numbers an uninterrupted run gives. ``callbacks``: objects with
     optional ``on_epoch_end(trainer, record)`` and ``on_fit_end(trainer, result)``, called on every
     process (``trainer.dist.is_main`` tells rank 0). ``example_input``: the batch (a tensor of the
-    training batch's shape) on which the engine chooses aggregation formulations and the thread count;
-    default: the first training batch (read once more, every random stream restored).
+    training batch's shape) that modules preparing for training see (:mod:`zootune.engine.hooks`) and
+    on which the engine chooses the thread count; default: the first training batch (read once more,
+    every random stream restored).
     ``data_fingerprint``: what identifies the training data (e.g.
     :func:`zootune.data.image_folder.folder_fingerprint`); stored in the checkpoint, and resuming
     from a checkpoint of other data is refused.
@@ -175,7 +202,7 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self.example_input = example_input
         self.data_fingerprint = data_fingerprint
-        self._restored_formulations: dict | None = None
+        self._saved_training_states: dict | None = None
         self._scaler: torch.amp.GradScaler | None = None
         self._channels_last = False
         self.guard = DivergenceGuard(factor=config.divergence_factor, max_rollbacks=config.max_rollbacks)
@@ -213,42 +240,17 @@ class Trainer:
                 f"{path} does not fit this model ({str(err).splitlines()[0]}); was it written by another method "
                 "or architecture?"
             ) from None
-        # The optimizer's saved groups carry the old run's rates and weight decay: the ones this run was
-        # configured with take effect from the next step instead (lr(step) = new initial_lr * f(step)).
-        configured = [{k: g[k] for k in _RESUMED_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: optimizer state does not fit this model's parameters ({err})") from None
-        for group, values in zip(optimizer.param_groups, configured):
-            group.update(values)
+        self._restore_optimizer(ckpt["optimizer"], optimizer, path)
         self.guard.load_state_dict(ckpt.get("guard"), optimizer)
-        changed = sorted(
-            k
-            for k, v in self.config.to_dict().items()
-            if k not in _RESUME_FREE_FIELDS and ckpt["config"].get(k) != v
-        )
-        if changed and self.dist.is_main:
-            old = ckpt["config"]
-            log.warning(
-                "resume: %s changed (%s); from step %d on the new values apply: lr(step) = lr * f(step) with the "
-                "schedule f of the new settings, so the run will not match an uninterrupted one",
-                ", ".join(changed), ", ".join(f"{k} {old.get(k)} -> {getattr(self.config, k)}" for k in changed),
-                int(ckpt["step"]) + 1,
-            )
-        if ckpt["config"].get("epochs") != self.config.epochs and self.dist.is_main:
-            log.warning(
-                "resume: epochs changed from %s to %s; a schedule that depends on the total changes",
-                ckpt["config"].get("epochs"),
-                self.config.epochs,
-            )
+        if self.dist.is_main:
+            self._warn_about_changed_config(ckpt)
         self.epoch = int(ckpt["epoch"])
         self.step = int(ckpt["step"])
         self.history = list(ckpt["history"])
         self.best_epoch = int(ckpt["best_epoch"])
         self.best_val_metric = ckpt["best_val_metric"]
         self._best_state = ckpt["best_state"]
-        self._restored_formulations = ckpt.get("formulations")
+        self._saved_training_states = saved_training_states(ckpt)
         if self._scaler is not None and ckpt.get("grad_scaler"):
             self._scaler.load_state_dict(ckpt["grad_scaler"])
         rng_states = ckpt["rng"]
@@ -258,6 +260,41 @@ class Trainer:
             seed_everything(epoch_seed(self.config.seed, self.epoch, stream=1000 + self.dist.rank))
         if self.dist.is_main:
             log.info("resumed from %s after epoch %d", path, self.epoch)
+
+    @staticmethod
+    def _restore_optimizer(saved: dict, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        # The optimizer's saved groups carry the old run's rates and weight decay: the ones this run was
+        # configured with take effect from the next step instead (lr(step) = new initial_lr * f(step)).
+        configured = [{k: g[k] for k in _RESUMED_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: optimizer state does not fit this model's parameters ({err})") from None
+        for group, values in zip(optimizer.param_groups, configured):
+            group.update(values)
+
+    def _warn_about_changed_config(self, ckpt: dict) -> None:
+        """Say which settings differ from the checkpoint's (options renamed since it was written are
+        compared under their current names)."""
+        old = TrainConfig.with_current_names(ckpt["config"])
+        changed = sorted(
+            k
+            for k, v in self.config.to_dict().items()
+            if k not in _RESUME_FREE_FIELDS and old.get(k) != v
+        )
+        if changed:
+            log.warning(
+                "resume: %s changed (%s); from step %d on the new values apply: lr(step) = lr * f(step) with the "
+                "schedule f of the new settings, so the run will not match an uninterrupted one",
+                ", ".join(changed), ", ".join(f"{k} {old.get(k)} -> {getattr(self.config, k)}" for k in changed),
+                int(ckpt["step"]) + 1,
+            )
+        if old.get("epochs") != self.config.epochs:
+            log.warning(
+                "resume: epochs changed from %s to %s; a schedule that depends on the total changes",
+                old.get("epochs"),
+                self.config.epochs,
+            )
 
     def _check_same_data(self, ckpt: dict, path: Path) -> None:
         """Continuing on other data than the checkpoint was trained on would silently give a model of
@@ -296,9 +333,9 @@ class Trainer:
                 "data_fingerprint": self.data_fingerprint,
                 "rng": rng_states,
                 "sampler": {"seed": self.config.seed, "epoch": self.epoch},
-                # Aggregation layers' formulations (chosen by timing): a resumed run computes what
-                # this one did, bit for bit, instead of timing again.
-                "formulations": autotune.formulation_choices(self.module),
+                # What modules chose before training (e.g. by timing): a resumed run computes what
+                # this one did, bit for bit, instead of choosing again.
+                TRAINING_STATES_KEY: training_states(self.module),
                 "grad_scaler": self._scaler.state_dict() if self._scaler is not None else None,
                 "guard": self.guard.state_dict(),
             },
@@ -309,6 +346,38 @@ class Trainer:
     def fit(self) -> FitResult:
         started = time.perf_counter()
         cfg = self.config
+        module, device = self._join_and_place()
+        sampler = self._sampler(module)
+        threads_before = torch.get_num_threads()
+        converted_bn = self._apply_speed_settings(module, sampler, device)
+        self._scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        optimizer = build_optimizer(module, cfg)
+        schedule = LRSchedule(cfg, len(sampler))
+        if self.resume:
+            self._restore(optimizer)
+        self._prepare_modules(module, sampler, device)
+        model = self._distributed(module, device)
+        metric_log = MetricLog(self.out_dir) if self.out_dir is not None and self.dist.is_main else None
+        if self.val_dataset is not None and self.guard.factor is not None and self.guard.reference_val_loss is None:
+            self.guard.reference_val_loss = sums_to_metrics(self._val_sums(module), self.task)["loss"]
+        try:
+            self._train_epochs(model, module, optimizer, schedule, sampler, device, metric_log)
+            self._undo_speed_settings(module, converted_bn)
+            result = self._finish(module, started)
+        finally:
+            if metric_log is not None:
+                metric_log.close()
+            self._undo_speed_settings(module, converted_bn)
+            torch.set_num_threads(threads_before)
+        for cb in self.callbacks:
+            if optional_method(cb, "on_fit_end"):
+                cb.on_fit_end(self, result)
+        return result
+
+    def _join_and_place(self) -> tuple[nn.Module, torch.device]:
+        """Join the process group (under ``torchrun``), check the data, put the module on this
+        process's device and seed its random streams: (module, device)."""
+        cfg = self.config
         check_device(cfg.device)
         # A CPU run uses gloo even on a machine with GPUs (NCCL only reduces GPU tensors).
         on_cpu = cfg.device is not None and torch.device(cfg.device).type == "cpu"
@@ -318,7 +387,11 @@ class Trainer:
         module = self.module.to(device)
         # Distinct streams per rank (dropout, augmentation), the same streams on every run.
         seed_everything(cfg.seed + self.dist.rank)
+        return module, device
 
+    def _sampler(self, module: nn.Module) -> GlobalBatchSampler:
+        """This process's slices of the global batches, every epoch; refuses data that gives no batch."""
+        cfg = self.config
         sampler = GlobalBatchSampler(
             len(self.train_dataset),
             cfg.batch_size,
@@ -333,13 +406,41 @@ class Trainer:
             # (index, seed) keys: per-sample augmentation independent of workers and resumes
             sample_seeds=bool(getattr(self.train_dataset, "accepts_sample_seeds", False)),
         )
-        steps_per_epoch = len(sampler)
-        if steps_per_epoch == 0:
+        if len(sampler) == 0:
             raise DataError(
                 f"the training dataset ({len(self.train_dataset)} samples) gives no batch to train on with "
                 f"batch_size={cfg.batch_size}, drop_last={cfg.drop_last} and {self.dist.world_size} process(es)"
             )
-        threads_before = torch.get_num_threads()
+        return sampler
+
+    def _distributed(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """``module`` wrapped for DistributedDataParallel under several processes, else itself."""
+        if not self.dist.enabled:
+            return module
+        return nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self.config.find_unused_parameters,
+        )
+
+    def _train_epochs(self, model, module, optimizer, schedule, sampler, device, metric_log) -> None:
+        """The epochs left (up to ``stop_after``), each logged and reported to the callbacks."""
+        cfg = self.config
+        while self.epoch < min(cfg.epochs, cfg.stop_after or cfg.epochs):
+            if not self._guarded_epoch(model, module, optimizer, schedule, sampler, device):
+                continue
+            record = self.history[-1]
+            if metric_log is not None:
+                metric_log.write(self.history)
+            for cb in self.callbacks:
+                if optional_method(cb, "on_epoch_end"):
+                    cb.on_epoch_end(self, record)
+
+    # ------------------------------------------------------------------ before the first step
+    def _apply_speed_settings(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> list:
+        """The thread count, SyncBatchNorm and channels-last (undone by :meth:`_undo_speed_settings`);
+        returns the converted BatchNorm layers."""
+        cfg = self.config
         threads = choose_threads(cfg.threads, device, lambda: forward_macs(module, (self._example(sampler, device),)))
         if threads is not None:
             torch.set_num_threads(threads)
@@ -348,46 +449,7 @@ class Trainer:
             device.type == "cuda" and _has_conv2d(module))
         if self._channels_last:
             _four_d_layout(module, torch.channels_last)
-        self._scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-        optimizer = build_optimizer(module, cfg)
-        schedule = LRSchedule(cfg, steps_per_epoch)
-        if self.resume:
-            self._restore(optimizer)
-        self._choose_formulations(module, sampler, device)
-
-        model: nn.Module = module
-        if self.dist.enabled:
-            model = nn.parallel.DistributedDataParallel(
-                module,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.find_unused_parameters,
-            )
-        metric_log = MetricLog(self.out_dir) if self.out_dir is not None and self.dist.is_main else None
-        if self.val_dataset is not None and self.guard.factor is not None and self.guard.reference_val_loss is None:
-            self.guard.reference_val_loss = sums_to_metrics(self._val_sums(module), self.task)["loss"]
-        try:
-            while self.epoch < min(cfg.epochs, cfg.stop_after or cfg.epochs):
-                if not self._guarded_epoch(model, module, optimizer, schedule, sampler, device):
-                    continue
-                record = self.history[-1]
-                if metric_log is not None:
-                    metric_log.write(self.history)
-                for cb in self.callbacks:
-                    if _hook(cb, "on_epoch_end"):
-                        cb.on_epoch_end(self, record)
-            self._undo_speed_settings(module, converted_bn)
-            result = self._finish(module, started)
-        finally:
-            if metric_log is not None:
-                metric_log.close()
-            self._undo_speed_settings(module, converted_bn)
-            torch.set_num_threads(threads_before)
-        for cb in self.callbacks:
-            if _hook(cb, "on_fit_end"):
-                cb.on_fit_end(self, result)
-        return result
-
-    # ------------------------------------------------------------------ before the first step
+        return converted_bn
     def _undo_speed_settings(self, module: nn.Module, converted_bn) -> None:
         """The architecture's own BatchNorm classes and a contiguous layout again (for the caller,
         finalize() and saving: safetensors stores contiguous tensors only). Idempotent."""
@@ -420,37 +482,17 @@ class Trainer:
             restore_rng_state(state)
         return self._to_device(inputs, device)
 
-    def _choose_formulations(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> None:
-        """Each aggregation layer's training formulation: read back from the checkpoint when
-        resuming, else chosen once on an example batch (:func:`zootune.layers.autotune.tune`),
-        outside any forward, timing only what this machine's cache of earlier choices
-        (:mod:`zootune.engine.formulation_cache`) does not hold -- so the same command trains the same
-        model bit for bit; under several processes every rank uses rank 0's choices. Evaluation
-        keeps the fewest-multiply-adds rule, so the trained model's numbers do not depend on where
-        it is evaluated."""
-        if not any(layer.formulation == "auto" for layer in autotune.aggregated_layers(module).values()):
-            return
-        if self._restored_formulations is not None:
-            try:
-                autotune.load_formulation_choices(module, self._restored_formulations)
-            except ValueError as err:
-                raise CheckpointError(f"{self.checkpoint_path}: {err}") from None
-            return
-        if autotune.resolve_mode(self.config.formulations) == "macs":
-            # Nothing to measure: every call takes the fewest multiply-adds for its shape.
-            autotune.clear_choices(module)
-            return
-        example = self._example(sampler, device)
-        cached = machine_choices() if self.dist.is_main else contextlib.nullcontext(None)
-        with cached as known, self._autocast(device):
-            report = autotune.tune(module, example, mode="time", training=True, known=known)
-        if self.dist.enabled:
-            autotune.load_formulation_choices(module, distributed.all_gather_objects(
-                autotune.formulation_choices(module))[0])
-        if self.dist.is_main and report:
-            chosen = [choice.chosen for per_phase in report.values() for choice in per_phase.values()]
-            log.info("aggregation formulations chosen by timing: %s",
-                     {name: chosen.count(name) for name in sorted(set(chosen))})
+    def _prepare_modules(self, module: nn.Module, sampler: GlobalBatchSampler, device: torch.device) -> None:
+        """Every module's ``prepare_for_training`` (:mod:`zootune.engine.hooks`), with the state it kept
+        in the checkpoint when resuming. The example batch is read only if a module asks for it."""
+        context = PreparationContext(
+            model=module, name="", device=device, config=self.config, saved_state=None,
+            is_main=self.dist.is_main, cache_dir=user_cache_dir(),
+            example_batch=functools.cache(lambda: self._example(sampler, device)),
+            agree=lambda value: distributed.all_gather_objects(value)[0],
+            autocast=lambda: self._autocast(device),
+        )
+        prepare_for_training(module, context, self._saved_training_states, self.checkpoint_path)
 
     def _guarded_epoch(self, model, module, optimizer, schedule, sampler, device) -> bool:
         """One epoch and its validation; False when the divergence guard rolled it back."""
@@ -466,8 +508,9 @@ class Trainer:
         return True
 
     def _train_epoch(self, model, module, optimizer, schedule: LRSchedule, sampler: GlobalBatchSampler, device):
-        cfg, task, world = self.config, self.task, self.dist.world_size
-        epoch = self.epoch
+        """One pass over this process's slices of the epoch's global batches; the epoch's training
+        metrics over all processes."""
+        cfg, epoch = self.config, self.epoch
         sampler.set_epoch(epoch)
         global_sizes = [len(b) for b in sampler.global_batches()]
         loader = DataLoader(
@@ -479,9 +522,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, stream=1 + self.dist.rank)),
             pin_memory=device.type == "cuda",
         )
-        set_progress = _hook(module, "set_training_progress")
-        auxiliary_loss = _hook(module, "auxiliary_loss")
-        after_step = _hook(module, "after_optimizer_step")
+        hooks = _StepHooks.of(module)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         show = cfg.progress and self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
@@ -489,56 +530,71 @@ class Trainer:
         model.train()
         t0 = time.perf_counter()
         for i, (inputs, targets) in enumerate(one_line_worker_errors(loader)):
-            self._check_targets(targets)
-            if set_progress is not None:
-                set_progress(self.step / schedule.total_steps)
-            schedule.apply(optimizer, self.step)
-            inputs, targets = self._to_device(inputs, device), targets.to(device, non_blocking=True)
-            with self._autocast(device):
-                outputs = model(inputs)
-                loss = task.loss(outputs, targets)
-                if auxiliary_loss is not None:
-                    loss = loss + auxiliary_loss(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
+            batch = _Batch(inputs, targets, global_sizes[i], i)
+            outputs, targets, loss_value = self._train_step(model, hooks, optimizer, schedule, params, batch, device)
             n = targets.shape[0]
-            weight = rank_loss_weight(n, global_sizes[i], world) if world > 1 else 1.0
-            weighted = loss * weight if weight != 1.0 else loss
-            (self._scaler.scale(weighted) if self._scaler is not None else weighted).backward()
-            loss_value = float(loss.detach())
-            self._check_finite(loss_value, epoch, i)  # before the step: the weights stay good
-            if self._scaler is not None:
-                self._scaler.unscale_(optimizer)  # clip (and step) on the true gradients
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if self._scaler is not None:
-                self._scaler.step(optimizer)  # skipped when a gradient overflowed fp16
-                self._scaler.update()
-            else:
-                optimizer.step()
-            if after_step is not None:
-                after_step()
-            self.step += 1
-            metric_sum, metric_count = task.metric_sums(outputs.detach(), targets)
+            metric_sum, metric_count = self.task.metric_sums(outputs.detach(), targets)
             sums += torch.tensor([loss_value * n, metric_sum, metric_count, n], dtype=torch.float64)
             if show:
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{sums[0] / sums[3]:.4f}",
-                    **{task.metric_name: f"{sums[1] / max(sums[2], 1):.2f}"},
-                    img_s=f"{world * sums[3] / (time.perf_counter() - t0):.0f}",
+                    **{self.task.metric_name: f"{sums[1] / max(sums[2], 1):.2f}"},
+                    img_s=f"{self.dist.world_size * sums[3] / (time.perf_counter() - t0):.0f}",
                 )
         bar.close()
-        seconds = time.perf_counter() - t0
+        return self._epoch_record(optimizer, sums, time.perf_counter() - t0)
+
+    def _train_step(self, model, hooks: _StepHooks, optimizer, schedule: LRSchedule, params, batch: _Batch, device):
+        """One optimisation step on this process's slice of a global batch (the contract in the module
+        docstring): (outputs, targets on the device, the loss's value)."""
+        world = self.dist.world_size
+        self._check_targets(batch.targets)
+        if hooks.set_progress is not None:
+            hooks.set_progress(self.step / schedule.total_steps)
+        schedule.apply(optimizer, self.step)
+        inputs, targets = self._to_device(batch.inputs, device), batch.targets.to(device, non_blocking=True)
+        with self._autocast(device):
+            outputs = model(inputs)
+            loss = self.task.loss(outputs, targets)
+            if hooks.auxiliary_loss is not None:
+                loss = loss + hooks.auxiliary_loss(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        weight = rank_loss_weight(targets.shape[0], batch.global_size, world) if world > 1 else 1.0
+        weighted = loss * weight if weight != 1.0 else loss
+        (self._scaler.scale(weighted) if self._scaler is not None else weighted).backward()
+        loss_value = float(loss.detach())
+        self._check_finite(loss_value, self.epoch, batch.index)  # before the step: the weights stay good
+        self._optimizer_step(optimizer, params)
+        if hooks.after_step is not None:
+            hooks.after_step()
+        self.step += 1
+        return outputs, targets, loss_value
+
+    def _optimizer_step(self, optimizer, params) -> None:
+        """The update from the gradients: unscaled (fp16), clipped (``grad_clip``), then stepped."""
+        if self._scaler is not None:
+            self._scaler.unscale_(optimizer)  # clip (and step) on the true gradients
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if self._scaler is not None:
+            self._scaler.step(optimizer)  # skipped when a gradient overflowed fp16
+            self._scaler.update()
+        else:
+            optimizer.step()
+
+    def _epoch_record(self, optimizer, sums: torch.Tensor, seconds: float) -> dict[str, float]:
+        """The epoch's training metrics from this process's ``sums`` (loss * n, metric sum, metric
+        count, n), summed over all processes."""
         sums = distributed.all_reduce_sum(sums)
-        record = {
-            "epoch": epoch + 1,
+        return {
+            "epoch": self.epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": sums[0].item() / sums[3].item(),
-            f"train_{task.metric_name}": sums[1].item() / max(sums[2].item(), 1),
+            f"train_{self.task.metric_name}": sums[1].item() / max(sums[2].item(), 1),
             "seconds": seconds,
             "images_per_s": sums[3].item() / max(seconds, 1e-9),
         }
-        return record
 
     def _check_targets(self, targets: torch.Tensor) -> None:
         """``task.check_targets`` on every batch; with several processes a bad batch on one rank stops
@@ -630,7 +686,7 @@ class Trainer:
     def _finish(self, module: nn.Module, started: float) -> FitResult:
         if self._best_state is not None:
             module.load_state_dict(self._best_state)
-        finalize = _hook(module, "finalize")
+        finalize = optional_method(module, "finalize")
         final_model = finalize() if finalize is not None else module
         if self.val_dataset is not None:
             final = sums_to_metrics(self._val_sums(final_model), self.task)

@@ -5,7 +5,8 @@
 - :mod:`~zootune.layers.aggregate`: the aggregation layer (sum_i a_i T_i W_i) * h and its exact
   formulations (grouped conv, batched matmul, stacked input, mixed outputs, shared kernel);
 - :mod:`~zootune.layers.autotune`: :func:`tune`, the explicit step that chooses each layer's
-  formulation (timed, or by multiply-adds) before training.
+  formulation (timed, or by multiply-adds) before training (the layers' preparation hook for the
+  engine); :mod:`~zootune.layers.formulation_cache`: this machine's timed choices, reused by later runs.
 """
 
 from zootune.layers.aggregate import FORMULATIONS, AggregatedLayer, is_aggregatable

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zootune.layers.align import ChannelAlign, align_bank
+from zootune.layers.autotune import TunableLayer
 from zootune.layers.gate import GATE_INITS, Gate
 from zootune.layers.variants import variant_of
 from zootune.layers.wrapper import LayerWrapper
@@ -128,7 +129,7 @@ def _shell(layer: nn.Module) -> nn.Module:
     return shell
 
 
-class AggregatedLayer(LayerWrapper):
+class AggregatedLayer(LayerWrapper, TunableLayer):
     """A Conv1d/2d/3d or Linear layer replaced by a Zoo-Tuning aggregation of m source layers.
 
     Args:
@@ -581,6 +582,14 @@ class AggregatedLayer(LayerWrapper):
 
         macs = self._macs(x, inputs[4] is not None)
         return {name: runner(name) for name in names}, {name: macs[name] for name in names}
+
+    # ----------------------------------------------------------------- the engine's hooks
+    # (prepare_for_training and training_state: TunableLayer's)
+    @property
+    def convolves_2d(self) -> bool:
+        """Whether this aggregates 2-d convolutions: the engine's channels-last rule counts the layer
+        (:mod:`zootune.engine.hooks`)."""
+        return self.bank.dim() == 5
 
     # ----------------------------------------------------------------- folding
     @torch.no_grad()

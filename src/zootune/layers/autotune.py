@@ -3,7 +3,8 @@
 The aggregation layers (:mod:`zootune.layers.aggregate`) compute the same output in several exact
 ways whose speed depends on the shape (batch, channels, pixels, kernel), the dtype, the memory
 format, the device and whether a backward pass follows. :func:`tune` runs once, outside any
-forward (the engine calls it before the first step)::
+forward (before the first step: :func:`prepare_for_training`, the layers' preparation hook that the
+engine calls, :mod:`zootune.engine.hooks`)::
 
     report = tune(model, example_batch, mode="time")    # layer.formulation_choice = {"train": name}
 
@@ -19,21 +20,23 @@ formulation; it never measures anything and never starts a backward pass, so it 
 the fewest multiply-adds for the input's shape (ties: the candidates' order), which is the same on
 every machine and every run (``zootune run`` uses it so that one command gives one set of numbers).
 
-The engine tunes the training phase only: in eval mode an untuned layer takes the fewest
+Before training only the training phase is tuned: in eval mode an untuned layer takes the fewest
 multiply-adds, so a trained model evaluates to the same numbers in every process (during training,
 after loading it elsewhere, after an export) whatever the machine's timing said. Tune the eval phase
 (``training=False``) for a model that is only deployed.
 
 Measuring is kept cheap: candidates whose multiply-add count is more than ``PRUNE_FACTOR`` times the
 cheapest one's are not timed at all, each survivor runs once to warm up and then ``MEASURE_REPEATS``
-times (the minimum is kept). Timed choices depend on the machine and its load; the engine stores
-them in its checkpoint (:func:`formulation_choices` / :func:`load_formulation_choices`) so that a
-resumed run computes exactly what the interrupted one did.
+times (the minimum is kept). Timed choices depend on the machine and its load; each layer's
+``training_state()`` is its choice, which the engine stores in its checkpoint and gives back on
+resume, so that a resumed run computes exactly what the interrupted one did
+(:func:`formulation_choices` / :func:`load_formulation_choices` do the same for a whole model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -41,13 +44,32 @@ from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
 import torch
 from torch import nn
 
-from zootune.layers.aggregate import AggregatedLayer
+from zootune.layers import formulation_cache
+
+log = logging.getLogger(__name__)
 
 PRUNE_FACTOR = 3.0
 MEASURE_REPEATS = 2
 MODES = ("time", "macs")
 PHASES = ("train", "eval")
 
+
+class TunableLayer:
+    """A layer whose formulation is chosen here: :class:`~zootune.layers.AggregatedLayer` (the
+    functions below read its ``formulation`` -- "auto" or a fixed name --, ``formulation_choice``
+    ({phase: name}), ``candidate_formulations(phase)``, ``timing_runners(x, phase)`` and, for
+    :func:`choice_key`, its shape). This base gives it the engine's preparation hook
+    (:mod:`zootune.engine.hooks`)."""
+
+    def prepare_for_training(self, context) -> None:
+        """Choose the training formulation before the first step, or read it back from the
+        checkpoint (:func:`prepare_for_training`)."""
+        prepare_for_training(self, context)
+
+    def training_state(self) -> dict[str, str]:
+        """The formulation choice, for the engine's checkpoint: a resumed run computes exactly what
+        the interrupted one did, instead of timing again (the choice might differ)."""
+        return dict(self.formulation_choice)
 
 
 @dataclass
@@ -60,9 +82,9 @@ class LayerChoice:
     macs: dict[str, float] = field(default_factory=dict)
 
 
-def aggregated_layers(model: nn.Module) -> dict[str, AggregatedLayer]:
+def aggregated_layers(model: nn.Module) -> dict[str, TunableLayer]:
     """Every aggregation layer of ``model`` by its dotted name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AggregatedLayer)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, TunableLayer)}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -153,7 +175,7 @@ class _InputSpec:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def _layer_inputs(model: nn.Module, layers: dict[str, AggregatedLayer], example: Sequence) -> dict[str, _InputSpec]:
+def _layer_inputs(model: nn.Module, layers: dict[str, TunableLayer], example: Sequence) -> dict[str, _InputSpec]:
     """The shape, dtype and memory format of each layer's input in one training-mode forward of
     ``model(*example)`` without gradients (the inputs themselves are not kept: all of a large
     model's activations at once would not fit where training fits)."""
@@ -173,7 +195,7 @@ def _layer_inputs(model: nn.Module, layers: dict[str, AggregatedLayer], example:
     return seen
 
 
-def choice_key(layer: AggregatedLayer, spec: _InputSpec, phase: str, candidates: Sequence[str]) -> str:
+def choice_key(layer: TunableLayer, spec: _InputSpec, phase: str, candidates: Sequence[str]) -> str:
     """What a timed choice depends on besides the machine: the layer's computation (kind, sources,
     channels, kernel, stride, padding, groups, variant), its input's shape, dtype, memory format and
     device, the phase and the candidates compared."""
@@ -273,15 +295,63 @@ def load_formulation_choices(model: nn.Module, choices: Mapping[str, Mapping[str
     unknown = sorted(set(choices) - set(layers))
     if unknown:
         raise ValueError(f"formulation choices for layers this model does not have: {', '.join(unknown[:5])}")
-    for name, per_phase in choices.items():
-        for phase, chosen in per_phase.items():
-            if phase not in PHASES or chosen not in layers[name].candidate_formulations(phase):
-                raise ValueError(f"formulation {chosen!r} ({phase}) does not apply to layer {name}")
+    checked = {name: _checked_choice(layers[name], name, per_phase) for name, per_phase in choices.items()}
     for name, layer in layers.items():
-        layer.formulation_choice = dict(choices.get(name, {}))
+        layer.formulation_choice = checked.get(name, {})
+
+
+def _checked_choice(layer: TunableLayer, name: str, per_phase: Mapping[str, str]) -> dict[str, str]:
+    """``per_phase`` as a layer's choice; ``ValueError`` when a formulation does not apply to it."""
+    for phase, chosen in per_phase.items():
+        if phase not in PHASES or chosen not in layer.candidate_formulations(phase):
+            raise ValueError(f"formulation {chosen!r} ({phase}) does not apply to layer {name}")
+    return dict(per_phase)
 
 
 def clear_choices(model: nn.Module) -> None:
     """Forget every layer's tuned choice (forward falls back to the fewest multiply-adds)."""
     for layer in aggregated_layers(model).values():
         layer.formulation_choice = {}
+
+
+def prepare_for_training(layer: TunableLayer, context) -> None:
+    """An aggregation layer's step before training (its ``prepare_for_training``, the engine's hook:
+    ``context`` is a :class:`zootune.engine.hooks.PreparationContext`).
+
+    A layer with a fixed formulation has nothing to choose. Otherwise its training formulation is read
+    back from the checkpoint when resuming; else, with ``exact_choices="macs"``, nothing is stored
+    (every call takes the fewest multiply-adds for its shape); else ("time") the first such layer of
+    the model chooses for all of them at once (:func:`tune`, one pass over the example batch).
+    Evaluation keeps the fewest-multiply-adds rule, so the trained model's numbers do not depend on
+    where it is evaluated.
+    """
+    if layer.formulation != "auto":
+        return
+    if context.saved_state is not None:
+        layer.formulation_choice = _checked_choice(layer, context.name, context.saved_state)
+        return
+    if resolve_mode(context.config.exact_choices) == "macs":
+        layer.formulation_choice = {}  # nothing to measure: every call takes the fewest multiply-adds
+        return
+    tuned = [other for other in aggregated_layers(context.model).values() if other.formulation == "auto"]
+    if layer is tuned[0]:
+        _choose_by_timing(context)
+
+
+def _choose_by_timing(context) -> None:
+    """Every aggregation layer's training formulation, timed on the example batch, timing only what this
+    machine's cache of earlier choices (:mod:`zootune.layers.formulation_cache`) does not hold -- so the
+    same command trains the same model bit for bit; under several processes every rank takes rank 0's
+    choices (the ranks' timings may differ, and every rank must compute the same)."""
+    model = context.model
+    example = context.example_batch()
+    cached = formulation_cache.machine_choices(context.cache_dir) if context.is_main else contextlib.nullcontext(None)
+    with cached as known, context.autocast():
+        report = tune(model, example, mode="time", training=True, known=known)
+    chosen = formulation_choices(model)
+    agreed = context.agree(chosen)
+    if agreed != chosen:
+        load_formulation_choices(model, agreed)
+    if context.is_main and report:
+        names = [choice.chosen for per_phase in report.values() for choice in per_phase.values()]
+        log.info("aggregation formulations chosen by timing: %s", {name: names.count(name) for name in sorted(set(names))})

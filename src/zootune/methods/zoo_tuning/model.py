@@ -412,42 +412,44 @@ class _StartPlan:
     scores: list[float] | None
 
 
-def _start_plan(m, variant, member_scores, start_member, keep_members, prune_margin, off_gate, norm_init,
-                gate) -> _StartPlan:
-    """The variant's defaults, overridden by what is given explicitly; every check of the start options."""
+def _start_plan(m: int, options: ZooTuningOptions) -> _StartPlan:
+    """The variant's defaults, overridden by what ``options`` give explicitly; every check of the start
+    options against the zoo's m members."""
     scores = None
-    if member_scores is not None:
-        scores = [float(v) for v in member_scores]
+    if options.member_scores is not None:
+        scores = [float(v) for v in options.member_scores]
         if len(scores) != m:
             raise ZootuneError(f"member_scores has {len(scores)} entries but the zoo has {m} members")
         if not all(math.isfinite(v) for v in scores):
             raise ZootuneError(f"member_scores must be finite numbers, got {scores}")
-    if start_member is not None and not (isinstance(start_member, int) and 0 <= start_member < m):
-        raise ZootuneError(f"start_member must be a member index in [0, {m}), got {start_member!r}")
-    robust = variant == "robust"
-    start = start_member
+    start = options.start_member
+    if start is not None and not (isinstance(start, int) and 0 <= start < m):
+        raise ZootuneError(f"start_member must be a member index in [0, {m}), got {start!r}")
+    robust = options.variant == "robust"
     if start is None and robust and scores is not None:
         start = max(range(m), key=lambda i: scores[i])  # first of equals: deterministic
-    if keep_members is not None:
-        kept = sorted({int(i) for i in keep_members})
+    if options.keep_members is not None:
+        kept = sorted({int(i) for i in options.keep_members})
         if not kept or any(not 0 <= i < m for i in kept):
-            raise ZootuneError(f"keep_members must be member indices in [0, {m}), got {list(keep_members)}")
+            raise ZootuneError(f"keep_members must be member indices in [0, {m}), got {list(options.keep_members)}")
     elif robust and scores is not None:
-        kept = prune_members(scores, start, prune_margin)
+        kept = prune_members(scores, start, options.prune_margin)
     else:
         kept = list(range(m))
     if start is not None and start not in kept:
         raise ZootuneError(f"start member {start} is not among the kept members {kept}")
+    norm_init = options.norm_init
     if norm_init is None:
         norm_init = "start" if (robust and start is not None) else "mean"
     if norm_init not in NORM_INITS:
         raise ZootuneError(f"norm_init must be one of {NORM_INITS}, got {norm_init!r}")
     if norm_init == "start" and start is None:
         raise ZootuneError("norm_init='start' needs a start member (start_member=... or member_scores=...)")
-    gate = gate or (ROBUST_GATE if (robust and start is not None) else "sigmoid")
+    gate = options.gate or (ROBUST_GATE if (robust and start is not None) else "sigmoid")
     if gate in ("tanh", "linear") and start is None:
         raise ZootuneError(f"{gate} gates start at 0 for every member and need a start member "
                            "(start_member=... or member_scores=...)")
+    off_gate = options.off_gate
     if start is not None:
         if gate in ("linear", "tanh"):  # no saturation: the other members can start at exactly 0
             off_gate = 0.0 if off_gate is None else float(off_gate)
@@ -459,7 +461,38 @@ def _start_plan(m, variant, member_scores, start_member, keep_members, prune_mar
                                f"got {off_gate}")
     elif off_gate is not None:
         raise ZootuneError("off_gate needs a start member (start_member=... or member_scores=...)")
+    if gate not in GATE_ACTIVATIONS:
+        raise ZootuneError(f"gate must be one of {GATE_ACTIVATIONS}, got {gate!r}")
     return _StartPlan(m, kept, start, off_gate, norm_init, gate, scores)
+
+
+def _factor_lr_scale_options(options: ZooTuningOptions, plan: _StartPlan) -> tuple:
+    """The gates' and the alignments' learning-rate multipliers as given, else the variant's:
+    preconditioned ("auto") for the robust variant with a start member, else the paper's (5 and 1)."""
+    robust_start = options.variant == "robust" and plan.start is not None
+    gate_lr_scale, align_lr_scale = options.gate_lr_scale, options.align_lr_scale
+    if gate_lr_scale is None:
+        gate_lr_scale = ROBUST_LR_SCALE if robust_start else DEFAULT_GATE_LR_SCALE
+    if align_lr_scale is None:
+        align_lr_scale = ROBUST_LR_SCALE if robust_start else 1.0
+    return gate_lr_scale, align_lr_scale
+
+
+def _aggregation_report(members: list[nn.Module], target_types: tuple[type, ...], options: ZooTuningOptions,
+                        is_head, copied_from: int | None) -> AggregationReport:
+    """Which modules of the (kept) members are aggregated, which averaged or copied, and why; raises
+    when no layer is aggregated."""
+    choices = _choose_layers(members[0], target_types, options.include, options.exclude, is_head,
+                             options.keep_bn_stats, copied_from)
+    report = AggregationReport(choices, len(members), type(members[0]).__name__, copied_from)
+    if not report.aggregated:
+        left_out = [c for c in choices if c.action in _UNTARGETED_ACTIONS
+                    and isinstance(members[0].get_submodule(c.name), target_types)]
+        raise ZootuneError(
+            "no layer to aggregate: no module matches target_types="
+            f"{[t.__name__ for t in target_types]}, include={options.include}, exclude={options.exclude}"
+            + (f" (left out: {_names(left_out)}: {left_out[0].reason})" if left_out else ""))
+    return report
 
 
 def prune_members(scores: Sequence[float], start: int | None = None, margin: float | None = None) -> list[int]:
@@ -558,64 +591,57 @@ class ZooTuning(nn.Module):
         elif option_values:
             raise ZootuneError(f"give ZooTuning either options= or keyword options, not both ({sorted(option_values)})")
         self.options = options
-        o = options
-        (head_name, target_types, include, exclude, variant, member_scores, start_member, keep_members,
-         prune_margin, off_gate, norm_init, align, gate, gate_init, keep_bn_stats, lite_momentum, formulation,
-         bank_lr_scale, gate_lr_scale, align_lr_scale, align_weight_decay) = (
-            o.head_name, o.target_types, o.include, o.exclude, o.variant, o.member_scores, o.start_member,
-            o.keep_members, o.prune_margin, o.off_gate, o.norm_init, o.align, o.gate, o.gate_init,
-            o.keep_bn_stats, o.lite_momentum, o.formulation, o.bank_lr_scale, o.gate_lr_scale,
-            o.align_lr_scale, o.align_weight_decay)
         members = list(zoo)
         if not members:
             raise ZootuneError("Zoo-Tuning needs a zoo of at least one model; got an empty zoo")
-        plan = _start_plan(len(members), variant, member_scores, start_member, keep_members, prune_margin,
-                           off_gate, norm_init, gate)
-        gate = plan.gate
-        if gate not in GATE_ACTIVATIONS:
-            raise ZootuneError(f"gate must be one of {GATE_ACTIVATIONS}, got {gate!r}")
-        robust_start = variant == "robust" and plan.start is not None
-        if gate_lr_scale is None:
-            gate_lr_scale = ROBUST_LR_SCALE if robust_start else DEFAULT_GATE_LR_SCALE
-        if align_lr_scale is None:
-            align_lr_scale = ROBUST_LR_SCALE if robust_start else 1.0
-        target_types = resolve_layer_types(target_types)
+        plan = _start_plan(len(members), options)
+        gate_lr_scale, align_lr_scale = _factor_lr_scale_options(options, plan)
+        target_types = resolve_layer_types(options.target_types)
         replacing_head = head is not None or num_outputs is not None
-        resolved_head = find_head_name(members[0], head_name) if replacing_head else None
-        _check_same_architecture(members, resolved_head)
+        head_name = find_head_name(members[0], options.head_name) if replacing_head else None
+        _check_same_architecture(members, head_name)
         members = [members[i] for i in plan.kept]  # pruned members are never copied or aggregated
-        start = plan.kept.index(plan.start) if plan.start is not None else None
-        initial_gates = _initial_gates(len(members), start, plan.off_gate, gate)
+        start = plan.kept.index(plan.start) if plan.start is not None else None  # among the kept members
+        initial_gates = _initial_gates(len(members), start, plan.off_gate, plan.gate)
         model = copy.deepcopy(members[0] if start is None else members[start])
-
-        new_head = head
-        if new_head is None and num_outputs is not None:
-            new_head = new_linear_head(head_in_features(model, resolved_head), num_outputs)
+        if head is None and num_outputs is not None:
+            head = new_linear_head(head_in_features(model, head_name), num_outputs)
 
         def is_head(name: str) -> bool:
-            return resolved_head is not None and (name == resolved_head or name.startswith(resolved_head + "."))
+            return head_name is not None and (name == head_name or name.startswith(head_name + "."))
 
         copied_from = plan.start if plan.norm_init == "start" else None  # zoo index, as the user gave it
-        choices = _choose_layers(members[0], target_types, include, exclude, is_head, keep_bn_stats, copied_from)
-        targets = [choice.name for choice in choices if choice.action == "aggregated"]
-        self.report = AggregationReport(choices, len(members), type(members[0]).__name__, copied_from)
-        if not targets:
-            left_out = [c for c in choices if c.action in _UNTARGETED_ACTIONS
-                        and isinstance(members[0].get_submodule(c.name), target_types)]
-            raise ZootuneError(
-                "no layer to aggregate: no module matches target_types="
-                f"{[t.__name__ for t in target_types]}, include={include}, exclude={exclude}"
-                + (f" (left out: {_names(left_out)}: {left_out[0].reason})" if left_out else ""))
-
-        lr_scales = _bank_lr_scales(members, targets, bank_lr_scale, initial_gates)
+        self.report = _aggregation_report(members, target_types, options, is_head, copied_from)
+        targets = self.report.aggregated
+        lr_scales = _bank_lr_scales(members, targets, options.bank_lr_scale, initial_gates)
         gate_lr_scales = _factor_lr_scales(members, targets, gate_lr_scale, _gate_rate)
         align_lr_scales = _factor_lr_scales(members, targets, align_lr_scale, _align_rate)
         if plan.norm_init == "start":
             self._copy_untargeted(model, members[start], targets, is_head)
         else:
-            self._average_untargeted(model, members, targets, is_head, keep_bn_stats)
-        if new_head is not None:
-            replace_head(model, new_head, resolved_head)  # a Linear replacing a 1x1 conv head becomes one
+            self._average_untargeted(model, members, targets, is_head, options.keep_bn_stats)
+        if head is not None:
+            replace_head(model, head, head_name)  # a Linear replacing a 1x1 conv head becomes one
+        self._aggregate(model, members, targets, plan.gate, initial_gates, lite)
+        self.model = model
+        self.config = ZooTuningConfig(
+            num_sources=len(members), variant=options.variant, member_scores=plan.scores, kept_members=plan.kept,
+            num_zoo_members=plan.num_zoo_members, start_member=start, off_gate=plan.off_gate,
+            norm_init=plan.norm_init, lite=lite, align=options.align, gate=plan.gate, gate_init=options.gate_init,
+            keep_bn_stats=options.keep_bn_stats, lite_momentum=options.lite_momentum,
+            formulation=options.formulation, bank_lr_scale=options.bank_lr_scale, gate_lr_scale=gate_lr_scale,
+            align_lr_scale=align_lr_scale, lr_scales=lr_scales, gate_lr_scales=gate_lr_scales,
+            align_lr_scales=align_lr_scales, align_weight_decay=options.align_weight_decay,
+            target_types=[t.__name__ for t in target_types], include=options.include, exclude=options.exclude,
+            head_name=head_name, aggregated_layers=targets,
+        )
+        log.info("%s", self.report.summary())
+        self._warn_if_mostly_not_aggregated()
+
+    def _aggregate(self, model: nn.Module, members: list[nn.Module], targets: list[str], gate: str,
+                   initial_gates: torch.Tensor | None, lite: bool) -> None:
+        """Put an :class:`AggregatedLayer` over the members' layers in place of each target of ``model``."""
+        options = self.options
         # With a start member, each layer's gate is drawn from its own seed (one draw from the global
         # stream for all): the random initialisation then does not depend on how many members there
         # are, so adding a member changes the model only through that member (what a zoo with junk
@@ -624,42 +650,32 @@ class ZooTuning(nn.Module):
         for index, name in enumerate(targets):
             sources = [member.get_submodule(name) for member in members]
             kernel = sources[0].weight.shape[2:]
-            aligned = align == "all" or (align == "kernel>1" and any(k > 1 for k in kernel))
+            aligned = options.align == "all" or (options.align == "kernel>1" and any(k > 1 for k in kernel))
             with contextlib.ExitStack() as stack:
                 if gate_seed is not None:
                     stack.enter_context(torch.random.fork_rng(devices=[]))
                     torch.manual_seed(gate_seed + index)
-                layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=gate_init, lite=lite,
-                                        lite_momentum=lite_momentum, formulation=formulation)
+                layer = AggregatedLayer(sources, align=aligned, gate=gate, gate_init=options.gate_init, lite=lite,
+                                        lite_momentum=options.lite_momentum, formulation=options.formulation)
                 if gate_seed is not None:  # U again, first: nn.Linear's own init of V drew m-dependent numbers
                     torch.manual_seed(gate_seed + index)
                     layer.gate.reset_parameters()
             if initial_gates is not None:
                 _set_initial_gates(layer, initial_gates)
             set_submodule(model, name, layer)
-        self.model = model
-        self.config = ZooTuningConfig(
-            num_sources=len(members), variant=variant, member_scores=plan.scores, kept_members=plan.kept,
-            num_zoo_members=plan.num_zoo_members, start_member=start, off_gate=plan.off_gate,
-            norm_init=plan.norm_init,
-            lite=lite, align=align, gate=gate, gate_init=gate_init, keep_bn_stats=keep_bn_stats,
-            lite_momentum=lite_momentum, formulation=formulation,
-            bank_lr_scale=bank_lr_scale,
-            gate_lr_scale=gate_lr_scale, align_lr_scale=align_lr_scale, lr_scales=lr_scales,
-            gate_lr_scales=gate_lr_scales, align_lr_scales=align_lr_scales, align_weight_decay=align_weight_decay,
-            target_types=[t.__name__ for t in target_types], include=include, exclude=exclude,
-            head_name=resolved_head, aggregated_layers=targets,
-        )
-        log.info("%s", self.report.summary())
+
+    def _warn_if_mostly_not_aggregated(self) -> None:
+        """A warning naming the main reason when less than ``COVERAGE_WARNING_FRACTION`` of the
+        parameters is aggregated (e.g. a ViT with the default convolution targets)."""
         fraction = self.report.aggregated_fraction()
-        if fraction < COVERAGE_WARNING_FRACTION:
-            reasons = self.report.untargeted_by_reason()
-            reason, layers = next(iter(reasons.items()))
-            warnings.warn(
-                f"Zoo-Tuning aggregates only {100 * fraction:.1f}% of {self.report.model}'s parameters "
-                f"({len(targets)} layer(s)); the rest is {self.report.untargeted_source}, mostly "
-                f"{_millions(sum(l.parameters for l in layers))} parameters in {len(layers)} module(s) because: {reason}. "
-                "See ZooTuning(...).report", stacklevel=2)
+        if fraction >= COVERAGE_WARNING_FRACTION:
+            return
+        reason, layers = next(iter(self.report.untargeted_by_reason().items()))
+        warnings.warn(
+            f"Zoo-Tuning aggregates only {100 * fraction:.1f}% of {self.report.model}'s parameters "
+            f"({len(self.report.aggregated)} layer(s)); the rest is {self.report.untargeted_source}, mostly "
+            f"{_millions(sum(l.parameters for l in layers))} parameters in {len(layers)} module(s) because: {reason}. "
+            "See ZooTuning(...).report", stacklevel=3)  # the caller of ZooTuning(...)
 
     @staticmethod
     @torch.no_grad()

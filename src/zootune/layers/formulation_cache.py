@@ -9,6 +9,8 @@ same machine reads it and times nothing for it. ``<machine>`` is a hash of what 
 and a user cannot see changing: the torch version, the processor, the CPU count and the intra-op
 thread count (a GPU's name is part of each layer's key). The file is read, extended and written under
 an ``flock``, so processes started together agree on one choice; a corrupt file is replaced.
+``<cache>`` is the user cache folder the engine gives a module preparing for training
+(:class:`zootune.engine.hooks.PreparationContext`'s ``cache_dir``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import Iterator
 import torch
 
 from zootune.atomic import atomic_write_json
-from zootune.data.cache import user_cache_dir
 
 
 def _processor_name() -> str:
@@ -46,8 +47,8 @@ def machine_fingerprint() -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def choices_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    return user_cache_dir(cache_dir) / "formulations" / f"{machine_fingerprint()}.json"
+def choices_path(cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / "formulations" / f"{machine_fingerprint()}.json"
 
 
 def _read(path: Path) -> dict[str, str]:
@@ -64,7 +65,7 @@ def _read(path: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def machine_choices(cache_dir: str | os.PathLike | None = None) -> Iterator[dict[str, str]]:
+def machine_choices(cache_dir: str | os.PathLike) -> Iterator[dict[str, str]]:
     """``{choice key: formulation}`` of this machine, locked while the caller reads and extends it
     (:func:`zootune.layers.autotune.tune`'s ``known``); written back if it grew."""
     path = choices_path(cache_dir)
