@@ -60,13 +60,13 @@ def main(argv=None) -> int:
         for precision in ("bf16", "fp16"):
             out = root / precision
             cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, device=device, precision=precision,
-                              formulations="time", progress=False)
+                              exact_choices="time", progress=False)
             net = model()
             t0 = time.perf_counter()
             result = Trainer(net, ClassificationTask(10), data, None, cfg, out_dir=out).fit()
             seconds = time.perf_counter() - t0
             ckpt = load_checkpoint(out / "checkpoint.pt")
-            choices = ckpt["formulations"]
+            choices = {name: state for name, state in ckpt["training_states"].items() if state}
             finite = all(torch.isfinite(p).all() for p in result.model.parameters())
             contiguous = all(p.is_contiguous() for p in result.model.parameters())
             ok = finite and contiguous and set(choices) == {"0", "3", "6"} and next(net.parameters()).device.type == device
@@ -82,11 +82,12 @@ def main(argv=None) -> int:
         try:
             net = model()
             cfg = TrainConfig(epochs=3, batch_size=64, lr=0.05, device=device, precision="bf16",
-                              formulations="time", progress=False)
+                              exact_choices="time", progress=False)
             Trainer(net, ClassificationTask(10), data, None, cfg, out_dir=root / "bf16", resume=True).fit()
         finally:
             autotune.tune = real
-        ok = not calls and autotune.formulation_choices(net) == load_checkpoint(root / "bf16" / "checkpoint.pt")["formulations"]
+        ok = not calls and autotune.formulation_choices(net) == {name: state for name, state in load_checkpoint(
+            root / "bf16" / "checkpoint.pt")["training_states"].items() if state}
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} resume: choices read back from the checkpoint, tune() not called")
         # tune() on CUDA directly: CUDA-event timings of every candidate

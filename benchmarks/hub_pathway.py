@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                  max_steps_per_epoch=args.max_steps_per_epoch, progress=False,
-                                 formulations="macs")  # Zoo-Tuning's formulations by MACs: same numbers every run
+                                 exact_choices="macs")  # exact computations chosen by MACs: same numbers every run
 
             def run(spec_name, source, label, **kw):
                 result = fit_method(get_method(spec_name), source, task, splits, config, **kw)

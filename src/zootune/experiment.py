@@ -73,7 +73,7 @@ def run_training(**overrides) -> TrainConfig:
     # docs/dev-notes/zoo-tuning.md has the measurements. Exact formulations are chosen by
     # multiply-adds, not by timing (which depends on load): the same command then gives the same
     # numbers on any machine with the same floating-point behaviour.
-    values = dict(epochs=8, batch_size=64, lr=0.1, eval_batch_size=256, progress=False, formulations="macs")
+    values = dict(epochs=8, batch_size=64, lr=0.1, eval_batch_size=256, progress=False, exact_choices="macs")
     return TrainConfig(**{**values, **overrides})
 
 

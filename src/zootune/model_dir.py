@@ -23,8 +23,8 @@ stamped) says how to rebuild the module the weights belong to:
 - ``head_name``, ``class_names``, ``image_size``, ``preprocessing``, ``metrics``, ``aggregation``.
 
 Older folders are read too: a config without ``task`` is a classifier of its ``num_classes``; one
-written by the former Zoo-Tuning save (``"format": "zoo-tuning"`` or ``"plain"``) is converted when
-read (:func:`_from_former_zoo_tuning_save`).
+written by a method's former save (another ``"format"``) is converted when read, by the reader the
+method registered (:func:`zootune.methods.registry.register_former_folder_format`).
 
 The state_dict holds buffers too (BatchNorm running statistics, Lite's ā). Weights are loaded with
 ``strict=True``: a file that does not match its config is refused, not half-loaded; so is one whose
@@ -51,8 +51,6 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "zootune-model"
 DEFAULT_IMAGE_SIZE = 32  # `zootune fit`'s default, for a config that records none
-# config.json "format" of the former Zoo-Tuning save (save_pretrained, save_folded), read and converted
-_FORMER_FORMATS = ("zoo-tuning", "plain")
 _POINTWISE_HEADS = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 
 
@@ -187,8 +185,12 @@ def check_model_config(info, config_path) -> dict:
     Zoo-Tuning save converted, an older config's task added."""
     if not isinstance(info, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, not a {type(info).__name__}")
-    if info.get("format") in _FORMER_FORMATS:
-        info = _from_former_zoo_tuning_save(info, config_path)
+    if info.get("format") != FORMAT:
+        from zootune.methods.registry import former_folder_formats
+
+        reader = former_folder_formats().get(info.get("format"))
+        if reader is not None:  # a method's own former save, converted by the method
+            info = reader(info, config_path)
     _check_fields(info, config_path)
     if info["format"] != FORMAT:
         raise CheckpointError(f"{config_path} is not a zootune model config (format {info['format']!r})")
@@ -260,26 +262,6 @@ def _check_preprocessing(preprocessing: dict, config_path) -> None:
             check_value(f"preprocessing.{key}", value, expected, what="config.json")
         except OptionError as e:
             raise CheckpointError(f"{config_path}: {e}") from None
-
-
-def _from_former_zoo_tuning_save(config: dict, config_path) -> dict:
-    """A config.json of the former Zoo-Tuning save (zootune 0.1.0 before the one model-folder format:
-    ``"format": "zoo-tuning"`` from ``save_pretrained``, ``"plain"`` from ``save_folded``; the weights
-    file is the same) in the current form. Its ``architecture`` (the model's class, for information)
-    is dropped; every field that loading used is kept."""
-    version = config.get("zootune_version")
-    common = {"format": FORMAT, **({"zootune_version": version} if version is not None else {}),
-              "arch": None, "head": config.get("head")}
-    if config["format"] == "plain":
-        return {**common, "kind": "plain", "method": config.get("method", "lite"), "head_name": config.get("head_name")}
-    built = config.get("built")
-    if not isinstance(built, dict) or not isinstance(config.get("options"), dict):
-        raise CheckpointError(f"{config_path}: config.json does not describe a Zoo-Tuning model "
-                              "(its 'built' record or its 'options' are missing)")
-    # the top-level copies were what loading read: they win over the record's
-    built = {**built, **{k: config[k] for k in ("lite", "num_sources", "kept_members", "num_zoo_members") if k in config}}
-    return {**common, "kind": "method", "method": "lite" if built.get("lite") else "zoo-tuning",
-            "options": config["options"], "built": built, "head_name": built.get("head_name")}
 
 
 def read_model_config(model_dir: str | os.PathLike) -> dict:

@@ -229,7 +229,7 @@ class Trainer:
         path = self.checkpoint_path
         if not path.is_file():
             if self.dist.is_main:
-                log.warning("resume: no checkpoint at %s, starting from scratch", path)
+                log.warning("resume: no checkpoint at %s, starting afresh", path)
             return
         ckpt = load_checkpoint(path)
         self._check_same_data(ckpt, path)

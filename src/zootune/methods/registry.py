@@ -151,6 +151,22 @@ _METHOD_MODULES = (
 )
 
 
+# A model folder's former formats (config.json "format" values a method wrote before the one format):
+# format -> reader(config, config_path) returning the config in the current form.
+FORMER_FOLDER_FORMATS: dict[str, Callable[[dict, Any], dict]] = {}
+
+
+def register_former_folder_format(name: str, reader: Callable[[dict, Any], dict]) -> None:
+    """Let :mod:`zootune.model_dir` read folders a method wrote in its own former format ``name``."""
+    FORMER_FOLDER_FORMATS[name] = reader
+
+
+def former_folder_formats() -> dict[str, Callable[[dict, Any], dict]]:
+    """Every registered former model-folder format (the method modules imported first)."""
+    _load_all()
+    return dict(FORMER_FOLDER_FORMATS)
+
+
 def register_method(spec: MethodSpec) -> MethodSpec:
     METHODS[spec.name] = spec
     return spec
@@ -212,4 +228,5 @@ def build_method(name: str, zoo, task, *, options: Mapping[str, Any] | None = No
 
 
 __all__ = ["BuildContext", "DEFAULT_METHOD", "DEFAULT_RL_METHODS", "MethodSpec", "METHODS", "available_methods", "build_method", "get_method",
-           "register_method", "with_requirements"]
+           "former_folder_formats", "register_former_folder_format", "register_method",
+           "with_requirements"]

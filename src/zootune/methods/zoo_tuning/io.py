@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 from torch import nn
 
 from zootune.errors import CheckpointError, ZooMismatchError
+from zootune.methods.registry import register_former_folder_format
+from zootune.model_dir import FORMAT as MODEL_FORMAT
 from zootune.model_dir import (fresh_head, head_spec, load_weights, read_model_config, save_model_dir,
                                with_fresh_head)
 from zootune.models.heads import find_head_name
@@ -94,3 +96,31 @@ def load_folded(directory, model_or_builder: nn.Module | Callable[[], nn.Module]
         raise CheckpointError(f"{directory} holds a {info['kind']} {info['method']} model, not a folded plain one")
     model = model_or_builder if isinstance(model_or_builder, nn.Module) else model_or_builder()
     return load_weights(with_fresh_head(model, info, head), directory)
+
+
+def read_former_save(config: dict, config_path) -> dict:
+    """A config.json of the former Zoo-Tuning save (zootune 0.1.0 before the one model-folder format:
+    ``"format": "zoo-tuning"`` from ``save_pretrained``, ``"plain"`` from ``save_folded``; the weights
+    file is the same) in the current form. Its ``architecture`` (the model's class, for information)
+    is dropped; every field that loading used is kept."""
+    version = config.get("zootune_version")
+    common = {"format": MODEL_FORMAT, **({"zootune_version": version} if version is not None else {}),
+              "arch": None, "head": config.get("head")}
+    if config["format"] == "plain":
+        return {**common, "kind": "plain", "method": config.get("method", "lite"), "head_name": config.get("head_name")}
+    built = config.get("built")
+    if not isinstance(built, dict) or not isinstance(config.get("options"), dict):
+        raise CheckpointError(f"{config_path}: config.json does not describe a Zoo-Tuning model "
+                              "(its 'built' record or its 'options' are missing)")
+    # the top-level copies were what loading read: they win over the record's
+    built = {**built, **{k: config[k] for k in ("lite", "num_sources", "kept_members", "num_zoo_members") if k in config}}
+    return {**common, "kind": "method", "method": "lite" if built.get("lite") else "zoo-tuning",
+            "options": config["options"], "built": built, "head_name": built.get("head_name")}
+
+
+# config.json "format" of the former Zoo-Tuning save (save_pretrained, save_folded): read and converted
+for _former in ("zoo-tuning", "plain"):
+    register_former_folder_format(_former, read_former_save)
+
+
+
