@@ -29,7 +29,7 @@ def test_auto_image_size_follows_its_rule(sides, zoo, want):
     assert size == want and why
 
 
-@pytest.mark.parametrize("size,want", [(32, "none"), (63, "none"), (64, "light"), (95, "light"), (96, "paper"),
+@pytest.mark.parametrize("size,want", [(32, "light"), (63, "light"), (64, "light"), (95, "light"), (96, "paper"),
                                        (224, "paper")])
 def test_auto_augment_follows_the_input_size(size, want):
     assert auto_augment(size)[0] == want
@@ -93,12 +93,12 @@ def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
     text = printed.getvalue()
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     chosen = metrics["chosen"]
-    # 40 x 48 images: median shorter side 40 -> 40 px, below 64 -> no augmentation; 16 training
+    # 40 x 48 images: median shorter side 40 -> 40 px, below 96 -> light augmentation; 16 training
     # images at batch 48 -> 1 step per epoch -> 300 epochs (the cap); the probe's best rate
-    assert chosen["image_size"] == 40 and chosen["augment"] == "none" and chosen["epochs"] == 300
+    assert chosen["image_size"] == 40 and chosen["augment"] == "light" and chosen["epochs"] == 300
     probed = chosen["lr_probe"]["val_acc"]
     assert f"{chosen['lr']:g}" == next(lr for lr, acc in probed.items() if acc == max(probed.values()))
-    assert "--image-size auto: 40" in text and "--augment auto: none" in text and "--epochs auto: 300 epochs" in text
+    assert "--image-size auto: 40" in text and "--augment auto: light" in text and "--epochs auto: 300 epochs" in text
     assert f"-> lr {chosen['lr']:g}" in text
     assert json.loads((out / "model" / "config.json").read_text())["image_size"] == 40
     assert json.loads((out / "choices.json").read_text())["lr"] == chosen["lr"]  # what --resume reuses

@@ -526,8 +526,8 @@ def _add_folder_arguments(p: argparse.ArgumentParser, augment: bool = False, cac
         p.add_argument("--augment", choices=AUGMENT_CHOICES, default="auto",
                        help="training augmentation: paper = random-resized crop (scale 0.08-1) of the original "
                             "+ horizontal flip; light = crop scale 0.35-1 + flip; no-flip = paper's crop only; "
-                            "none = the evaluation centre crop; auto (default) = none below 64 px, light below "
-                            "96 px, paper from 96 px (zootune.data.auto)")
+                            "none = the evaluation centre crop; auto (default) = light below 96 px, paper from "
+                            "96 px (zootune.data.auto)")
     p.add_argument("--workers", type=worker_count, default="auto",
                    help="DataLoader worker processes decoding images, or 'auto' (default): CPUs - 1 (at most 8) "
                         "for images read at 96 px or more, none for smaller images")

@@ -8,10 +8,11 @@ the image headers the loader reads anyway (no decoding), and says what it chose 
   images, rounded down to a multiple of 8 and kept within [32, 224] (:func:`auto_image_size`): a folder of
   32-px images trains at 32, one of 64-px photos at 64, one of large photos at 224 -- never upscaled
   past the pixels the images have, never below what a small CNN needs.
-- **augmentation** (:func:`auto_augment`), from the input size: below 64 px ``"none"`` (the paper's
-  random-resized crop, made for 224-px photos, keeps as little as 8% of an image: of a 32-px image a
-  few pixels), 64-95 px ``"light"`` (crops keep >= 35%), 96 px and more the paper's protocol
-  (``"paper"``). Measurements: docs/dev-notes/cli-and-run.md.
+- **augmentation** (:func:`auto_augment`), from the input size: below 96 px ``"light"`` (crops keep
+  >= 35% of the image, + flip: the paper's random-resized crop, made for 224-px photos, keeps as
+  little as 8%, of a 32-px image a few pixels), 96 px and more the paper's protocol (``"paper"``).
+  No augmentation at all overfits at the step budget's many passes over a small folder.
+  Measurements: docs/dev-notes/cli-and-run.md.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import numpy as np
 AUTO = "auto"
 MIN_AUTO_SIZE = 32
 MAX_AUTO_SIZE = 224
-LIGHT_FROM = 64  # px: "light" augmentation from this input size on ("none" below)
-PAPER_FROM = 96  # px: the paper's augmentation from this input size on
+PAPER_FROM = 96  # px: the paper's augmentation from this input size on ("light" below)
 
 
 def auto_image_size(sizes: np.ndarray, zoo_input_size: int | None = None) -> tuple[int, str]:
@@ -37,10 +37,9 @@ def auto_image_size(sizes: np.ndarray, zoo_input_size: int | None = None) -> tup
 
 def auto_augment(image_size: int) -> tuple[str, str]:
     """(augmentation preset, why) for training at ``image_size``."""
-    if image_size < LIGHT_FROM:
-        return "none", f"input {image_size} px < {LIGHT_FROM}: a random crop would keep a few pixels"
     if image_size < PAPER_FROM:
-        return "light", f"input {image_size} px in [{LIGHT_FROM}, {PAPER_FROM}): crops keeping >= 35% + flip"
+        return "light", (f"input {image_size} px < {PAPER_FROM}: crops keeping >= 35% + flip (the paper's "
+                         "crop would keep a few pixels; none overfits at the step budget)")
     return "paper", f"input {image_size} px >= {PAPER_FROM}: the paper's random-resized crop + flip"
 
 
