@@ -764,3 +764,26 @@ def test_the_guard_state_survives_a_resume(tmp_path):
     assert resumed.rollbacks == straight.rollbacks and resumed.history[-1]["lr"] == pytest.approx(0.1)
     for k, v in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
+def test_time_left_is_said_once_per_training_call_after_its_first_epoch(tmp_path, caplog):
+    import logging
+
+    def lines():
+        return [r.getMessage() for r in caplog.records if r.name == "zootune.progress"]
+
+    data = blobs(40)
+    with caplog.at_level(logging.INFO, logger="zootune.progress"):
+        Trainer(mlp(), ClassificationTask(3), data, data, config=quiet(epochs=4, batch_size=8, progress=True)).fit()
+        assert len(lines()) == 1 and lines()[0].startswith("training: epoch 1/4 took ")
+        assert lines()[0].endswith("for the remaining 3")
+        caplog.clear()
+        Trainer(mlp(), ClassificationTask(3), data, data, config=quiet(epochs=4, batch_size=8)).fit()  # no progress
+        assert lines() == []
+        first = quiet(epochs=4, batch_size=8, progress=True, stop_after=2)
+        Trainer(mlp(), ClassificationTask(3), data, data, config=first, out_dir=tmp_path).fit()
+        assert len(lines()) == 1 and "epoch 1/2 (of 4; this call stops after 2)" in lines()[0]
+        caplog.clear()
+        rest = quiet(epochs=4, batch_size=8, progress=True)
+        Trainer(mlp(), ClassificationTask(3), data, data, config=rest, out_dir=tmp_path, resume=True).fit()
+        assert len(lines()) == 1 and lines()[0].startswith("training: epoch 3/4 took ")

@@ -5,6 +5,7 @@ a probe (methods.lr_probe) -- each stated, recorded and reused on --resume."""
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 
 import numpy as np
@@ -43,24 +44,70 @@ def test_the_budget_is_at_least_10_epochs_and_1000_steps_and_at_most_300_epochs(
     assert str(epochs) in why and "--epochs" in why
 
 
-def test_the_lr_probe_keeps_the_best_rate_on_validation_first_of_equals(monkeypatch):
-    from zootune.engine import TrainConfig
-    from zootune.tasks import ClassificationTask
+def _fake_probe(monkeypatch, outcomes: dict):
+    """lr_probe's training replaced: {lr: validation metric, or "rollback" (the guard rolled back
+    once), or "stop" (the guard's rollbacks ran out)}; returns the (lr, epochs) probed, in order."""
+    from types import SimpleNamespace
+
+    from zootune.errors import NonFiniteLossError
 
     seen = []
 
     def probe(member, task, train, val, config, epochs):
         seen.append((config.lr, epochs))
-        return {0.01: 50.0, 0.03: 70.0, 0.1: 70.0}[config.lr]
+        outcome = outcomes[config.lr]
+        if outcome == "stop":
+            raise NonFiniteLossError("non-finite loss")
+        rollbacks = [{"epoch": 1}] if outcome == "rollback" else []
+        return SimpleNamespace(best_val_metric=1.0 if rollbacks else outcome, rollbacks=rollbacks)
 
-    monkeypatch.setattr(lr_probe, "probe_fine_tune", probe)
+    monkeypatch.setattr(lr_probe, "probe_run", probe)
+    return seen
+
+
+def _choose(optimizer: str = "sgd"):
     from zootune.data.datasets import DatasetSplits
+    from zootune.engine import TrainConfig
+    from zootune.tasks import ClassificationTask
 
     splits = DatasetSplits(train=[], val=[], test=None, num_classes=2, name="none")
-    choice = lr_probe.choose_learning_rate([torch.nn.Identity()] * 2, ClassificationTask(2), splits,
-                                           TrainConfig(), member=1)
-    assert choice.lr == 0.03 and choice.member == 1 and seen == [(0.01, 2), (0.03, 2), (0.1, 2)]
-    assert choice.to_dict()["val_acc"] == {"0.01": 50.0, "0.03": 70.0, "0.1": 70.0}
+    return lr_probe.choose_learning_rate([torch.nn.Identity()] * 2, ClassificationTask(2), splits,
+                                         TrainConfig(optimizer=optimizer), member=1)
+
+
+def test_the_lr_probe_keeps_the_largest_rate_that_trains_whatever_the_smaller_rates_measure(monkeypatch):
+    # polygons' 2-epoch probe preferred 0.03 on validation; the full fine-tune at 0.1 was 3 points better
+    seen = _fake_probe(monkeypatch, {0.1: 27.7, 0.03: 38.0, 0.01: 36.0})
+    choice = _choose()
+    assert choice.lr == 0.1 and choice.member == 1 and seen == [(0.1, 2)]  # one probe when it trains
+    assert choice.to_dict()["val_acc"] == {"0.1": 27.7} and choice.diverged == []
+
+
+def test_the_lr_probe_refuses_rates_that_diverge_and_falls_back_to_the_smallest(monkeypatch):
+    seen = _fake_probe(monkeypatch, {0.1: "stop", 0.03: "rollback", 0.01: 20.0})
+    choice = _choose()
+    assert choice.lr == 0.01 and [lr for lr, _ in seen] == [0.1, 0.03, 0.01]
+    assert choice.diverged == [0.1, 0.03] and choice.to_dict()["diverged"] == ["0.1", "0.03"]
+    assert "0.1: diverged / 0.03: diverged / 0.01: val acc 20.00" in choice.summary()
+    _fake_probe(monkeypatch, {1e-3: "stop", 3e-4: "stop", 1e-4: "stop"})
+    choice = _choose("adam")
+    assert choice.lr == 1e-4 and choice.diverged == [1e-3, 3e-4, 1e-4]  # nothing trains: the smallest
+
+
+def test_the_lr_probe_detects_divergence_in_a_real_training():
+    """probe_run's rollbacks are what the rule reads: a rate that blows a model up rolls back."""
+    from zootune.engine import TrainConfig
+    from zootune.methods.finetune import probe_run
+    from zootune.tasks import ClassificationTask
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g) * 10
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    config = TrainConfig(batch_size=16, device="cpu", momentum=0.0, weight_decay=0.0)
+    calm = probe_run(model, ClassificationTask(2), data, data, dataclasses.replace(config, lr=1e-3), 2)
+    wild = probe_run(model, ClassificationTask(2), data, data, dataclasses.replace(config, lr=1e3), 2)
+    assert calm.rollbacks == [] and wild.rollbacks != []
 
 
 def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
@@ -94,12 +141,11 @@ def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     chosen = metrics["chosen"]
     # 40 x 48 images: median shorter side 40 -> 40 px, below 96 -> light augmentation; 16 training
-    # images at batch 48 -> 1 step per epoch -> 300 epochs (the cap); the probe's best rate
+    # images at batch 48 -> 1 step per epoch -> 300 epochs (the cap); the largest rate that trains
     assert chosen["image_size"] == 40 and chosen["augment"] == "light" and chosen["epochs"] == 300
-    probed = chosen["lr_probe"]["val_acc"]
-    assert f"{chosen['lr']:g}" == next(lr for lr, acc in probed.items() if acc == max(probed.values()))
+    assert chosen["lr"] == 0.1 and list(chosen["lr_probe"]["val_acc"]) == ["0.1"]
     assert "--image-size auto: 40" in text and "--augment auto: light" in text and "--epochs auto: 300 epochs" in text
-    assert f"-> lr {chosen['lr']:g}" in text
+    assert f"--lr auto: lr {chosen['lr']:g}, the largest rate" in text
     assert json.loads((out / "model" / "config.json").read_text())["image_size"] == 40
     assert json.loads((out / "choices.json").read_text())["lr"] == chosen["lr"]  # what --resume reuses
 

@@ -176,18 +176,20 @@ def _add_layer_types(spec, options: dict, layer_types: list[str] | None) -> None
     options[option] = layer_types
 
 
-def _print_build_reports() -> None:
-    """Methods log what they built (e.g. which layers are aggregated and why) at INFO: print it."""
+def _print_reports() -> None:
+    """Methods log what they built (e.g. which layers are aggregated and why) and the engine the time
+    a training has left, at INFO: print both."""
     import logging
 
     class PrintHandler(logging.Handler):
         def emit(self, record):
             print(self.format(record))  # the sys.stdout of the moment, not of the first call
 
-    logger = logging.getLogger("zootune.methods")
-    if not any(type(h).__name__ == "PrintHandler" for h in logger.handlers):
-        logger.addHandler(PrintHandler())
-    logger.setLevel(logging.INFO)
+    for name in ("zootune.methods", "zootune.progress"):
+        logger = logging.getLogger(name)
+        if not any(type(h).__name__ == "PrintHandler" for h in logger.handlers):
+            logger.addHandler(PrintHandler())
+        logger.setLevel(logging.INFO)
 
 
 def _methods():
@@ -231,7 +233,7 @@ def cmd_fit(args) -> int:
     with RunFolder(args.out, resume=args.resume, overwrite=args.overwrite, writer=main_process) as folder:
         zoo = _load_zoo(args, from_files)
         if main_process:
-            _print_build_reports()
+            _print_reports()
         if args.member is not None and not 0 <= args.member < len(zoo):
             raise ZootuneError(f"--member {args.member} is out of range for a zoo of {len(zoo)} models")
         preprocessing = _preprocessing(zoo)

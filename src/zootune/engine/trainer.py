@@ -73,6 +73,8 @@ from zootune.errors import CheckpointError, DataError, NonFiniteLossError, Zootu
 from zootune.tasks import Task
 
 log = logging.getLogger(__name__)
+# What a user watching a run wants to know (the time left); the command line prints it.
+progress_log = logging.getLogger("zootune.progress")
 
 # Config fields that may change between a run and its resumption without changing its numbers.
 _RESUME_FREE_FIELDS = {"epochs", "stop_after", "progress", "num_workers", "eval_every", "device", "eval_batch_size"}
@@ -142,6 +144,20 @@ def _four_d_layout(module: nn.Module, memory_format: torch.memory_format) -> Non
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.dim() == 4:
             tensor.data = tensor.data.contiguous(memory_format=memory_format)
+
+
+def _say_time_left(seconds: float, epoch: int, end: int, epochs: int) -> None:
+    """One line after the first epoch a training call runs: the time it took (validation and the
+    checkpoint included) and the estimate for the epochs this call has left."""
+    stopping = f" (of {epochs}; this call stops after {end})" if end < epochs else ""
+    progress_log.info("training: epoch %d/%d%s took %.1f s; about %s for the remaining %d",
+                      epoch, end, stopping, seconds, _duration(seconds * (end - epoch)), end - epoch)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -426,9 +442,15 @@ class Trainer:
     def _train_epochs(self, model, module, optimizer, schedule, sampler, device, metric_log) -> None:
         """The epochs left (up to ``stop_after``), each logged and reported to the callbacks."""
         cfg = self.config
-        while self.epoch < min(cfg.epochs, cfg.stop_after or cfg.epochs):
+        end = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+        first_of_call = True
+        while self.epoch < end:
+            started = time.perf_counter()
             if not self._guarded_epoch(model, module, optimizer, schedule, sampler, device):
                 continue
+            if first_of_call and cfg.progress and self.dist.is_main and self.epoch < end:
+                _say_time_left(time.perf_counter() - started, self.epoch, end, cfg.epochs)
+            first_of_call = False
             record = self.history[-1]
             if metric_log is not None:
                 metric_log.write(self.history)

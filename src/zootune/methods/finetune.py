@@ -111,7 +111,13 @@ def fine_tune(model: nn.Module, task: Task, config: FineTuneConfig | None = None
 def probe_fine_tune(member: nn.Module, task: Task, train_dataset, val_dataset, train_config, epochs: int) -> float:
     """The best validation metric of a short fine-tune of ``member`` (a copy) with ``train_config``'s
     optimiser settings and seed, its schedule compressed into ``epochs`` epochs: the probe with which
-    zootune ranks members (robust Zoo-Tuning's start) and chooses a learning rate (``--lr auto``)."""
+    zootune ranks members (robust Zoo-Tuning's start)."""
+    return float(probe_run(member, task, train_dataset, val_dataset, train_config, epochs).best_val_metric)
+
+
+def probe_run(member: nn.Module, task: Task, train_dataset, val_dataset, train_config, epochs: int):
+    """:func:`probe_fine_tune`'s training, whole (its history and divergence-guard rollbacks): the
+    engine's :class:`~zootune.engine.FitResult`."""
     import dataclasses
 
     from zootune.engine import Trainer
@@ -119,8 +125,7 @@ def probe_fine_tune(member: nn.Module, task: Task, train_dataset, val_dataset, t
     config = dataclasses.replace(train_config, epochs=epochs, stop_after=None, progress=False)
     torch.manual_seed(config.seed)  # every probe's head starts from the same draw
     model, head_name = copy_with_new_head(member, task)  # a copy
-    result = Trainer(FineTune(model, head_name), task, train_dataset, val_dataset, config=config).fit()
-    return float(result.best_val_metric)
+    return Trainer(FineTune(model, head_name), task, train_dataset, val_dataset, config=config).fit()
 
 
 def build(ctx: BuildContext) -> FineTune:
