@@ -16,8 +16,9 @@ the defaults are held against (best on test, as the issue states it; the best on
 printed too). ``--curve`` fine-tunes that member at the chosen rate and augmentation for fractions
 of the chosen budget (accuracy against steps: is the budget rule enough?). ``--stability`` runs the
 methods at explicit ``--lr 0.1`` and ``0.3`` next to fine-tuning their start member (the member
-their ranking put first) at the same rate, and counts the runs more than 3 points below it and the
-divergence guard's firings. ``--reuse`` keeps a run whose folder already holds its metrics.
+their ranking put first) at the same rate (``--stability-lrs`` narrows the rates), and counts the
+runs more than 3 points below it and the divergence guard's firings. ``--reuse`` keeps a run whose
+folder already holds its metrics.
 
     python benchmarks/defaults.py --folders letters textures photos112 --seeds 0
     python benchmarks/defaults.py --folders letters --seeds 0 --grid finetune --curve --stability --reuse
@@ -137,6 +138,7 @@ def main(argv=None) -> None:
     p.add_argument("--grid-augments", nargs="+", default=list(GRID_AUGMENTS))
     p.add_argument("--curve", action="store_true", help="fine-tuning's accuracy against the number of steps")
     p.add_argument("--stability", action="store_true", help="explicit --lr 0.1 and 0.3 against the start member")
+    p.add_argument("--stability-lrs", nargs="+", default=list(STABILITY_LRS), help="narrow --stability's rates")
     p.add_argument("--reuse", action="store_true", help="keep runs already in --work")
     args = p.parse_args(argv)
     global REUSE
@@ -170,8 +172,10 @@ def main(argv=None) -> None:
 
 
 def _print_table(results: dict, folders, methods, seeds) -> None:
-    print("\n| folder | " + " | ".join(methods) + " | chosen (seed %d) | wall ZT / one fine-tune |" % seeds[0])
-    print("|---|" + "---:|" * len(methods) + "---|---:|")
+    others = [m for m in methods if m != "finetune"]
+    print("\n| folder | " + " | ".join(methods) + " | chosen (seed %d) | " % seeds[0]
+          + " | ".join(f"wall {m} / one fine-tune" for m in others) + " |")
+    print("|---|" + "---:|" * len(methods) + "---|" + "---:|" * len(others))
     for name in folders:
         cells = []
         for method in methods:
@@ -179,11 +183,11 @@ def _print_table(results: dict, folders, methods, seeds) -> None:
             tests = [r["test"] for r in runs if "test" in r]
             cells.append(f"{np.mean(tests):.2f}" if tests else "error")
         first = results.get(f"{name}/finetune/{seeds[0]}", {})
-        zt = results.get(f"{name}/zoo-tuning/{seeds[0]}", {})
         chosen = first.get("chosen", {})
         shown = ", ".join(f"{k} {v}" for k, v in chosen.items() if k != "lr_probe")
-        ratio = zt.get("wall", float("nan")) / first.get("one_wall", float("nan")) if first else float("nan")
-        print(f"| {name} | " + " | ".join(cells) + f" | {shown} | {ratio:.2f} |")
+        ratios = [results.get(f"{name}/{m}/{seeds[0]}", {}).get("wall", float("nan")) / first.get("one_wall", float("nan"))
+                  if first else float("nan") for m in others]
+        print(f"| {name} | " + " | ".join(cells) + f" | {shown} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
 
 
 def _extra_runs(args, folder: Path, zoo: list[str], runs: Path, results: dict, key: str) -> dict:
@@ -206,7 +210,7 @@ def _extra_runs(args, folder: Path, zoo: list[str], runs: Path, results: dict, k
                                                  "--lr", str(chosen["lr"]), "--augment", chosen["augment"],
                                                  "--epochs", budget)
     if args.stability:
-        for lr in STABILITY_LRS:
+        for lr in args.stability_lrs:
             for method in [m for m in args.methods if m != "finetune"]:
                 run = out[key % f"stab-{method}-{lr}"] = fit(folder, zoo, runs / f"stab-{method}-{lr}", method, seed,
                                                             "--lr", lr)
@@ -244,7 +248,7 @@ def _print_extras(results: dict, args) -> None:
 
 
 def _print_stability(results: dict, name: str, seed: int, args) -> None:
-    for lr in STABILITY_LRS if args.stability else ():
+    for lr in args.stability_lrs if args.stability else ():
         for method in [m for m in args.methods if m != "finetune"]:
             run = results.get(f"{name}/stab-{method}-{lr}/{seed}", {})
             start = results.get(f"{name}/stab-finetune{run.get('start')}-{lr}/{seed}", {})

@@ -614,7 +614,7 @@ def _add_fit_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--source-data", metavar="FOLDER",
                    help="image folder of the source task, for methods that re-train a source task")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars and no time-left line")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this process's GPU when there is one, else cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="autocast precision of the forward pass (fp16 adds loss scaling; default fp32)")

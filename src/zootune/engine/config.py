@@ -92,7 +92,7 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and always after the last one)
     max_steps_per_epoch: int | None = None  # cap on optimisation steps per epoch (quick runs)
     drop_last: bool = False  # skip each epoch's final partial batch
-    progress: bool = True  # tqdm bar on rank 0 when stderr is a terminal
+    progress: bool = True  # tqdm bar on rank 0 when stderr is a terminal; the time-left line (zootune.progress log)
     grad_clip: float | None = None  # max global gradient norm
     eval_batch_size: int | None = None  # defaults to batch_size
     device: str | None = None  # None: "cuda" (the local rank's GPU) when available, else "cpu"
