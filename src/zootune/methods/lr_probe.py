@@ -38,7 +38,7 @@ PROBE_EPOCHS = 2
 @dataclass
 class LearningRateChoice:
     """What the probe measured: the chosen rate, the member probed, the best validation metric of
-    each rate probed (None for one that diverged), and the rates refused."""
+    each rate probed (None where the guard stopped the probe), and the rates refused."""
 
     lr: float
     member: int
