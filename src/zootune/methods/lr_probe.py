@@ -9,13 +9,9 @@ smaller one probed. The first that trains is kept; when none does, the smallest.
 
 Why not the best validation metric of the probe: a probe of a few steps is biased towards small
 rates (the short-horizon bias, Wu, Ren, Liao and Grosse, ICLR 2018) -- a large rate moves the
-pretrained weights further before it settles, looks worse early and ends better. Measured with the
-MiniZoo at ``zootune fit``'s step budget (docs/dev-notes/cli-and-run.md): the 2-epoch probe's
-validation accuracy preferred 0.03 over 0.1 on ``polygons`` (38.0 vs 27.7 %) where the full
-fine-tune reached 94.7 vs 97.8 %, and on ``letters`` the probes of 26 and 208 steps preferred 0.03
-where 0.1 ended 2.3 points better; on ``textures`` and ``digits8x8`` 0.1 and 0.03 ended within a
-point. Rates above the candidates are not tried: at 0.3 fine-tuning collapsed without the guard
-seeing it. What the probe can tell in a few steps is whether a rate is usable at all.
+pretrained weights further before it settles, looks worse early and ends better (measured on four
+folders in docs/dev-notes/cli-and-run.md). Rates above the candidates are not tried: a rate can
+ruin a run without the guard seeing it. What a few steps can tell is whether a rate is usable at all.
 
 The member is the one the method trains from when it says so (``--member`` of a per-member
 method), else the member LogME ranks first on the training images (You et al., ICML 2021; one
@@ -72,12 +68,10 @@ def choose_learning_rate(zoo, task, splits, train_config, member: int | None = N
             result = probe_run(zoo[member], task, splits.train, splits.val, config, PROBE_EPOCHS)
         except NonFiniteLossError:  # the guard's rollbacks ran out
             result = None
-        if result is None or result.rollbacks:
-            metrics[lr] = None if result is None else result.best_val_metric
-            diverged.append(lr)
-            continue
-        metrics[lr] = result.best_val_metric
-        return LearningRateChoice(lr, member, task.metric_name, metrics, diverged)
+        metrics[lr] = None if result is None else result.best_val_metric
+        if result is not None and not result.rollbacks:
+            return LearningRateChoice(lr, member, task.metric_name, metrics, diverged)
+        diverged.append(lr)
     return LearningRateChoice(candidates[-1], member, task.metric_name, metrics, diverged)
 
 
