@@ -14,6 +14,7 @@ from zootune.report import (
     atomic_write_json,
     format_markdown_table,
     format_text_table,
+    mean_ci95,
     mean_std,
     results_markdown,
     results_table,
@@ -53,6 +54,29 @@ def test_mean_std_matches_statistics_module():
         assert mean == pytest.approx(statistics.mean(values))
         assert std == pytest.approx(statistics.stdev(values) if n > 1 else 0.0)
     assert all(math.isnan(v) for v in mean_std([]))
+
+
+def test_student_t_quantiles_match_the_closed_forms_and_the_interval_its_definition():
+    from zootune.report.table import student_t_quantile
+
+    for p in (0.6, 0.9, 0.975, 0.995):
+        assert student_t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-5)  # Cauchy
+        assert student_t_quantile(p, 2) == pytest.approx((2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p))), rel=1e-5)
+    # many degrees of freedom: the normal's quantile, from statistics.NormalDist
+    assert student_t_quantile(0.975, 2000) == pytest.approx(statistics.NormalDist().inv_cdf(0.975), abs=2e-3)
+    assert student_t_quantile(0.975, 4) > student_t_quantile(0.975, 9) > student_t_quantile(0.975, 30)
+    try:
+        from scipy import stats
+    except ImportError:
+        pass
+    else:
+        for df in (3, 4, 9, 30):
+            assert student_t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-6)
+    values = [1.0, 4.0, 2.0, 8.0]
+    mean, half = mean_ci95(values)
+    assert mean == pytest.approx(3.75)
+    assert half == pytest.approx(student_t_quantile(0.975, 3) * statistics.stdev(values) / 2)
+    assert math.isnan(mean_ci95([2.0])[1]) and mean_ci95([2.0])[0] == 2.0
 
 
 def test_text_table_cells_come_from_the_results_and_columns_align():

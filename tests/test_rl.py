@@ -325,8 +325,49 @@ def test_agents_of_several_environments_have_their_own_file_and_old_rows_count_a
     cfg = DQNConfig(steps=300)
     assert agent_file("asterix", cfg, 0) == "asterix-300steps-seed0.safetensors"  # the name before num_envs
     assert agent_file("asterix", replace(cfg, num_envs=16), 0) == "asterix-300steps-seed0-16envs.safetensors"
-    old_row = {"dqn": {k: v for k, v in cfg.to_dict().items() if k != "num_envs"}}
+    newer = ("num_envs", "stop_patience", "stop_min_gain", "stop_min_steps")
+    old_row = {"dqn": {k: v for k, v in cfg.to_dict().items() if k not in newer}}
     assert _trained_with(old_row) == cfg.to_dict() != replace(cfg, num_envs=16).to_dict()
+    assert _trained_with(old_row) != replace(cfg, stop_patience=2).to_dict()  # an early-stopped agent is another
+
+
+def naive_plateaued(returns, patience, min_gain):
+    """The rule written out: two-point running means; stop when the last ``patience`` of them are
+    all below the best earlier one plus ``min_gain`` of its size."""
+    if patience == 0 or len(returns) < patience + 2:
+        return False
+    smooth = [returns[0]] + [(returns[k - 1] + returns[k]) / 2 for k in range(1, len(returns))]
+    earlier, recent = smooth[:len(smooth) - patience], smooth[len(smooth) - patience:]
+    return all(value < max(earlier) + min_gain * abs(max(earlier)) for value in recent)
+
+
+def test_the_plateau_rule_matches_its_definition_and_stops_only_flat_curves():
+    from zootune.rl.dqn import plateaued
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        returns = list(rng.choice([0.0, 1.0, 2.0, 5.0, -1.0], size=int(rng.integers(1, 12))))
+        patience, gain = int(rng.integers(0, 5)), float(rng.choice([0.0, 0.05, 0.5]))
+        assert plateaued(returns, patience, gain) == naive_plateaued(returns, patience, gain), (returns, patience)
+    assert not plateaued([1, 2, 3, 4, 5, 6, 7, 8], 3, 0.05)  # still rising
+    assert plateaued([1, 5, 10, 10, 10, 10, 10, 10], 3, 0.05)  # flat for 3 evaluations
+    assert not plateaued([1, 5, 10, 10, 10, 10, 10, 11.2], 3, 0.05)  # the last mean of two gained > 5%
+
+
+def test_training_stops_at_the_first_plateaued_evaluation_past_the_minimum(monkeypatch):
+    import zootune.rl.dqn as dqn
+
+    # smoothed returns 1, 1.5, 2.5, 3, 3, 3, ...: the first plateau (patience 2, 5%) is the 6th evaluation
+    for minimum, stop in ((0, 300), (400, 400)):
+        scripted = iter([1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
+        monkeypatch.setattr(dqn, "evaluate_policy", lambda *a, **k: [next(scripted)])
+        cfg = DQNConfig(steps=1_000, num_envs=2, batch_size=4, learning_starts=10, target_update=50, eval_every=50,
+                        stop_patience=2, stop_min_steps=minimum)
+        result = train_dqn(MinAtarQNet(), "breakout", cfg, seed=0)
+        assert result.steps == stop and [s for s, _ in result.curve] == list(range(50, stop + 1, 50))
+        assert result.updates > 0
+    with pytest.raises(ZootuneError, match="eval_every"):
+        DQNConfig(stop_patience=2, eval_every=0)
 
 
 def test_rl_path_builds_the_same_zoo_tuning_class_as_classification_and_trains_through_it():
@@ -414,16 +455,18 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
         game="space_invaders", seeds=[0, 1], methods=["scratch", "finetune", "lite"],
         dqn=DQNConfig(steps=100, eval_every=10, **short),
         source_dqn=DQNConfig(steps=64, num_envs=4, eval_every=0, **short),
-        selection_episodes=2, final_episodes=2, progress=False, cache_dir=str(tmp_path / "cache"))
+        selection_episodes=2, final_episodes=2, progress=False, cache_dir=str(tmp_path / "cache"),
+        finetune_each=True)
     results = run_rl_transfer(config, out, log=lambda message: None)
     assert json.loads((out / "results.json").read_text())["methods"] == json.loads(json.dumps(results["methods"]))
     results = json.loads((out / "results.json").read_text())
     assert results["game"] == "space_invaders" and "space_invaders" not in results["zoo"]["names"]
     assert results["best_source"] == max(results["selection"], key=results["selection"].get)
-    assert [m["id"] for m in results["methods"]] == ["scratch", "finetune-best", "lite"]
+    assert [m["id"] for m in results["methods"]] == ["scratch", "finetune-best", "lite"] + [
+        f"finetune-{name}" for name in results["zoo"]["names"] if name != results["best_source"]]  # best once
     assert results["methods"][1]["member"] == results["best_source"]
     lines = (out / "curves.csv").read_text().splitlines()
-    assert lines[0] == "method,seed,step,mean_return" and len(lines) == 1 + 3 * 2 * 10  # eval every 10 steps
+    assert lines[0] == "method,seed,step,mean_return" and len(lines) == 1 + 6 * 2 * 10  # eval every 10 steps
     rows = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
     for method in results["methods"]:
         assert len(method["final"]) == 2
@@ -431,6 +474,11 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
         assert math.isclose(method["std"], float(np.std(method["final"], ddof=1)), rel_tol=1e-9, abs_tol=1e-12)
         last = [r["mean_return"] for r in rows if r["method"] == method["id"] and r["step"] == 100]
         assert math.isclose(method["curve"][-1]["mean"], float(np.mean(last)), rel_tol=1e-9)
+        areas = [np.mean([r["mean_return"] for r in rows if r["method"] == method["id"] and r["seed"] == seed])
+                 for seed in (0, 1)]  # the area under each seed's curve: its mean over the evaluations
+        assert np.allclose(method["auc"], areas) and math.isclose(method["auc_mean"], float(np.mean(areas)))
+        spread = float(np.std(areas, ddof=1))  # 2 seeds: t(0.975, 1) = 12.706
+        assert math.isclose(method["auc_ci95"], 12.7062 * spread / math.sqrt(2), rel_tol=1e-4, abs_tol=1e-9)
     markdown = (out / "results.md").read_text()
     assert f"finetune [{results['best_source']}] (zero-shot best)" in markdown and "| lite |" in markdown
     pytest.importorskip("matplotlib")
@@ -449,5 +497,6 @@ def test_cli_rl_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
     assert config.game == "freeway" and config.seeds == [0, 1] and config.methods == ["scratch", "lite"]
     assert config.aggregate == "conv+linear" and config.dqn.steps == 300 and config.dqn.eval_every == 30
     assert config.source_dqn.steps == 80 and config.dqn.eps_decay_steps <= 150
+    assert config.source_dqn.stop_min_steps <= 80
     assert config.dqn.num_envs == config.source_dqn.num_envs == 4
     assert seen["out"] == tmp_path / "o"

@@ -25,7 +25,8 @@ def cmd_rl(args) -> int:
                              eps_decay_steps=min(config.dqn.eps_decay_steps, args.steps // 2))
     if args.source_steps is not None:
         config.source_dqn = replace(config.source_dqn, steps=args.source_steps,
-                                    eps_decay_steps=min(config.source_dqn.eps_decay_steps, args.source_steps // 2))
+                                    eps_decay_steps=min(config.source_dqn.eps_decay_steps, args.source_steps // 2),
+                                    stop_min_steps=min(config.source_dqn.stop_min_steps, args.source_steps))
     if args.envs is not None:
         config.dqn = replace(config.dqn, num_envs=args.envs)
         config.source_dqn = replace(config.source_dqn, num_envs=args.envs)
@@ -49,9 +50,11 @@ def add_rl_parser(sub) -> argparse.ArgumentParser:
                     "learning_curves.png, results.json and results.md into --out.")
     p.add_argument("--quick", action="store_true", help="1 seed, short trainings: well under a minute on one core")
     p.add_argument("--game", help="target game: asterix, breakout, freeway, seaquest or space_invaders (default breakout)")
-    p.add_argument("--steps", type=positive_int, help="DQN environment steps per target run (default 15000)")
-    p.add_argument("--source-steps", type=positive_int, help="DQN steps per source agent (default 30000)")
-    p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 3")
+    p.add_argument("--steps", type=positive_int, help="DQN environment steps per target run (default 150000)")
+    p.add_argument("--source-steps", type=positive_int,
+                   help="at most this many DQN steps per source agent (default 750000; each stops earlier once its "
+                        "evaluation return plateaus)")
+    p.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds (0,1,2) or a count (3); default 5")
     p.add_argument("--methods", help="comma-separated registered methods (default: docs/rl.md; an unknown name is "
                                      "answered with the methods RL can run)")
     p.add_argument("--finetune-each", action="store_true", help="also fine-tune every source agent")

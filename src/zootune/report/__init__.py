@@ -8,6 +8,7 @@ from zootune.report.table import (
     format_markdown_table,
     format_mean_std,
     format_text_table,
+    mean_ci95,
     mean_std,
     results_table,
     table_rows,
@@ -15,6 +16,6 @@ from zootune.report.table import (
 
 __all__ = [
     "atomic_write_json", "atomic_write_text", "format_markdown_table", "format_mean_std",
-    "format_text_table", "matplotlib_available", "mean_std", "results_markdown", "results_table",
+    "format_text_table", "matplotlib_available", "mean_ci95", "mean_std", "results_markdown", "results_table",
     "table_rows", "write_plots",
 ]

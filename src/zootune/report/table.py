@@ -32,6 +32,39 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
+def student_t_quantile(probability: float, df: int) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (probability >= 0.5),
+    by bisection on its CDF, F(t) = 1/2 + integral_0^t f(x) dx with the density
+    f(x) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + x^2/df)^(-(df+1)/2) integrated by
+    Simpson's rule (no SciPy in the core install)."""
+    if not 0.5 <= probability < 1 or df < 1:
+        raise ValueError(f"need 0.5 <= probability < 1 and df >= 1, got {probability}, {df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float, intervals: int = 2000) -> float:
+        h = t / intervals
+        density = [math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(intervals + 1)]
+        odd, even = sum(density[1:-1:2]), sum(density[2:-1:2])
+        return 0.5 + h / 3 * (density[0] + 4 * odd + 2 * even + density[-1])
+
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        low, high = high, 2 * high
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval over ``values`` (seeds):
+    t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation (nan for a single value)."""
+    mean, std = mean_std(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, student_t_quantile(0.975, len(values) - 1) * std / math.sqrt(len(values))
+
+
 def format_mean_std(mean: float | None, std: float | None, digits: int = 2) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"

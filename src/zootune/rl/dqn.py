@@ -23,7 +23,9 @@ without it N = 16 learned far slower per step, docs/rl.md), on the loss::
 (the task's, :class:`zootune.rl.task.RLTask`). Whenever the environment steps pass a multiple of
 ``target_update`` the target network becomes a hard copy of the online network (after that step's
 update), so right after a sync the two are equal and between syncs the target is frozen. A run ends
-at the first vector step that reaches ``steps`` environment steps (at most N - 1 more).
+at the first vector step that reaches ``steps`` environment steps (at most N - 1 more), or, with
+``stop_patience``, at the first evaluation past ``stop_min_steps`` where the curve has plateaued
+(:func:`plateaued`; how the RL zoo's source agents are trained to competence).
 
 The online network is whatever a zoo method built (a fine-tuned Q-network, a ``ZooTuning`` module,
 ...) and the engine's hook contract (:mod:`zootune.methods.base`) is honoured: ``param_groups``,
@@ -99,6 +101,10 @@ class DQNConfig:
     eval_episodes: int = 5
     eval_epsilon: float = 0.05
     max_eval_episode_steps: int = 2_000  # bounds the time a good agent's evaluation episode can take
+    # Stop early once the evaluation return has plateaued (:func:`plateaued`); 0: always run ``steps``.
+    stop_patience: int = 0
+    stop_min_gain: float = 0.05
+    stop_min_steps: int = 0
 
     def __post_init__(self):
         positive = ("steps", "num_envs", "batch_size", "replay_capacity", "train_every", "target_update",
@@ -106,11 +112,15 @@ class DQNConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ZootuneError(f"DQN {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_starts", "eval_every", "eps_decay_steps"):
+        for name in ("learning_starts", "eval_every", "eps_decay_steps", "stop_patience", "stop_min_steps"):
             if int(getattr(self, name)) < 0:
                 raise ZootuneError(f"DQN {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ZootuneError(f"gamma must be in [0, 1], got {self.gamma}")
+        if self.stop_patience and not self.eval_every:
+            raise ZootuneError("stop_patience needs an evaluation curve: set eval_every > 0")
+        if not self.stop_min_gain >= 0:
+            raise ZootuneError(f"stop_min_gain must be >= 0, got {self.stop_min_gain}")
         if not self.lr > 0:
             raise ZootuneError(f"lr must be > 0, got {self.lr}")
         for name in ("eps_start", "eps_end", "eval_epsilon", "sticky_action_prob"):
@@ -129,6 +139,21 @@ def epsilon_at(step: int, config: DQNConfig) -> float:
         return config.eps_end
     fraction = min(1.0, step / config.eps_decay_steps)
     return config.eps_start + fraction * (config.eps_end - config.eps_start)
+
+
+def plateaued(returns: list[float], patience: int, min_gain: float) -> bool:
+    """Whether an evaluation curve has stopped improving. With s_k the mean of evaluations k-1 and k
+    (one evaluation of a few episodes is noisy), the curve has plateaued when none of the last
+    ``patience`` values of s improves on the best earlier one by ``min_gain`` of its magnitude::
+
+        max_{k > K - patience} s_k  <  b + min_gain * |b|,   b = max_{k <= K - patience} s_k
+
+    (K the last evaluation; at least ``patience + 2`` evaluations). ``patience`` 0: never."""
+    if patience < 1 or len(returns) < patience + 2:
+        return False
+    smooth = [float(np.mean(returns[max(0, k - 1):k + 1])) for k in range(len(returns))]
+    best_before = max(smooth[:-patience])
+    return max(smooth[-patience:]) < best_before + min_gain * abs(best_before)
 
 
 def make_optimizer(module: nn.Module, config: DQNConfig) -> torch.optim.Optimizer:
@@ -289,7 +314,8 @@ class DQNResult:
     ``curve``: (step, mean evaluation return) at the first vector step past each multiple of
     ``eval_every``; ``episodes``: (environment step at the episode's end, training return) of every
     finished training episode. ``steps``: environment steps taken (``steps`` rounded up to a multiple
-    of ``num_envs``); ``samples``: replay samples drawn by the updates.
+    of ``num_envs``; fewer when the evaluation curve plateaued first, ``stop_patience``); ``samples``:
+    replay samples drawn by the updates.
     """
 
     model: nn.Module
@@ -355,6 +381,7 @@ def train_dqn(model: nn.Module, game: str, config: DQNConfig, seed: int = 0, *, 
     record = _RunRecord(game, config, seed, progress, desc, log)
     set_progress = getattr(learner.module, "set_training_progress", None)
     start = time.perf_counter()
+    evaluated = 0
     try:
         while learner.step < config.steps:
             before = learner.step
@@ -365,6 +392,10 @@ def train_dqn(model: nn.Module, game: str, config: DQNConfig, seed: int = 0, *, 
             rewards, dones, next_observations = envs.step(actions)
             learner.observe(observations, actions, rewards, next_observations, dones)
             record.add(before, learner.step, rewards, dones, learner.online)
+            if (learner.step >= config.stop_min_steps and len(record.curve) > evaluated
+                    and plateaued([r for _, r in record.curve], config.stop_patience, config.stop_min_gain)):
+                break
+            evaluated = len(record.curve)
     finally:
         record.close()
     finalize = getattr(learner.module, "finalize", None)

@@ -14,8 +14,8 @@ best source (row ``<method>-best``) and, with ``finetune_each``, on every source
 A method whose result is a plain model (Lite Zoo-Tuning: folded) is evaluated as that model.
 
 Outputs in ``out``: ``curves.csv`` and ``curves.jsonl`` (method, seed, step, mean evaluation return),
-``learning_curves.png`` (mean ± std over seeds), ``results.json`` and ``results.md`` (final return
-mean ± std per method), ``log.txt``.
+``learning_curves.png`` (mean and 95% interval over seeds), ``results.json`` and ``results.md`` (area
+under the learning curve and final return per method, mean and 95% interval over seeds), ``log.txt``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from zootune.report import (
     atomic_write_text,
     format_markdown_table,
     format_mean_std,
+    mean_ci95,
     mean_std,
 )
 from zootune.rl.dqn import EVAL_SEED_OFFSET, DQNConfig, evaluate_policy, train_dqn
@@ -49,6 +50,11 @@ AGGREGATE_CHOICES = {"conv": (nn.Conv2d,), "conv+linear": (nn.Conv2d, nn.Linear)
 # Environments stepped together in every DQN run of the comparison (docs/rl.md measures 1, 8 and 16):
 # the replay ratio is the reference loop's for any number (zootune.rl.dqn.update_schedule).
 NUM_ENVS = 16
+# The zoo's source agents: trained until their evaluation return plateaus (10 episodes every 50k
+# steps; no 5% gain over 4 evaluations, after 300k steps), at most 750k steps; exploration decays
+# over MinAtar's 100k steps, the replay starts after 5k (docs/rl.md: each agent's curve).
+SOURCE_DQN = DQNConfig(steps=750_000, num_envs=NUM_ENVS, learning_starts=5_000, eval_every=50_000, eval_episodes=10,
+                       eps_decay_steps=100_000, stop_patience=4, stop_min_gain=0.05, stop_min_steps=300_000)
 # Model construction and source selection use seeds offset from the training seed, so a fresh head
 # and the exploration stream are not drawn from one generator state.
 MODEL_SEED_OFFSET = 3_000_017
@@ -60,14 +66,13 @@ class RLRunConfig:
     """The comparison's settings; :meth:`quick` is the short preset (~20 s, docs/rl.md)."""
 
     game: str = "breakout"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_RL_METHODS))
     finetune_each: bool = False  # also run every per-member method (fine-tuning) on every source
     aggregate: str = "conv"
-    dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=15_000, num_envs=NUM_ENVS, eval_every=1_500,
-                                                             eps_decay_steps=7_500))
-    source_dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=30_000, num_envs=NUM_ENVS, eval_every=0,
-                                                                    eps_decay_steps=15_000))
+    dqn: DQNConfig = field(default_factory=lambda: DQNConfig(steps=150_000, num_envs=NUM_ENVS, eval_every=15_000,
+                                                             eps_decay_steps=75_000))
+    source_dqn: DQNConfig = field(default_factory=lambda: replace(SOURCE_DQN))
     zoo_seed: int = 0
     selection_episodes: int = 10
     final_episodes: int = 20
@@ -158,22 +163,30 @@ def _runs(config: RLRunConfig, zoo, best: int) -> list[tuple[str, str, str, int 
             runs.append((f"{name}-best", f"{name} [{zoo.names[best]}] (zero-shot best)", name, best))
         else:
             runs.append((name, name, name, None))
-    if config.finetune_each:
+    if config.finetune_each:  # every source but the best one a row above already trains
         per_member = [name for name, spec in rl_methods(RLTask()).items() if spec.per_member]
         runs += [(f"{name}-{member}", f"{name} [{member}]", name, i)
-                 for name in per_member for i, member in enumerate(zoo.names)]
+                 for name in per_member for i, member in enumerate(zoo.names)
+                 if not (i == best and name in config.methods)]
     return runs
 
 
 def summarize_curves(curves: dict[int, list[tuple[int, float]]]) -> list[dict]:
-    """Mean and std (over seeds) of the evaluation return at each step all seeds evaluated."""
+    """Mean, std and 95% interval half-width (over seeds) of the evaluation return at each step all
+    seeds evaluated."""
     steps = sorted(set.intersection(*({s for s, _ in c} for c in curves.values()))) if curves else []
     rows = []
     for step in steps:
         values = [dict(c)[step] for c in curves.values()]
         mean, std = mean_std(values)
-        rows.append({"step": step, "mean": mean, "std": std})
+        rows.append({"step": step, "mean": mean, "std": std, "ci95": mean_ci95(values)[1]})
     return rows
+
+
+def area_under_curve(curve: list[tuple[int, float]]) -> float | None:
+    """A learning curve's normalised area: the mean evaluation return over its points (evaluations
+    are evenly spaced, every ``eval_every`` steps), so it rewards learning early as well as ending high."""
+    return float(np.mean([r for _, r in curve])) if curve else None
 
 
 def run_rl_transfer(config: RLRunConfig, out: str | Path, log: Callable[[str], None] | None = None) -> dict:
@@ -251,9 +264,14 @@ def _train_runs(config: RLRunConfig, zoo, best: int, member_scores: list[float],
 
 
 def _summarize_record(record: dict) -> dict:
-    """A run's record with its final return's mean and std over seeds and its mean curve."""
+    """A run's record with its final return's and area under the curve's mean and 95% interval over
+    seeds, and its mean curve."""
     mean, std = mean_std(record["final"])
+    areas = [area_under_curve(c) for c in record["curves"].values()]
+    areas = [a for a in areas if a is not None]
     return {**{k: v for k, v in record.items() if k != "curves"}, "mean": mean, "std": std,
+            "ci95": mean_ci95(record["final"])[1], "auc": areas,
+            "auc_mean": mean_ci95(areas)[0] if areas else None, "auc_ci95": mean_ci95(areas)[1] if areas else None,
             "curve": summarize_curves(record["curves"]),
             "curves": {str(s): c for s, c in record["curves"].items()}}
 
@@ -266,13 +284,19 @@ def _write_curves(out: Path, rows: list[dict]) -> None:
 
 
 def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method", f"final return on {results['game']}", "mean eval return over training", "seconds/run"]
+    header = ["method", f"area under the curve on {results['game']} (± 95% CI)",
+              "final return (± 95% CI)", "seconds/run"]
     rows = []
     for row in results["methods"]:
-        area = [np.mean([p["mean"] for p in row["curve"]])] if row["curve"] else []
-        rows.append([row["label"], format_mean_std(row["mean"], row["std"]),
-                     f"{area[0]:.2f}" if area else "-", f"{np.mean(row['seconds']):.0f}"])
+        rows.append([row["label"], format_mean_std(row.get("auc_mean"), row.get("auc_ci95")),
+                     format_mean_std(row["mean"], row.get("ci95")), f"{np.mean(row['seconds']):.0f}"])
     return header, rows
+
+
+def _agents_text(rows: list[dict]) -> str:
+    """Each source agent's game, the steps it was trained and its own return."""
+    return ", ".join(f"{r['game']}: {r.get('steps_trained', r['steps'])} steps, return {r['eval_return']:.2f}"
+                     for r in rows)
 
 
 def results_table_text(results: dict) -> str:
@@ -289,9 +313,11 @@ def results_markdown(results: dict) -> str:
     lines = [
         f"# RL transfer to MinAtar {results['game']}",
         "",
-        (f"Zoo: {', '.join(results['zoo']['names'])} (DQN agents, {cfg['source_dqn']['steps']} steps each). "
+        (f"Zoo: DQN agents ({_agents_text(results['zoo']['agents'])}). "
          f"Target training: {cfg['dqn']['steps']} DQN steps per run, seeds {seeds}. Final return: mean over "
-         f"{cfg['final_episodes']} episodes (epsilon {cfg['dqn']['eval_epsilon']}), mean ± std over seeds."),
+         f"{cfg['final_episodes']} episodes (epsilon {cfg['dqn']['eval_epsilon']}); area under the curve: the mean "
+         f"evaluation return over the curve's points ({cfg['dqn']['eval_episodes']} episodes every "
+         f"{cfg['dqn']['eval_every']} steps); both as mean ± the half-width of a 95% t-interval over seeds."),
         "",
         f"Zero-shot return of each source on {results['game']}: "
         + ", ".join(f"{k} {v:.2f}" for k, v in results["selection"].items())
@@ -307,7 +333,7 @@ def results_markdown(results: dict) -> str:
 
 
 def plot_learning_curves(results: dict, path: Path, log: Callable[[str], None] = print) -> Path | None:
-    """Mean evaluation return vs environment steps per method, shaded ± std over seeds."""
+    """Mean evaluation return vs environment steps per method, shaded by the 95% interval over seeds."""
     from zootune.report import matplotlib_available
 
     if not matplotlib_available():
@@ -324,12 +350,12 @@ def plot_learning_curves(results: dict, path: Path, log: Callable[[str], None] =
             continue
         steps = np.array([p["step"] for p in row["curve"]])
         mean = np.array([p["mean"] for p in row["curve"]])
-        std = np.array([p["std"] for p in row["curve"]])
+        half = np.nan_to_num(np.array([p.get("ci95", np.nan) for p in row["curve"]]))
         ax.plot(steps, mean, label=row["label"])
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.fill_between(steps, mean - half, mean + half, alpha=0.15)
     ax.set_xlabel("environment steps on the target game")
     ax.set_ylabel("evaluation return (epsilon 0.05)")
-    ax.set_title(f"MinAtar {results['game']}: mean ± std over {len(results['seeds'])} seed(s)")
+    ax.set_title(f"MinAtar {results['game']}: mean and 95% interval over {len(results['seeds'])} seed(s)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

@@ -65,10 +65,14 @@ def _is_valid(folder: Path, row: dict | None) -> bool:
     return row is not None and (folder / row["file"]).is_file() and sha256_file(folder / row["file"]) == row.get("sha256")
 
 
+# Settings added to DQNConfig after agents were cached, with the value those agents were trained at.
+_LEGACY_DQN = {"num_envs": 1, "stop_patience": 0, "stop_min_gain": 0.05, "stop_min_steps": 0}
+
+
 def _trained_with(row: dict) -> dict | None:
-    """The DQN settings a cached agent was trained with (rows from before ``num_envs`` existed: one
-    environment, the only loop there was)."""
-    return {"num_envs": 1, **row["dqn"]} if isinstance(row.get("dqn"), dict) else None
+    """The DQN settings a cached agent was trained with (rows from before a setting existed: the
+    only behaviour there was -- one environment, no early stop)."""
+    return {**_LEGACY_DQN, **row["dqn"]} if isinstance(row.get("dqn"), dict) else None
 
 
 def build_rl_agent(game: str, config: DQNConfig, seed: int = 0, progress: bool = False,
@@ -94,7 +98,8 @@ def build_rl_zoo(games: Sequence[str], config: DQNConfig, seed: int = 0, cache_d
         if not force and _is_valid(folder, row) and _trained_with(row) == config.to_dict():
             rows.append(row)
             continue
-        log(f"training source agent {game} ({config.steps} DQN steps, seed {seed}); cached in {folder}")
+        until = ", fewer if its return plateaus first" if config.stop_patience else ""
+        log(f"training source agent {game} (up to {config.steps} DQN steps{until}, seed {seed}); cached in {folder}")
         result = build_rl_agent(game, config, seed=seed, progress=progress, log=None if progress else log)
         state = {k: v.detach().contiguous().clone() for k, v in result.model.state_dict().items()}
         # one metadata entry so the same training gives the same bytes (and sha256)
@@ -106,6 +111,7 @@ def build_rl_zoo(games: Sequence[str], config: DQNConfig, seed: int = 0, cache_d
         last = [r for _, r in result.episodes[-20:]]
         row = {
             "game": game, "file": file, "sha256": sha256_file(folder / file), "seed": seed, "steps": config.steps,
+            "steps_trained": result.steps, "curve": result.curve,
             "dqn": config.to_dict(), "seconds": result.seconds, "eval_return": float(np.mean(returns)),
             "train_return_last20": float(np.mean(last)) if last else None,
             "zootune_version": __version__, "torch_version": torch.__version__,
@@ -114,7 +120,8 @@ def build_rl_zoo(games: Sequence[str], config: DQNConfig, seed: int = 0, cache_d
         manifest["agents"][file] = row
         manifest["format"] = MANIFEST_FORMAT
         atomic_write_json(folder / "manifest.json", manifest)
-        log(f"source agent {game}: eval return {row['eval_return']:.2f} in {row['seconds']:.0f}s")
+        log(f"source agent {game}: eval return {row['eval_return']:.2f} after {result.steps} steps "
+            f"in {row['seconds']:.0f}s")
         rows.append(row)
     return rows
 
