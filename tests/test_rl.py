@@ -485,6 +485,30 @@ def test_tiny_rl_run_writes_curves_and_results(tmp_path):
     assert (out / "learning_curves.png").stat().st_size > 0
 
 
+def test_runs_of_one_game_merge_into_one_table_and_other_games_are_refused():
+    from zootune.rl.transfer import merge_results, results_markdown, source_agents_markdown
+
+    def run(ids, seeds, game="breakout"):
+        methods = [{"id": i, "label": i, "final": [1.0] * len(seeds), "seconds": [1.0] * len(seeds), "mean": 1.0,
+                    "std": 0.0, "ci95": 0.0, "auc_mean": 0.5, "auc_ci95": 0.0, "curve": [],
+                    "curves": {str(s): [[10, 0.5]] for s in seeds}} for i in ids]
+        agent = {"game": "asterix", "steps": 100, "steps_trained": 60, "eval_return": 2.5, "curve": [[50, 1.0]]}
+        return {"game": game, "zoo": {"names": ["asterix"], "agents": [agent]}, "selection": {"asterix": 0.5},
+                "best_source": "asterix", "seeds": seeds, "methods": methods, "seconds": 10.0,
+                "config": {"dqn": {"steps": 100, "eval_episodes": 1, "eval_every": 10, "eval_epsilon": 0.05},
+                           "source_dqn": {"eval_episodes": 10, "eval_every": 50}, "final_episodes": 2}}
+
+    merged = merge_results([run(["scratch", "finetune-best"], [0, 1]), run(["finetune-best", "lite-paper"], [0, 1, 2])])
+    assert [m["id"] for m in merged["methods"]] == ["scratch", "finetune-best", "lite-paper"]
+    assert len(merged["methods"][1]["final"]) == 2  # the first run's row of a repeated id is kept
+    assert merged["seeds"] == [0, 1, 2] and merged["seconds"] == 20.0
+    markdown = results_markdown(merged)
+    assert "| lite-paper | 0.50 | 1.00 | 3 |" in markdown  # a row says how many seeds it has
+    assert "| asterix | 60 | 2.50 | 1.0 |" in source_agents_markdown(merged["zoo"]["agents"])
+    with pytest.raises(ZootuneError, match="share the game"):
+        merge_results([run(["scratch"], [0]), run(["lite"], [0], game="asterix")])
+
+
 def test_cli_rl_options_reach_the_run_config(monkeypatch, tmp_path, capsys):
     import zootune.rl
 

@@ -285,18 +285,43 @@ def _write_curves(out: Path, rows: list[dict]) -> None:
 
 def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["method", f"area under the curve on {results['game']} (± 95% CI)",
-              "final return (± 95% CI)", "seconds/run"]
+              "final return (± 95% CI)", "seeds", "seconds/run"]
     rows = []
     for row in results["methods"]:
         rows.append([row["label"], format_mean_std(row.get("auc_mean"), row.get("auc_ci95")),
-                     format_mean_std(row["mean"], row.get("ci95")), f"{np.mean(row['seconds']):.0f}"])
+                     format_mean_std(row["mean"], row.get("ci95")), str(len(row["final"])),
+                     f"{np.mean(row['seconds']):.0f}"])
     return header, rows
 
 
-def _agents_text(rows: list[dict]) -> str:
-    """Each source agent's game, the steps it was trained and its own return."""
-    return ", ".join(f"{r['game']}: {r.get('steps_trained', r['steps'])} steps, return {r['eval_return']:.2f}"
-                     for r in rows)
+def merge_results(runs: list[dict]) -> dict:
+    """One results dictionary from several ``zootune rl`` runs on the same game and zoo (e.g. the
+    default methods, the paper variants, ``--finetune-each`` run separately): the first run's,
+    with the rows of later runs whose id is new appended; each row keeps its own seeds."""
+    if not runs:
+        raise ZootuneError("no results to merge")
+    first = runs[0]
+    for other in runs[1:]:
+        if (other["game"], other["zoo"]["names"], other["selection"]) != (first["game"], first["zoo"]["names"],
+                                                                          first["selection"]):
+            raise ZootuneError("runs to merge must share the game, the zoo and its zero-shot returns")
+    merged = {**first, "methods": list(first["methods"]), "seconds": sum(r["seconds"] for r in runs)}
+    seen = {row["id"] for row in merged["methods"]}
+    for other in runs[1:]:
+        for row in other["methods"]:
+            if row["id"] not in seen:
+                merged["methods"].append(row)
+                seen.add(row["id"])
+    merged["seeds"] = sorted({int(s) for row in merged["methods"] for s in row["curves"]})
+    return merged
+
+
+def source_agents_markdown(rows: list[dict]) -> str:
+    """A markdown table of the zoo's agents: steps trained, the return of the kept agent on its own
+    game and its evaluation curve (rows of agents built without a curve show none)."""
+    table = [[r["game"], str(r.get("steps_trained", r["steps"])), f"{r['eval_return']:.2f}",
+              ", ".join(f"{value:.1f}" for _, value in r.get("curve", [])) or "-"] for r in rows]
+    return format_markdown_table(["source agent", "steps trained", "return (own game)", "evaluation curve"], table)
 
 
 def results_table_text(results: dict) -> str:
@@ -313,7 +338,7 @@ def results_markdown(results: dict) -> str:
     lines = [
         f"# RL transfer to MinAtar {results['game']}",
         "",
-        (f"Zoo: DQN agents ({_agents_text(results['zoo']['agents'])}). "
+        (f"Zoo: the DQN agents of {', '.join(results['zoo']['names'])} (below). "
          f"Target training: {cfg['dqn']['steps']} DQN steps per run, seeds {seeds}. Final return: mean over "
          f"{cfg['final_episodes']} episodes (epsilon {cfg['dqn']['eval_epsilon']}); area under the curve: the mean "
          f"evaluation return over the curve's points ({cfg['dqn']['eval_episodes']} episodes every "
@@ -324,6 +349,12 @@ def results_markdown(results: dict) -> str:
         + f" (best: {results['best_source']}).",
         "",
         format_markdown_table(header, rows),
+        "",
+        f"Source agents: the return of each kept agent on its own game ({cfg['source_dqn']['eval_episodes']} "
+        f"episodes)" + (f" and its curve during training (one point every {cfg['source_dqn']['eval_every']} steps)"
+                        if cfg["source_dqn"]["eval_every"] else "") + ":",
+        "",
+        source_agents_markdown(results["zoo"]["agents"]),
         "",
     ]
     if results.get("plot"):
@@ -355,7 +386,7 @@ def plot_learning_curves(results: dict, path: Path, log: Callable[[str], None] =
         ax.fill_between(steps, mean - half, mean + half, alpha=0.15)
     ax.set_xlabel("environment steps on the target game")
     ax.set_ylabel("evaluation return (epsilon 0.05)")
-    ax.set_title(f"MinAtar {results['game']}: mean and 95% interval over {len(results['seeds'])} seed(s)")
+    ax.set_title(f"MinAtar {results['game']}: mean and 95% interval over seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
