@@ -368,6 +368,10 @@ def test_training_stops_at_the_first_plateaued_evaluation_past_the_minimum(monke
         assert result.updates > 0
     with pytest.raises(ZootuneError, match="eval_every"):
         DQNConfig(stop_patience=2, eval_every=0)
+    with pytest.raises(ZootuneError, match="stop_patience"):
+        DQNConfig(stop_patience=-1)
+    with pytest.raises(ZootuneError, match="stop_min_gain"):
+        DQNConfig(stop_min_gain=-0.1)
 
 
 def test_rl_path_builds_the_same_zoo_tuning_class_as_classification_and_trains_through_it():
