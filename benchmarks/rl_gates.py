@@ -22,17 +22,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from zootune.rl import RLRunConfig, RLTask, build_q_network, evaluate_policy, load_rl_zoo, select_best_source, train_dqn
-from zootune.rl.dqn import EVAL_SEED_OFFSET
-from zootune.rl.transfer import MODEL_SEED_OFFSET
+from zootune.rl import RLRunConfig, RLTask, build_q_network, load_rl_zoo, select_best_source, train_dqn
+from zootune.rl.transfer import MODEL_SEED_OFFSET, final_evaluation
 
 
 def evaluate_recording_gates(model, config: RLRunConfig, seed: int) -> tuple[float, dict]:
     """The comparison's final evaluation of ``model`` (mean return) and the mean gates over its states."""
     with model.record_gates():
-        returns = evaluate_policy(model, config.game, config.final_episodes, seed=seed + 2 * EVAL_SEED_OFFSET,
-                                  epsilon=config.dqn.eval_epsilon, sticky_action_prob=config.dqn.sticky_action_prob,
-                                  max_episode_steps=config.dqn.max_eval_episode_steps)
+        returns = final_evaluation(model, config, seed)
     return float(np.mean(returns)), model.gate_statistics()
 
 
@@ -70,10 +67,7 @@ def main() -> None:
                         zoo.names, gates)
         result = train_dqn(model, config.game, config.dqn, seed=args.seed, task=RLTask())
         if model.config.lite:
-            final = float(np.mean(evaluate_policy(
-                result.model, config.game, config.final_episodes, seed=args.seed + 2 * EVAL_SEED_OFFSET,
-                epsilon=config.dqn.eval_epsilon, sticky_action_prob=config.dqn.sticky_action_prob,
-                max_episode_steps=config.dqn.max_eval_episode_steps)))
+            final = float(np.mean(final_evaluation(result.model, config, args.seed)))
             print_gates(f"{method} after training (final return {final:.2f}): the temporal-ensemble gates it folded",
                         zoo.names, model.lite_gates())
         else:

@@ -381,7 +381,6 @@ def train_dqn(model: nn.Module, game: str, config: DQNConfig, seed: int = 0, *, 
     record = _RunRecord(game, config, seed, progress, desc, log)
     set_progress = getattr(learner.module, "set_training_progress", None)
     start = time.perf_counter()
-    evaluated = 0
     try:
         while learner.step < config.steps:
             before = learner.step
@@ -392,10 +391,10 @@ def train_dqn(model: nn.Module, game: str, config: DQNConfig, seed: int = 0, *, 
             rewards, dones, next_observations = envs.step(actions)
             learner.observe(observations, actions, rewards, next_observations, dones)
             record.add(before, learner.step, rewards, dones, learner.online)
-            if (learner.step >= config.stop_min_steps and len(record.curve) > evaluated
+            just_evaluated = bool(record.curve) and record.curve[-1][0] == learner.step
+            if (just_evaluated and learner.step >= config.stop_min_steps
                     and plateaued([r for _, r in record.curve], config.stop_patience, config.stop_min_gain)):
                 break
-            evaluated = len(record.curve)
     finally:
         record.close()
     finalize = getattr(learner.module, "finalize", None)

@@ -231,6 +231,14 @@ def run_rl_transfer(config: RLRunConfig, out: str | Path, log: Callable[[str], N
         torch.set_num_threads(threads)
 
 
+def final_evaluation(model: nn.Module, config: RLRunConfig, seed: int) -> list[float]:
+    """The returns of a trained run's final evaluation: ``final_episodes`` episodes on their own
+    seed stream (offset from the curve's), at the evaluation epsilon."""
+    return evaluate_policy(model, config.game, config.final_episodes, seed=seed + 2 * EVAL_SEED_OFFSET,
+                           epsilon=config.dqn.eval_epsilon, sticky_action_prob=config.dqn.sticky_action_prob,
+                           max_episode_steps=config.dqn.max_eval_episode_steps)
+
+
 def _train_runs(config: RLRunConfig, zoo, best: int, member_scores: list[float], out: Path,
                 say: Callable[[str], None]) -> dict[str, dict]:
     """Train every run of every seed (each seed's Q-networks are all built first, so a method that
@@ -245,11 +253,7 @@ def _train_runs(config: RLRunConfig, zoo, best: int, member_scores: list[float],
         for (run_id, label, _, member), model in zip(runs, models):
             result = train_dqn(model, config.game, config.dqn, seed=seed, task=task, progress=config.progress,
                                desc=f"{run_id} seed {seed}", log=say)
-            returns = evaluate_policy(result.model, config.game, config.final_episodes,
-                                      seed=seed + 2 * EVAL_SEED_OFFSET, epsilon=config.dqn.eval_epsilon,
-                                      sticky_action_prob=config.dqn.sticky_action_prob,
-                                      max_episode_steps=config.dqn.max_eval_episode_steps)
-            final = float(np.mean(returns))
+            final = float(np.mean(final_evaluation(result.model, config, seed)))
             record = records.setdefault(run_id, {"id": run_id, "label": label,
                                                  "member": None if member is None else zoo.names[member],
                                                  "final": [], "seconds": [], "curves": {}})
@@ -269,9 +273,9 @@ def _summarize_record(record: dict) -> dict:
     mean, std = mean_std(record["final"])
     areas = [area_under_curve(c) for c in record["curves"].values()]
     areas = [a for a in areas if a is not None]
+    auc_mean, auc_ci95 = mean_ci95(areas) if areas else (None, None)
     return {**{k: v for k, v in record.items() if k != "curves"}, "mean": mean, "std": std,
-            "ci95": mean_ci95(record["final"])[1], "auc": areas,
-            "auc_mean": mean_ci95(areas)[0] if areas else None, "auc_ci95": mean_ci95(areas)[1] if areas else None,
+            "ci95": mean_ci95(record["final"])[1], "auc": areas, "auc_mean": auc_mean, "auc_ci95": auc_ci95,
             "curve": summarize_curves(record["curves"]),
             "curves": {str(s): c for s, c in record["curves"].items()}}
 
