@@ -245,7 +245,7 @@ def test_run_with_a_hub_adds_the_hub_pathway_row_with_routed_costs(tmp_path):
 
 
 def test_candidates_are_screened_and_the_winner_ends_as_it_would_have_alone(tmp_path):
-    """Robust Zoo-Tuning's two starts: each trains the first half of the epochs, the better on
+    """Robust Zoo-Tuning's two starts: each trains the first part of the epochs, the better on
     validation continues from its checkpoint -- and ends bit for bit where training that start alone
     for the whole run ends."""
     from zootune.engine import TrainConfig
@@ -256,6 +256,9 @@ def test_candidates_are_screened_and_the_winner_ends_as_it_would_have_alone(tmp_
     zoo, splits, task = tiny_zoo(3), tiny_target("screen"), ClassificationTask(2)
     config = TrainConfig(epochs=4, batch_size=8, lr=0.05, progress=False, device="cpu")
     assert screening_epochs(4) == 2 and screening_epochs(3) == 2 and screening_epochs(1) is None
+    # a quarter of a long run; at least 250 steps while that is within the first half
+    assert screening_epochs(91, 11) == 23 and screening_epochs(200, 50) == 50 and screening_epochs(40, 1) == 20
+    assert screening_epochs(8, 19) == 4 and screening_epochs(20, 100) == 5
     spec = get_method("zoo-tuning")
     scores = [0.0, 2.0, 1.0]  # member 1 first, member 2 the second start
     fitted = fit_method(spec, zoo, task, splits, config, options={"member_scores": scores}, out_dir=tmp_path / "run")

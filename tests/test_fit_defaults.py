@@ -110,8 +110,8 @@ def test_the_lr_probe_detects_divergence_in_a_real_training():
     assert calm.rollbacks == [] and wild.rollbacks != []
 
 
-def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
-    from zootune.cli import main as cli
+def _tiny_fit_workspace(tmp_path):
+    """A 2-class folder of 40 x 48 images and two resnet_small members; the `fit` argv for finetune."""
     from zootune.models import resnet_small
     from zootune.zoo.checkpoint import save_state_dict
 
@@ -127,17 +127,26 @@ def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
     for i in range(2):
         torch.manual_seed(i)
         save_state_dict(tmp_path / f"m{i}.safetensors", resnet_small(num_classes=3, depth=10, width=4).state_dict())
-    out = tmp_path / "run"
-    argv = ["fit", "--arch", "resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4", "--zoo",
+    return ["fit", "--arch", "resnet_small", "--arch-option", "depth=10", "--arch-option", "width=4", "--zoo",
             tmp_path / "m0.safetensors", tmp_path / "m1.safetensors", "--data", tmp_path / "data",
-            "--method", "finetune", "--max-steps-per-epoch", "1", "--no-progress", "--out", out]
+            "--method", "finetune", "--max-steps-per-epoch", "1", "--no-progress", "--out", tmp_path / "run"]
+
+
+def _fit_printing(argv) -> str:
     import contextlib
     import io
+
+    from zootune.cli import main as cli
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert cli.main([str(a) for a in argv]) == 0
-    text = printed.getvalue()
+    return printed.getvalue()
+
+
+def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
+    text = _fit_printing(_tiny_fit_workspace(tmp_path))
+    out = tmp_path / "run"
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     chosen = metrics["chosen"]
     # 40 x 48 images: median shorter side 40 -> 40 px, below 96 -> light augmentation; 16 training
@@ -148,6 +157,23 @@ def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
     assert f"--lr auto: lr {chosen['lr']:g}, the largest rate" in text
     assert json.loads((out / "model" / "config.json").read_text())["image_size"] == 40
     assert json.loads((out / "choices.json").read_text())["lr"] == chosen["lr"]  # what --resume reuses
+    # no --member: the member LogME ranks first is the one probed and trained
+    assert chosen["member"] == chosen["lr_probe"]["member"] and f"--member: {chosen['member']}," in text
+
+
+def test_without_member_fit_trains_the_member_logme_ranks_first_and_resume_keeps_it(tmp_path, monkeypatch):
+    from zootune.methods import logme
+
+    argv = _tiny_fit_workspace(tmp_path)
+    ranked = []
+    monkeypatch.setattr(logme, "best_member", lambda zoo, data: ranked.append(1) or 1)
+    _fit_printing(argv)
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    chosen = json.loads((tmp_path / "run" / "model" / "metrics.json").read_text())["chosen"]
+    assert config["member"] == 1 and chosen["member"] == 1 and chosen["lr_probe"]["member"] == 1
+    monkeypatch.setattr(logme, "best_member", lambda zoo, data: 0)  # --resume reads the choice back
+    _fit_printing(argv + ["--resume"])
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["member"] == 1 and ranked == [1]
 
 
 def test_a_corrupt_choices_file_is_chosen_again_with_a_warning(tmp_path):

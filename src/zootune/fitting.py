@@ -47,17 +47,29 @@ class _Trained(NamedTuple):
     config: Any = None  # the method's options this training was built with, resolved ones included
 
 
-# Candidates (e.g. robust Zoo-Tuning's starts) are screened by successive halving: each trains for
-# this share of the epochs (the schedule still spans all of them), the best on validation continues.
-# A quarter picked the wrong start on polygons seed 1 of `zootune run` (the validation metric after
-# 2 of 8 epochs: robust Zoo-Tuning 39.0 where its first start alone reaches 61.0); half picked right.
-SCREEN_FRACTION = 0.5
+# Candidates (e.g. robust Zoo-Tuning's starts) are screened by successive halving: each trains the
+# first `screening_epochs` of the run (the schedule still spans all of them), the best on validation
+# continues. Why a quarter with a floor of steps: a quarter of 8 epochs (2 epochs, ~40 steps) picked
+# the wrong start on polygons seed 1 of `zootune run` where half picked right; at the 1000-step
+# budgets of `zootune fit` a quarter (>= 250 steps) made the same choice as half in all 8 screenings
+# of benchmarks/defaults.py (docs/dev-notes/cli-and-run.md) at half the screening's cost.
+SCREEN_FRACTION = 0.25
+SCREEN_MIN_STEPS = 250
 
 
-def screening_epochs(epochs: int) -> int | None:
-    """Epochs each candidate trains before the best one continues (None: too few epochs to screen)."""
-    screen = max(1, math.ceil(SCREEN_FRACTION * epochs))
+def screening_epochs(epochs: int, steps_per_epoch: int = 1) -> int | None:
+    """Epochs each candidate trains before the best one continues: a quarter of the run, but at least
+    ``SCREEN_MIN_STEPS`` steps as long as that is within the first half (None: too few epochs to screen),
+
+        screen = max(ceil(epochs / 4), min(ceil(epochs / 2), ceil(SCREEN_MIN_STEPS / steps_per_epoch)))."""
+    floor = min(math.ceil(epochs / 2), math.ceil(SCREEN_MIN_STEPS / max(1, steps_per_epoch)))
+    screen = max(1, math.ceil(SCREEN_FRACTION * epochs), floor)
     return screen if screen < epochs else None
+
+
+def _steps_per_epoch(train_dataset, train_config) -> int:
+    steps = math.ceil(len(train_dataset) / train_config.batch_size)
+    return min(steps, train_config.max_steps_per_epoch or steps)
 
 
 @dataclass
@@ -95,7 +107,7 @@ def fit_method(
 
     A method with further candidates (``spec.candidates``, e.g. robust Zoo-Tuning's second start)
     screens them by successive halving: every candidate trains the first :func:`screening_epochs` of
-    the run (half of it) (the first in ``out_dir``, the others in ``out_dir/candidate-<k>``), the one with the best
+    the run (a quarter of it, at least 250 steps) (the first in ``out_dir``, the others in ``out_dir/candidate-<k>``), the one with the best
     validation metric so far (the first of equals) continues to the end from its checkpoint, which
     the engine resumes exactly -- the winner ends as it would have alone.
 
@@ -113,7 +125,7 @@ def fit_method(
     start = time.perf_counter()  # building counts: a method that needs data computes it there
     first = run.build(spec.parse_options(options))
     candidates = spec.candidates(first.ctx) if spec.trains and spec.candidates is not None else []
-    screen = screening_epochs(train_config.epochs) if candidates else None
+    screen = screening_epochs(train_config.epochs, _steps_per_epoch(splits.train, train_config)) if candidates else None
     if screen is None:
         best = run.train(first, out_dir)
         for k, overrides in enumerate(candidates, start=2):  # too few epochs to screen: each in full
@@ -296,5 +308,5 @@ def fit_with_requirements(
     return fits[0][1], done
 
 
-__all__ = ["Fitted", "FittedSet", "SCREEN_FRACTION", "fit_members", "fit_method", "fit_with_requirements",
+__all__ = ["Fitted", "FittedSet", "SCREEN_FRACTION", "SCREEN_MIN_STEPS", "fit_members", "fit_method", "fit_with_requirements",
            "screening_epochs"]

@@ -239,8 +239,9 @@ def cmd_fit(args) -> int:
         preprocessing = _preprocessing(zoo)
         splits, source_data = _fit_data(args, zoo, preprocessing, say)
         task = task_for(splits)
-        config, chosen = _fit_choices(args, config, zoo, task, splits, folder.path, say)
-        result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=args.member, options=options,
+        config, chosen = _fit_choices(args, spec, config, zoo, task, splits, folder.path, say)
+        member = chosen.get("member", args.member)
+        result, _ = fit_with_requirements(spec, zoo, task, splits, config, member=member, options=options,
                                           source_data=source_data, out_dir=folder.path, resume=args.resume, echo=say)
         metrics = _fitted_metrics(result.model, task, splits, config)
         model_dir, info = _save_fitted(folder, args, spec, {**options, **result.resolved}, result, splits,
@@ -287,7 +288,8 @@ def _save_fitted(folder, args, spec, options: dict, result, splits, metrics: dic
     from zootune.report import atomic_write_json
     from zootune.tasks import task_for
 
-    member = (args.member or 0) if spec.per_member else args.member
+    member = chosen.get("member", args.member)
+    member = (member or 0) if spec.per_member else member
     info = export_info(
         result.model, arch=args.arch, arch_kwargs=args.arch_kwargs, task=task_for(splits),
         zoo_paths=args.zoo, method=spec.name, member=member, options=options,
@@ -364,19 +366,24 @@ def _saved_choices(path: Path) -> dict:
     return saved
 
 
-def _fit_choices(args, config, zoo, task, splits, out: Path, say):
+def _fit_choices(args, spec, config, zoo, task, splits, out: Path, say):
     """``config`` with the workers for the chosen image size and ``auto`` epochs and lr resolved
     (read back from the run folder on --resume, so the run continues as it started); and what was
-    chosen (for metrics.json)."""
+    chosen (for metrics.json), with the member a per-member method trains when ``--member`` is not
+    given: the one LogME ranks first on the training images."""
     import dataclasses
 
     from zootune.engine.config import budget_epochs
+    from zootune.methods.logme import best_member
     from zootune.methods.lr_probe import choose_learning_rate
     from zootune.report import atomic_write_json
 
     config = dataclasses.replace(config, num_workers=_num_workers(args, splits.image_size))
     chosen = {name: choice["value"] for name, choice in splits.chosen.items()}
     saved = _saved_choices(out / CHOICES_FILE) if args.resume else {}
+    if spec.per_member and args.member is None:
+        chosen["member"] = saved["member"] if "member" in saved else best_member(zoo, splits.train)
+        say(f"--member: {chosen['member']}, the member LogME ranks first on the training images")
     if args.epochs == "auto":
         epochs, why = budget_epochs(len(splits.train), config.batch_size)
         chosen["epochs"] = saved.get("epochs", epochs)
@@ -385,7 +392,8 @@ def _fit_choices(args, config, zoo, task, splits, out: Path, say):
         chosen.update(lr=saved["lr"], lr_probe=saved["lr_probe"])
         say(f"--lr auto: {saved['lr']:g}, as chosen when the run started")
     elif args.lr == "auto":
-        probe = choose_learning_rate(zoo, task, splits, dataclasses.replace(config, epochs=1), member=args.member)
+        probe = choose_learning_rate(zoo, task, splits, dataclasses.replace(config, epochs=1),
+                                     member=chosen.get("member", args.member))
         say(probe.summary())
         chosen.update(lr=probe.lr, lr_probe=probe.to_dict())
     config = dataclasses.replace(config, **{k: chosen[k] for k in ("epochs", "lr") if k in chosen})
@@ -585,12 +593,13 @@ def _add_fit_parser(sub) -> None:
     _add_zoo_arguments(p)
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--method", default=DEFAULT_METHOD, help=f"one of: {_method_list()} (default {DEFAULT_METHOD})")
-    p.add_argument("--member", type=int, help="zoo member index for per-member methods (default 0)")
+    p.add_argument("--member", type=int, help="zoo member index for per-member methods (default: the "
+                                               "member LogME ranks first on the training images)")
     p.add_argument("--epochs", type=auto_or(positive_int), default="auto",
                    help="epochs, or auto (default): at least 10 epochs and 1000 steps, at most 300 epochs")
     p.add_argument("--lr", type=auto_or(positive_float), default="auto",
-                   help="learning rate, or auto (default): the best on validation of a 2-epoch fine-tune of "
-                        "one member at 0.01, 0.03, 0.1 (Adam/AdamW: 1e-4, 3e-4, 1e-3)")
+                   help="learning rate, or auto (default): the largest of 0.1, 0.03, 0.01 (Adam/AdamW: 1e-3, "
+                        "3e-4, 1e-4) at which a 2-epoch fine-tune of one member trains without diverging")
     p.add_argument("--batch-size", type=positive_int, default=48)
     p.add_argument("--optimizer", default="sgd", help="sgd (Nesterov momentum 0.9), adam or adamw")
     p.add_argument("--weight-decay", type=float, default=5e-4)

@@ -151,6 +151,16 @@ def rank_zoo(
     return sorted(scores, key=lambda item: item[1], reverse=True)
 
 
+def best_member(zoo: Sequence[nn.Module], dataset) -> int:
+    """The index of the member :func:`rank_zoo` ranks first on ``dataset`` (its images as evaluated:
+    a dataset with ``with_transform`` is read without its training augmentation); 0 for one member."""
+    if len(zoo) == 1:
+        return 0
+    data = dataset.with_transform(None) if hasattr(dataset, "with_transform") else dataset
+    names = [f"m{i}" for i in range(len(zoo))]
+    return names.index(rank_zoo(list(zoo), data, names=names)[0][0])
+
+
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's tau-b between two score lists (ties handled as scipy.stats.kendalltau)::
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from zootune.errors import NonFiniteLossError
 from zootune.methods.finetune import probe_run
+from zootune.methods.logme import best_member
 
 CANDIDATES = {"sgd": (0.1, 0.03, 0.01), "adam": (1e-3, 3e-4, 1e-4), "adamw": (1e-3, 3e-4, 1e-4)}
 PROBE_EPOCHS = 2
@@ -58,7 +59,7 @@ class LearningRateChoice:
 def choose_learning_rate(zoo, task, splits, train_config, member: int | None = None) -> LearningRateChoice:
     """The rule of the module docstring on ``splits`` (train / val) with ``train_config``'s other settings."""
     if member is None:
-        member = _logme_best(zoo, splits.train)
+        member = best_member(zoo, splits.train)
     candidates = CANDIDATES[train_config.optimizer]
     metrics: dict[float, float | None] = {}
     diverged = []
@@ -73,16 +74,6 @@ def choose_learning_rate(zoo, task, splits, train_config, member: int | None = N
             return LearningRateChoice(lr, member, task.metric_name, metrics, diverged)
         diverged.append(lr)
     return LearningRateChoice(candidates[-1], member, task.metric_name, metrics, diverged)
-
-
-def _logme_best(zoo, train_dataset) -> int:
-    if len(zoo) == 1:
-        return 0
-    from zootune.methods.logme import rank_zoo
-
-    data = train_dataset.with_transform(None) if hasattr(train_dataset, "with_transform") else train_dataset
-    names = [f"m{i}" for i in range(len(zoo))]
-    return names.index(rank_zoo(list(zoo), data, names=names)[0][0])
 
 
 __all__ = ["CANDIDATES", "LearningRateChoice", "PROBE_EPOCHS", "choose_learning_rate"]
