@@ -282,22 +282,24 @@ def test_every_training_flag_of_fit_is_the_train_config_field_of_its_name():
     from zootune.engine import TrainConfig
 
     assert cli.TRAIN_FLAGS == ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "seed", "device",
-                               "precision", "threads", "channels_last", "sync_bn", "max_steps_per_epoch")
+                               "precision", "threads", "channels_last", "sync_bn", "max_steps_per_epoch",
+                               "warmup_epochs")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(cli.TRAIN_FLAGS) <= fields
     flags = {name for name in vars(_fit_args()) if name != "func"}
     assert flags & fields == set(cli.TRAIN_FLAGS)
     args = _fit_args("--epochs", "3", "--batch-size", "5", "--lr", "0.2", "--weight-decay", "0.1", "--optimizer",
                      "adam", "--seed", "7", "--device", "cpu", "--precision", "bf16", "--threads", "2",
-                     "--channels-last", "on", "--sync-bn", "--max-steps-per-epoch", "4", "--no-progress")
+                     "--channels-last", "on", "--sync-bn", "--max-steps-per-epoch", "4", "--warmup-epochs", "1.5",
+                     "--no-progress")
     config = cli._train_config(args)
     assert {name: getattr(config, name) for name in cli.TRAIN_FLAGS} == {
         "epochs": 3, "batch_size": 5, "lr": 0.2, "weight_decay": 0.1, "optimizer": "adam", "seed": 7,
         "device": "cpu", "precision": "bf16", "threads": 2, "channels_last": True, "sync_bn": True,
-        "max_steps_per_epoch": 4}
+        "max_steps_per_epoch": 4, "warmup_epochs": 1.5}
     assert config.progress is False
-    auto = cli._train_config(_fit_args())  # auto epochs and lr: placeholders until the data is read
-    assert (auto.epochs, auto.lr, auto.channels_last, auto.progress) == (1, 0.1, None, True)
+    auto = cli._train_config(_fit_args())  # auto epochs, lr and warm-up: placeholders until the data is read
+    assert (auto.epochs, auto.lr, auto.channels_last, auto.progress, auto.warmup_epochs) == (1, 0.1, None, True, 0.0)
 
 
 # TrainConfig decides these alone: the flag parses the value and checks no range of its own.

@@ -155,6 +155,8 @@ def test_fit_with_no_tuning_flags_says_and_records_what_it_chose(tmp_path):
     assert chosen["lr"] == 0.1 and list(chosen["lr_probe"]["val_acc"]) == ["0.1"]
     assert "--image-size auto: 40" in text and "--augment auto: light" in text and "--epochs auto: 300 epochs" in text
     assert f"--lr auto: lr {chosen['lr']:g}, the largest rate" in text
+    # the warm-up: the first 5% of the run (300 epochs of 1 step: 15 epochs), said and recorded
+    assert chosen["warmup_epochs"] == pytest.approx(15.0) and "--warmup-epochs auto: 15 epochs = 15 steps" in text
     assert json.loads((out / "model" / "config.json").read_text())["image_size"] == 40
     assert json.loads((out / "choices.json").read_text())["lr"] == chosen["lr"]  # what --resume reuses
     # no --member: the member LogME ranks first is the one probed and trained
@@ -174,6 +176,28 @@ def test_without_member_fit_trains_the_member_logme_ranks_first_and_resume_keeps
     monkeypatch.setattr(logme, "best_member", lambda zoo, data: 0)  # --resume reads the choice back
     _fit_printing(argv + ["--resume"])
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["member"] == 1 and ranked == [1]
+
+
+def test_a_probe_compresses_the_runs_warmup_with_its_schedule():
+    """The probe's epochs are the run's schedule compressed, warm-up included. 2 probe epochs of 4
+    steps for a 50-epoch run: a warm-up over half the run (25 epochs) is the probe's first epoch (its
+    4th step at the full rate); over the whole run (50), both probe epochs (the 4th step at 4/8 of it).
+    Not compressed, both would take every probe step (4/8)."""
+    from zootune.engine import TrainConfig
+    from zootune.methods.finetune import probe_run
+    from zootune.tasks import ClassificationTask
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    config = TrainConfig(batch_size=16, device="cpu", lr=0.1, epochs=50, schedule="constant", progress=False)
+
+    def lr_after_first_epoch(warmup_epochs):
+        run = probe_run(model, ClassificationTask(2), data, data, dataclasses.replace(config, warmup_epochs=warmup_epochs), 2)
+        return run.history[0]["lr"]
+
+    assert lr_after_first_epoch(25.0) == pytest.approx(0.1) and lr_after_first_epoch(50.0) == pytest.approx(0.05)
+    assert lr_after_first_epoch(0.0) == pytest.approx(0.1)
 
 
 def test_a_corrupt_choices_file_is_chosen_again_with_a_warning(tmp_path):

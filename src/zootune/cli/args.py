@@ -78,6 +78,14 @@ def positive_float(text: str) -> float:
                     "expected a positive number, got {text!r}", "expected a finite number > 0, got {text!r}")
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (epochs of warm-up)."""
+    import math
+
+    return _checked(text, float, lambda value: math.isfinite(value) and value >= 0,
+                    "expected a number >= 0, got {text!r}", "expected a finite number >= 0, got {text!r}")
+
+
 def worker_count(text: str) -> int | str:
     """``auto`` or a number of DataLoader worker processes >= 0."""
     if text == "auto":

@@ -26,6 +26,7 @@ from zootune.cli.args import (
     auto_or,
     layer_types,
     mebibytes,
+    nonnegative_float,
     parse_method_option_list,
     parse_options,
     parse_seeds,
@@ -310,7 +311,7 @@ def _save_fitted(folder, args, spec, options: dict, result, splits, metrics: dic
 # The flags of `zootune fit` that set the TrainConfig fields of the same names (TrainConfig checks
 # their ranges); `auto` epochs and lr are resolved from the data later.
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "seed", "device", "precision",
-               "threads", "channels_last", "sync_bn", "max_steps_per_epoch")
+               "threads", "channels_last", "sync_bn", "max_steps_per_epoch", "warmup_epochs")
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}  # --channels-last -> TrainConfig.channels_last
 
 
@@ -321,6 +322,7 @@ def _train_config(args):
     check_device(args.device)
     values = {name: getattr(args, name) for name in TRAIN_FLAGS}
     values.update(epochs=1 if args.epochs == "auto" else args.epochs, lr=0.1 if args.lr == "auto" else args.lr,
+                  warmup_epochs=0.0 if args.warmup_epochs == "auto" else args.warmup_epochs,
                   channels_last=CHANNELS_LAST[args.channels_last], progress=not args.no_progress)
     return TrainConfig(**values)
 
@@ -372,8 +374,9 @@ def _fit_choices(args, spec, config, zoo, task, splits, out: Path, say):
     chosen (for metrics.json), with the member a per-member method trains when ``--member`` is not
     given: the one LogME ranks first on the training images."""
     import dataclasses
+    import math
 
-    from zootune.engine.config import budget_epochs
+    from zootune.engine.config import budget_epochs, warmup_epochs_for
     from zootune.methods.logme import best_member
     from zootune.methods.lr_probe import choose_learning_rate
     from zootune.report import atomic_write_json
@@ -388,15 +391,21 @@ def _fit_choices(args, spec, config, zoo, task, splits, out: Path, say):
         epochs, why = budget_epochs(len(splits.train), config.batch_size)
         chosen["epochs"] = saved.get("epochs", epochs)
         say(f"--epochs auto: {why}")
+    if args.warmup_epochs == "auto":
+        steps_per_epoch = max(1, math.ceil(len(splits.train) / config.batch_size))
+        warmup, why = warmup_epochs_for(chosen.get("epochs", config.epochs), steps_per_epoch)
+        chosen["warmup_epochs"] = saved.get("warmup_epochs", 0.0 if saved else warmup)  # runs begun without one
+        say(f"--warmup-epochs auto: {why}")
     if args.lr == "auto" and "lr_probe" in saved:
         chosen.update(lr=saved["lr"], lr_probe=saved["lr_probe"])
         say(f"--lr auto: {saved['lr']:g}, as chosen when the run started")
     elif args.lr == "auto":
-        probe = choose_learning_rate(zoo, task, splits, dataclasses.replace(config, epochs=1),
+        run = {k: chosen[k] for k in ("epochs", "warmup_epochs") if k in chosen}  # the probe compresses this run
+        probe = choose_learning_rate(zoo, task, splits, dataclasses.replace(config, **run),
                                      member=chosen.get("member", args.member))
         say(probe.summary())
         chosen.update(lr=probe.lr, lr_probe=probe.to_dict())
-    config = dataclasses.replace(config, **{k: chosen[k] for k in ("epochs", "lr") if k in chosen})
+    config = dataclasses.replace(config, **{k: chosen[k] for k in ("epochs", "lr", "warmup_epochs") if k in chosen})
     if _is_main_process() and chosen:
         atomic_write_json(out / CHOICES_FILE, {**saved, **chosen})
     return config, chosen
@@ -600,6 +609,9 @@ def _add_fit_parser(sub) -> None:
     p.add_argument("--lr", type=auto_or(positive_float), default="auto",
                    help="learning rate, or auto (default): the largest of 0.1, 0.03, 0.01 (Adam/AdamW: 1e-3, "
                         "3e-4, 1e-4) at which a 2-epoch fine-tune of one member trains without diverging")
+    p.add_argument("--warmup-epochs", type=auto_or(nonnegative_float), default="auto",
+                   help="epochs over which the rate rises linearly to --lr, or auto (default): the first 5%% of "
+                        "the steps")
     p.add_argument("--batch-size", type=positive_int, default=48)
     p.add_argument("--optimizer", default="sgd", help="sgd (Nesterov momentum 0.9), adam or adamw")
     p.add_argument("--weight-decay", type=float, default=5e-4)

@@ -23,6 +23,10 @@ _RENAMED_OPTIONS = {"formulations": "exact_choices"}
 BUDGET_MIN_EPOCHS = 10
 BUDGET_MIN_STEPS = 1000
 BUDGET_MAX_EPOCHS = 300
+# The default warm-up (``zootune fit`` without --warmup-epochs): the rate rises linearly over the first
+# 5 % of the steps (Goyal et al., 2017). A new head's first gradients at the full rate can knock a
+# pretrained body into a plateau at chance (docs/dev-notes/cli-and-run.md: polygons seed 1).
+WARMUP_FRACTION = 0.05
 
 
 def budget_epochs(num_samples: int, batch_size: int) -> tuple[int, str]:
@@ -34,6 +38,13 @@ def budget_epochs(num_samples: int, batch_size: int) -> tuple[int, str]:
     return epochs, (f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} steps "
                     f"(rule: at least {BUDGET_MIN_EPOCHS} epochs and {BUDGET_MIN_STEPS} steps, at most "
                     f"{BUDGET_MAX_EPOCHS} epochs; --epochs N overrides)")
+
+
+def warmup_epochs_for(epochs: int, steps_per_epoch: int) -> tuple[float, str]:
+    """(warm-up epochs, the rule in words): ``WARMUP_FRACTION`` of the run, ``0.05 * epochs``."""
+    warmup = WARMUP_FRACTION * epochs
+    return warmup, (f"{warmup:g} epochs = {round(warmup * steps_per_epoch)} steps, the rate rising linearly "
+                    f"(rule: the first {WARMUP_FRACTION:.0%} of the steps; --warmup-epochs N overrides)")
 
 
 @dataclass

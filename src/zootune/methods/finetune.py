@@ -122,7 +122,9 @@ def probe_run(member: nn.Module, task: Task, train_dataset, val_dataset, train_c
 
     from zootune.engine import Trainer
 
-    config = dataclasses.replace(train_config, epochs=epochs, stop_after=None, progress=False)
+    # the schedule compressed into the probe's epochs, its warm-up with it
+    warmup = train_config.warmup_epochs * epochs / train_config.epochs
+    config = dataclasses.replace(train_config, epochs=epochs, stop_after=None, progress=False, warmup_epochs=warmup)
     torch.manual_seed(config.seed)  # every probe's head starts from the same draw
     model, head_name = copy_with_new_head(member, task)  # a copy
     return Trainer(FineTune(model, head_name), task, train_dataset, val_dataset, config=config).fit()
